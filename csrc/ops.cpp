@@ -1,0 +1,58 @@
+// Every op schema of frugal, in one place, and the Python module frugal._C.
+// Kernels register their implementations with TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda;
+// fake (meta) implementations and the Triton and PyTorch backends live in python/frugal.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/isa.h"
+
+TORCH_LIBRARY(frugal, m) {
+  // Symmetric per-row int8 quantization over the last dim: scale = absmax / 127,
+  // q = round_half_even(x / scale) clamped to [-127, 127]. A row of zeros gives scale 0 and
+  // zeros; a row holding inf or NaN gives scale NaN and zeros.
+  m.def("quantize_per_token(Tensor x) -> (Tensor q, Tensor scale)");
+}
+
+namespace {
+
+PyObject* cpu_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(frugal::cpu::isa_name(frugal::cpu::current_isa()));
+}
+
+PyObject* detected_cpu_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(frugal::cpu::isa_name(frugal::cpu::detected_isa()));
+}
+
+PyObject* set_cpu_isa(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+  frugal::cpu::Isa isa;
+  if (!frugal::cpu::parse_isa(name, &isa)) {
+    PyErr_Format(PyExc_ValueError,
+                 "isa: expected one of 'scalar', 'avx2', 'avx512', 'avx512_vnni'; got '%s'", name);
+    return nullptr;
+  }
+  return PyUnicode_FromString(frugal::cpu::isa_name(frugal::cpu::set_isa(isa)));
+}
+
+PyMethodDef methods[] = {
+    {"cpu_isa", cpu_isa, METH_NOARGS, "CPU instruction set the C++ kernels use now."},
+    {"detected_cpu_isa", detected_cpu_isa, METH_NOARGS, "Widest instruction set this CPU has."},
+    {"set_cpu_isa", set_cpu_isa, METH_O,
+     "Use a narrower instruction set (clamped to the CPU's); returns the one in force."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "frugal's compiled kernels", -1, methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C() {
+  PyObject* m = PyModule_Create(&module);
+  if (m == nullptr) return nullptr;
+#ifdef FRUGAL_WITH_CUDA
+  PyModule_AddIntConstant(m, "with_cuda", 1);
+#else
+  PyModule_AddIntConstant(m, "with_cuda", 0);
+#endif
+  return m;
+}

@@ -1,0 +1,115 @@
+"""Per-token (per-row) symmetric int8 quantization.
+
+scale = absmax(row) / 127 and q = round_half_to_even(x / scale) clamped to [-127, 127], with
+IEEE division, so the result is bit-identical to the PyTorch reference and the C++/CUDA kernels.
+A row of zeros gives scale 0 and zeros; a row holding inf or NaN gives scale NaN and zeros.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from . import configs
+
+_FLT_MAX = 3.4028234663852886e38
+
+
+@triton.jit
+def _round_half_even(r):
+    # libdevice.rint does not run under the interpreter; this is exact for |r| < 2**23.
+    f = tl.floor(r)
+    d = r - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0
+    return tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
+
+
+@triton.jit
+def _quantize_per_token_kernel(
+    x_ptr, q_ptr, s_ptr, K, stride_xm,
+    BLOCK_K: tl.constexpr, ONE_BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xm
+    q_row = q_ptr + row * K
+    offs = tl.arange(0, BLOCK_K)
+    if ONE_BLOCK:
+        x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+        amax = tl.abs(x)
+        bad = (~(amax <= _FLT_MAX)).to(tl.int32)  # inf or NaN
+    else:
+        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        bad = tl.zeros([BLOCK_K], dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            a = tl.abs(tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32))
+            bad |= (~(a <= _FLT_MAX)).to(tl.int32)
+            amax = tl.maximum(amax, a)
+    is_bad = tl.max(bad, axis=0) != 0
+    scale = tl.div_rn(tl.max(amax, axis=0), 127.0)
+    tl.store(s_ptr + row, tl.where(is_bad, float("nan"), scale))
+    zero = is_bad | (scale == 0.0)
+    divisor = tl.where(zero, 1.0, scale)
+    if ONE_BLOCK:
+        r = tl.minimum(tl.maximum(tl.div_rn(x, divisor), -127.0), 127.0)
+        q = tl.where(zero, 0.0, _round_half_even(r)).to(tl.int8)
+        tl.store(q_row + offs, q, mask=offs < K)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            m = k0 + offs < K
+            x = tl.load(x_row + k0 + offs, mask=m, other=0.0).to(tl.float32)
+            r = tl.minimum(tl.maximum(tl.div_rn(x, divisor), -127.0), 127.0)
+            q = tl.where(zero, 0.0, _round_half_even(r)).to(tl.int8)
+            tl.store(q_row + k0 + offs, q, mask=m)
+
+
+def _device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else None
+
+
+def pick_config(K, device):
+    return configs.pick("quantize_per_token", "K", K, _device_name(device))
+
+
+def quantize_per_token(x):
+    """x [..., K] float32/float16/bfloat16 -> (q int8 [..., K], scale float32 [...])."""
+    K = x.shape[-1]
+    q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    scale = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    M = scale.numel()
+    if M == 0:
+        return q, scale
+    if K == 0:
+        return q, scale.zero_()
+    x2 = x.reshape(M, K)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    cfg = pick_config(K, x.device)
+    block_k = min(cfg["BLOCK_K"], triton.next_power_of_2(K))
+    wrap_triton(_quantize_per_token_kernel)[(M,)](
+        x2, q, scale, K, x2.stride(0),
+        BLOCK_K=block_k, ONE_BLOCK=K <= block_k, num_warps=cfg["num_warps"],
+    )
+    return q, scale
+
+
+def check_specs():
+    """Every compilation the launcher may ask for: each config x dtype x block shape."""
+    for cfg in configs.all_configs("quantize_per_token"):
+        for dtype in ("fp32", "fp16", "bf16"):
+            for one_block in (True, False):
+                yield {
+                    "kernel": "quantize_per_token",
+                    "fn": _quantize_per_token_kernel,
+                    "signature": {
+                        "x_ptr": "*" + dtype, "q_ptr": "*i8", "s_ptr": "*fp32",
+                        "K": "i32", "stride_xm": "i32",
+                        "BLOCK_K": "constexpr", "ONE_BLOCK": "constexpr",
+                    },
+                    "constexprs": {"BLOCK_K": cfg["BLOCK_K"], "ONE_BLOCK": one_block},
+                    "num_warps": cfg["num_warps"],
+                    "num_stages": cfg.get("num_stages", 3),
+                    "dtype": dtype,
+                    "config": f"BLOCK_K={cfg['BLOCK_K']},warps={cfg['num_warps']},"
+                              f"one_block={int(one_block)}",
+                    "tensor_cores": False,
+                }

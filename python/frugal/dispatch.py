@@ -1,0 +1,142 @@
+"""Backend selection. Every op takes ``backend="auto" | "triton" | "cuda" | "cpu" | "torch"``.
+
+``auto`` takes the first backend of the op's preference list for the tensors' device type that
+can run here (C++ on CPU tensors; CUDA C++, then Triton on CUDA tensors; PyTorch anywhere).
+An explicit backend that cannot run raises BackendError saying why. ``frugal.explain(op, ...)``
+returns the Choice an op would make for given arguments, and ``frugal.set_debug(True)`` logs
+each choice on the ``frugal`` logger.
+"""
+
+import dataclasses
+import functools
+import logging
+import os
+
+from . import _ext
+from .errors import BackendError
+
+BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
+
+# Fastest first, per device type. Ops may pass their own.
+DEFAULT_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+
+logger = logging.getLogger("frugal")
+_debug = False
+
+
+def set_debug(on=True):
+    """Log the backend each op call picks (logger ``frugal``, level INFO)."""
+    global _debug
+    _debug = bool(on)
+    if on and not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[frugal] %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    op: str
+    backend: str
+    reason: str
+
+    def __str__(self):
+        return f"{self.op}: backend={self.backend!r} ({self.reason})"
+
+
+def triton_interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error():
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return str(e)
+    return None
+
+
+def unavailable(backend, device):
+    """Why ``backend`` cannot run on ``device`` here, or None when it can."""
+    dev = device.type
+    if backend == "torch":
+        return None
+    if backend == "cpu":
+        if dev != "cpu":
+            return f"backend='cpu' needs CPU tensors; got device {device}"
+        return _ext.ext_error()
+    if backend == "cuda":
+        if dev != "cuda":
+            return f"backend='cuda' needs CUDA tensors; got device {device}"
+        if _ext.ext() is None:
+            return _ext.ext_error()
+        if not _ext.with_cuda():
+            return ("backend='cuda': frugal._C was built without CUDA kernels "
+                    "(rebuild with nvcc and a CUDA build of torch)")
+        return None
+    if backend == "triton":
+        err = _triton_import_error()
+        if err is not None:
+            return f"backend='triton' needs triton, which failed to import ({err})"
+        if dev == "cuda":
+            return None
+        if dev == "cpu" and triton_interpreting():
+            return None
+        return (f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); "
+                f"got device {device}")
+    raise AssertionError(backend)
+
+
+def _describe(backend):
+    if backend == "cpu":
+        mod = _ext.ext()
+        return f"C++ kernel, {mod.cpu_isa()}" if mod is not None else "C++ kernel"
+    if backend == "triton" and triton_interpreting():
+        return "Triton interpreter"
+    return {"cuda": "CUDA C++ kernel", "triton": "Triton kernel", "torch": "PyTorch ops"}[backend]
+
+
+def select(op, device, backend="auto", order=None, supported=None):
+    """The Choice for ``op`` on ``device``. ``supported`` limits the backends the op has."""
+    if backend not in BACKENDS:
+        raise BackendError(f"{op}: backend must be one of {', '.join(map(repr, BACKENDS))}; "
+                           f"got {backend!r}")
+    supported = supported or BACKENDS[1:]
+    if backend != "auto":
+        if backend not in supported:
+            raise BackendError(f"{op}: backend={backend!r} is not implemented for this op; it has "
+                               f"{', '.join(map(repr, supported))}")
+        why = unavailable(backend, device)
+        if why is not None:
+            raise BackendError(f"{op}: {why}")
+        choice = Choice(op, backend, f"asked for; {_describe(backend)}")
+    else:
+        order = (order or DEFAULT_ORDER).get(device.type, ("torch",))
+        skipped = []
+        for candidate in order:
+            if candidate not in supported:
+                continue
+            why = unavailable(candidate, device)
+            if why is None:
+                note = f"; skipped {'; '.join(skipped)}" if skipped else ""
+                choice = Choice(op, candidate, f"auto on {device.type}: {_describe(candidate)}"
+                                + note)
+                break
+            skipped.append(f"{candidate}: {why}")
+        else:
+            raise BackendError(f"{op}: no backend can run on device {device}: "
+                               + "; ".join(skipped))
+    if _debug:
+        logger.info("%s", choice)
+    return choice
+
+
+def explain(op, *args, **kwargs):
+    """The Choice ``op`` (a public frugal function) would make for these arguments, without
+    running it: ``frugal.explain(frugal.quantize_per_token, x)``."""
+    selector = getattr(op, "_frugal_select", None)
+    if selector is None:
+        raise TypeError(f"explain: op must be a public frugal op; got {op!r}")
+    return selector(*args, **kwargs)

@@ -1,0 +1,126 @@
+"""Builds frugal._C: C++ CPU kernels always, CUDA kernels when nvcc and a CUDA build of torch
+are present (a GPU is not needed to build).
+
+Environment:
+  FRUGAL_NO_CUDA=1        skip the CUDA sources
+  TORCH_CUDA_ARCH_LIST    CUDA targets (default "8.0;9.0a")
+  CUDA_HOME               CUDA toolkit root (default: /usr/local/cuda when it has headers)
+  MAX_JOBS                parallel compile jobs (ninja)
+"""
+
+import glob
+import os
+import shutil
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _find_cuda_home():
+    # torch guesses CUDA_HOME from the nvcc on PATH; a wrapper script in /usr/local/bin would
+    # make that /usr/local, where no CUDA headers are. Resolve the real toolkit first.
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = []
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates += ["/usr/local/cuda"]
+    for home in candidates:
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")) and os.path.exists(
+            os.path.join(home, "bin", "nvcc")
+        ):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
+_find_cuda_home()
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import (  # noqa: E402
+    CUDA_HOME,
+    BuildExtension,
+    CppExtension,
+    CUDAExtension,
+)
+
+
+def _with_cuda():
+    if os.environ.get("FRUGAL_NO_CUDA", "0") == "1":
+        return False, "FRUGAL_NO_CUDA=1"
+    if torch.version.cuda is None:
+        return False, "torch is a CPU-only build"
+    if CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        return False, "nvcc not found (set CUDA_HOME)"
+    return True, f"CUDA {torch.version.cuda}, nvcc in {CUDA_HOME}"
+
+
+def _sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _extension():
+    with_cuda, why = _with_cuda()
+    # -Wno-maybe-uninitialized: GCC 12 false positives inside its own AVX-512 intrinsics.
+    cxx = ["-O3", "-fopenmp", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas",
+           "-Wno-maybe-uninitialized"]
+    sources = ["csrc/ops.cpp"] + _sources("csrc/cpu/*.cpp")
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    define_macros = []
+    print(f"frugal: CUDA kernels {'on' if with_cuda else 'off'} ({why})")
+    if not with_cuda:
+        return CppExtension(
+            "frugal._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
+        )
+    # Without a GPU torch cannot detect an arch and would build for every arch it knows.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    print(f"frugal: CUDA archs {os.environ['TORCH_CUDA_ARCH_LIST']}")
+    sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
+    # The pip CUDA wheels of torch ship the CUDA library headers here.
+    nvidia = os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia")
+    include_dirs += sorted(glob.glob(os.path.join(nvidia, "cu*", "include")))
+    define_macros.append(("FRUGAL_WITH_CUDA", "1"))
+    nvcc = [
+        "-O3",
+        "-std=c++17",
+        "--expt-relaxed-constexpr",
+        "-Xptxas=-warn-spills,-warn-lmem-usage",
+        "-lineinfo",
+    ]
+    return CUDAExtension(
+        "frugal._C",
+        sources,
+        include_dirs=include_dirs,
+        define_macros=define_macros,
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=["-fopenmp"],
+    )
+
+
+class BuildExt(BuildExtension):
+    """Compiles into ./build/temp, kept between builds, so ninja rebuilds only what changed.
+    (pip's editable builds otherwise use a fresh temporary directory every time.)"""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.build_temp = os.path.join(ROOT, "build", "temp")
+
+
+setup(
+    packages=["frugal", "frugal.bench", "frugal.kernels", "frugal.kernels.configs"],
+    package_dir={
+        "frugal": "python/frugal",
+        "frugal.bench": "python/frugal/bench",
+        "frugal.kernels": "kernels",
+        "frugal.kernels.configs": "kernels/configs",
+    },
+    package_data={"frugal.kernels.configs": ["*.json"]},
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExt},
+    zip_safe=False,
+)
