@@ -30,6 +30,18 @@ struct alignas(VEC) QPack {
   int8_t v[VEC];
 };
 
+template <typename T, int VEC, bool ALIGNED>
+__device__ __forceinline__ Pack<T, VEC> load(const T* xr, int64_t k, int64_t K) {
+  if constexpr (ALIGNED) {
+    return *reinterpret_cast<const Pack<T, VEC>*>(xr + k);
+  } else {
+    Pack<T, VEC> p;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) p.v[i] = k + i < K ? xr[k + i] : T{};
+    return p;
+  }
+}
+
 __device__ __forceinline__ float block_max(float v, float* smem) {
   for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -40,8 +52,10 @@ __device__ __forceinline__ float block_max(float v, float* smem) {
   return v;
 }
 
-// VEC > 1 requires K and row_stride to be multiples of VEC and x, q aligned to a pack.
-template <typename T, int VEC>
+// Each thread handles VEC consecutive elements per step. ALIGNED: K and row_stride are
+// multiples of VEC and x, q are pack-aligned, so packs are loaded and stored whole; otherwise
+// element by element with bounds checks.
+template <typename T, int VEC, bool ALIGNED>
 __global__ void __launch_bounds__(kThreads)
     quantize_per_token_kernel(const T* __restrict__ x, int64_t row_stride, int8_t* __restrict__ q,
                               float* __restrict__ scale, int64_t M, int64_t K) {
@@ -52,7 +66,7 @@ __global__ void __launch_bounds__(kThreads)
     float amax = 0.0f;
     int bad = 0;
     for (int64_t k = int64_t(threadIdx.x) * VEC; k < K; k += int64_t(kThreads) * VEC) {
-      const Pack<T, VEC> p = *reinterpret_cast<const Pack<T, VEC>*>(xr + k);
+      const Pack<T, VEC> p = load<T, VEC, ALIGNED>(xr, k, K);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
         const float a = fabsf(to_float(p.v[i]));
@@ -65,15 +79,23 @@ __global__ void __launch_bounds__(kThreads)
     const float s = bad ? __int_as_float(0x7fc00000) : __fdiv_rn(amax, kQMax);
     if (threadIdx.x == 0) scale[row] = s;
     const bool zero = bad || s == 0.0f;
+    const float divisor = zero ? 1.0f : s;
     for (int64_t k = int64_t(threadIdx.x) * VEC; k < K; k += int64_t(kThreads) * VEC) {
-      const Pack<T, VEC> p = *reinterpret_cast<const Pack<T, VEC>*>(xr + k);
+      const Pack<T, VEC> p = load<T, VEC, ALIGNED>(xr, k, K);
       QPack<VEC> out;
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
-        const float r = fminf(fmaxf(__fdiv_rn(to_float(p.v[i]), s), -kQMax), kQMax);
+        const float r = fminf(fmaxf(__fdiv_rn(to_float(p.v[i]), divisor), -kQMax), kQMax);
         out.v[i] = zero ? 0 : static_cast<int8_t>(__float2int_rn(r));
       }
-      *reinterpret_cast<QPack<VEC>*>(qr + k) = out;
+      if constexpr (ALIGNED) {
+        *reinterpret_cast<QPack<VEC>*>(qr + k) = out;
+      } else {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+          if (k + i < K) qr[k + i] = out.v[i];
+        }
+      }
     }
     __syncthreads();  // smem is reused by the next row
   }
@@ -88,11 +110,11 @@ cudaError_t launch(const T* x, int64_t row_stride, int8_t* q, float* scale, int6
                        reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
                        reinterpret_cast<uintptr_t>(q) % kVec == 0;
   if (aligned) {
-    quantize_per_token_kernel<T, kVec><<<blocks, kThreads, 0, stream>>>(x, row_stride, q, scale,
-                                                                        M, K);
+    quantize_per_token_kernel<T, kVec, true>
+        <<<blocks, kThreads, 0, stream>>>(x, row_stride, q, scale, M, K);
   } else {
-    quantize_per_token_kernel<T, 1><<<blocks, kThreads, 0, stream>>>(x, row_stride, q, scale, M,
-                                                                     K);
+    quantize_per_token_kernel<T, kVec, false>
+        <<<blocks, kThreads, 0, stream>>>(x, row_stride, q, scale, M, K);
   }
   return cudaGetLastError();
 }

@@ -8,9 +8,11 @@ each choice on the ``frugal`` logger.
 """
 
 import dataclasses
-import functools
+import importlib.util
 import logging
 import os
+
+import torch
 
 from . import _ext
 from .errors import BackendError
@@ -49,13 +51,19 @@ def triton_interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_import_error():
-    try:
-        import triton  # noqa: F401
-    except ImportError as e:
-        return str(e)
-    return None
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def triton_custom_op(name):
+    """Registers a Python function that launches Triton kernels as a torch custom op.
+
+    On a GPU this is ``torch.library.triton_op``, so torch.compile sees into the kernels. Under
+    the Triton interpreter the op is opaque (``custom_op``): tracing cannot run interpreted
+    kernels, and there is no GPU code for the compiler to see anyway.
+    """
+    if triton_interpreting():
+        return torch.library.custom_op(name, mutates_args=())
+    return torch.library.triton_op(name, mutates_args=())
 
 
 def unavailable(backend, device):
@@ -77,9 +85,8 @@ def unavailable(backend, device):
                     "(rebuild with nvcc and a CUDA build of torch)")
         return None
     if backend == "triton":
-        err = _triton_import_error()
-        if err is not None:
-            return f"backend='triton' needs triton, which failed to import ({err})"
+        if not _HAS_TRITON:
+            return "backend='triton' needs triton, which is not installed"
         if dev == "cuda":
             return None
         if dev == "cpu" and triton_interpreting():
@@ -98,12 +105,14 @@ def _describe(backend):
     return {"cuda": "CUDA C++ kernel", "triton": "Triton kernel", "torch": "PyTorch ops"}[backend]
 
 
-def select(op, device, backend="auto", order=None, supported=None):
-    """The Choice for ``op`` on ``device``. ``supported`` limits the backends the op has."""
+def select(op, device, backend="auto", order=None, supported=None, explain=False):
+    """The backend name ``op`` runs with on ``device`` (a Choice with the reason when
+    ``explain``). ``supported`` limits the backends the op has. Raises BackendError."""
     if backend not in BACKENDS:
         raise BackendError(f"{op}: backend must be one of {', '.join(map(repr, BACKENDS))}; "
                            f"got {backend!r}")
     supported = supported or BACKENDS[1:]
+    skipped = []
     if backend != "auto":
         if backend not in supported:
             raise BackendError(f"{op}: backend={backend!r} is not implemented for this op; it has "
@@ -111,26 +120,27 @@ def select(op, device, backend="auto", order=None, supported=None):
         why = unavailable(backend, device)
         if why is not None:
             raise BackendError(f"{op}: {why}")
-        choice = Choice(op, backend, f"asked for; {_describe(backend)}")
+        name = backend
     else:
-        order = (order or DEFAULT_ORDER).get(device.type, ("torch",))
-        skipped = []
-        for candidate in order:
-            if candidate not in supported:
+        for name in (order or DEFAULT_ORDER).get(device.type, ("torch",)):
+            if name not in supported:
                 continue
-            why = unavailable(candidate, device)
+            why = unavailable(name, device)
             if why is None:
-                note = f"; skipped {'; '.join(skipped)}" if skipped else ""
-                choice = Choice(op, candidate, f"auto on {device.type}: {_describe(candidate)}"
-                                + note)
                 break
-            skipped.append(f"{candidate}: {why}")
+            skipped.append(f"{name}: {why}")
         else:
             raise BackendError(f"{op}: no backend can run on device {device}: "
                                + "; ".join(skipped))
-    if _debug:
-        logger.info("%s", choice)
-    return choice
+    if explain or _debug:
+        how = "asked for" if backend != "auto" else f"auto on {device.type}"
+        note = f"; skipped {'; '.join(skipped)}" if skipped else ""
+        choice = Choice(op, name, f"{how}: {_describe(name)}{note}")
+        if _debug:
+            logger.info("%s", choice)
+        if explain:
+            return choice
+    return name
 
 
 def explain(op, *args, **kwargs):
@@ -139,4 +149,4 @@ def explain(op, *args, **kwargs):
     selector = getattr(op, "_frugal_select", None)
     if selector is None:
         raise TypeError(f"explain: op must be a public frugal op; got {op!r}")
-    return selector(*args, **kwargs)
+    return selector(*args, explain=True, **kwargs)

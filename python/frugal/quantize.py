@@ -3,7 +3,7 @@
 import torch
 
 from . import _ext, reference
-from .dispatch import select
+from .dispatch import select, triton_custom_op
 from .errors import ShapeError, check_dtype, check_dtype_arg, check_min_dim
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -16,11 +16,18 @@ if _ext.ext() is not None:
                 x.new_empty(x.shape[:-1], dtype=torch.float32))
 
 
-@torch.library.triton_op("frugal::quantize_per_token_triton", mutates_args=())
+@triton_custom_op("frugal::quantize_per_token_triton")
 def _quantize_per_token_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     from frugal.kernels import quantize as kernel
 
     return kernel.quantize_per_token(x)
+
+
+@_quantize_per_token_triton.register_fake
+def _quantize_per_token_triton_fake(x):
+    # Explicit, so tracing never runs the kernel (the Triton interpreter would, on fake data).
+    return (x.new_empty(x.shape, dtype=torch.int8),
+            x.new_empty(x.shape[:-1], dtype=torch.float32))
 
 
 def _check_quantize(x):
@@ -28,9 +35,9 @@ def _check_quantize(x):
     check_min_dim("quantize_per_token", "x", x, 1, "[..., K]")
 
 
-def _select_quantize(x, *, backend="auto"):
+def _select_quantize(x, *, backend="auto", explain=False):
     _check_quantize(x)
-    return select("quantize_per_token", x.device, backend)
+    return select("quantize_per_token", x.device, backend, explain=explain)
 
 
 def quantize_per_token(x, *, backend="auto"):
@@ -50,10 +57,10 @@ def quantize_per_token(x, *, backend="auto"):
     zeros. A row holding inf or NaN gives scale NaN and zeros, so ``dequantize`` returns NaN for
     that row instead of a silently wrong number. M = 0 gives empty results.
     """
-    choice = _select_quantize(x, backend=backend)
-    if choice.backend in ("cpu", "cuda"):
+    name = _select_quantize(x, backend=backend)
+    if name in ("cpu", "cuda"):
         return torch.ops.frugal.quantize_per_token(x)
-    if choice.backend == "triton":
+    if name == "triton":
         return torch.ops.frugal.quantize_per_token_triton(x)
     return reference.quantize_per_token(x)
 
@@ -76,11 +83,11 @@ def _check_dequantize(q, scale, out_dtype):
         raise DeviceError(f"{op}: scale must be on q's device ({q.device}); got {scale.device}")
 
 
-def _select_dequantize(q, scale, out_dtype=torch.float32, *, backend="auto"):
+def _select_dequantize(q, scale, out_dtype=torch.float32, *, backend="auto", explain=False):
     _check_dequantize(q, scale, out_dtype)
     # One fused elementwise multiply: PyTorch (and torch.compile) already does it at bandwidth.
     return select("dequantize", q.device, backend, supported=("torch",),
-                  order={"cpu": ("torch",), "cuda": ("torch",)})
+                  order={"cpu": ("torch",), "cuda": ("torch",)}, explain=explain)
 
 
 def dequantize(q, scale, out_dtype=torch.float32, *, backend="auto"):

@@ -1,0 +1,5 @@
+"""``python -m frugal``: the ``frugal`` command."""
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,115 @@
+"""What a sweep declares, and the registry ``frugal bench`` looks sweeps up in."""
+
+import dataclasses
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A speedup over the baseline that ``candidate`` must reach at ``x`` on ``device`` (a
+    device type: "cpu" or "cuda")."""
+
+    x: int
+    candidate: str
+    min_speedup: float
+    device: str = "cpu"
+
+
+@dataclasses.dataclass
+class Sweep:
+    """One op's candidates timed over a range of token counts.
+
+    Parameters
+    ----------
+    name : str
+        Unique name, used by ``frugal bench --sweep NAME``.
+    op : str
+        Op family ("quantize", "int8_matmul", "attention", ...).
+    x_name : str
+        Name of the token-count axis ("M", "tokens", "context").
+    xs, quick : sequence of int
+        Token counts of a full run and of a ``--quick`` run.
+    setup : callable ``(x, device) -> dict[str, callable]``
+        Builds the inputs for ``x`` and returns the candidates, each a no-argument callable.
+    baseline : str
+        The candidate every other one is compared with (dense PyTorch).
+    nbytes, flops : callable ``x -> number``, optional
+        Bytes moved and floating-point operations per call, for GB/s and GFLOP/s.
+    memory_bound : bool
+        Report GB/s as a fraction of the device's measured copy bandwidth (needs ``nbytes``).
+    params : mapping
+        The fixed sizes and dtypes of the sweep ({"K": 4096}), shown with its results.
+    notes : callable ``device -> dict``, optional
+        Facts worth recording with the results (which backend ``auto`` picked, ...).
+    targets : sequence of Target
+        Speedups the run checks and prints a PASS/FAIL line for.
+    description : str
+        One line for ``frugal bench --list``.
+    """
+
+    name: str
+    op: str
+    x_name: str
+    xs: Sequence[int]
+    quick: Sequence[int]
+    setup: Callable
+    baseline: str
+    nbytes: Optional[Callable[[int], float]] = None
+    flops: Optional[Callable[[int], float]] = None
+    memory_bound: bool = False
+    params: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    notes: Optional[Callable] = None
+    targets: Tuple[Target, ...] = ()
+    description: str = ""
+
+    def __post_init__(self):
+        for field in ("xs", "quick"):
+            values = tuple(getattr(self, field))
+            if not values or not all(isinstance(v, int) and v > 0 for v in values):
+                raise ValueError(f"Sweep {self.name!r}: {field} must be a non-empty sequence of "
+                                 f"positive ints; got {getattr(self, field)!r}")
+            setattr(self, field, values)
+        if self.memory_bound and self.nbytes is None:
+            raise ValueError(f"Sweep {self.name!r}: memory_bound=True needs nbytes; got None")
+        self.targets = tuple(self.targets)
+
+
+_SWEEPS: Dict[str, Sweep] = {}
+
+
+def register(sweep):
+    """Add ``sweep`` (a Sweep) to the registry and return it."""
+    if sweep.name in _SWEEPS:
+        raise ValueError(f"register: a sweep named {sweep.name!r} is already registered")
+    _SWEEPS[sweep.name] = sweep
+    return sweep
+
+
+def sweep(name, **fields):
+    """Decorator form of :func:`register`: the decorated function is the sweep's ``setup``,
+    its docstring's first line the description unless ``description`` is given."""
+
+    def decorate(setup):
+        doc = (setup.__doc__ or "").strip().splitlines()
+        fields.setdefault("description", doc[0] if doc else "")
+        register(Sweep(name=name, setup=setup, **fields))
+        return setup
+
+    return decorate
+
+
+def sweeps(names=None):
+    """The registered sweeps in registration order, or the ones named in ``names``.
+
+    Raises
+    ------
+    ValueError
+        A name in ``names`` is not registered.
+    """
+    if not names:
+        return list(_SWEEPS.values())
+    unknown = [n for n in names if n not in _SWEEPS]
+    if unknown:
+        raise ValueError(f"unknown sweep {unknown[0]!r}; registered sweeps: "
+                         f"{', '.join(_SWEEPS) or '(none)'}")
+    return [_SWEEPS[n] for n in dict.fromkeys(names)]

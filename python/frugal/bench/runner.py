@@ -1,0 +1,287 @@
+"""Runs sweeps: times every candidate at every x, derives speedups, throughput and scaling
+exponents, and renders the results as a Markdown table, a JSON record and log-log plots."""
+
+import dataclasses
+import datetime
+import json
+import pathlib
+import platform
+import re
+import sys
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+from .registry import Sweep, Target
+from .timing import copy_bandwidth, default_timer
+
+
+@dataclasses.dataclass
+class Row:
+    """One candidate at one x. ``speedup`` is baseline time / time; the throughputs are None
+    when the sweep gives no byte (or FLOP) count; ``copy_fraction`` is GB/s over the device's
+    copy bandwidth, for memory-bound sweeps."""
+
+    x: int
+    candidate: str
+    ms: float
+    speedup: float
+    gbps: Optional[float]
+    gflops: Optional[float]
+    copy_fraction: Optional[float]
+
+
+@dataclasses.dataclass
+class Verdict:
+    target: Target
+    speedup: float
+
+    @property
+    def passed(self):
+        return self.speedup >= self.target.min_speedup
+
+
+@dataclasses.dataclass
+class SweepResult:
+    sweep: Sweep
+    rows: List[Row]
+    slopes: Dict[str, Optional[float]]
+    notes: dict
+    verdicts: List[Verdict]
+
+
+@dataclasses.dataclass
+class BenchRun:
+    """What :func:`run` measured, with the environment it measured it in."""
+
+    env: dict
+    copy_gbps: Optional[float]
+    results: List[SweepResult]
+
+    @property
+    def passed(self):
+        """Whether every target checked in this run was met."""
+        return all(v.passed for r in self.results for v in r.verdicts)
+
+    def markdown(self):
+        """The results as Markdown: per sweep a table, the scaling exponents, the verdicts."""
+        return "\n\n".join(_sweep_markdown(r, self.env, self.copy_gbps) for r in self.results)
+
+    def record(self):
+        """The results as a JSON-serialisable dict."""
+        return {**self.env, "copy_bandwidth_gbps": self.copy_gbps,
+                "sweeps": [_sweep_record(r) for r in self.results]}
+
+    def save(self, out="bench-results"):
+        """Write ``<time>-<device>.json``, ``.md`` and one ``-<sweep>.png`` per sweep into
+        ``out`` (created if missing); return the paths written."""
+        out = pathlib.Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        # "2025-06-01T12:30:00+00:00" -> "20250601T123000": sorts by time, safe in file names.
+        stamp = re.sub(r"[-:]", "", self.env["timestamp"][:19])
+        stem = f"{stamp}-{self.env['device']}"
+        json_path = out / f"{stem}.json"
+        json_path.write_text(json.dumps(self.record(), indent=2) + "\n")
+        md_path = out / f"{stem}.md"
+        md_path.write_text(self.markdown() + "\n")
+        paths = [json_path, md_path]
+        for result in self.results:
+            paths.append(out / f"{stem}-{result.sweep.name}.png")
+            _plot(result, self.env, paths[-1])
+        return paths
+
+
+def fit_slope(xs, times):
+    """Least-squares slope of log(time) against log(x): the scaling exponent (1 for linear
+    cost, 2 for quadratic). None with fewer than two distinct x."""
+    if len(set(xs)) < 2:
+        return None
+    return float(np.polyfit(np.log(xs), np.log(times), 1)[0])
+
+
+def environment(device):
+    """Versions, device and machine facts a benchmark record carries."""
+    import triton
+
+    import frugal
+
+    device = torch.device(device)
+    cpu = _cpu_model()
+    return {
+        "frugal": frugal.__version__,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
+        "cpu_model": cpu,
+        "cpu_threads": torch.get_num_threads(),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run(sweeps, device=None, *, quick=False, timer=None, copy_gbps=None, progress=True):
+    """Time every candidate of every sweep at each of its token counts.
+
+    Parameters
+    ----------
+    sweeps : sequence of Sweep
+    device : str or torch.device, optional
+        Defaults to "cuda" when available, else "cpu".
+    quick : bool
+        Use each sweep's ``quick`` token counts instead of ``xs``.
+    timer : callable ``fn -> milliseconds``, optional
+        Defaults to :func:`~frugal.bench.timing.default_timer` for the device.
+    copy_gbps : float, optional
+        The device's copy bandwidth; measured when a sweep is memory-bound and this is None.
+    progress : bool
+        Show a progress bar on stderr.
+
+    Returns
+    -------
+    BenchRun
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    timer = timer or default_timer(device)
+    if copy_gbps is None and any(s.memory_bound for s in sweeps):
+        copy_gbps = copy_bandwidth(device, timer=timer)
+    total = sum(len(s.quick if quick else s.xs) for s in sweeps)
+    with tqdm(total=total, file=sys.stderr, disable=not progress, leave=False) as bar:
+        results = [_run_sweep(s, device, quick, timer, copy_gbps, bar) for s in sweeps]
+    return BenchRun(environment(device), copy_gbps, results)
+
+
+def _run_sweep(sweep, device, quick, timer, copy_gbps, bar):
+    times = {}
+    for x in sweep.quick if quick else sweep.xs:
+        candidates = sweep.setup(x, device)
+        if sweep.baseline not in candidates:
+            raise ValueError(f"sweep {sweep.name!r}: setup({x}, {device}) must return the "
+                             f"baseline {sweep.baseline!r}; got {', '.join(candidates)}")
+        for name, fn in candidates.items():
+            bar.set_postfix_str(f"{sweep.name} {sweep.x_name}={x} {name}")
+            times[x, name] = timer(fn)
+        bar.update()
+        # Drop this x's inputs before the next, larger ones are allocated.
+        del candidates
+    rows = [_row(sweep, x, name, ms, times[x, sweep.baseline], copy_gbps)
+            for (x, name), ms in times.items()]
+    curves = {}
+    for row in rows:
+        curves.setdefault(row.candidate, []).append(row)
+    slopes = {name: fit_slope([r.x for r in rs], [r.ms for r in rs]) for name, rs in curves.items()}
+    verdicts = [Verdict(t, times[t.x, sweep.baseline] / times[t.x, t.candidate])
+                for t in sweep.targets
+                if t.device == device.type and (t.x, t.candidate) in times]
+    notes = sweep.notes(device) if sweep.notes else {}
+    return SweepResult(sweep, rows, slopes, notes, verdicts)
+
+
+def _row(sweep, x, name, ms, baseline_ms, copy_gbps):
+    gbps = sweep.nbytes(x) / ms / 1e6 if sweep.nbytes else None
+    gflops = sweep.flops(x) / ms / 1e6 if sweep.flops else None
+    fraction = gbps / copy_gbps if sweep.memory_bound and copy_gbps else None
+    return Row(x, name, ms, baseline_ms / ms, gbps, gflops, fraction)
+
+
+def _params(sweep):
+    return " ".join(f"{k}={v}" for k, v in sweep.params.items())
+
+
+def _verdict_line(sweep, v):
+    t = v.target
+    where = " ".join(filter(None, [f"{sweep.x_name}={t.x}", _params(sweep)]))
+    return (f"{sweep.name} {where}: {t.candidate} is {v.speedup:.1f}x the {sweep.baseline} "
+            f"(target >= {t.min_speedup:g}x): {'PASS' if v.passed else 'FAIL'}")
+
+
+def _sweep_markdown(result, env, copy_gbps):
+    sweep = result.sweep
+    title = f"### {sweep.name} on {env['device']} ({env['device_name']})"
+    lines = [title + (f": {_params(sweep)}" if sweep.params else "")]
+    if sweep.memory_bound:
+        lines.append(f"Memory-bound; copy bandwidth {copy_gbps:.1f} GB/s (read + write).")
+    lines += [f"- {k}: {v}" for k, v in result.notes.items()]
+    columns = [sweep.x_name, "candidate", "ms", "speedup"]
+    if sweep.nbytes:
+        columns.append("GB/s")
+    if sweep.memory_bound:
+        columns.append("% copy bw")
+    if sweep.flops:
+        columns.append("GFLOP/s")
+    lines += ["", "| " + " | ".join(columns) + " |",
+              "|" + "|".join([" ---: ", " :--- "] + [" ---: "] * (len(columns) - 2)) + "|"]
+    for row in result.rows:
+        cells = [str(row.x), row.candidate, f"{row.ms:.4g}", f"{row.speedup:.2f}x"]
+        if sweep.nbytes:
+            cells.append(f"{row.gbps:.1f}")
+        if sweep.memory_bound:
+            cells.append(f"{100 * row.copy_fraction:.0f}%")
+        if sweep.flops:
+            cells.append(f"{row.gflops:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    slopes = ", ".join(f"{name} {_fmt_slope(s)}" for name, s in result.slopes.items())
+    lines += ["", f"Scaling exponent (slope of log time vs log {sweep.x_name}): {slopes}"]
+    lines += [_verdict_line(sweep, v) for v in result.verdicts]
+    return "\n".join(lines)
+
+
+def _fmt_slope(slope):
+    return "n/a" if slope is None else f"{slope:.2f}"
+
+
+def _sweep_record(result):
+    sweep = result.sweep
+    return {
+        "name": sweep.name,
+        "op": sweep.op,
+        "x_name": sweep.x_name,
+        "xs": sorted({r.x for r in result.rows}),
+        "baseline": sweep.baseline,
+        "params": dict(sweep.params),
+        "memory_bound": sweep.memory_bound,
+        "description": sweep.description,
+        "notes": result.notes,
+        "rows": [dataclasses.asdict(r) for r in result.rows],
+        "slopes": result.slopes,
+        "targets": [{**dataclasses.asdict(v.target), "speedup": v.speedup, "passed": v.passed}
+                    for v in result.verdicts],
+    }
+
+
+def _plot(result, env, path):
+    sweep = result.sweep
+    fig = Figure(figsize=(6.4, 4.8))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    curves = {}
+    for row in result.rows:
+        curves.setdefault(row.candidate, []).append((row.x, row.ms))
+    for name, points in curves.items():
+        xs, ms = zip(*sorted(points))
+        style = "--" if name == sweep.baseline else "-"
+        label = f"{name} (slope {_fmt_slope(result.slopes[name])})"
+        ax.loglog(xs, ms, style, marker="o", label=label)
+    ax.set_xlabel(sweep.x_name)
+    ax.set_ylabel("time (ms)")
+    ax.set_title(f"{sweep.name} {_params(sweep)}\n{env['device_name']}", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

@@ -1,0 +1,68 @@
+"""Timers (a timer maps a no-argument callable to its median time in milliseconds) and the
+device's copy bandwidth, the ceiling a memory-bound kernel is measured against."""
+
+import statistics
+import time
+
+import torch
+
+
+def time_cpu(fn, *, min_time=0.2, min_runs=5, warmup_time=0.05):
+    """Median wall time of ``fn()`` in milliseconds.
+
+    Parameters
+    ----------
+    fn : callable with no arguments.
+    min_time : float
+        Keep timing until the timed runs add up to at least this many seconds ...
+    min_runs : int
+        ... and at least this many runs were timed.
+    warmup_time : float
+        Untimed calls first (at least one), until this many seconds have passed: the first
+        calls pay for page faults, allocator growth and thread-pool start-up.
+    """
+    if min_runs < 1:
+        raise ValueError(f"time_cpu: min_runs must be >= 1; got {min_runs}")
+    deadline = time.perf_counter() + warmup_time
+    fn()
+    while time.perf_counter() < deadline:
+        fn()
+    times = []
+    while len(times) < min_runs or sum(times) < min_time:
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def time_cuda(fn, *, warmup=25, rep=100):
+    """Median time of ``fn()`` on the current CUDA stream in milliseconds (CUDA events, via
+    ``triton.testing.do_bench``, which also flushes the L2 cache between runs)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def default_timer(device):
+    """``time_cuda`` for a CUDA device, ``time_cpu`` otherwise."""
+    return time_cuda if torch.device(device).type == "cuda" else time_cpu
+
+
+def copy_bandwidth(device, *, nbytes=256 << 20, timer=None):
+    """Memory bandwidth of ``dst.copy_(src)`` on ``device`` in GB/s, counting the bytes read
+    and the bytes written.
+
+    Parameters
+    ----------
+    device : str or torch.device
+    nbytes : int
+        Size of each buffer; the default (256 MiB) is far larger than any cache.
+    timer : callable, optional
+        Defaults to :func:`default_timer` for the device.
+    """
+    device = torch.device(device)
+    timer = timer or default_timer(device)
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = timer(lambda: dst.copy_(src))
+    return 2 * nbytes / ms / 1e6

@@ -1,0 +1,103 @@
+"""The ``frugal`` command: ``frugal info``, ``frugal bench`` and ``frugal check``."""
+
+import argparse
+import sys
+
+import torch
+
+import frugal
+from frugal import _ext
+
+
+def main(argv=None):
+    """Run the ``frugal`` command with ``argv`` (default ``sys.argv[1:]``); return the exit
+    status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # argparse would try to parse check's own options; hand them over untouched.
+    if argv[:1] == ["check"]:
+        return _check(argv[1:])
+    args = _parser().parse_args(argv)
+    return args.func(args)
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="frugal", description=frugal.__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    info = commands.add_parser("info", help="versions, the compiled extension, backend choice")
+    info.set_defaults(func=_info)
+
+    bench = commands.add_parser(
+        "bench", help="time ops against dense PyTorch over token counts",
+        description="Time each op's candidates against its dense PyTorch baseline over a range "
+                    "of token counts; print a table and write JSON, Markdown and PNG plots. "
+                    "Exits 1 when a speedup target is missed.")
+    bench.add_argument("--sweep", action="append", metavar="NAME",
+                       help="run this sweep (repeatable; default: all; see --list)")
+    bench.add_argument("--quick", action="store_true", help="fewer token counts per sweep")
+    bench.add_argument("--device", choices=("cpu", "cuda"),
+                       help="default: cuda when available, else cpu")
+    bench.add_argument("--out", default="bench-results", metavar="DIR",
+                       help="where results are written (default: %(default)s)")
+    bench.add_argument("--list", action="store_true", help="list the sweeps and exit")
+    bench.set_defaults(func=_bench)
+
+    commands.add_parser("check", help="run frugal.check (arguments are passed on to it)",
+                        add_help=False)
+    return parser
+
+
+def _info(args):
+    print(f"frugal {frugal.__version__}")
+    print(f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
+    try:
+        import triton
+    except ImportError as e:
+        print(f"triton: not importable ({e})")
+    else:
+        print(f"triton {triton.__version__}")
+    mod = _ext.ext()
+    if mod is None:
+        print(f"frugal._C: not loaded: {_ext.ext_error()}")
+    else:
+        print(f"frugal._C: loaded; CPU ISA {mod.cpu_isa()}; "
+              f"CUDA kernels {'yes' if _ext.with_cuda() else 'no'}")
+    cuda = torch.cuda.is_available()
+    print(f"CUDA available: {'yes, ' + torch.cuda.get_device_name() if cuda else 'no'}")
+    for device in ("cpu", "cuda") if cuda else ("cpu",):
+        probe = torch.zeros(1, 8, device=device)
+        print(f"on {device}: {frugal.explain(frugal.quantize_per_token, probe)}")
+    return 0
+
+
+def _bench(args):
+    from frugal import bench
+
+    if args.list:
+        for s in bench.sweeps():
+            xs = ", ".join(map(str, s.xs))
+            print(f"{s.name}  [{s.op}]  {s.x_name} in {xs}  {s.description}")
+        return 0
+    try:
+        sweeps = bench.sweeps(args.sweep)
+    except ValueError as e:
+        print(f"frugal bench: --sweep: {e}", file=sys.stderr)
+        return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("frugal bench: --device cuda, but torch.cuda.is_available() is False",
+              file=sys.stderr)
+        return 2
+    result = bench.run(sweeps, args.device, quick=args.quick)
+    print(result.markdown())
+    for path in result.save(args.out):
+        print(f"wrote {path}", file=sys.stderr)
+    return 0 if result.passed else 1
+
+
+def _check(argv):
+    try:
+        from frugal import check
+    except ImportError as e:
+        print(f"frugal check: frugal.check could not be imported ({e})", file=sys.stderr)
+        return 2
+    return check.main(argv)

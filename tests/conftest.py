@@ -1,0 +1,75 @@
+"""Shared fixtures. Tests that take a device run on every device present: CPU always, CUDA
+when there is a GPU (else those cases are skipped with a reason). Without a GPU, Triton kernels
+run under the interpreter (TRITON_INTERPRET=1) on CPU tensors."""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    # Must be set before any @triton.jit kernel is defined (frugal.kernels imports lazily).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import frugal  # noqa: E402
+from frugal import _ext  # noqa: E402
+
+DEVICES = ["cpu", "cuda"]
+
+
+def backends_for(device):
+    """Every backend that should run on ``device`` here."""
+    if device == "cuda":
+        return ["cuda", "triton", "torch"]
+    names = ["torch"]
+    if _ext.ext() is not None:
+        names.insert(0, "cpu")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        names.append("triton")
+    return names
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    if request.param == "cuda" and not HAS_CUDA:
+        pytest.skip("no CUDA device on this machine; the same test runs on GPU tensors where one is")
+    return request.param
+
+
+@pytest.fixture
+def poison():
+    """Fill every fresh allocation (torch.empty, at::empty) with NaN / the integer max, so an
+    output element a kernel forgets to write fails the comparison."""
+    old_det = torch.are_deterministic_algorithms_enabled()
+    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    old_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
+    torch.utils.deterministic.fill_uninitialized_memory = old_fill
+
+
+def cpu_isas():
+    """CPU instruction-set levels this machine can run, narrowest first."""
+    order = ["scalar", "avx2", "avx512", "avx512_vnni"]
+    mod = _ext.ext()
+    if mod is None:
+        return []
+    return order[: order.index(mod.detected_cpu_isa()) + 1]
+
+
+@pytest.fixture(params=["scalar", "avx2", "avx512", "avx512_vnni"])
+def cpu_isa(request):
+    """Runs a test once per CPU kernel path (C++ runtime ISA dispatch)."""
+    if request.param not in cpu_isas():
+        pytest.skip(f"this CPU lacks {request.param}")
+    mod = _ext.ext()
+    previous = mod.cpu_isa()
+    mod.set_cpu_isa(request.param)
+    yield request.param
+    mod.set_cpu_isa(previous)
+
+
+__all__ = ["HAS_CUDA", "backends_for", "cpu_isas", "frugal"]

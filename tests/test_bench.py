@@ -1,0 +1,175 @@
+import dataclasses
+import functools
+import json
+
+import pytest
+
+from frugal import bench
+from frugal.bench import registry
+
+XS = (64, 128, 256, 512, 1024)
+
+
+def fake_timer(fn):
+    # Synthetic candidates return their own cost in ms, so nothing here depends on timing.
+    return fn()
+
+
+def _synthetic_setup(x, device):
+    return {
+        "linear": lambda: 0.001 * x,
+        "quadratic": lambda: 1e-4 * x * x,
+        "dense": lambda: 0.004 * x,
+    }
+
+
+def _synthetic(**fields):
+    defaults = dict(name="synthetic", op="test", x_name="tokens", xs=XS, quick=XS[:2],
+                    setup=_synthetic_setup, baseline="dense", nbytes=lambda x: 1e6 * x,
+                    flops=lambda x: 2e6 * x, memory_bound=True, params={"K": 8},
+                    notes=lambda device: {"device": str(device)},
+                    targets=(bench.Target(x=256, candidate="linear", min_speedup=3.0),
+                             bench.Target(x=256, candidate="quadratic", min_speedup=3.0)))
+    return bench.Sweep(**{**defaults, **fields})
+
+
+def _run(sweep, **kwargs):
+    return bench.run([sweep], "cpu", timer=fake_timer, copy_gbps=10.0, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("slope", [0.5, 1.0, 2.0])
+def test_fit_slope_recovers_power_law(slope):
+    assert bench.fit_slope(XS, [3.0 * x**slope for x in XS]) == pytest.approx(slope)
+
+
+def test_fit_slope_needs_two_distinct_x():
+    assert bench.fit_slope([128], [1.0]) is None
+    assert bench.fit_slope([128, 128], [1.0, 2.0]) is None
+
+
+def test_slopes_ratios_and_throughput():
+    result = _run(_synthetic()).results[0]
+    assert result.slopes == pytest.approx({"linear": 1.0, "quadratic": 2.0, "dense": 1.0})
+    rows = {(r.x, r.candidate): r for r in result.rows}
+    assert len(rows) == len(XS) * 3
+    assert rows[256, "linear"].speedup == pytest.approx(4.0)
+    assert rows[256, "quadratic"].speedup == pytest.approx(0.004 * 256 / (1e-4 * 256**2))
+    assert rows[256, "dense"].speedup == 1.0
+    # 256e6 bytes in 0.256 ms = 1000 GB/s; twice the FLOPs.
+    assert rows[256, "linear"].gbps == pytest.approx(1000.0)
+    assert rows[256, "linear"].gflops == pytest.approx(2000.0)
+    assert rows[256, "linear"].copy_fraction == pytest.approx(100.0)
+    assert result.notes == {"device": "cpu"}
+
+
+def test_targets_pass_and_fail():
+    run = _run(_synthetic())
+    verdicts = {v.target.candidate: v for v in run.results[0].verdicts}
+    assert verdicts["linear"].passed and not verdicts["quadratic"].passed
+    assert not run.passed
+    text = run.markdown()
+    assert "synthetic tokens=256 K=8: linear is 4.0x the dense (target >= 3x): PASS" in text
+    assert "quadratic is 0.2x the dense (target >= 3x): FAIL" in text
+
+
+def test_targets_for_other_devices_or_unmeasured_x_are_skipped():
+    targets = (bench.Target(x=256, candidate="linear", min_speedup=99.0, device="cuda"),
+               bench.Target(x=999, candidate="linear", min_speedup=99.0))
+    run = _run(_synthetic(targets=targets))
+    assert run.results[0].verdicts == [] and run.passed
+
+
+def test_quick_uses_quick_xs():
+    result = _run(_synthetic(), quick=True).results[0]
+    assert sorted({r.x for r in result.rows}) == list(XS[:2])
+
+
+def test_columns_follow_what_the_sweep_counts():
+    text = _run(_synthetic(flops=None, memory_bound=False)).markdown()
+    assert "GB/s" in text and "% copy bw" not in text and "GFLOP/s" not in text
+    text = _run(_synthetic(nbytes=None, memory_bound=False)).markdown()
+    assert "GB/s" not in text and "GFLOP/s" in text
+
+
+def test_save_writes_json_markdown_and_png(tmp_path):
+    paths = _run(_synthetic()).save(tmp_path / "out")
+    assert sorted(p.suffix for p in paths) == [".json", ".md", ".png"]
+    assert all(p.exists() and p.stat().st_size > 0 for p in paths)
+    png = next(p for p in paths if p.suffix == ".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    record = json.loads(next(p for p in paths if p.suffix == ".json").read_text())
+    for key in ("device", "device_name", "cpu_model", "torch", "triton", "frugal", "timestamp",
+                "copy_bandwidth_gbps", "sweeps"):
+        assert key in record, key
+    assert record["copy_bandwidth_gbps"] == 10.0
+    (sweep,) = record["sweeps"]
+    assert sweep["name"] == "synthetic" and sweep["baseline"] == "dense"
+    assert sweep["slopes"]["quadratic"] == pytest.approx(2.0)
+    assert sweep["notes"] == {"device": "cpu"}
+    assert len(sweep["rows"]) == len(XS) * 3
+    assert set(sweep["rows"][0]) == {"x", "candidate", "ms", "speedup", "gbps", "gflops",
+                                     "copy_fraction"}
+    assert [t["passed"] for t in sweep["targets"]] == [True, False]
+
+
+def test_setup_must_return_the_baseline():
+    with pytest.raises(ValueError, match="must return the baseline 'missing'"):
+        _run(_synthetic(baseline="missing"))
+
+
+@pytest.mark.parametrize("field, value", [("xs", ()), ("quick", (0, 8)), ("xs", (1.5,))])
+def test_sweep_rejects_bad_token_counts(field, value):
+    with pytest.raises(ValueError, match=f"{field} must be a non-empty sequence of positive"):
+        _synthetic(**{field: value})
+
+
+def test_memory_bound_needs_bytes():
+    with pytest.raises(ValueError, match="memory_bound=True needs nbytes"):
+        _synthetic(nbytes=None)
+
+
+def test_registry(monkeypatch):
+    monkeypatch.setattr(registry, "_SWEEPS", dict(registry._SWEEPS))
+
+    @bench.sweep("decorated", op="test", x_name="M", xs=(1, 2), quick=(1,), baseline="b")
+    def setup(x, device):
+        """First line.
+
+        More."""
+        return {"b": lambda: 1.0}
+
+    (found,) = bench.sweeps(["decorated"])
+    assert found.setup is setup and found.description == "First line."
+    with pytest.raises(ValueError, match="already registered"):
+        bench.register(found)
+    with pytest.raises(ValueError, match="unknown sweep 'nope'; registered sweeps: .*decorated"):
+        bench.sweeps(["nope"])
+
+
+def test_time_cpu_repeats_until_min_runs_and_min_time():
+    calls = []
+    ms = bench.time_cpu(lambda: calls.append(1), min_time=0.0, min_runs=7, warmup_time=0.0)
+    assert len(calls) == 8 and ms >= 0  # one warm-up call, then seven timed
+    with pytest.raises(ValueError, match="min_runs must be >= 1; got 0"):
+        bench.time_cpu(lambda: None, min_runs=0)
+
+
+def test_copy_bandwidth_counts_read_and_write():
+    gbps = bench.copy_bandwidth("cpu", nbytes=1 << 20, timer=lambda fn: (fn(), 1.0)[1])
+    assert gbps == pytest.approx(2 * (1 << 20) / 1e6)  # 2 MiB in 1 ms
+    assert bench.copy_bandwidth("cpu", nbytes=1 << 20) > 0
+
+
+def test_quantize_sweep_end_to_end(tmp_path):
+    (sweep,) = bench.sweeps(["quantize_per_token"])
+    sweep = dataclasses.replace(sweep, xs=(16, 64), quick=(16, 64))
+    timer = functools.partial(bench.time_cpu, min_time=0.0, min_runs=3, warmup_time=0.0)
+    run = bench.run([sweep], "cpu", quick=True, timer=timer, copy_gbps=10.0, progress=False)
+    (result,) = run.results
+    assert {r.candidate for r in result.rows} == {"frugal", "reference"}
+    assert all(r.ms > 0 and r.gbps > 0 for r in result.rows)
+    assert set(result.slopes) == {"frugal", "reference"}
+    assert "backend=" in result.notes["auto"]
+    assert result.verdicts == []  # the target is at M=4096, not measured here
+    assert "| 64 | frugal |" in run.markdown()
+    assert len(run.save(tmp_path)) == 3
