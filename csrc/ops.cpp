@@ -11,6 +11,24 @@ TORCH_LIBRARY(frugal, m) {
   // q = round_half_even(x / scale) clamped to [-127, 127]. A row of zeros gives scale 0 and
   // zeros; a row holding inf or NaN gives scale NaN and zeros.
   m.def("quantize_per_token(Tensor x) -> (Tensor q, Tensor scale)");
+
+  // int8 GEMM in nn.Linear layout: a int8 [M, K], b int8 [N, K] -> int32 [M, N] = a @ b^T,
+  // exact (int32 accumulation; K <= 131071 so no int8 input can overflow it).
+  m.def("int8_mm(Tensor a, Tensor b) -> Tensor");
+  // (a @ b^T) * a_scale[:, None] * b_scale[None, :] + bias, dequantized in the epilogue.
+  // a_scale fp32 [M] or [1]; b_scale fp32 [N] or [1]; bias [N] (any float dtype) or None.
+  m.def(
+      "int8_scaled_mm(Tensor a, Tensor b, Tensor a_scale, Tensor b_scale, Tensor? bias, "
+      "ScalarType out_dtype) -> Tensor");
+  // b int8 [N, K] repacked once into the CPU kernel's layout (opaque int8 buffer) for
+  // int8_scaled_mm_packed, which takes b_scale fp32 [N] (N is read from it).
+  m.def("int8_pack_weight(Tensor b) -> Tensor");
+  m.def(
+      "int8_scaled_mm_packed(Tensor a, Tensor b_packed, Tensor a_scale, Tensor b_scale, "
+      "Tensor? bias, ScalarType out_dtype) -> Tensor");
+  // Weight-only int8: x float [M, K] (fp32/fp16/bf16) @ (b int8 [N, K] * b_scale[:, None])^T
+  // + bias, in x's dtype.
+  m.def("int8_weight_only_mm(Tensor x, Tensor b, Tensor b_scale, Tensor? bias) -> Tensor");
 }
 
 namespace {

@@ -27,3 +27,31 @@ def dequantize(q, scale, out_dtype=torch.float32):
     if s.dim() > 0:
         s = s[..., None]
     return (q.float() * s).to(out_dtype)
+
+
+INT8_MAX_K = 131071  # 128 * 128 * K must stay below 2**31 for int32 accumulation
+
+
+def int8_mm(a, b):
+    """a int8 [M, K], b int8 [N, K] (nn.Linear layout) -> int32 [M, N] = a @ b^T, exact."""
+    return (a.long() @ b.long().t()).to(torch.int32)
+
+
+def int8_scaled_mm(a, b, a_scale, b_scale, bias=None, out_dtype=torch.float16):
+    """(a @ b^T) * a_scale[:, None] * b_scale[None, :] + bias, computed in float32.
+
+    a_scale float32 [M] or [1]; b_scale float32 [N] or [1]; bias [N] or None.
+    """
+    acc = int8_mm(a, b).float()
+    y = acc * a_scale.float().reshape(-1, 1) * b_scale.float().reshape(1, -1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+def int8_weight_only_mm(x, b, b_scale, bias=None):
+    """x float [M, K] @ (b int8 [N, K] * b_scale[:, None])^T + bias, in x's dtype."""
+    y = (x.float() @ b.float().t()) * b_scale.float().reshape(1, -1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
