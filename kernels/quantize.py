@@ -12,7 +12,7 @@ from torch.library import wrap_triton
 
 from . import configs
 
-_FLT_MAX = 3.4028234663852886e38
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit

@@ -253,8 +253,11 @@ def _init_worker(cache_dir):
 
 
 def _compile_all(jobs):
+    if not jobs:
+        return []
     rows = [None] * len(jobs)
-    bar = tqdm(total=len(jobs), desc="frugal check", unit="config", file=sys.stderr) if tqdm else None
+    bar = None if tqdm is None else tqdm(total=len(jobs), desc="frugal check", unit="config",
+                                         file=sys.stderr)
     # spawn: a forked child would inherit the parent's threads (torch, tqdm) mid-state.
     context = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as cache_dir, ProcessPoolExecutor(
@@ -273,8 +276,8 @@ def _compile_all(jobs):
                 rows[i] = _finish(row)
             if bar:
                 bar.update()
-    if bar:
-        bar.close()
+        if bar:
+            bar.close()
     return rows
 
 
