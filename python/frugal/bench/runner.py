@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
 from tqdm import tqdm
 
 from .registry import Sweep, Target
@@ -161,25 +162,18 @@ def run(sweeps, device=None, *, quick=False, timer=None, copy_gbps=None, progres
     timer = timer or default_timer(device)
     if copy_gbps is None and any(s.memory_bound for s in sweeps):
         copy_gbps = copy_bandwidth(device, timer=timer)
+    env = environment(device)
     total = sum(len(s.quick if quick else s.xs) for s in sweeps)
     with tqdm(total=total, file=sys.stderr, disable=not progress, leave=False) as bar:
         results = [_run_sweep(s, device, quick, timer, copy_gbps, bar) for s in sweeps]
-    return BenchRun(environment(device), copy_gbps, results)
+    return BenchRun(env, copy_gbps, results)
 
 
 def _run_sweep(sweep, device, quick, timer, copy_gbps, bar):
     times = {}
     for x in sweep.quick if quick else sweep.xs:
-        candidates = sweep.setup(x, device)
-        if sweep.baseline not in candidates:
-            raise ValueError(f"sweep {sweep.name!r}: setup({x}, {device}) must return the "
-                             f"baseline {sweep.baseline!r}; got {', '.join(candidates)}")
-        for name, fn in candidates.items():
-            bar.set_postfix_str(f"{sweep.name} {sweep.x_name}={x} {name}")
-            times[x, name] = timer(fn)
+        times.update(_time_candidates(sweep, x, device, timer, bar))
         bar.update()
-        # Drop this x's inputs before the next, larger ones are allocated.
-        del candidates
     rows = [_row(sweep, x, name, ms, times[x, sweep.baseline], copy_gbps)
             for (x, name), ms in times.items()]
     curves = {}
@@ -191,6 +185,19 @@ def _run_sweep(sweep, device, quick, timer, copy_gbps, bar):
                 if t.device == device.type and (t.x, t.candidate) in times]
     notes = sweep.notes(device) if sweep.notes else {}
     return SweepResult(sweep, rows, slopes, notes, verdicts)
+
+
+def _time_candidates(sweep, x, device, timer, bar):
+    # A function of its own so that x's inputs are freed before the next, larger ones exist.
+    candidates = sweep.setup(x, device)
+    if sweep.baseline not in candidates:
+        raise ValueError(f"sweep {sweep.name!r}: setup({x}, {device}) must return the "
+                         f"baseline {sweep.baseline!r}; got {', '.join(candidates)}")
+    times = {}
+    for name, fn in candidates.items():
+        bar.set_postfix_str(f"{sweep.name} {sweep.x_name}={x} {name}")
+        times[x, name] = timer(fn)
+    return times
 
 
 def _row(sweep, x, name, ms, baseline_ms, copy_gbps):
@@ -278,6 +285,10 @@ def _plot(result, env, path):
         style = "--" if name == sweep.baseline else "-"
         label = f"{name} (slope {_fmt_slope(result.slopes[name])})"
         ax.loglog(xs, ms, style, marker="o", label=label)
+    # Label the measured token counts themselves; log-scale minor labels collide.
+    xs = sorted({row.x for row in result.rows})
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticks(xs, [str(x) for x in xs])
     ax.set_xlabel(sweep.x_name)
     ax.set_ylabel("time (ms)")
     ax.set_title(f"{sweep.name} {_params(sweep)}\n{env['device_name']}", fontsize=10)
