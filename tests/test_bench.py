@@ -108,7 +108,7 @@ def test_save_writes_json_markdown_and_png(tmp_path):
     assert sweep["notes"] == {"device": "cpu"}
     assert len(sweep["rows"]) == len(XS) * 3
     assert set(sweep["rows"][0]) == {"x", "candidate", "ms", "speedup", "gbps", "gflops",
-                                     "copy_fraction"}
+                                     "copy_fraction", "versus"}
     assert [t["passed"] for t in sweep["targets"]] == [True, False]
 
 

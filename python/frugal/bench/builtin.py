@@ -48,3 +48,108 @@ def _quantize_per_token(m, device):
                                                         backend=backend)
     candidates["reference"] = functools.partial(frugal.reference.quantize_per_token, x)
     return candidates
+
+
+def _rotating(make, copies):
+    """Calls ``make(i)``'s callable for i = 0, 1, ... copies-1 in turn: each copy holds its own
+    inputs, so that together they exceed the last-level cache and every call reads memory."""
+    fns = [make(i) for i in range(copies)]
+    state = {"i": 0}
+
+    def call():
+        state["i"] = (state["i"] + 1) % copies
+        return fns[state["i"]]()
+
+    return call
+
+
+def _int8_matmul_sweep(name, n, k, xs, quick):
+    # On CPU the int8 weight (16 MiB at 4096 x 4096) would stay in the 32 MiB L3 between calls
+    # and flatter int8 at small M; rotating copies make every call read it from memory.
+    llc_bytes = 64 << 20
+
+    def copies(nbytes):
+        return max(1, -(-llc_bytes // nbytes))
+
+    def notes(device):
+        x = torch.zeros(1, k, device=device)
+        linear = frugal.Int8Linear(k, 8, device=device)
+        return {"auto": str(frugal.explain(frugal.int8_matmul, *frugal.quantize_per_token(x),
+                                           linear.weight_int8, linear.weight_scale)),
+                "bytes": "GB/s counts the int8 path's traffic: N*K + M*K + 2*M*N"}
+
+    targets = []
+    for m in xs:
+        if m <= 16:
+            targets.append(Target(x=m, candidate="w8a8", min_speedup=3.0, versus="fp32"))
+        elif m >= 256:
+            targets.append(Target(x=m, candidate="w8a8", min_speedup=2.5, versus="fp32"))
+            targets.append(Target(x=m, candidate="w8a8", min_speedup=1.0, versus="int_mm"))
+
+    @sweep(
+        name,
+        op="int8_matmul",
+        x_name="M",
+        xs=xs,
+        quick=quick,
+        baseline="fp32",
+        compare=("bf16", "int_mm"),
+        flops=lambda m: 2 * m * n * k,
+        nbytes=lambda m: n * k + m * k + 2 * m * n,
+        params={"N": n, "K": k},
+        notes=notes,
+        targets=tuple(targets),
+        description=f"Int8Linear W8A8 / weight-only and the int8 GEMM, N={n} K={k}, vs fp32 "
+                    "and bf16 matmul and torch._int_mm",
+    )
+    def setup(m, device):
+        # w8a8: Int8Linear forward (per-token quantization + int8 GEMM with fused epilogue);
+        # int8_matmul: the GEMM on quantized inputs; weight_only: Int8Linear(weight_only).
+
+        def linear(i, mode):
+            gen = torch.Generator().manual_seed(i)
+            lin = torch.nn.Linear(k, n, bias=True)
+            with torch.no_grad():
+                lin.weight.copy_(torch.randn(n, k, generator=gen) / k**0.5)
+            q = frugal.Int8Linear.from_float(lin.to(device), mode=mode)
+            x = torch.randn(m, k, generator=gen).to(device)
+            return lambda: q(x)
+
+        def gemm(i):
+            gen = torch.Generator().manual_seed(i)
+            aq = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8).to(device)
+            bq = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8).to(device)
+            a_s, b_s = torch.rand(m, device=device), torch.rand(n, device=device)
+            return lambda: frugal.int8_matmul(aq, bq, a_s, b_s, out_dtype=torch.float32)
+
+        def dense(i, dtype):
+            gen = torch.Generator().manual_seed(i)
+            x = torch.randn(m, k, generator=gen).to(device, dtype)
+            w = torch.randn(n, k, generator=gen).to(device, dtype)
+            return lambda: torch.matmul(x, w.t())
+
+        def int_mm(i):
+            gen = torch.Generator().manual_seed(i)
+            a = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8).to(device)
+            b = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8).to(device)
+            return lambda: torch._int_mm(a, b.t())
+
+        int8_copies = copies(n * k) if device.type == "cpu" else 1
+        fp_copies = copies(4 * n * k) if device.type == "cpu" else 1
+        candidates = {
+            "w8a8": _rotating(lambda i: linear(i, "dynamic"), int8_copies),
+            "weight_only": _rotating(lambda i: linear(i, "weight_only"), int8_copies),
+            "int8_matmul": _rotating(gemm, int8_copies),
+            "fp32": _rotating(lambda i: dense(i, torch.float32), fp_copies),
+            "bf16": _rotating(lambda i: dense(i, torch.bfloat16), copies(2 * n * k)),
+        }
+        # torch._int_mm on CUDA needs M > 16 and K, N multiples of 8.
+        if device.type == "cpu" or (m > 16 and k % 8 == 0 and n % 8 == 0):
+            candidates["int_mm"] = _rotating(int_mm, int8_copies)
+        return candidates
+
+    return setup
+
+
+_int8_matmul_sweep("int8_matmul", 4096, 4096, (1, 4, 16, 64, 256, 1024, 2048), (1, 16, 256))
+_int8_matmul_sweep("int8_matmul_n11008", 11008, 4096, (1, 16, 256, 1024), (1, 256))

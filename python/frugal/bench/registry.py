@@ -6,13 +6,14 @@ from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """A speedup over the baseline that ``candidate`` must reach at ``x`` on ``device`` (a
-    device type: "cpu" or "cuda")."""
+    """A speedup that ``candidate`` must reach at ``x`` on ``device`` (a device type: "cpu"
+    or "cuda") over ``versus`` (another candidate; the sweep's baseline when None)."""
 
     x: int
     candidate: str
     min_speedup: float
     device: str = "cpu"
+    versus: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -33,6 +34,9 @@ class Sweep:
         Builds the inputs for ``x`` and returns the candidates, each a no-argument callable.
     baseline : str
         The candidate every other one is compared with (dense PyTorch).
+    compare : sequence of str
+        Further candidates to report each row's speedup over ("vs NAME" columns), for sweeps
+        with several baselines (fp32 and bf16 matmul, torch._int_mm).
     nbytes, flops : callable ``x -> number``, optional
         Bytes moved and floating-point operations per call, for GB/s and GFLOP/s.
     memory_bound : bool
@@ -54,6 +58,7 @@ class Sweep:
     quick: Sequence[int]
     setup: Callable
     baseline: str
+    compare: Tuple[str, ...] = ()
     nbytes: Optional[Callable[[int], float]] = None
     flops: Optional[Callable[[int], float]] = None
     memory_bound: bool = False

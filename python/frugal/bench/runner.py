@@ -34,6 +34,7 @@ class Row:
     gbps: Optional[float]
     gflops: Optional[float]
     copy_fraction: Optional[float]
+    versus: dict = dataclasses.field(default_factory=dict)  # {sweep.compare name: speedup}
 
 
 @dataclasses.dataclass
@@ -174,15 +175,15 @@ def _run_sweep(sweep, device, quick, timer, copy_gbps, bar):
     for x in sweep.quick if quick else sweep.xs:
         times.update(_time_candidates(sweep, x, device, timer, bar))
         bar.update()
-    rows = [_row(sweep, x, name, ms, times[x, sweep.baseline], copy_gbps)
-            for (x, name), ms in times.items()]
+    rows = [_row(sweep, x, name, ms, times, copy_gbps) for (x, name), ms in times.items()]
     curves = {}
     for row in rows:
         curves.setdefault(row.candidate, []).append(row)
     slopes = {name: fit_slope([r.x for r in rs], [r.ms for r in rs]) for name, rs in curves.items()}
-    verdicts = [Verdict(t, times[t.x, sweep.baseline] / times[t.x, t.candidate])
+    verdicts = [Verdict(t, times[t.x, t.versus or sweep.baseline] / times[t.x, t.candidate])
                 for t in sweep.targets
-                if t.device == device.type and (t.x, t.candidate) in times]
+                if t.device == device.type and (t.x, t.candidate) in times
+                and (t.x, t.versus or sweep.baseline) in times]
     notes = sweep.notes(device) if sweep.notes else {}
     return SweepResult(sweep, rows, slopes, notes, verdicts)
 
@@ -200,11 +201,12 @@ def _time_candidates(sweep, x, device, timer, bar):
     return times
 
 
-def _row(sweep, x, name, ms, baseline_ms, copy_gbps):
+def _row(sweep, x, name, ms, times, copy_gbps):
     gbps = sweep.nbytes(x) / ms / 1e6 if sweep.nbytes else None
     gflops = sweep.flops(x) / ms / 1e6 if sweep.flops else None
     fraction = gbps / copy_gbps if sweep.memory_bound and copy_gbps else None
-    return Row(x, name, ms, baseline_ms / ms, gbps, gflops, fraction)
+    versus = {other: times[x, other] / ms for other in sweep.compare if (x, other) in times}
+    return Row(x, name, ms, times[x, sweep.baseline] / ms, gbps, gflops, fraction, versus)
 
 
 def _params(sweep):
@@ -214,7 +216,8 @@ def _params(sweep):
 def _verdict_line(sweep, v):
     t = v.target
     where = " ".join(filter(None, [f"{sweep.x_name}={t.x}", _params(sweep)]))
-    return (f"{sweep.name} {where}: {t.candidate} is {v.speedup:.1f}x the {sweep.baseline} "
+    versus = t.versus or sweep.baseline
+    return (f"{sweep.name} {where}: {t.candidate} is {v.speedup:.1f}x the {versus} "
             f"(target >= {t.min_speedup:g}x): {'PASS' if v.passed else 'FAIL'}")
 
 
@@ -232,6 +235,7 @@ def _sweep_markdown(result, env, copy_gbps):
         columns.append("% copy bw")
     if sweep.flops:
         columns.append("GFLOP/s")
+    columns += [f"vs {other}" for other in sweep.compare]
     lines += ["", "| " + " | ".join(columns) + " |",
               "|" + "|".join([" ---: ", " :--- "] + [" ---: "] * (len(columns) - 2)) + "|"]
     for row in result.rows:
@@ -242,6 +246,7 @@ def _sweep_markdown(result, env, copy_gbps):
             cells.append(f"{100 * row.copy_fraction:.0f}%")
         if sweep.flops:
             cells.append(f"{row.gflops:.1f}")
+        cells += [f"{row.versus[o]:.2f}x" if o in row.versus else "-" for o in sweep.compare]
         lines.append("| " + " | ".join(cells) + " |")
     slopes = ", ".join(f"{name} {_fmt_slope(s)}" for name, s in result.slopes.items())
     lines += ["", f"Scaling exponent (slope of log time vs log {sweep.x_name}): {slopes}"]
