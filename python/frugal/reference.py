@@ -55,3 +55,97 @@ def int8_weight_only_mm(x, b, b_scale, bias=None):
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def paged_append(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):
+    """Writes k[i], v[i] ([Hkv, D], token i) into flat slot ``slot_mapping[i]`` of the caches, in
+    place. Slot s is offset ``s % block_size`` of block ``s // block_size`` in k_cache, v_cache
+    [num_blocks, block_size, Hkv, D]; a negative slot is padding and is skipped.
+
+    int8 caches (k_scale, v_scale float32 [num_blocks, block_size, Hkv] given) store each head
+    vector quantized by :func:`quantize_per_token` and its scale beside it.
+    """
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    index = (slots // k_cache.shape[1], slots % k_cache.shape[1])
+    for x, cache, scale in ((k[keep], k_cache, k_scale), (v[keep], v_cache, v_scale)):
+        if scale is not None:
+            x, s = quantize_per_token(x)
+            scale.index_put_(index, s)
+        cache.index_put_(index, x.to(cache.dtype))
+
+
+def _paged_gather(cache, scale, table_row, lo, hi):
+    """Positions [lo, hi) of one sequence, float32 [hi - lo, Hkv, D], read through its table row."""
+    bs = cache.shape[1]
+    first = lo // bs
+    blocks = table_row[first:(hi + bs - 1) // bs].long()
+    x = cache[blocks].float()
+    if scale is not None:
+        x = x * scale[blocks][..., None]
+    return x.reshape(-1, *cache.shape[2:])[lo - first * bs:hi - first * bs]
+
+
+def _paged_attend(q, k_cache, v_cache, table_row, seq_len, scale, window, k_scale, v_scale):
+    """Queries q [n, Hq, D] at positions [seq_len - n, seq_len) of one sequence, each attending to
+    the keys at positions p with ``q_pos - window < p <= q_pos``. float32 [n, Hq, D]."""
+    n, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    lo = 0 if window is None else max(0, seq_len - n - window + 1)
+    k = _paged_gather(k_cache, k_scale, table_row, lo, seq_len)
+    v = _paged_gather(v_cache, v_scale, table_row, lo, seq_len)
+    q_pos = torch.arange(seq_len - n, seq_len, device=q.device)[:, None]
+    k_pos = torch.arange(lo, seq_len, device=q.device)[None, :]
+    visible = k_pos <= q_pos
+    if window is not None:
+        visible &= k_pos > q_pos - window
+    # Query head h reads kv head h // (Hq // Hkv).
+    qg = q.float().reshape(n, hkv, hq // hkv, d)
+    s = torch.einsum("nhgd,khd->hgnk", qg, k) * scale
+    p = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1)
+    return torch.einsum("hgnk,khd->nhgd", p, v).reshape(n, hq, d)
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=None, window=None,
+                    k_scale=None, v_scale=None):
+    """Decode attention over a paged KV cache: q [B, Hq, D], one query per sequence at position
+    ``seq_lens[b] - 1``, attending to that sequence's keys at positions [0, seq_lens[b]) (the last
+    ``window`` of them when window is given). Keys and values are read through
+    ``block_tables[b]``: position p lives at offset ``p % block_size`` of block
+    ``block_tables[b, p // block_size]``. Query head h reads kv head ``h // (Hq // Hkv)``.
+    scale defaults to D**-0.5; a sequence of length 0 gives zeros. Computed in float32; the
+    result has q's dtype.
+    """
+    d = q.shape[-1]
+    scale = d**-0.5 if scale is None else scale
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    for b, seq_len in enumerate(seq_lens.tolist()):
+        if seq_len > 0:
+            out[b] = _paged_attend(q[b:b + 1], k_cache, v_cache, block_tables[b], seq_len, scale,
+                                   window, k_scale, v_scale)[0]
+    return out.to(q.dtype)
+
+
+def paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, q_lens=None, scale=None,
+                            window=None, k_scale=None, v_scale=None):
+    """Chunked-prefill attention over a paged KV cache whose tables already hold the chunk.
+
+    q is [B, T, Hq, D] (T queries per sequence) or packed [N, Hq, D] with q_lens [B] (sequence
+    b owns the next q_lens[b] rows). The queries of sequence b sit at positions
+    [seq_lens[b] - n_b, seq_lens[b]) and each attends to the cached keys at positions up to and
+    including its own (the last ``window`` of them when window is given): the cached prefix and,
+    causally, the chunk. Otherwise as :func:`paged_attention`; the result has q's shape.
+    """
+    d = q.shape[-1]
+    scale = d**-0.5 if scale is None else scale
+    rows = q.reshape(-1, *q.shape[-2:])
+    counts = [q.shape[1]] * q.shape[0] if q.dim() == 4 else q_lens.tolist()
+    out = torch.zeros(rows.shape, dtype=torch.float32, device=q.device)
+    start = 0
+    for b, (n, seq_len) in enumerate(zip(counts, seq_lens.tolist())):
+        if n > 0:
+            out[start:start + n] = _paged_attend(rows[start:start + n], k_cache, v_cache,
+                                                 block_tables[b], seq_len, scale, window,
+                                                 k_scale, v_scale)
+        start += n
+    return out.reshape(q.shape).to(q.dtype)
