@@ -29,6 +29,21 @@ TORCH_LIBRARY(frugal, m) {
   // Weight-only int8: x float [M, K] (fp32/fp16/bf16) @ (b int8 [N, K] * b_scale[:, None])^T
   // + bias, in x's dtype.
   m.def("int8_weight_only_mm(Tensor x, Tensor b, Tensor b_scale, Tensor? bias) -> Tensor");
+
+  // Paged KV-cache, one layer: caches [num_blocks, block_size, Hkv, D]; int8 caches carry
+  // fp32 scales [num_blocks, block_size, Hkv]. Tables int32 [B, max_blocks], -1 padded;
+  // position p of sequence b is at offset p % block_size of block block_tables[b, p / bs].
+  // Decode: q [B, Hq, D] at position seq_lens[b] - 1 attends to positions
+  // (seq_lens[b] - 1 - window, seq_lens[b]) (all when window <= 0); q head h reads kv head
+  // h / (Hq / Hkv); seq_len 0 gives zeros. Result in q's dtype.
+  m.def(
+      "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+      "Tensor seq_lens, float scale, int window, Tensor? k_scale, Tensor? v_scale) -> Tensor");
+  // Writes k, v [N, Hkv, D] into cache slots slot_mapping [N] (int32/int64; slot = block * bs +
+  // offset; a negative slot is padding and is skipped); int8 caches quantize per token and head.
+  m.def(
+      "paged_append(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+      "Tensor slot_mapping, Tensor(c!)? k_scale, Tensor(d!)? v_scale) -> ()");
 }
 
 namespace {
