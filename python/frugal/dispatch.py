@@ -54,16 +54,17 @@ def triton_interpreting():
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
-def triton_custom_op(name):
+def triton_custom_op(name, mutates_args=()):
     """Registers a Python function that launches Triton kernels as a torch custom op.
 
     On a GPU this is ``torch.library.triton_op``, so torch.compile sees into the kernels. Under
     the Triton interpreter the op is opaque (``custom_op``): tracing cannot run interpreted
-    kernels, and there is no GPU code for the compiler to see anyway.
+    kernels, and there is no GPU code for the compiler to see anyway. ``mutates_args`` names
+    the arguments the op writes in place.
     """
     if triton_interpreting():
-        return torch.library.custom_op(name, mutates_args=())
-    return torch.library.triton_op(name, mutates_args=())
+        return torch.library.custom_op(name, mutates_args=mutates_args)
+    return torch.library.triton_op(name, mutates_args=mutates_args)
 
 
 def unavailable(backend, device):

@@ -15,19 +15,24 @@ float32 scales ``[num_layers, num_blocks, block_size, Hkv]`` beside the data: ea
 of each token is quantized as :func:`frugal.quantize_per_token` does (absmax / 127, round half
 to even).
 
-Until the Triton and CUDA kernels land, every op runs its PyTorch reference (``backend="torch"``).
+Backends: :func:`paged_append` and :func:`paged_attention` (and the manager's writes) run the
+Triton kernels on CUDA tensors (``frugal.kernels.paged_attention``: GQA-packed tensor-core decode
+with split-KV) and the C++ kernels (``frugal._C``) on CPU tensors, each falling back to the
+PyTorch reference where it cannot run; :func:`paged_prefill_attention` runs the reference.
 """
 
 import array
 import collections
 import dataclasses
 import hashlib
+from typing import Optional
 
 import torch
 
-from . import reference
-from .dispatch import select
+from . import _ext, reference
+from .dispatch import select, triton_custom_op, unavailable
 from .errors import (
+    BackendError,
     DeviceError,
     DTypeError,
     FrugalError,
@@ -39,7 +44,55 @@ from .errors import (
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _CACHE_DTYPES = _FLOATS + (torch.int8,)
-_SUPPORTED = ("torch",)
+_SUPPORTED = ("torch",)  # paged_prefill_attention
+_BACKENDS = ("triton", "cpu", "torch")  # paged_append, paged_attention
+_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}
+_MAX_WINDOW = 2**31 - 1  # a longer window reads what no window reads
+
+if _ext.ext() is not None and hasattr(torch.ops.frugal, "paged_attention"):
+
+    @torch.library.register_fake("frugal::paged_attention")
+    def _paged_attention_fake(q, k_cache, v_cache, block_tables, seq_lens, scale, window,
+                              k_scale, v_scale):
+        return q.new_empty(q.shape)
+
+
+if _ext.ext() is not None and hasattr(torch.ops.frugal, "paged_append"):
+
+    @torch.library.register_fake("frugal::paged_append")
+    def _paged_append_fake(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale):
+        return None
+
+
+@triton_custom_op("frugal::paged_attention_triton")
+def _paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                            window: int, k_scale: Optional[torch.Tensor],
+                            v_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    from frugal.kernels import paged_attention as kernel
+
+    return kernel.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, window,
+                                  k_scale, v_scale)
+
+
+@_paged_attention_triton.register_fake
+def _(q, k_cache, v_cache, block_tables, seq_lens, scale, window, k_scale, v_scale):
+    return q.new_empty(q.shape)
+
+
+@triton_custom_op("frugal::paged_append_triton",
+                  mutates_args=("k_cache", "v_cache", "k_scale", "v_scale"))
+def _paged_append_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                         v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                         k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor]) -> None:
+    from frugal.kernels import paged_attention as kernel
+
+    kernel.paged_append(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+
+
+@_paged_append_triton.register_fake
+def _(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale):
+    return None
 
 
 class CacheFullError(FrugalError, RuntimeError):
@@ -189,6 +242,63 @@ def _check_table_contents(op, block_tables, seq_lens, k_cache, window, q_lens=No
 
 
 # ---------------------------------------------------------------------------------------------
+# Backend selection
+
+
+def _cpu_kernel_missing(cpp_op):
+    """Why frugal._C cannot run ``frugal::<cpp_op>`` on CPU tensors, beyond what
+    :func:`frugal.dispatch.unavailable` says (the schema exists before its CPU kernel does)."""
+    if _ext.ext() is None:
+        return None  # dispatch.unavailable names the missing extension
+    if not (hasattr(torch.ops.frugal, cpp_op)
+            and torch._C._dispatch_has_kernel_for_dispatch_key(f"frugal::{cpp_op}", "CPU")):
+        return (f"backend='cpu': frugal._C has no CPU kernel for frugal::{cpp_op} yet (rebuild "
+                f"the extension: pip install -e .)")
+    return None
+
+
+def _why_not(device, cpp_op, k_cache, v_cache, k_scale, v_scale):
+    """{backend: why it cannot run this call}, for the reasons particular to the paged ops."""
+    why = {}
+    if device.type == "cpu":
+        why["cpu"] = _cpu_kernel_missing(cpp_op)
+    if unavailable("triton", device) is None:
+        from frugal.kernels import paged_attention as kernel
+
+        reason = kernel.unsupported(k_cache, v_cache, k_scale, v_scale)
+        why["triton"] = None if reason is None else f"backend='triton': {reason}"
+    return {name: reason for name, reason in why.items() if reason is not None}
+
+
+def _select_paged(op, device, backend, explain, why):
+    """:func:`frugal.dispatch.select` over _BACKENDS, minus the backends ``why`` rules out for
+    this call: an explicit one raises BackendError with the reason, auto skips it."""
+    if backend in why and unavailable(backend, device) is None:
+        raise BackendError(f"{op}: {why[backend]}")
+    order = {dev: tuple(name for name in names if name not in why)
+             for dev, names in _ORDER.items()}
+    choice = select(op, device, backend, order, _BACKENDS, explain)
+    if explain and backend == "auto":
+        ahead = _ORDER.get(device.type, ())
+        ahead = ahead[:ahead.index(choice.backend)] if choice.backend in ahead else ahead
+        notes = [f"{name}: {why[name]}" for name in ahead if name in why]
+        if notes:
+            choice = dataclasses.replace(choice, reason=f"{choice.reason}; skipped "
+                                                        + "; ".join(notes))
+    return choice
+
+
+def _run_append(name, k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale):
+    if name == "triton":
+        torch.ops.frugal.paged_append_triton(k, v, k_cache, v_cache, slot_mapping, k_scale,
+                                             v_scale)
+    elif name == "cpu":
+        torch.ops.frugal.paged_append(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    else:
+        reference.paged_append(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+
+
+# ---------------------------------------------------------------------------------------------
 # Ops
 
 
@@ -228,7 +338,8 @@ def _check_append(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale):
 def _select_paged_append(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None, *,
                          backend="auto", explain=False):
     _check_append(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
-    return select("paged_append", k_cache.device, backend, supported=_SUPPORTED, explain=explain)
+    why = _why_not(k_cache.device, "paged_append", k_cache, v_cache, k_scale, v_scale)
+    return _select_paged("paged_append", k_cache.device, backend, explain, why)
 
 
 def paged_append(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None, *,
@@ -245,12 +356,15 @@ def paged_append(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=Non
         below ``num_blocks * block_size`` and must not repeat.
     k_scale, v_scale : Tensor [num_blocks, block_size, Hkv] float32, for int8 caches only: each
         head vector is stored as :func:`frugal.quantize_per_token` quantizes it, its scale here.
-    backend : "auto" | "torch"
+    backend : "auto" | "triton" | "cpu" | "torch". auto: Triton on CUDA tensors, C++ on CPU
+        tensors, else PyTorch. Triton needs head_dim a multiple of 16 up to 256 and caches with
+        unit stride in head_dim; every backend writes the same bytes (and int8 scales).
 
     Raises BlockTableError for slots out of range or repeated, before anything is written.
     """
-    _select_paged_append(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, backend=backend)
-    reference.paged_append(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    name = _select_paged_append(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale,
+                                backend=backend)
+    _run_append(name, k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 paged_append._frugal_select = _select_paged_append
@@ -293,7 +407,8 @@ def _select_paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=N
                             k_scale=None, v_scale=None, *, backend="auto", explain=False):
     _check_attention("paged_attention", q, k_cache, v_cache, block_tables, seq_lens, scale,
                      window, k_scale, v_scale)
-    return select("paged_attention", q.device, backend, supported=_SUPPORTED, explain=explain)
+    why = _why_not(q.device, "paged_attention", k_cache, v_cache, k_scale, v_scale)
+    return _select_paged("paged_attention", q.device, backend, explain, why)
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=None, window=None,
@@ -312,7 +427,9 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=None, win
     scale : float, default ``D ** -0.5``.
     window : int or None. Query at position p reads keys at positions ``p - window < j <= p``.
     k_scale, v_scale : Tensor [num_blocks, block_size, Hkv] float32, for int8 caches only.
-    backend : "auto" | "torch"
+    backend : "auto" | "triton" | "cpu" | "torch". auto: Triton on CUDA tensors, C++ on CPU
+        tensors, else PyTorch. Triton needs head_dim a multiple of 16 up to 256 and caches with
+        unit stride in head_dim.
 
     Returns
     -------
@@ -321,10 +438,16 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=None, win
     Table entries and lengths are checked on the host before anything runs (one sync):
     BlockTableError, never an out-of-bounds read.
     """
-    _select_paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, window, k_scale,
-                            v_scale, backend=backend)
-    return reference.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, window,
-                                     k_scale, v_scale)
+    name = _select_paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, window,
+                                   k_scale, v_scale, backend=backend)
+    if name == "torch":
+        return reference.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale,
+                                         window, k_scale, v_scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    window = 0 if window is None else min(window, _MAX_WINDOW)
+    op = torch.ops.frugal.paged_attention_triton if name == "triton" else \
+        torch.ops.frugal.paged_attention
+    return op(q, k_cache, v_cache, block_tables, seq_lens, scale, window, k_scale, v_scale)
 
 
 paged_attention._frugal_select = _select_paged_attention
@@ -733,7 +856,7 @@ class PagedKVCache:
         token_ids : ints, one per new token (shape [S, T] or [N]), or None. Recorded for the
             positions this call is the first to write, for prefix caching; where ids are
             already known they must match.
-        backend : "auto" | "torch", the :func:`paged_append` backend.
+        backend : "auto" | "triton" | "cpu" | "torch", the :func:`paged_append` backend.
 
         With a cache window, first gives back the sequences' blocks that lie wholly outside it
         (:meth:`trim`). Then allocates the blocks the new tokens need and copies shared blocks
@@ -746,7 +869,7 @@ class PagedKVCache:
                                                         token_ids)
         if ids is not None:
             self._check_known_ids(op, layer, seq_ids, seqs, counts, ids)
-        select("paged_append", self.device, backend, supported=_SUPPORTED)
+        name = self._append_backend(backend)
         trims, copies, grows = self._plan(op, layer, seqs, counts)
 
         for seq, dropped in zip(seqs, trims):
@@ -769,7 +892,7 @@ class PagedKVCache:
                     t.index_copy_(1, dst_t, t.index_select(1, src_t))
 
         starts = [seq.lens[layer] for seq in seqs]
-        self._write(layer, seqs, starts, counts, k, v)
+        self._write(layer, seqs, starts, counts, k, v, name)
         offset = 0
         for seq, start, t in zip(seqs, starts, counts):
             frontier = max(seq.lens)
@@ -814,7 +937,15 @@ class PagedKVCache:
                 f"unchanged")
         return trims, copies, grows
 
-    def _write(self, layer, seqs, starts, counts, k, v):
+    def _append_backend(self, backend):
+        """The :func:`paged_append` backend of this cache's writes (BackendError if it cannot
+        run); the layout is the same for every layer."""
+        k_scale, v_scale = self._scales(0)
+        why = _why_not(self.device, "paged_append", self.k_cache[0], self.v_cache[0], k_scale,
+                       v_scale)
+        return _select_paged("paged_append", self.device, backend, False, why)
+
+    def _write(self, layer, seqs, starts, counts, k, v, backend):
         bs = self.block_size
         width = max(len(seq.blocks) for seq in seqs)
         table = torch.tensor([seq.blocks + [-1] * (width - len(seq.blocks)) for seq in seqs],
@@ -823,10 +954,10 @@ class PagedKVCache:
         row = torch.repeat_interleave(torch.arange(len(seqs)), counts_t)
         first = torch.cumsum(counts_t, 0) - counts_t
         pos = torch.tensor(starts)[row] + torch.arange(len(row)) - first[row]
-        slots = (table[row, pos // bs] * bs + pos % bs).to(self.device)
+        slots = (table[row, pos // bs] * bs + pos % bs).to(device=self.device, dtype=torch.int32)
         heads = (self.num_kv_heads, self.head_dim)
-        reference.paged_append(k.reshape(-1, *heads), v.reshape(-1, *heads), self.k_cache[layer],
-                               self.v_cache[layer], slots, *self._scales(layer))
+        _run_append(backend, k.reshape(-1, *heads), v.reshape(-1, *heads), self.k_cache[layer],
+                    self.v_cache[layer], slots, *self._scales(layer))
 
     def _scales(self, layer):
         if self.k_scale is None:

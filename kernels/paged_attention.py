@@ -1,0 +1,576 @@
+"""Paged KV-cache kernels: ``paged_append`` (scatter new keys and values into cache slots; int8
+caches quantize each head vector) and ``paged_attention`` (decode attention through block
+tables, with split-KV for batches too small to fill the GPU).
+
+Layout (one layer): caches [num_blocks, page_size, Hkv, D]; position p of sequence b lives at
+offset ``p % page_size`` of block ``block_tables[b, p // page_size]``; int8 caches keep fp32
+scales [num_blocks, page_size, Hkv] (contiguous) beside them. The launchers expect what the
+public API's availability check guarantees: D a multiple of 16 in [16, 256], caches with unit
+stride in D and their other strides multiples of 16 elements (always so for contiguous caches
+with such D). q, k and v that break the alignment are copied (they are small); the caches never
+are. The kernels restate the alignment to the compiler (``x // 16 * 16``, like the int8 GEMM's
+``ALIGNED``), so K/V rows load as 16-byte vectors; every integer argument is
+``do_not_specialize`` so the JIT builds exactly what ``frugal check`` compiles.
+
+paged_append
+------------
+Grid (tokens, cdiv(Hkv, BLOCK_H)); a program loads the [BLOCK_H, BLOCK_D] tile of one token's
+k and v head vectors and stores it at its slot (a negative slot returns at once). int8 caches
+quantize each head vector exactly as ``quantize_per_token`` does (absmax / 127 with an IEEE
+division, round half to even, zero vector -> scale 0, inf/NaN -> scale NaN and zeros), so the
+bytes and scales are bit-identical to the reference. int64 slot mappings are cast to int32
+first (one tiny op; the manager passes int32), which halves the compiled variants.
+
+paged_attention
+---------------
+Stage 1, grid (B * Hkv * cdiv(G, 16), splits). A program takes one sequence, one kv head and up
+to BLOCK_G = 16 of its G = Hq / Hkv query heads, packed as the rows of a [16, BLOCK_D] q tile:
+the GQA group shares every K/V load and both products are ``tl.dot`` with M = 16, the least
+tensor-core tile (``mma.sync``; sm_90's ``wgmma`` wants 64 rows, which decode never has). G < 16
+pads rows with zeros (never stored); G > 16 takes several programs per kv head, numbered
+adjacently so they run together and read K/V from L2 (SGLang's grouped decode does the same).
+MHA (G = 1) uses the same padded dot rather than a separate ``tl.sum`` GEMV: decode is
+memory-bound, and 16 padded rows cost 32 flops per cache byte at fp16, far below the ~300 the
+tensor cores sustain per byte of HBM bandwidth; one code path, one set of compiled variants.
+fp32 q over an fp32 cache runs the dots as IEEE fp32 (CUDA cores, no TF32), so fp32 keeps fp32
+accuracy. fp32 q over an int8 cache runs them as ``tf32x3`` on tensor cores (the int8 values are
+exact in tf32; q and p are split into two tf32 terms), also fp32-accurate: an IEEE dot whose
+operand is converted in registers keeps each thread's whole reduction strip live and spills.
+
+The loop walks the sequence in tiles of BLOCK_N positions; each position's page comes from the
+table, so a tile spans several pages when page_size < BLOCK_N (one table load per position, from
+L1) and part of one page otherwise; every page size 1..256 takes the same path. Scores use exp2
+with ``scale * log2(e)`` folded into one multiply; the softmax is online in fp32 (running max m,
+sum l, fp32 accumulator rescaled per tile). Positions outside [lo, seq_len) are masked in the
+table load and in the K/V/scale loads, so a -1 entry or a poisoned (NaN) slot is never read.
+
+Window: the query (position L - 1) reads positions [lo, L) with lo = max(0, L - window). The
+first tile starts at lo rounded down to BLOCK_N, i.e. at or after the first block holding
+lo's position (entries before it are never loaded); positions below lo in that tile are masked.
+
+int8 caches: int8 -> q's dtype is exact (|q| <= 127), so the dots run on the raw int8 values and
+the per-token-per-head scales are applied in fp32 where they factor out: the score column n is
+multiplied by k_scale[n], and p[:, n] by v_scale[n] before the P @ V dot.
+
+Split-KV. With ``units = B * Hkv * cdiv(G, 16)`` programs and ``target = programs_per_sm * SMs``
+(config; 2 waves by default, 132 SMs off a GPU), nothing is split when ``units >= target`` or
+the longest attended span fits ``min_partition`` (config; 512 tokens as vLLM v2). Otherwise the
+span is cut into ``splits = cdiv(span, partition)`` partitions with ``partition = max(
+min_partition, ceil(span / cdiv(target, units)))`` rounded up to BLOCK_N. ``span`` is an upper
+bound known on the host without a sync: ``max_blocks * page_size``, or ``window + BLOCK_N - 1``
+when smaller, so no seq_len is read on the host (CUDA graphs / torch.compile friendly). The
+partitions of a sequence start at lo rounded down to BLOCK_N; a partition past the sequence's
+end exits at once. Each partition writes its normalized output o_s (fp32) and lse_s = m + log2(l)
+(base 2) to a workspace; stage 2 (grid B * Hq) reads only the partitions the sequence has
+(the same formula, so it never reads an unwritten one) and merges them: out = sum_s 2^(lse_s -
+M) o_s / sum_s 2^(lse_s - M), M = max_s lse_s (vLLM's max-logit / exp-sum merge). Without a
+split, stage 1 writes the result in q's dtype and stage 2 is not launched.
+
+seq_len 0 gives zeros; a NaN anywhere the query reads (e.g. an int8 scale of NaN) gives NaN,
+as in the reference. Configs are data (``configs/default.json``, bucketed on D):
+``paged_attention`` (fp16/bf16 q), ``paged_attention_fp32`` (fp32 q), ``paged_attention_merge``,
+``paged_append``. ``check_specs()`` lists every compilation the launchers may ask for.
+"""
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from . import configs
+from .quantize import _FLT_MAX, _round_half_even
+
+BLOCK_G = 16  # query rows per program: the smallest tensor-core tile M
+MIN_HEAD_DIM = 16
+MAX_HEAD_DIM = 256
+_LOG2E = 1.4426950408889634
+_DEFAULT_SMS = 132  # H100 SXM: the split heuristic's SM count off a GPU (the interpreter)
+_ALIGN = 16
+
+_ATTN_INTS = ["window", "partition", "num_splits", "Hkv", "G", "D", "page_size", "stride_tb",
+              "stride_qb", "stride_qh", "stride_kb", "stride_ko", "stride_kh", "stride_vb",
+              "stride_vo", "stride_vh"]
+
+
+@triton.jit(do_not_specialize=_ATTN_INTS)
+def _paged_attention_kernel(
+    q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, table_ptr, lens_ptr, out_ptr, ws_o_ptr, ws_lse_ptr,
+    qk_scale, window, partition, num_splits, Hkv, G, D, page_size, stride_tb,
+    stride_qb, stride_qh, stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # Stage 1: one (sequence, kv head, 16-row chunk of its query heads, partition). See the
+    # module docstring.
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    chunks = tl.cdiv(G, BLOCK_G)
+    c = pid % chunks
+    h = (pid // chunks) % Hkv
+    b = pid // chunks // Hkv
+    # Alignment the launcher guarantees, stated so the compiler can see it.
+    D = D // 16 * 16
+    stride_qb = stride_qb // 16 * 16
+    stride_qh = stride_qh // 16 * 16
+    stride_kb = stride_kb // 16 * 16
+    stride_ko = stride_ko // 16 * 16
+    stride_kh = stride_kh // 16 * 16
+    stride_vb = stride_vb // 16 * 16
+    stride_vo = stride_vo // 16 * 16
+    stride_vh = stride_vh // 16 * 16
+
+    seq_len = tl.load(lens_ptr + b)
+    lo = tl.where(window > 0, tl.maximum(seq_len - window, 0), 0)
+    start = lo // BLOCK_N * BLOCK_N + split * partition
+    end = tl.minimum(seq_len, start + partition)
+    if (num_splits > 1) & (start >= end):
+        return  # a partition past this sequence's end: stage 2 does not read it
+
+    offs_g = c * BLOCK_G + tl.arange(0, BLOCK_G)
+    g_mask = offs_g < G
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    offs_n = tl.arange(0, BLOCK_N)
+    heads = h * G + offs_g  # query heads of this program
+    b64 = b.to(tl.int64)
+    q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    KV_INT8: tl.constexpr = k_ptr.dtype.element_ty == tl.int8
+    IEEE: tl.constexpr = q_ptr.dtype.element_ty == tl.float32
+    # fp32 q: IEEE fp32 dots on CUDA cores, except over an int8 cache, where such a dot would
+    # keep each thread's whole reduction strip of the converted operand in registers (it spills
+    # from D = 128): there the dots run as tf32x3 on tensor cores (int8 values are exact in
+    # tf32, q is split in two tf32 halves), fp32-accurate.
+    PRECISION: tl.constexpr = "tf32x3" if KV_INT8 else "ieee"
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    table_row = table_ptr + b64 * stride_tb
+    k_head = k_ptr + h * stride_kh
+    v_head = v_ptr + h * stride_vh
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + offs_n
+        valid = (pos >= lo) & (pos < end)
+        page = tl.load(table_row + pos // page_size, mask=valid, other=0).to(tl.int64)
+        in_page = pos % page_size
+        kv_mask = valid[:, None] & d_mask[None, :]
+        k = tl.load(k_head + (page * stride_kb + in_page * stride_ko)[:, None] + offs_d[None, :],
+                    mask=kv_mask, other=0)
+        if IEEE:
+            qk = tl.dot(q, tl.trans(k).to(tl.float32), input_precision=PRECISION)
+        else:
+            qk = tl.dot(q, tl.trans(k).to(q.dtype))
+        if KV_INT8:
+            slot = (page * page_size + in_page) * Hkv + h
+            k_s = tl.load(ks_ptr + slot, mask=valid, other=0.0)
+            s = qk * (k_s * qk_scale)[None, :]
+        else:
+            s = qk * qk_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        v = tl.load(v_head + (page * stride_vb + in_page * stride_vo)[:, None] + offs_d[None, :],
+                    mask=kv_mask, other=0)
+        if KV_INT8:
+            v_s = tl.load(vs_ptr + slot, mask=valid, other=0.0)
+            p = p * v_s[None, :]
+        acc = acc * alpha[:, None]
+        if IEEE:
+            acc = tl.dot(p, v.to(tl.float32), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(p.to(q_ptr.dtype.element_ty), v.to(q_ptr.dtype.element_ty), acc)
+        m = m_new
+
+    rows = b64 * Hkv * G + heads  # rows of out [B * Hq, D]
+    mask = g_mask[:, None] & d_mask[None, :]
+    if num_splits > 1:
+        ws_rows = rows * num_splits + split
+        tl.store(ws_o_ptr + ws_rows[:, None] * D + offs_d[None, :], acc / l[:, None], mask=mask)
+        tl.store(ws_lse_ptr + ws_rows, m + tl.log2(l), mask=g_mask)
+    else:
+        o = acc / tl.where(l == 0.0, 1.0, l)[:, None]  # seq_len 0: zeros
+        tl.store(out_ptr + rows[:, None] * D + offs_d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_MERGE_INTS = ["window", "partition", "num_splits", "tile", "Hq", "D"]
+
+
+@triton.jit(do_not_specialize=_MERGE_INTS)
+def _paged_attention_merge_kernel(
+    ws_o_ptr, ws_lse_ptr, lens_ptr, out_ptr, window, partition, num_splits, tile, Hq, D,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # Stage 2: merge one query head's partitions (max-logit / exp-sum, base 2).
+    row = tl.program_id(0).to(tl.int64)  # b * Hq + head
+    D = D // 16 * 16
+    seq_len = tl.load(lens_ptr + row // Hq)
+    lo = tl.where(window > 0, tl.maximum(seq_len - window, 0), 0)
+    n_parts = tl.cdiv(seq_len - lo // tile * tile, partition)  # those stage 1 wrote
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    lse_row = ws_lse_ptr + row * num_splits
+    o_row = ws_o_ptr + row * num_splits * D
+    m = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    for s0 in range(0, n_parts, BLOCK_S):
+        lse = tl.load(lse_row + s0 + offs_s, mask=s0 + offs_s < n_parts, other=float("-inf"))
+        m = tl.maximum(m, lse)
+    m_all = tl.max(m, 0)
+    den = tl.zeros([BLOCK_S], tl.float32)
+    acc = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
+    for s0 in range(0, n_parts, BLOCK_S):
+        s_mask = s0 + offs_s < n_parts
+        lse = tl.load(lse_row + s0 + offs_s, mask=s_mask, other=float("-inf"))
+        w = tl.where(s_mask, tl.exp2(lse - m_all), 0.0)
+        o = tl.load(o_row + (s0 + offs_s)[:, None] * D + offs_d[None, :],
+                    mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+        den += w
+        acc += w[:, None] * o
+    total = tl.sum(den, 0)
+    out = tl.sum(acc, 0) / tl.where(total == 0.0, 1.0, total)  # seq_len 0: zeros
+    tl.store(out_ptr + row * D + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+_APPEND_INTS = ["Hkv", "D", "page_size", "stride_kn", "stride_kh", "stride_vn", "stride_vh",
+                "stride_kcb", "stride_kco", "stride_kch", "stride_vcb", "stride_vco",
+                "stride_vch"]
+
+
+@triton.jit
+def _store_heads(x, c_ptrs, s_ptr, s_off, mask, h_mask):
+    # x [BLOCK_H, BLOCK_D] (zeros where masked) into a cache tile; int8 caches quantize each
+    # row as quantize_per_token does and store its scale at s_ptr + s_off.
+    if c_ptrs.dtype.element_ty == tl.int8:
+        xf = x.to(tl.float32)
+        a = tl.abs(xf)
+        bad = tl.max((~(a <= _FLT_MAX)).to(tl.int32), axis=1) != 0  # inf or NaN
+        scale = tl.div_rn(tl.max(a, axis=1), 127.0)
+        tl.store(s_ptr + s_off, tl.where(bad, float("nan"), scale), mask=h_mask)
+        zero = bad | (scale == 0.0)
+        divisor = tl.where(zero, 1.0, scale)
+        r = tl.minimum(tl.maximum(tl.div_rn(xf, divisor[:, None]), -127.0), 127.0)
+        q = tl.where(zero[:, None], 0.0, _round_half_even(r)).to(tl.int8)
+        tl.store(c_ptrs, q, mask=mask)
+    else:
+        tl.store(c_ptrs, x.to(c_ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=_APPEND_INTS)
+def _paged_append_kernel(
+    k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr, Hkv, D, page_size,
+    stride_kn, stride_kh, stride_vn, stride_vh,
+    stride_kcb, stride_kco, stride_kch, stride_vcb, stride_vco, stride_vch,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    tok = tl.program_id(0)
+    slot = tl.load(slot_ptr + tok)
+    if slot < 0:
+        return  # padding
+    D = D // 16 * 16
+    stride_kn = stride_kn // 16 * 16
+    stride_kh = stride_kh // 16 * 16
+    stride_vn = stride_vn // 16 * 16
+    stride_vh = stride_vh // 16 * 16
+    stride_kcb = stride_kcb // 16 * 16
+    stride_kco = stride_kco // 16 * 16
+    stride_kch = stride_kch // 16 * 16
+    stride_vcb = stride_vcb // 16 * 16
+    stride_vco = stride_vco // 16 * 16
+    stride_vch = stride_vch // 16 * 16
+    slot64 = slot.to(tl.int64)
+    block = slot64 // page_size
+    in_page = slot64 % page_size
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    h_mask = heads < Hkv
+    mask = h_mask[:, None] & (offs_d < D)[None, :]
+    tok64 = tok.to(tl.int64)
+    k = tl.load(k_ptr + tok64 * stride_kn + heads[:, None] * stride_kh + offs_d[None, :],
+                mask=mask, other=0.0)
+    v = tl.load(v_ptr + tok64 * stride_vn + heads[:, None] * stride_vh + offs_d[None, :],
+                mask=mask, other=0.0)
+    kc = kc_ptr + block * stride_kcb + in_page * stride_kco
+    vc = vc_ptr + block * stride_vcb + in_page * stride_vco
+    s_off = slot64 * Hkv + heads  # scales [num_blocks, page_size, Hkv], contiguous
+    _store_heads(k, kc + heads[:, None] * stride_kch + offs_d[None, :], ks_ptr, s_off, mask,
+                 h_mask)
+    _store_heads(v, vc + heads[:, None] * stride_vch + offs_d[None, :], vs_ptr, s_off, mask,
+                 h_mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else None
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_sms(device):
+    if device.type == "cuda":
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return _DEFAULT_SMS
+
+
+def head_block(D):
+    """BLOCK_D of head dim D: a power of two >= 32 (D = 96 runs in a masked 128)."""
+    return max(32, triton.next_power_of_2(D))
+
+
+def _aligned_strides(t, dims):
+    return all(t.stride(i) % _ALIGN == 0 for i in dims if t.shape[i] > 1)
+
+
+def _aligned(t):
+    """t [..., D] with unit stride in D and every other stride a multiple of 16 elements (a
+    copy when it is not); D itself is a multiple of 16."""
+    if (t.shape[-1] <= 1 or t.stride(-1) == 1) and _aligned_strides(t, range(t.dim() - 1)):
+        return t
+    return t.contiguous()
+
+
+def unsupported(k_cache, v_cache, k_scale=None, v_scale=None):
+    """Why these caches cannot go through the Triton kernels (None when they can)."""
+    D = k_cache.shape[3]
+    if not (MIN_HEAD_DIM <= D <= MAX_HEAD_DIM and D % _ALIGN == 0):
+        return (f"the Triton kernels need head_dim a multiple of 16 from {MIN_HEAD_DIM} to "
+                f"{MAX_HEAD_DIM}; got {D}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(3) != 1 or not _aligned_strides(t, range(3)):
+            return (f"the Triton kernels need {name} with unit stride in head_dim and its other "
+                    f"strides multiples of 16 elements; got strides {tuple(t.stride())}")
+    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if s is not None and not s.is_contiguous():
+            return f"the Triton kernels need a contiguous {name}"
+    return None
+
+
+def attention_table(q_dtype):
+    return "paged_attention_fp32" if q_dtype == torch.float32 else "paged_attention"
+
+
+def pick_config(q, D):
+    """The stage-1 config for q's dtype and head dim D."""
+    return configs.pick(attention_table(q.dtype), "D", D, _device_name(q.device))
+
+
+def split_plan(cfg, units, span, sms):
+    """(splits, partition) for ``units`` stage-1 programs per partition and an attended span
+    of at most ``span`` positions; see the module docstring. ``partition`` is a multiple of
+    BLOCK_N that covers the span when splits == 1."""
+    bn = cfg["BLOCK_N"]
+    whole = triton.cdiv(max(span, 1), bn) * bn
+    min_part = triton.cdiv(max(cfg["min_partition"], 1), bn) * bn
+    target = cfg["programs_per_sm"] * sms
+    if units >= target or span <= min_part:
+        return 1, whole
+    want = triton.cdiv(target, units)
+    part = max(min_part, triton.cdiv(triton.cdiv(span, want), bn) * bn)
+    splits = triton.cdiv(span, part)
+    return (1, whole) if splits <= 1 else (splits, part)
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, window=0, k_scale=None,
+                    v_scale=None, *, config=None, merge_config=None, num_sms=None):
+    """Decode attention over a paged cache; arguments as ``frugal.paged_attention`` (already
+    checked), ``window`` <= 0 for none. Returns [B, Hq, D] in q's dtype.
+
+    ``config`` / ``merge_config`` override the picked launch configs and ``num_sms`` the SM
+    count of the split rule (tests, tuning).
+    """
+    B, Hq, D = q.shape
+    _, page_size, Hkv, _ = k_cache.shape
+    width = block_tables.shape[1]
+    out = torch.empty((B, Hq, D), dtype=q.dtype, device=q.device)
+    if B == 0 or Hq == 0:
+        return out
+    if width == 0:  # every seq_len is 0
+        return out.zero_()
+    capacity = width * page_size
+    window = int(window) if window is not None and 0 < window < capacity else 0
+    q = _aligned(q)
+    if block_tables.stride(1) != 1:
+        block_tables = block_tables.contiguous()
+    seq_lens = seq_lens.contiguous()
+    G = Hq // Hkv
+    cfg = config or pick_config(q, D)
+    bn = cfg["BLOCK_N"]
+    span = capacity if window == 0 else min(capacity, window + bn - 1)
+    units = B * Hkv * triton.cdiv(G, BLOCK_G)
+    splits, partition = split_plan(cfg, units, span, num_sms or _num_sms(q.device))
+    if splits > 1:
+        ws_o = torch.empty((B, Hq, splits, D), dtype=torch.float32, device=q.device)
+        ws_lse = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)
+    else:
+        ws_o = ws_lse = torch.empty(1, dtype=torch.float32, device=q.device)  # unused
+    block_d = head_block(D)
+    wrap_triton(_paged_attention_kernel)[(units, splits)](
+        q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens, out, ws_o, ws_lse,
+        float(scale) * _LOG2E, window, partition, splits, Hkv, G, D, page_size,
+        block_tables.stride(0), q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        BLOCK_G=BLOCK_G, BLOCK_N=bn, BLOCK_D=block_d,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if splits > 1:
+        mcfg = merge_config or configs.pick("paged_attention_merge", "D", D,
+                                            _device_name(q.device))
+        wrap_triton(_paged_attention_merge_kernel)[(B * Hq,)](
+            ws_o, ws_lse, seq_lens, out, window, partition, splits, bn, Hq, D,
+            BLOCK_S=mcfg["BLOCK_S"], BLOCK_D=block_d, num_warps=mcfg["num_warps"],
+        )
+    return out
+
+
+def paged_append(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None, *,
+                 config=None):
+    """Writes k, v [N, Hkv, D] into the caches' slots (negative: skipped), in place; int8
+    caches quantize each head vector and store its scale. Arguments already checked."""
+    N, Hkv, D = k.shape
+    if N == 0 or Hkv == 0:
+        return
+    k, v = _aligned(k), _aligned(v)
+    if slot_mapping.dtype != torch.int32:
+        slot_mapping = slot_mapping.to(torch.int32)  # slots < num_blocks * page_size < 2**31
+    slot_mapping = slot_mapping.contiguous()
+    cfg = config or configs.pick("paged_append", "D", D, _device_name(k.device))
+    wrap_triton(_paged_append_kernel)[(N, triton.cdiv(Hkv, cfg["BLOCK_H"]))](
+        k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping, Hkv, D, k_cache.shape[1],
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        BLOCK_H=cfg["BLOCK_H"], BLOCK_D=head_block(D), num_warps=cfg["num_warps"],
+    )
+
+
+# ----------------------------------------------------------------------------- check specs
+
+_PTR = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32", "i8": "*i8"}
+
+
+def _device_files():
+    """None (default.json) and the device name of every GPU-specific config file."""
+    names = sorted(f[:-5] for f in os.listdir(os.path.dirname(configs.__file__))
+                   if f.endswith(".json") and f != "default.json")
+    return [None, *names]
+
+
+def _picks(table):
+    """Every distinct (config, BLOCK_D) a launcher may use with ``table``: each supported head
+    dim on each config file."""
+    seen = []
+    for device in _device_files():
+        for D in range(MIN_HEAD_DIM, MAX_HEAD_DIM + 1, _ALIGN):
+            try:
+                cfg = configs.pick(table, "D", D, device)
+            except KeyError:  # a device file without this table falls back to the default
+                continue
+            item = (cfg, head_block(D))
+            if item not in seen:
+                seen.append(item)
+    return seen
+
+
+def _attention_spec(table, cfg, block_d, q_dtype, cache_dtype):
+    int8 = cache_dtype == "i8"
+    signature = {
+        "q_ptr": _PTR[q_dtype], "k_ptr": _PTR[cache_dtype], "v_ptr": _PTR[cache_dtype],
+        "ks_ptr": "*fp32" if int8 else "constexpr", "vs_ptr": "*fp32" if int8 else "constexpr",
+        "table_ptr": "*i32", "lens_ptr": "*i32", "out_ptr": _PTR[q_dtype],
+        "ws_o_ptr": "*fp32", "ws_lse_ptr": "*fp32", "qk_scale": "fp32",
+        **{name: "i32" for name in _ATTN_INTS},
+        "BLOCK_G": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr",
+    }
+    constexprs = {name: None for name, ty in signature.items() if ty == "constexpr"}
+    constexprs.update(BLOCK_G=BLOCK_G, BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d)
+    return {
+        "kernel": "paged_attention",
+        "fn": _paged_attention_kernel,
+        "signature": signature,
+        "constexprs": constexprs,
+        "num_warps": cfg["num_warps"],
+        "num_stages": cfg["num_stages"],
+        "dtype": q_dtype if not int8 else f"i8->{q_dtype}",
+        "config": f"G{BLOCK_G}xN{cfg['BLOCK_N']}xD{block_d},w{cfg['num_warps']},"
+                  f"s{cfg['num_stages']}" + (",fp32" if table.endswith("fp32") else ""),
+        # fp32 x fp32 runs IEEE fp32 dots on CUDA cores by design (no TF32); fp32 x int8 tf32x3.
+        "tensor_cores": q_dtype != "fp32" or int8,
+    }
+
+
+def _merge_spec(cfg, block_d, out_dtype):
+    signature = {"ws_o_ptr": "*fp32", "ws_lse_ptr": "*fp32", "lens_ptr": "*i32",
+                 "out_ptr": _PTR[out_dtype], **{name: "i32" for name in _MERGE_INTS},
+                 "BLOCK_S": "constexpr", "BLOCK_D": "constexpr"}
+    return {
+        "kernel": "paged_attention_merge",
+        "fn": _paged_attention_merge_kernel,
+        "signature": signature,
+        "constexprs": {"BLOCK_S": cfg["BLOCK_S"], "BLOCK_D": block_d},
+        "num_warps": cfg["num_warps"],
+        "num_stages": cfg.get("num_stages", 3),
+        "dtype": out_dtype,
+        "config": f"S{cfg['BLOCK_S']}xD{block_d},w{cfg['num_warps']}",
+        "tensor_cores": False,
+    }
+
+
+def _append_spec(cfg, block_d, x_dtype, cache_dtype):
+    int8 = cache_dtype == "i8"
+    signature = {
+        "k_ptr": _PTR[x_dtype], "v_ptr": _PTR[x_dtype], "kc_ptr": _PTR[cache_dtype],
+        "vc_ptr": _PTR[cache_dtype], "ks_ptr": "*fp32" if int8 else "constexpr",
+        "vs_ptr": "*fp32" if int8 else "constexpr", "slot_ptr": "*i32",
+        **{name: "i32" for name in _APPEND_INTS},
+        "BLOCK_H": "constexpr", "BLOCK_D": "constexpr",
+    }
+    constexprs = {name: None for name, ty in signature.items() if ty == "constexpr"}
+    constexprs.update(BLOCK_H=cfg["BLOCK_H"], BLOCK_D=block_d)
+    return {
+        "kernel": "paged_append",
+        "fn": _paged_append_kernel,
+        "signature": signature,
+        "constexprs": constexprs,
+        "num_warps": cfg["num_warps"],
+        "num_stages": cfg.get("num_stages", 3),
+        "dtype": x_dtype if not int8 else f"{x_dtype}->i8",
+        "config": f"H{cfg['BLOCK_H']}xD{block_d},w{cfg['num_warps']}",
+        "tensor_cores": False,
+    }
+
+
+def _stage1_key(cfg):
+    return tuple(cfg.get(k) for k in ("BLOCK_N", "num_warps", "num_stages"))
+
+
+def check_specs():
+    """Every compilation the launchers may ask for: per table, each (config, BLOCK_D) x dtype
+    (fp16/bf16 q: fp16/bf16 caches or int8; fp32 q: fp32 or int8 caches), the merge kernel per
+    output dtype, and the append kernel per (k dtype, cache dtype)."""
+    for table, q_dtypes in (("paged_attention", ("fp16", "bf16")),
+                            ("paged_attention_fp32", ("fp32",))):
+        seen = set()
+        for cfg, block_d in _picks(table):
+            key = (_stage1_key(cfg), block_d)  # the split rule's keys do not change the code
+            if key in seen:
+                continue
+            seen.add(key)
+            for q_dtype in q_dtypes:
+                for cache_dtype in (q_dtype, "i8"):
+                    yield _attention_spec(table, cfg, block_d, q_dtype, cache_dtype)
+    for cfg, block_d in _picks("paged_attention_merge"):
+        for out_dtype in ("fp16", "bf16", "fp32"):
+            yield _merge_spec(cfg, block_d, out_dtype)
+    for cfg, block_d in _picks("paged_append"):
+        for x_dtype in ("fp16", "bf16", "fp32"):
+            for cache_dtype in (x_dtype, "i8"):
+                yield _append_spec(cfg, block_d, x_dtype, cache_dtype)
