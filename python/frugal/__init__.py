@@ -5,21 +5,59 @@ import torch  # noqa: F401  (loads libtorch before frugal._C)
 from . import errors, reference
 from .dispatch import BACKENDS, Choice, explain, set_debug
 from .errors import BackendError, DeviceError, DTypeError, FrugalError, ShapeError
+from .int8_matmul import (
+    INT8_MAX_K,
+    int8_matmul,
+    int8_mm,
+    int8_weight_only_matmul,
+    quantize_per_channel,
+)
+from .nn import Int8Linear, QuantizeReport, quantize_model
+from .paged_kv_cache import (
+    BlockTableError,
+    CacheFullError,
+    CacheUsage,
+    KVFootprint,
+    PagedKVCache,
+    SequenceError,
+    kv_footprint,
+    paged_append,
+    paged_attention,
+    paged_prefill_attention,
+)
 from .quantize import dequantize, quantize_per_token
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "BlockTableError",
+    "CacheFullError",
+    "CacheUsage",
+    "KVFootprint",
+    "PagedKVCache",
+    "SequenceError",
+    "kv_footprint",
+    "paged_append",
+    "paged_attention",
+    "paged_prefill_attention",
     "BackendError",
     "Choice",
     "DTypeError",
     "DeviceError",
     "FrugalError",
+    "INT8_MAX_K",
+    "Int8Linear",
+    "QuantizeReport",
     "ShapeError",
     "dequantize",
     "errors",
     "explain",
+    "int8_matmul",
+    "int8_mm",
+    "int8_weight_only_matmul",
+    "quantize_per_channel",
+    "quantize_model",
     "quantize_per_token",
     "reference",
     "set_debug",

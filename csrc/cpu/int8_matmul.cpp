@@ -1,0 +1,636 @@
+// int8 GEMMs on the CPU: int8_mm, int8_scaled_mm (+ packed weight) and int8_weight_only_mm.
+//
+// Every int8 GEMM runs on the packed weight below (the unpacked ops pack each group of b as
+// they reach it), one format for every ISA path, so a buffer packed under one ISA level works
+// under any other. The work is split into tasks of up to 4 groups of 64 columns times a block
+// of rows; for each block of K, every row tile of the task runs a register tile against each
+// group, and after the last block the int32 tile, still in cache, goes to the epilogue, which
+// dequantizes and stores it. All paths are bit-identical: the int32 sums are exact, and the
+// epilogue does the same fp32 operations in the same order with the same rounding (no FMA).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+#include "cpu/isa.h"
+#include "cpu/int8_matmul_kernels.h"
+
+#if FRUGAL_X86
+#include <immintrin.h>
+#endif
+
+namespace frugal::cpu {
+namespace {
+
+using namespace int8_kernels;
+
+// ---------------------------------------------------------------------------------------------
+// Packed weight (int8_pack_weight), a 1-D int8 tensor:
+//   bytes [0, 64)            header: "frgi8w01", int64 N, int64 K, zero padding
+//   int32 comp[Npad]         comp[n] = -128 * sum_k b[n, k] (the VNNI path's a + 128
+//                            correction), 0 for padding columns
+//   groups of 64 columns     group g holds columns [64g, 64g + W_g), W_g = min(64, Npad - 64g),
+//                            as [K4][W_g][4] bytes: (k4, c, j) = b[64g + c, 4 k4 + j]
+// with Npad = N rounded up to 16, K4 = ceil(K / 4), and zeros beyond N and K; in all
+// 64 + 4 Npad + 4 Npad K4 bytes.
+// ---------------------------------------------------------------------------------------------
+constexpr char kMagic[8] = {'f', 'r', 'g', 'i', '8', 'w', '0', '1'};
+constexpr int64_t kHeaderBytes = 64;
+// vpdpbusd sums K products of up to 128 * 128 in int32: K * 2^14 < 2^31 needs K <= 131071.
+constexpr int64_t kMaxK = 131071;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+struct PackedDims {
+  int64_t N, K, K4, Npad;
+};
+
+PackedDims packed_dims(int64_t N, int64_t K) {
+  return {N, K, ceil_div(K, 4), ceil_div(N, 16) * 16};
+}
+
+int64_t packed_bytes(const PackedDims& d) { return kHeaderBytes + 4 * d.Npad + d.Npad * d.K4 * 4; }
+
+// The weight of a GEMM: an int8_pack_weight buffer, or the rows of b [N, K], which the GEMM
+// packs group by group as its tasks reach them, into a per-thread buffer that stays in cache.
+struct Weight {
+  PackedDims d;
+  const int32_t* comp = nullptr;  // packed: comp[Npad] and the groups; null for rows
+  const int8_t* data = nullptr;
+  const int8_t* rows = nullptr;  // rows: row stride ldb
+  int64_t ldb = 0;
+};
+
+Weight packed_weight(const PackedDims& d, const int8_t* buf) {
+  Weight w;
+  w.d = d;
+  w.comp = reinterpret_cast<const int32_t*>(buf + kHeaderBytes);
+  w.data = buf + kHeaderBytes + 4 * d.Npad;
+  return w;
+}
+
+Weight row_weight(const at::Tensor& b) {
+  Weight w;
+  w.d = packed_dims(b.size(0), b.size(1));
+  w.rows = b.const_data_ptr<int8_t>();
+  w.ldb = b.stride(0);
+  return w;
+}
+
+// Packing 16 rows of b (a null row is zeros) as a 16-column block of a group of width W:
+// dst[(k4 * W + i) * 4 + j] = rows[i][4 k4 + j], and sums[i] = sum_k rows[i][k]. A block's
+// k4 step is one 64-byte line, written whole before moving on. The vector loops transpose
+// 4 x 4 int32 blocks (4 k4 steps of 4 rows) within each 128-bit lane, and sum the bytes with
+// psadbw: sum(b) = sum(b ^ 0x80) - 128 per byte.
+constexpr int kBlockRows = 16;
+
+// The k4 steps from k4 on, one at a time.
+void pack_block_tail(const int8_t* const rows[kBlockRows], int64_t K, int64_t K4, int64_t W,
+                     int64_t k4, int8_t* dst, int64_t sums[kBlockRows]) {
+  for (; k4 < K4; ++k4) {
+    const int64_t bytes = std::min<int64_t>(4, K - 4 * k4);
+    for (int i = 0; i < kBlockRows; ++i) {
+      int8_t v[4] = {0, 0, 0, 0};
+      if (rows[i] != nullptr) std::memcpy(v, rows[i] + 4 * k4, bytes);
+      std::memcpy(dst + (k4 * W + i) * 4, v, 4);
+      sums[i] += v[0] + v[1] + v[2] + v[3];
+    }
+  }
+}
+
+#if FRUGAL_X86
+
+FRUGAL_TARGET_AVX512 void pack_block_avx512(const int8_t* const rows[kBlockRows], int64_t ldb,
+                                            int64_t K, int64_t K4, int64_t W, int8_t* dst,
+                                            int64_t sums[kBlockRows]) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512i acc[kBlockRows];
+  for (int i = 0; i < kBlockRows; ++i) acc[i] = _mm512_setzero_si512();
+  int64_t k4 = 0;
+  for (; 4 * k4 + 64 <= K; k4 += 16) {
+    for (int q = 0; q < kBlockRows; q += 4) {
+      __m512i r[4];
+      for (int i = 0; i < 4; ++i) {
+        const int8_t* row = rows[q + i];
+        r[i] = row == nullptr ? _mm512_setzero_si512() : _mm512_loadu_si512(row + 4 * k4);
+        // Each row is a short stream (often one page, where hardware prefetchers stop): fetch
+        // the same line of the row one block further on (a bad address is ignored).
+        _mm_prefetch(reinterpret_cast<const char*>(row + ldb * kBlockRows + 4 * k4), _MM_HINT_T1);
+        acc[q + i] = _mm512_add_epi64(
+            acc[q + i], _mm512_sad_epu8(_mm512_xor_si512(r[i], flip), _mm512_setzero_si512()));
+      }
+      const __m512i t0 = _mm512_unpacklo_epi32(r[0], r[1]);
+      const __m512i t1 = _mm512_unpacklo_epi32(r[2], r[3]);
+      const __m512i t2 = _mm512_unpackhi_epi32(r[0], r[1]);
+      const __m512i t3 = _mm512_unpackhi_epi32(r[2], r[3]);
+      const __m512i o[4] = {_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1),
+                            _mm512_unpacklo_epi64(t2, t3), _mm512_unpackhi_epi64(t2, t3)};
+      // 128-bit lane l of o[j] holds step k4 + 4 l + j.
+      for (int j = 0; j < 4; ++j) {
+        int8_t* out = dst + (k4 + j) * W * 4 + q * 4;
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_castsi512_si128(o[j]));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16 * W),
+                         _mm512_extracti32x4_epi32(o[j], 1));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 32 * W),
+                         _mm512_extracti32x4_epi32(o[j], 2));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 48 * W),
+                         _mm512_extracti32x4_epi32(o[j], 3));
+      }
+    }
+  }
+  for (int i = 0; i < kBlockRows; ++i) {
+    sums[i] = rows[i] == nullptr ? 0 : _mm512_reduce_add_epi64(acc[i]) - 128 * 4 * k4;
+  }
+  pack_block_tail(rows, K, K4, W, k4, dst, sums);
+}
+
+#endif  // FRUGAL_X86
+
+void pack_block(const int8_t* const rows[kBlockRows], int64_t ldb, int64_t K, int64_t K4,
+                int64_t W, int8_t* dst, int64_t sums[kBlockRows]) {
+#if FRUGAL_X86
+  if (current_isa() >= Isa::kAvx512) return pack_block_avx512(rows, ldb, K, K4, W, dst, sums);
+  // SSE2 is part of x86-64.
+  const __m128i flip = _mm_set1_epi8(static_cast<char>(0x80));
+  __m128i acc[kBlockRows];
+  for (int i = 0; i < kBlockRows; ++i) acc[i] = _mm_setzero_si128();
+  int64_t k4 = 0;
+  for (; 4 * k4 + 16 <= K; k4 += 4) {
+    for (int q = 0; q < kBlockRows; q += 4) {
+      __m128i r[4];
+      for (int i = 0; i < 4; ++i) {
+        const int8_t* row = rows[q + i];
+        r[i] = row == nullptr ? _mm_setzero_si128()
+                              : _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 4 * k4));
+        if (k4 % 16 == 0) {
+          _mm_prefetch(reinterpret_cast<const char*>(row + ldb * kBlockRows + 4 * k4), _MM_HINT_T1);
+        }
+        acc[q + i] = _mm_add_epi64(acc[q + i],
+                                   _mm_sad_epu8(_mm_xor_si128(r[i], flip), _mm_setzero_si128()));
+      }
+      const __m128i t0 = _mm_unpacklo_epi32(r[0], r[1]), t1 = _mm_unpacklo_epi32(r[2], r[3]);
+      const __m128i t2 = _mm_unpackhi_epi32(r[0], r[1]), t3 = _mm_unpackhi_epi32(r[2], r[3]);
+      const __m128i o[4] = {_mm_unpacklo_epi64(t0, t1), _mm_unpackhi_epi64(t0, t1),
+                            _mm_unpacklo_epi64(t2, t3), _mm_unpackhi_epi64(t2, t3)};
+      for (int j = 0; j < 4; ++j) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (k4 + j) * W * 4 + q * 4), o[j]);
+      }
+    }
+  }
+  for (int i = 0; i < kBlockRows; ++i) {
+    const int64_t total =
+        _mm_cvtsi128_si64(acc[i]) + _mm_cvtsi128_si64(_mm_unpackhi_epi64(acc[i], acc[i]));
+    sums[i] = rows[i] == nullptr ? 0 : total - 128 * 4 * k4;
+  }
+  pack_block_tail(rows, K, K4, W, k4, dst, sums);
+#else
+  for (int i = 0; i < kBlockRows; ++i) sums[i] = 0;
+  pack_block_tail(rows, K, K4, W, 0, dst, sums);
+#endif
+}
+
+// Packs group g of b (rows of K bytes, row stride ldb): its [K4][W][4] bytes into data and
+// its W compensation terms into comp.
+void pack_group(const int8_t* b, int64_t ldb, const PackedDims& d, int64_t g, int8_t* data,
+                int32_t* comp) {
+  const int64_t W = std::min<int64_t>(kGroupCols, d.Npad - g * kGroupCols);
+  for (int64_t c = 0; c < W; c += kBlockRows) {
+    const int8_t* rows[kBlockRows];
+    for (int i = 0; i < kBlockRows; ++i) {
+      const int64_t n = g * kGroupCols + c + i;
+      rows[i] = n < d.N ? b + n * ldb : nullptr;
+    }
+    int64_t sums[kBlockRows];
+    pack_block(rows, ldb, d.K, d.K4, W, data + c * 4, sums);
+    // |sum| <= 128 * 131071, so -128 * sum fits in int32.
+    for (int i = 0; i < kBlockRows; ++i) comp[c + i] = static_cast<int32_t>(-128 * sums[i]);
+  }
+}
+
+// Writes the packed form of b (rows of K bytes, row stride ldb) into buf.
+void pack_weight_into(const int8_t* b, int64_t ldb, const PackedDims& d, int8_t* buf) {
+  std::memset(buf, 0, kHeaderBytes);
+  std::memcpy(buf, kMagic, sizeof(kMagic));
+  std::memcpy(buf + 8, &d.N, 8);
+  std::memcpy(buf + 16, &d.K, 8);
+  auto* comp = reinterpret_cast<int32_t*>(buf + kHeaderBytes);
+  int8_t* data = buf + kHeaderBytes + 4 * d.Npad;
+  const int64_t groups = ceil_div(d.Npad, kGroupCols);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(d.K4 * 256, 1));
+  at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      pack_group(b, ldb, d, g, data + g * d.K4 * kGroupCols * 4, comp + g * kGroupCols);
+    }
+  });
+}
+
+// Reads and checks the header of an int8_pack_weight buffer.
+PackedDims read_header(const char* op, const at::Tensor& b_packed) {
+  TORCH_CHECK(b_packed.scalar_type() == at::kChar && b_packed.dim() == 1, op,
+              ": b_packed must be the 1-D int8 buffer int8_pack_weight returns; got a ",
+              b_packed.dim(), "-D ", b_packed.scalar_type(), " tensor");
+  TORCH_CHECK(b_packed.device().is_cpu(), op, ": b_packed must be on the CPU; got ",
+              b_packed.device());
+  TORCH_CHECK(b_packed.numel() >= kHeaderBytes, op,
+              ": b_packed is not an int8_pack_weight buffer (", b_packed.numel(),
+              " bytes, shorter than its ", kHeaderBytes, "-byte header)");
+  const auto* buf = b_packed.const_data_ptr<int8_t>();
+  TORCH_CHECK(b_packed.stride(0) == 1, op, ": b_packed must be contiguous; got stride ",
+              b_packed.stride(0));
+  TORCH_CHECK(std::memcmp(buf, kMagic, sizeof(kMagic)) == 0, op,
+              ": b_packed is not an int8_pack_weight buffer (no 'frgi8w01' header)");
+  int64_t N, K;
+  std::memcpy(&N, buf + 8, 8);
+  std::memcpy(&K, buf + 16, 8);
+  TORCH_CHECK(N >= 0 && K >= 0 && K <= kMaxK, op, ": b_packed has a corrupt header (N = ", N,
+              ", K = ", K, ")");
+  const PackedDims d = packed_dims(N, K);
+  TORCH_CHECK(b_packed.numel() == packed_bytes(d), op, ": b_packed holds N = ", N, ", K = ", K,
+              ", which take ", packed_bytes(d), " bytes; got ", b_packed.numel(), " bytes");
+  return d;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The GEMM driver: packs a, splits the work into tasks, runs tiles and epilogues.
+// ---------------------------------------------------------------------------------------------
+
+struct IsaKernels {
+  int mr;
+  bool shifted_a;  // a packed as a + 128: the sums start at comp
+  PackAFn pack_a;
+  TileFn (*tile)(int mr, int nb);
+  EpilogueFn epilogue;
+};
+
+IsaKernels kernels_for(Isa isa) {
+#if FRUGAL_X86
+  if (isa >= Isa::kAvx512Vnni) {
+    return {kMrVnni, true, &pack_a_vnni, &tile_vnni, &epilogue_avx512};
+  }
+  if (isa >= Isa::kAvx512) {
+    return {kMrAvx512, false, &pack_a_signed, &tile_avx512, &epilogue_avx512};
+  }
+  if (isa >= Isa::kAvx2) return {kMrAvx2, false, &pack_a_signed, &tile_avx2, &epilogue_avx2};
+#endif
+  (void)isa;
+  return {kMrScalar, false, &pack_a_signed, &tile_scalar, &epilogue_scalar};
+}
+
+// K is split into blocks of at most this many k4 steps (2 KB of each row): a row tile's block
+// of a (6 x 2 KB) stays in L1 and the task's blocks of b (4 groups x 64 x 2 KB) in L2 while
+// every row tile of the task runs over them; the int32 sums wait in a per-thread buffer
+// between blocks.
+constexpr int64_t kMaxBlockK4 = 512;
+constexpr int64_t kMaxTaskGroups = 4;
+
+// out[m, n] = epilogue((a @ b^T)[m, n]) for a int8 [M, K] (row stride lda, K-contiguous).
+void gemm(const int8_t* a, int64_t lda, int64_t M, const Weight& w, const Epilogue& epi) {
+  const PackedDims& d = w.d;
+  const IsaKernels ker = kernels_for(current_isa());
+  const int64_t K4 = d.K4;
+  const int64_t mr = ker.mr;
+  const int64_t tiles = ceil_div(M, mr);
+
+  // a as the tiles read it: rows of 4 * K4 bytes.
+  const int64_t lda_p = 4 * K4;
+  at::Tensor a_buf = at::empty({std::max<int64_t>(M * lda_p, 1)}, at::kByte);
+  uint8_t* ap = a_buf.data_ptr<uint8_t>();
+  const int64_t pack_grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(lda_p, 1));
+  at::parallel_for(0, M, pack_grain, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) ker.pack_a(a + m * lda, d.K, K4, ap + m * lda_p);
+  });
+
+  // Tasks: (set of up to kMaxTaskGroups consecutive groups, block of rows), in weight order.
+  // A task reads its rows of a once for all its groups. Rows are split only when there are too
+  // few groups to feed every thread. Threads take chunks of tasks from a shared counter: a
+  // thread that runs slower (a core shared with another process) takes fewer.
+  const int64_t groups = ceil_div(d.N, kGroupCols);
+  const int64_t threads = at::get_num_threads();
+  // Rows of b packed per call take a buffer per group: one group per task there.
+  const int64_t XB = getenv("XB") ? atoll(getenv("XB")) : 512;
+  const int64_t XS = getenv("XS") ? atoll(getenv("XS")) : 4;
+  const int64_t XBYTES = getenv("XBYTES") ? atoll(getenv("XBYTES")) : 0;
+  const int64_t XR = getenv("XR") ? atoll(getenv("XR")) : 0;
+  const int64_t k_blocks = std::max<int64_t>(1, ceil_div(K4, XB));
+  const int64_t block_k4 = ceil_div(K4, k_blocks);
+  int64_t cap = XS;
+  if (XBYTES) cap = std::clamp<int64_t>(XBYTES / (256 * std::max<int64_t>(block_k4, 1)), 1, XS);
+  const int64_t set_size =
+      w.data == nullptr ? 1 : std::clamp<int64_t>(groups / (4 * threads), 1, cap);
+  const int64_t sets = ceil_div(groups, set_size);
+  int64_t row_blocks = std::min(tiles, std::max<int64_t>(1, ceil_div(4 * threads, sets)));
+  if (XR && k_blocks > 1) row_blocks = std::max(row_blocks, ceil_div(tiles * set_size * mr * 256, XR));
+  const int64_t tiles_per_block = ceil_div(tiles, row_blocks);
+  const int64_t tasks = sets * row_blocks;
+  const int64_t work_per_task =
+      set_size * tiles_per_block * mr * kGroupCols * std::max<int64_t>(K4, 1);
+  const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 20) / work_per_task);
+  const int64_t workers = std::min(threads, ceil_div(tasks, chunk));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    alignas(64) int32_t packed_comp[kGroupCols];
+    std::vector<int8_t> packed_data(w.data == nullptr ? d.K4 * kGroupCols * 4 : 0);
+    int64_t packed_group = -1;
+    // The int32 sums of every tile of a task wait here between K blocks; with one K block, a
+    // tile's sums go straight to the epilogue and one tile's worth of space is reused.
+    const int64_t sum_tiles = k_blocks == 1 ? 1 : set_size * tiles_per_block;
+    std::vector<int32_t> sums(sum_tiles * mr * kGroupCols);
+    struct Group {
+      const int8_t* data;
+      const int32_t* comp;
+      int64_t W, n0;
+      int nc;
+    } set[16];
+    for (;;) {
+      const int64_t first = next.fetch_add(chunk, std::memory_order_relaxed);
+      if (first >= tasks) break;
+      for (int64_t task = first; task < std::min(tasks, first + chunk); ++task) {
+        const int64_t g0 = task / row_blocks * set_size;
+        const int64_t ng = std::min(set_size, groups - g0);
+        for (int64_t i = 0; i < ng; ++i) {
+          const int64_t g = g0 + i;
+          Group& grp = set[i];
+          grp.W = std::min<int64_t>(kGroupCols, d.Npad - g * kGroupCols);
+          grp.n0 = g * kGroupCols;
+          grp.nc = static_cast<int>(std::min<int64_t>(kGroupCols, d.N - grp.n0));
+          if (w.data != nullptr) {
+            grp.data = w.data + g * K4 * kGroupCols * 4;
+            grp.comp = w.comp + grp.n0;
+          } else {
+            if (packed_group != g) pack_group(w.rows, w.ldb, d, g, packed_data.data(), packed_comp);
+            packed_group = g;
+            grp.data = packed_data.data();
+            grp.comp = packed_comp;
+          }
+        }
+        const int64_t t_begin = task % row_blocks * tiles_per_block;
+        const int64_t t_end = std::min(tiles, t_begin + tiles_per_block);
+        for (int64_t kb = 0; kb < k_blocks; ++kb) {
+          const int64_t k0 = kb * block_k4;
+          const int64_t kc = std::min(block_k4, K4 - k0);
+          for (int64_t t = t_begin; t < t_end; ++t) {
+            const int64_t m0 = t * mr;
+            const int rows = static_cast<int>(std::min(mr, M - m0));
+            const uint8_t* at = ap + m0 * lda_p + 4 * k0;
+            for (int64_t i = 0; i < ng; ++i) {
+              const Group& grp = set[i];
+              const TileFn fn = ker.tile(rows, static_cast<int>(grp.W / 16));
+              const int64_t slot = k_blocks == 1 ? 0 : i * tiles_per_block + t - t_begin;
+              int32_t* acc = sums.data() + slot * mr * kGroupCols;
+              if (kb == 0) {
+                fn(at, lda_p, grp.data, kc, ker.shifted_a ? grp.comp : nullptr, 0, acc);
+              } else {
+                fn(at, lda_p, grp.data + k0 * grp.W * 4, kc, acc, kGroupCols, acc);
+              }
+              if (kb == k_blocks - 1) ker.epilogue(acc, rows, m0, grp.n0, grp.nc, epi);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Input checks and the ops.
+// ---------------------------------------------------------------------------------------------
+
+void check_int8_matrix(const char* op, const char* name, const at::Tensor& t, const char* shape) {
+  TORCH_CHECK(t.scalar_type() == at::kChar, op, ": ", name, " must be int8; got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D ", shape, "; got a ", t.dim(),
+              "-D tensor of shape ", t.sizes());
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU; got ", t.device());
+}
+
+void check_k(const char* op, int64_t K) {
+  TORCH_CHECK(K <= kMaxK, op, ": K must be <= ", kMaxK,
+              " (larger K can overflow the int32 accumulator); got K = ", K);
+}
+
+void check_same_k(const char* op, const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.size(1) == b.size(1), op,
+              ": a [M, K] and b [N, K] must have the same K; got a.size(1) = ", a.size(1),
+              ", b.size(1) = ", b.size(1));
+}
+
+// A float32 scale with `want` elements (or 1 when allow_one), as a contiguous 1-D tensor.
+at::Tensor check_scale(const char* op, const char* name, const at::Tensor& s, int64_t want,
+                       const char* dim_name, bool allow_one) {
+  TORCH_CHECK(s.scalar_type() == at::kFloat, op, ": ", name, " must be float32; got ",
+              s.scalar_type());
+  TORCH_CHECK(s.device().is_cpu(), op, ": ", name, " must be on the CPU; got ", s.device());
+  if (allow_one) {
+    TORCH_CHECK(s.numel() == want || s.numel() == 1, op, ": ", name, " must have ", dim_name,
+                " = ", want, " or 1 elements; got ", s.numel(), " (shape ", s.sizes(), ")");
+  } else {
+    TORCH_CHECK(s.numel() == want, op, ": ", name, " must have ", dim_name, " = ", want,
+                " elements; got ", s.numel(), " (shape ", s.sizes(), ")");
+  }
+  return s.reshape({-1}).contiguous();
+}
+
+// bias [N] in any float dtype as contiguous float32, or an undefined tensor.
+at::Tensor check_bias(const char* op, const std::optional<at::Tensor>& bias, int64_t N) {
+  if (!bias.has_value() || !bias->defined()) return {};
+  const at::Tensor& t = *bias;
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf ||
+                  t.scalar_type() == at::kBFloat16,
+              op, ": bias must be float32, float16 or bfloat16; got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == N, op, ": bias must have shape [N] = [", N,
+              "]; got ", t.sizes());
+  TORCH_CHECK(t.device().is_cpu(), op, ": bias must be on the CPU; got ", t.device());
+  return t.to(at::kFloat).contiguous();
+}
+
+void check_out_dtype(const char* op, at::ScalarType out_dtype) {
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16, op,
+              ": out_dtype must be float32, float16 or bfloat16; got ", out_dtype);
+}
+
+at::Tensor k_contiguous(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
+
+// The GEMM with the float epilogue; scales and bias already checked.
+at::Tensor scaled_gemm(const at::Tensor& a, const Weight& w, const at::Tensor& a_scale,
+                       const at::Tensor& b_scale, const at::Tensor& bias,
+                       at::ScalarType out_dtype) {
+  const int64_t M = a.size(0), N = w.d.N;
+  at::Tensor out = at::empty({M, N}, a.options().dtype(out_dtype));
+  if (M == 0 || N == 0) return out;
+  const at::Tensor bs = b_scale.numel() == N ? b_scale : b_scale.expand({N}).contiguous();
+  Epilogue epi;
+  epi.out = out.data_ptr();
+  epi.ldo = N;
+  epi.out_type = out_dtype == at::kFloat ? OutType::kFloat
+                 : out_dtype == at::kHalf ? OutType::kHalf
+                                          : OutType::kBFloat16;
+  epi.a_scale = a_scale.const_data_ptr<float>();
+  epi.a_scale_stride = a_scale.numel() == 1 ? 0 : 1;
+  epi.b_scale = bs.const_data_ptr<float>();
+  epi.bias = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+  const at::Tensor ac = k_contiguous(a);
+  gemm(ac.const_data_ptr<int8_t>(), ac.stride(0), M, w, epi);
+  return out;
+}
+
+at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
+  constexpr const char* op = "int8_mm";
+  check_int8_matrix(op, "a", a, "[M, K]");
+  check_int8_matrix(op, "b", b, "[N, K]");
+  check_same_k(op, a, b);
+  check_k(op, a.size(1));
+  const int64_t M = a.size(0), N = b.size(0);
+  at::Tensor out = at::empty({M, N}, a.options().dtype(at::kInt));
+  if (M == 0 || N == 0) return out;
+  Epilogue epi;
+  epi.out = out.data_ptr();
+  epi.ldo = N;
+  epi.out_type = OutType::kInt32;
+  const at::Tensor ac = k_contiguous(a);
+  const at::Tensor bc = k_contiguous(b);
+  gemm(ac.const_data_ptr<int8_t>(), ac.stride(0), M, row_weight(bc), epi);
+  return out;
+}
+
+at::Tensor int8_scaled_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale,
+                              const at::Tensor& b_scale, const std::optional<at::Tensor>& bias,
+                              at::ScalarType out_dtype) {
+  constexpr const char* op = "int8_scaled_mm";
+  check_int8_matrix(op, "a", a, "[M, K]");
+  check_int8_matrix(op, "b", b, "[N, K]");
+  check_same_k(op, a, b);
+  check_k(op, a.size(1));
+  const int64_t M = a.size(0), N = b.size(0);
+  const at::Tensor as = check_scale(op, "a_scale", a_scale, M, "M", true);
+  const at::Tensor bs = check_scale(op, "b_scale", b_scale, N, "N", true);
+  const at::Tensor bias_f = check_bias(op, bias, N);
+  check_out_dtype(op, out_dtype);
+  const at::Tensor bc = k_contiguous(b);
+  return scaled_gemm(a, row_weight(bc), as, bs, bias_f, out_dtype);
+}
+
+at::Tensor int8_pack_weight_cpu(const at::Tensor& b) {
+  constexpr const char* op = "int8_pack_weight";
+  check_int8_matrix(op, "b", b, "[N, K]");
+  check_k(op, b.size(1));
+  const at::Tensor bc = k_contiguous(b);
+  const PackedDims d = packed_dims(bc.size(0), bc.size(1));
+  at::Tensor buf = at::empty({packed_bytes(d)}, bc.options());
+  pack_weight_into(bc.const_data_ptr<int8_t>(), bc.stride(0), d, buf.data_ptr<int8_t>());
+  return buf;
+}
+
+at::Tensor int8_scaled_mm_packed_cpu(const at::Tensor& a, const at::Tensor& b_packed,
+                                     const at::Tensor& a_scale, const at::Tensor& b_scale,
+                                     const std::optional<at::Tensor>& bias,
+                                     at::ScalarType out_dtype) {
+  constexpr const char* op = "int8_scaled_mm_packed";
+  check_int8_matrix(op, "a", a, "[M, K]");
+  const PackedDims d = read_header(op, b_packed);
+  TORCH_CHECK(b_scale.dim() == 1, op, ": b_scale must be 1-D [N] (N is read from it); got shape ",
+              b_scale.sizes());
+  const int64_t M = a.size(0), N = b_scale.size(0);
+  TORCH_CHECK(d.N == N, op, ": b_packed holds a weight with N = ", d.N,
+              "; b_scale has N = ", N, " elements");
+  TORCH_CHECK(d.K == a.size(1), op, ": b_packed holds a weight with K = ", d.K,
+              "; a has K = a.size(1) = ", a.size(1));
+  const at::Tensor as = check_scale(op, "a_scale", a_scale, M, "M", true);
+  const at::Tensor bs = check_scale(op, "b_scale", b_scale, N, "N", false);
+  const at::Tensor bias_f = check_bias(op, bias, N);
+  check_out_dtype(op, out_dtype);
+  return scaled_gemm(a, packed_weight(d, b_packed.const_data_ptr<int8_t>()), as, bs, bias_f,
+                     out_dtype);
+}
+
+at::Tensor int8_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& b,
+                                   const at::Tensor& b_scale,
+                                   const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "int8_weight_only_mm";
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf ||
+                  x.scalar_type() == at::kBFloat16,
+              op, ": x must be float32, float16 or bfloat16; got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, K]; got a ", x.dim(),
+              "-D tensor of shape ", x.sizes());
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be on the CPU; got ", x.device());
+  check_int8_matrix(op, "b", b, "[N, K]");
+  TORCH_CHECK(x.size(1) == b.size(1), op,
+              ": x [M, K] and b [N, K] must have the same K; got x.size(1) = ", x.size(1),
+              ", b.size(1) = ", b.size(1));
+  const int64_t M = x.size(0), N = b.size(0), K = x.size(1);
+  at::Tensor bs = check_scale(op, "b_scale", b_scale, N, "N", true);
+  if (bs.numel() != N) bs = bs.expand({N}).contiguous();
+  const at::Tensor bias_f = check_bias(op, bias, N);
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const float* bias_p = bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr;
+
+  if (M > kWeightOnlyMaxStreamRows) {
+    // Compute-bound: dequantize blocks of b to fp32 (exact) and let at::mm do the FLOPs.
+    const int64_t rows =
+        std::min(N, std::max<int64_t>(16, (int64_t{1} << 20) / std::max<int64_t>(K, 1)));
+    at::Tensor y = at::empty({M, rows}, xf.options());
+    for (int64_t n0 = 0; n0 < N; n0 += rows) {
+      const int64_t nb = std::min(rows, N - n0);
+      const at::Tensor w = b.narrow(0, n0, nb).to(at::kFloat);
+      at::Tensor yb = y.narrow(1, 0, nb);
+      at::mm_out(yb, xf, w.t());
+      yb.mul_(bs.narrow(0, n0, nb));
+      if (bias_p != nullptr) yb.add_(bias_f.narrow(0, n0, nb));
+      out.narrow(1, n0, nb).copy_(yb);
+    }
+    return out;
+  }
+
+  const at::Tensor bc = k_contiguous(b);
+  WeightOnlyArgs args;
+  args.x = xf.const_data_ptr<float>();
+  args.ldx = K;
+  args.M = M;
+  args.K = K;
+  args.b = bc.const_data_ptr<int8_t>();
+  args.ldb = bc.stride(0);
+  args.scale = bs.const_data_ptr<float>();
+  args.bias = bias_p;
+  args.out = out.data_ptr();
+  args.ldo = N;
+  args.out_type = x.scalar_type() == at::kFloat ? OutType::kFloat
+                  : x.scalar_type() == at::kHalf ? OutType::kHalf
+                                                 : OutType::kBFloat16;
+  const Isa isa = current_isa();
+  WeightOnlyFn fn = &weight_only_scalar;
+#if FRUGAL_X86
+  if (isa >= Isa::kAvx512) {
+    fn = &weight_only_avx512;
+  } else if (isa >= Isa::kAvx2) {
+    fn = &weight_only_avx2;
+  }
+#endif
+  (void)isa;
+  const int64_t blocks = ceil_div(N, kWeightOnlyRows);
+  const int64_t grain =
+      std::max<int64_t>(1, (int64_t{1} << 16) / (kWeightOnlyRows * std::max<int64_t>(K, 1)));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    fn(args, begin * kWeightOnlyRows, std::min(N, end * kWeightOnlyRows));
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace frugal::cpu
+
+TORCH_LIBRARY_IMPL(frugal, CPU, m) {
+  m.impl("int8_mm", &frugal::cpu::int8_mm_cpu);
+  m.impl("int8_scaled_mm", &frugal::cpu::int8_scaled_mm_cpu);
+  m.impl("int8_pack_weight", &frugal::cpu::int8_pack_weight_cpu);
+  m.impl("int8_scaled_mm_packed", &frugal::cpu::int8_scaled_mm_packed_cpu);
+  m.impl("int8_weight_only_mm", &frugal::cpu::int8_weight_only_mm_cpu);
+}

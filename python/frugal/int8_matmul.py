@@ -1,0 +1,275 @@
+"""W8A8 int8 matmul with a fused dequant/bias epilogue, weight-only int8 matmul, and
+per-channel weight quantization: public functions, custom ops and fake kernels.
+
+Layouts follow nn.Linear: the weight ``bq`` is int8 [N, K]; activations are [..., K] with any
+leading dims (flattened). Accumulation is in int32 and exact for K <= 131071
+(``INT8_MAX_K``: 128 * 128 * K < 2**31 for every int8 input); larger K is refused.
+"""
+
+from typing import Optional
+
+import torch
+
+from . import _ext, reference
+from .dispatch import select, triton_custom_op
+from .errors import (
+    DeviceError,
+    ShapeError,
+    check_dtype,
+    check_dtype_arg,
+    check_min_dim,
+    check_tensor,
+)
+from .quantize import quantize_per_token
+
+INT8_MAX_K = reference.INT8_MAX_K
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_BACKENDS = ("triton", "cpu", "torch")
+_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}
+
+if _ext.ext() is not None:
+
+    @torch.library.register_fake("frugal::int8_mm")
+    def _int8_mm_fake(a, b):
+        return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.int32)
+
+    @torch.library.register_fake("frugal::int8_scaled_mm")
+    def _int8_scaled_mm_fake(a, b, a_scale, b_scale, bias, out_dtype):
+        return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
+
+    @torch.library.register_fake("frugal::int8_scaled_mm_packed")
+    def _int8_scaled_mm_packed_fake(a, b_packed, a_scale, b_scale, bias, out_dtype):
+        return a.new_empty((a.shape[0], b_scale.shape[0]), dtype=out_dtype)
+
+    @torch.library.register_fake("frugal::int8_weight_only_mm")
+    def _int8_weight_only_mm_fake(x, b, b_scale, bias):
+        return x.new_empty((x.shape[0], b.shape[0]))
+
+
+@triton_custom_op("frugal::int8_mm_triton")
+def _int8_mm_triton(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    from frugal.kernels import int8_matmul as kernel
+
+    return kernel.int8_mm(a, b)
+
+
+@_int8_mm_triton.register_fake
+def _(a, b):
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.int32)
+
+
+@triton_custom_op("frugal::int8_scaled_mm_triton")
+def _int8_scaled_mm_triton(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor,
+                           b_scale: torch.Tensor, bias: Optional[torch.Tensor],
+                           out_dtype: torch.dtype) -> torch.Tensor:
+    from frugal.kernels import int8_matmul as kernel
+
+    return kernel.int8_scaled_mm(a, b, a_scale, b_scale, bias, out_dtype)
+
+
+@_int8_scaled_mm_triton.register_fake
+def _(a, b, a_scale, b_scale, bias, out_dtype):
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
+
+
+@triton_custom_op("frugal::int8_weight_only_mm_triton")
+def _int8_weight_only_mm_triton(x: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                                bias: Optional[torch.Tensor]) -> torch.Tensor:
+    from frugal.kernels import int8_matmul as kernel
+
+    return kernel.int8_weight_only_mm(x, b, b_scale, bias)
+
+
+@_int8_weight_only_mm_triton.register_fake
+def _(x, b, b_scale, bias):
+    return x.new_empty((x.shape[0], b.shape[0]))
+
+
+def _check_weight(op, name, b, K, K_name):
+    check_dtype(op, name, b, (torch.int8,))
+    if b.dim() != 2:
+        raise ShapeError(f"{op}: {name} must be 2-D [N, K] (nn.Linear layout); got a {b.dim()}-d "
+                         f"tensor of shape {tuple(b.shape)}")
+    if b.shape[1] != K:
+        raise ShapeError(f"{op}: {name}.shape[1] (K) must equal {K_name} = {K}; got "
+                         f"{b.shape[1]} ({name} has shape {tuple(b.shape)})")
+    if K > INT8_MAX_K:
+        raise ShapeError(f"{op}: K must be <= {INT8_MAX_K} so that int32 accumulation cannot "
+                         f"overflow (128 * 128 * K < 2**31); got K={K}")
+
+
+def _check_scale(op, name, scale, rows_shape, what):
+    check_dtype(op, name, scale, (torch.float32,))
+    if scale.numel() != 1 and tuple(scale.shape) != tuple(rows_shape):
+        raise ShapeError(f"{op}: {name} must have shape {tuple(rows_shape)} ({what}) or hold a "
+                         f"single value; got shape {tuple(scale.shape)}")
+
+
+def _check_bias(op, bias, N):
+    if bias is None:
+        return
+    check_dtype(op, "bias", bias, _FLOATS)
+    if tuple(bias.shape) != (N,):
+        raise ShapeError(f"{op}: bias must have shape ({N},) (N); got {tuple(bias.shape)}")
+
+
+def _check_devices(op, **tensors):
+    tensors = {k: v for k, v in tensors.items() if v is not None}
+    (first_name, first), *rest = tensors.items()
+    for name, t in rest:
+        if t.device != first.device:
+            raise DeviceError(f"{op}: {name} must be on the same device as {first_name} "
+                              f"({first.device}); got {t.device}")
+
+
+def _check_mm(op, a, b):
+    check_dtype(op, "a", a, (torch.int8,))
+    if a.dim() != 2:
+        raise ShapeError(f"{op}: a must be 2-D [M, K]; got a {a.dim()}-d tensor of shape "
+                         f"{tuple(a.shape)}")
+    _check_weight(op, "b", b, a.shape[1], "a.shape[1]")
+    _check_devices(op, a=a, b=b)
+
+
+def _select_int8_mm(a, b, *, backend="auto", explain=False):
+    _check_mm("int8_mm", a, b)
+    return select("int8_mm", a.device, backend, _ORDER, _BACKENDS, explain)
+
+
+def int8_mm(a, b, *, backend="auto"):
+    """Exact int8 GEMM in nn.Linear layout: ``a @ b.T`` with int32 accumulation.
+
+    Parameters
+    ----------
+    a : Tensor [M, K] int8.
+    b : Tensor [N, K] int8.
+    backend : "auto" | "triton" | "cpu" | "torch"
+
+    Returns
+    -------
+    Tensor [M, N] int32. K must be <= 131071 (no int8 input can overflow int32 then).
+    """
+    name = _select_int8_mm(a, b, backend=backend)
+    if a.shape[0] == 0 or b.shape[0] == 0 or a.shape[1] == 0:
+        return torch.zeros((a.shape[0], b.shape[0]), dtype=torch.int32, device=a.device)
+    if name == "cpu":
+        return torch.ops.frugal.int8_mm(a, b)
+    if name == "triton":
+        return torch.ops.frugal.int8_mm_triton(a, b)
+    return reference.int8_mm(a, b)
+
+
+int8_mm._frugal_select = _select_int8_mm
+
+
+def _check_matmul(op, aq, bq, a_scale, b_scale, bias, out_dtype):
+    check_dtype(op, "aq", aq, (torch.int8,))
+    check_min_dim(op, "aq", aq, 1, "[..., K]")
+    _check_weight(op, "bq", bq, aq.shape[-1], "aq.shape[-1]")
+    _check_scale(op, "a_scale", a_scale, aq.shape[:-1], "aq.shape[:-1], one per token")
+    _check_scale(op, "b_scale", b_scale, bq.shape[:1], "N, one per output channel")
+    _check_bias(op, bias, bq.shape[0])
+    check_dtype_arg(op, "out_dtype", out_dtype, _FLOATS)
+    _check_devices(op, aq=aq, bq=bq, a_scale=a_scale, b_scale=b_scale, bias=bias)
+
+
+def _select_int8_matmul(aq, bq, a_scale, b_scale, bias=None, out_dtype=torch.float16, *,
+                        backend="auto", explain=False):
+    _check_matmul("int8_matmul", aq, bq, a_scale, b_scale, bias, out_dtype)
+    return select("int8_matmul", aq.device, backend, _ORDER, _BACKENDS, explain)
+
+
+def int8_matmul(aq, bq, a_scale, b_scale, bias=None, out_dtype=torch.float16, *,
+                backend="auto"):
+    """W8A8 matmul with the dequantization and bias fused into the GEMM's epilogue:
+    ``(aq @ bq.T) * a_scale[..., None] * b_scale + bias`` (int32 accumulation, fp32 epilogue).
+
+    Parameters
+    ----------
+    aq : Tensor [..., K] int8 (leading dims are flattened), e.g. from quantize_per_token.
+    bq : Tensor [N, K] int8, e.g. from quantize_per_channel.
+    a_scale : Tensor float32 of shape aq.shape[:-1] (per token) or a single value.
+    b_scale : Tensor float32 [N] (per output channel) or a single value.
+    bias : Tensor [N] float32/float16/bfloat16, or None.
+    out_dtype : float16 (default), bfloat16 or float32.
+    backend : "auto" | "triton" | "cpu" | "torch"
+
+    Returns
+    -------
+    Tensor [..., N] of out_dtype.
+    """
+    name = _select_int8_matmul(aq, bq, a_scale, b_scale, bias, out_dtype, backend=backend)
+    lead, K, N = aq.shape[:-1], aq.shape[-1], bq.shape[0]
+    a2 = aq.reshape(-1, K)
+    a_s = a_scale.reshape(-1)
+    b_s = b_scale.reshape(-1)
+    if a2.shape[0] == 0 or N == 0:
+        return torch.empty((*lead, N), dtype=out_dtype, device=aq.device)
+    if name == "cpu":
+        y = torch.ops.frugal.int8_scaled_mm(a2, bq, a_s, b_s, bias, out_dtype)
+    elif name == "triton":
+        y = torch.ops.frugal.int8_scaled_mm_triton(a2, bq, a_s, b_s, bias, out_dtype)
+    else:
+        y = reference.int8_scaled_mm(a2, bq, a_s, b_s, bias, out_dtype)
+    return y.reshape(*lead, N)
+
+
+int8_matmul._frugal_select = _select_int8_matmul
+
+
+def _select_weight_only(x, bq, b_scale, bias=None, *, backend="auto", explain=False):
+    op = "int8_weight_only_matmul"
+    check_dtype(op, "x", x, _FLOATS)
+    check_min_dim(op, "x", x, 1, "[..., K]")
+    _check_weight(op, "bq", bq, x.shape[-1], "x.shape[-1]")
+    _check_scale(op, "b_scale", b_scale, bq.shape[:1], "N, one per output channel")
+    _check_bias(op, bias, bq.shape[0])
+    _check_devices(op, x=x, bq=bq, b_scale=b_scale, bias=bias)
+    return select(op, x.device, backend, _ORDER, _BACKENDS, explain)
+
+
+def int8_weight_only_matmul(x, bq, b_scale, bias=None, *, backend="auto"):
+    """Weight-only int8 matmul for decode: ``x @ (bq * b_scale[:, None]).T + bias`` in x's
+    dtype; the int8 weight is converted in registers, so only 1 byte per weight is read.
+
+    Parameters
+    ----------
+    x : Tensor [..., K] float32, float16 or bfloat16.
+    bq : Tensor [N, K] int8; b_scale : Tensor float32 [N] or a single value.
+    bias : Tensor [N] float, or None.
+    backend : "auto" | "triton" | "cpu" | "torch"
+    """
+    name = _select_weight_only(x, bq, b_scale, bias, backend=backend)
+    lead, K, N = x.shape[:-1], x.shape[-1], bq.shape[0]
+    x2 = x.reshape(-1, K)
+    b_s = b_scale.reshape(-1).expand(N).contiguous() if b_scale.numel() == 1 else b_scale
+    if x2.shape[0] == 0 or N == 0:
+        return torch.empty((*lead, N), dtype=x.dtype, device=x.device)
+    if name == "cpu":
+        y = torch.ops.frugal.int8_weight_only_mm(x2, bq, b_s, bias)
+    elif name == "triton":
+        y = torch.ops.frugal.int8_weight_only_mm_triton(x2, bq, b_s, bias)
+    else:
+        y = reference.int8_weight_only_mm(x2, bq, b_s, bias)
+    return y.reshape(*lead, N)
+
+
+int8_weight_only_matmul._frugal_select = _select_weight_only
+
+
+def quantize_per_channel(w, *, backend="auto"):
+    """Symmetric int8 quantization of a weight per output channel (row of nn.Linear's weight).
+
+    Parameters
+    ----------
+    w : Tensor [N, K] float32, float16 or bfloat16.
+
+    Returns
+    -------
+    (int8 [N, K], float32 [N]): the same rule as :func:`quantize_per_token` applied per row.
+    """
+    check_tensor("quantize_per_channel", "w", w)
+    if w.dim() != 2:
+        raise ShapeError(f"quantize_per_channel: w must be 2-D [N, K]; got a {w.dim()}-d tensor "
+                         f"of shape {tuple(w.shape)}")
+    return quantize_per_token(w, backend=backend)

@@ -1,0 +1,81 @@
+import pytest
+import torch
+from torch import nn
+
+import frugal
+
+
+def mlp(gen):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    return nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256), nn.GELU(),
+                         nn.Linear(256, 64, bias=False))
+
+
+def rel_err(y, ref):
+    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "weight_only"])
+def test_mlp_within_two_percent(device, mode):
+    gen = torch.Generator().manual_seed(3)
+    model = mlp(gen).to(device)
+    x = torch.randn(4, 9, 256, generator=gen).to(device)
+    ref = model(x)
+    report = frugal.quantize_model(model, mode=mode)
+    assert report.swapped == ["0", "2", "4"] and report.skipped == {}
+    assert all(isinstance(model[i], frugal.Int8Linear) for i in (0, 2, 4))
+    y = model(x)
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    assert rel_err(y, ref) < 0.02
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_backends_agree(backend):
+    gen = torch.Generator().manual_seed(8)
+    linear = nn.Linear(100, 37)
+    x = torch.randn(5, 100, generator=gen)
+    want = frugal.Int8Linear.from_float(linear, backend="torch")(x)
+    got = frugal.Int8Linear.from_float(linear, backend=backend)(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_state_dict_round_trip(tmp_path):
+    gen = torch.Generator().manual_seed(4)
+    model = mlp(gen)
+    frugal.quantize_model(model)
+    x = torch.randn(7, 256, generator=gen)
+    y = model(x)
+    path = tmp_path / "q.pt"
+    torch.save(model.state_dict(), path)
+    other = mlp(torch.Generator().manual_seed(99))
+    frugal.quantize_model(other)
+    assert not torch.equal(other(x), y)
+    other.load_state_dict(torch.load(path))
+    assert torch.equal(other(x), y)
+    assert set(model.state_dict()) == {"0.weight_int8", "0.weight_scale", "0.bias",
+                                       "2.weight_int8", "2.weight_scale", "2.bias",
+                                       "4.weight_int8", "4.weight_scale"}
+
+
+def test_quantize_model_skip():
+    model = nn.ModuleDict({"body": nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)),
+                           "lm_head": nn.Linear(8, 3)})
+    report = frugal.quantize_model(model, skip=["lm_head", "body.2"])
+    assert report.swapped == ["body.0"]
+    assert report.skipped == {"body.2": "matched skip", "lm_head": "matched skip"}
+    assert isinstance(model["lm_head"], nn.Linear) and isinstance(model["body"][2], nn.Linear)
+    report = frugal.quantize_model(model, skip=lambda name, m: m.out_features == 3)
+    assert report.swapped == ["body.2"] and "lm_head" in report.skipped
+    assert "swapped 1" in str(report)
+
+
+def test_errors():
+    with pytest.raises(TypeError, match="linear must be an nn.Linear; got Conv1d"):
+        frugal.Int8Linear.from_float(nn.Conv1d(2, 2, 1))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        frugal.Int8Linear(4, 4, mode="int4")
+    with pytest.raises(frugal.ShapeError, match=r"in_features must be in \[1, 131071\]"):
+        frugal.Int8Linear(131072, 4)
+    layer = frugal.Int8Linear(8, 4)
+    with pytest.raises(frugal.ShapeError, match=r"x.shape\[-1\] must be in_features=8; got shape \(2, 9\)"):
+        layer(torch.randn(2, 9))

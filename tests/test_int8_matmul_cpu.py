@@ -1,0 +1,416 @@
+"""The C++ CPU int8 ops (csrc/cpu/int8_matmul.cpp), called directly through torch.ops.frugal,
+on every CPU ISA path: int32 results bit-exact against the int64 reference, dequantized ones
+against a float64 computation of the same formula (and exactly against the fp32 reference)."""
+
+import itertools
+
+import pytest
+import torch
+from conftest import cpu_isas
+
+from frugal import _ext, reference
+
+pytestmark = pytest.mark.skipif(_ext.ext() is None, reason="frugal._C is not built")
+
+ops = torch.ops.frugal
+MAX_K = 131071
+OUT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def rand_int8(shape, gen):
+    """Uniform int8 with both extremes present."""
+    t = torch.randint(-128, 128, shape, dtype=torch.int8, generator=gen)
+    flat = t.view(-1)
+    if flat.numel() >= 2:
+        flat[0], flat[-1] = -128, 127
+    return t
+
+
+def assert_exact(got, a, b, what):
+    want = reference.int8_mm(a, b)
+    assert got.dtype == torch.int32 and got.shape == want.shape, what
+    assert torch.equal(got, want), f"{what}: max |diff| {(got.long() - want.long()).abs().max()}"
+
+
+@pytest.mark.parametrize("K", [1, 3, 4, 5, 64, 67, 255, 1000])
+def test_int8_mm_exact(cpu_isa, poison, K):
+    gen = torch.Generator().manual_seed(K)
+    for M, N in itertools.product([1, 2, 3, 5, 16, 17, 63, 130], [1, 7, 16, 33, 100]):
+        a, b = rand_int8((M, K), gen), rand_int8((N, K), gen)
+        assert_exact(ops.int8_mm(a, b), a, b, f"{cpu_isa} M={M} N={N} K={K}")
+
+
+def test_int8_mm_one_group_many_rows(cpu_isa, poison):
+    # Few columns and many rows: the rows are split across threads.
+    gen = torch.Generator().manual_seed(1)
+    a, b = rand_int8((301, 70), gen), rand_int8((20, 70), gen)
+    assert_exact(ops.int8_mm(a, b), a, b, cpu_isa)
+
+
+def test_int8_mm_k_blocks_and_group_sets(cpu_isa, poison):
+    # K over 2048 is summed in blocks; with many groups a task takes several at once.
+    gen = torch.Generator().manual_seed(9)
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in [1, 2]:
+            torch.set_num_threads(n_threads)
+            for M, N, K in [(13, 1100, 2053), (7, 70, 4100), (40, 1030, 2049)]:
+                a, b = rand_int8((M, K), gen), rand_int8((N, K), gen)
+                what = f"{cpu_isa} {n_threads} threads M={M} N={N} K={K}"
+                assert_exact(ops.int8_mm(a, b), a, b, what)
+                a_scale, b_scale = torch.rand(M, generator=gen), torch.rand(N, generator=gen)
+                want = reference.int8_scaled_mm(a, b, a_scale, b_scale, None, torch.bfloat16)
+                packed = ops.int8_pack_weight(b)
+                got = ops.int8_scaled_mm_packed(a, packed, a_scale, b_scale, None, torch.bfloat16)
+                assert torch.equal(got, want), what
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_int8_mm_worst_case_k(cpu_isa, poison):
+    # K = 131071 all -128: every sum is 131071 * 2^14 = 2^31 - 2^14, the largest that fits.
+    a = torch.full((3, MAX_K), -128, dtype=torch.int8)
+    b = torch.full((2, MAX_K), -128, dtype=torch.int8)
+    b[1] = 127
+    got = ops.int8_mm(a, b)
+    assert got[0, 0] == MAX_K * 128 * 128 and got[0, 1] == -MAX_K * 128 * 127
+    assert_exact(got, a, b, cpu_isa)
+    packed = ops.int8_pack_weight(b)
+    ones = torch.ones(3)
+    y = ops.int8_scaled_mm_packed(a, packed, ones, torch.ones(2), None, torch.float32)
+    assert torch.equal(y, got.float())
+
+
+def test_int8_mm_non_contiguous(cpu_isa, poison):
+    gen = torch.Generator().manual_seed(2)
+    base_a = rand_int8((40, 150), gen)
+    base_b = rand_int8((90, 150), gen)
+    a_views = [base_a[:, ::2], base_a[1:30, 7:], rand_int8((75, 23), gen).t(), base_a[::3]]
+    b_views = [base_b[:, ::2], base_b[::2, 7:], rand_int8((75, 37), gen).t(), base_b[5:20]]
+    for a, b in zip(a_views, b_views):
+        assert not a.is_contiguous() or not b.is_contiguous()
+        what = f"{cpu_isa} a strides {a.stride()} b strides {b.stride()}"
+        assert_exact(ops.int8_mm(a, b), a, b, what)
+        a_scale, b_scale = torch.rand(a.shape[0]), torch.rand(b.shape[0])
+        want = reference.int8_scaled_mm(a, b, a_scale, b_scale, None, torch.float32)
+        got = ops.int8_scaled_mm(a, b, a_scale, b_scale, None, torch.float32)
+        assert torch.equal(got, want)
+        got = ops.int8_scaled_mm_packed(
+            a, ops.int8_pack_weight(b), a_scale, b_scale, None, torch.float32
+        )
+        assert torch.equal(got, want)
+
+
+def scaled_inputs(M, N, K, gen, a_scalar, b_scalar, bias_dtype):
+    a, b = rand_int8((M, K), gen), rand_int8((N, K), gen)
+    # Outputs of order 1..1e3, well inside fp16's range.
+    a_scale = torch.rand(1 if a_scalar else M, generator=gen) * 0.02 + 1e-3
+    b_scale = torch.rand(1 if b_scalar else N, generator=gen) * 0.02 + 1e-3
+    bias = None
+    if bias_dtype is not None:
+        bias = (torch.randn(N, generator=gen) * 10).to(bias_dtype)
+    return a, b, a_scale, b_scale, bias
+
+
+def float64_formula(a, b, a_scale, b_scale, bias):
+    acc = a.double() @ b.double().t()
+    y = acc * a_scale.double().reshape(-1, 1) * b_scale.double().reshape(1, -1)
+    return y if bias is None else y + bias.double()
+
+
+def check_scaled(got, a, b, a_scale, b_scale, bias, out_dtype, what):
+    assert got.dtype == out_dtype and got.shape == (a.shape[0], b.shape[0]), what
+    # Same fp32 operations in the same order as the reference: the same bits.
+    want = reference.int8_scaled_mm(a, b, a_scale, b_scale, bias, out_dtype)
+    diff = (got.double() - want.double()).abs().max()
+    assert torch.equal(got, want), f"{what}: max |diff| {diff}"
+    # And the formula itself: one rounding to out_dtype plus a few fp32 roundings.
+    exact = float64_formula(a, b, a_scale, b_scale, bias)
+    terms = (exact - (0 if bias is None else bias.double())).abs()
+    if bias is not None:
+        terms = terms + bias.double().abs()
+    eps_out = torch.finfo(out_dtype).eps
+    eps32 = torch.finfo(torch.float32).eps
+    bound = eps_out * exact.abs() + 4 * eps32 * terms + 1e-30
+    err = (got.double() - exact).abs()
+    assert (err <= bound).all(), f"{what}: worst error / bound {(err / bound).max()}"
+
+
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=str)
+def test_int8_scaled_mm(cpu_isa, poison, out_dtype):
+    gen = torch.Generator().manual_seed(3)
+    cases = [
+        # M, N, K, a_scale numel 1, b_scale numel 1, bias dtype
+        (1, 1, 1, False, False, None),
+        (5, 33, 67, False, False, torch.float32),
+        (17, 100, 255, True, False, torch.float16),
+        (63, 16, 64, False, True, torch.bfloat16),
+        (130, 7, 1000, True, True, torch.float32),
+        (2, 129, 5, False, False, None),
+    ]
+    for M, N, K, a_scalar, b_scalar, bias_dtype in cases:
+        a, b, a_scale, b_scale, bias = scaled_inputs(M, N, K, gen, a_scalar, b_scalar, bias_dtype)
+        what = f"{cpu_isa} M={M} N={N} K={K} bias={bias_dtype}"
+        got = ops.int8_scaled_mm(a, b, a_scale, b_scale, bias, out_dtype)
+        check_scaled(got, a, b, a_scale, b_scale, bias, out_dtype, what)
+        b_scale_n = b_scale.expand(N).contiguous()
+        packed = ops.int8_pack_weight(b)
+        got_packed = ops.int8_scaled_mm_packed(a, packed, a_scale, b_scale_n, bias, out_dtype)
+        assert torch.equal(got_packed, got), what
+
+
+def test_bf16_and_fp16_rounding_ties(cpu_isa, poison):
+    # acc * 1 * 1 + bias lands exactly on halfway points of bf16 and fp16: ties go to even.
+    a = torch.ones(1, 1, dtype=torch.int8)
+    b = torch.ones(8, 1, dtype=torch.int8)
+    one = torch.ones(1)
+    bias = torch.tensor([0.0, 2**-8, 3 * 2**-8, 2**-11, 3 * 2**-11, 255.0, 2049.0, -(2**-8)])
+    for out_dtype in [torch.bfloat16, torch.float16]:
+        got = ops.int8_scaled_mm(a, b, one, one, bias, out_dtype)
+        want = (1.0 + bias).to(out_dtype).reshape(1, 8)
+        assert torch.equal(got, want), (out_dtype, got, want)
+
+
+def test_packed_buffer_works_under_every_isa(poison):
+    mod = _ext.ext()
+    previous = mod.cpu_isa()
+    gen = torch.Generator().manual_seed(4)
+    a, b = rand_int8((23, 301), gen), rand_int8((77, 301), gen)
+    a_scale, b_scale = torch.rand(23), torch.rand(77)
+    bias = torch.randn(77)
+    want = reference.int8_scaled_mm(a, b, a_scale, b_scale, bias, torch.float32)
+    try:
+        for pack_isa in cpu_isas():
+            mod.set_cpu_isa(pack_isa)
+            packed = ops.int8_pack_weight(b)
+            for run_isa in cpu_isas():
+                mod.set_cpu_isa(run_isa)
+                got = ops.int8_scaled_mm_packed(a, packed, a_scale, b_scale, bias, torch.float32)
+                assert torch.equal(got, want), (pack_isa, run_isa)
+    finally:
+        mod.set_cpu_isa(previous)
+
+
+def test_pack_weight_format():
+    b = torch.arange(-40, 40, dtype=torch.int8).reshape(16, 5)  # K = 5: one padded k4 step
+    packed = ops.int8_pack_weight(b)
+    assert packed.dtype == torch.int8 and packed.dim() == 1
+    assert packed.numel() == 64 + 4 * 16 + 16 * 2 * 4
+    assert bytes(packed[:8].tolist()) == b"frgi8w01"
+    header = packed[8:24].view(torch.int64)
+    assert header.tolist() == [16, 5]
+    comp = packed[64:128].view(torch.int32)
+    assert torch.equal(comp, -128 * b.int().sum(1))
+    data = packed[128:].view(2, 16, 4)  # [K4][W][4]
+    assert torch.equal(data[0], b[:, :4])
+    assert torch.equal(data[1, :, 0], b[:, 4]) and not data[1, :, 1:].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_int8_weight_only_mm(cpu_isa, poison, dtype):
+    gen = torch.Generator().manual_seed(5)
+    eps32 = torch.finfo(torch.float32).eps
+    # M <= 16 streams int8 rows of b; M > 16 dequantizes blocks for at::mm.
+    for M, N, K, with_bias in [
+        (1, 7, 1, True),
+        (1, 100, 1000, False),
+        (3, 33, 67, True),
+        (16, 16, 255, True),
+        (5, 5, 4, False),
+        (17, 100, 64, True),
+        (40, 300, 70, False),
+    ]:
+        x = torch.randn(M, K, generator=gen).to(dtype)
+        b = rand_int8((N, K), gen)
+        b_scale = torch.rand(N, generator=gen) / 64
+        bias = torch.randn(N, generator=gen).to(dtype) if with_bias else None
+        got = ops.int8_weight_only_mm(x, b, b_scale, bias)
+        assert got.dtype == dtype and got.shape == (M, N)
+        exact = (x.double() @ b.double().t()) * b_scale.double()
+        abs_sum = (x.double().abs() @ b.double().abs().t()) * b_scale.double()
+        if bias is not None:
+            exact = exact + bias.double()
+            abs_sum = abs_sum + bias.double().abs()
+        bound = torch.finfo(dtype).eps * exact.abs() + (K + 2) * eps32 * abs_sum + 1e-6
+        err = (got.double() - exact).abs()
+        assert (err <= bound).all(), f"{cpu_isa} M={M} N={N} K={K}: {(err / bound).max()}"
+
+
+def test_weight_only_scalar_b_scale_and_views(poison):
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(40, 3, generator=gen).t()  # [3, 40], not K-contiguous
+    b_views = [rand_int8((80, 60), gen)[::2, 10:50], rand_int8((40, 40), gen).t()]
+    scales = [torch.tensor([0.25]), torch.rand(40, generator=gen)]
+    for b, scale in itertools.product(b_views, scales):
+        got = ops.int8_weight_only_mm(x, b, scale, None)
+        want = reference.int8_weight_only_mm(x, b, scale)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_empty_and_k_zero(cpu_isa, poison):
+    e = torch.empty
+    for M, N in [(0, 5), (4, 0), (0, 0)]:
+        a, b = e(M, 8, dtype=torch.int8), e(N, 8, dtype=torch.int8)
+        assert ops.int8_mm(a, b).shape == (M, N)
+        y = ops.int8_scaled_mm(a, b, torch.ones(M), torch.ones(N), None, torch.float16)
+        assert y.shape == (M, N) and y.dtype == torch.float16
+        y = ops.int8_scaled_mm_packed(
+            a, ops.int8_pack_weight(b), torch.ones(M), torch.ones(N), None, torch.float32
+        )
+        assert y.shape == (M, N)
+        assert ops.int8_weight_only_mm(e(M, 8), b, torch.ones(N), None).shape == (M, N)
+    a, b = e(3, 0, dtype=torch.int8), e(5, 0, dtype=torch.int8)
+    assert torch.equal(ops.int8_mm(a, b), torch.zeros(3, 5, dtype=torch.int32))
+    bias = torch.arange(5.0)
+    y = ops.int8_scaled_mm(a, b, torch.ones(3), torch.ones(5), bias, torch.float32)
+    assert torch.equal(y, bias.expand(3, 5))
+    y = ops.int8_scaled_mm_packed(
+        a, ops.int8_pack_weight(b), torch.ones(3), torch.ones(5), bias, torch.float32
+    )
+    assert torch.equal(y, bias.expand(3, 5))
+    for M in [3, 20]:  # the streaming kernel and the at::mm path
+        y = ops.int8_weight_only_mm(e(M, 0), b, torch.ones(5), bias)
+        assert torch.equal(y, bias.expand(M, 5))
+
+
+def test_errors():
+    a = torch.zeros(4, 8, dtype=torch.int8)
+    b = torch.zeros(6, 8, dtype=torch.int8)
+    sa, sb = torch.ones(4), torch.ones(6)
+    f16 = torch.float16
+    cases = [
+        (lambda: ops.int8_mm(a.float(), b), r"int8_mm: a must be int8; got Float"),
+        (lambda: ops.int8_mm(a, b.half()), r"int8_mm: b must be int8; got Half"),
+        (
+            lambda: ops.int8_mm(a, b[0]),
+            r"int8_mm: b must be 2-D \[N, K\]; got a 1-D tensor of shape \[8\]",
+        ),
+        (
+            lambda: ops.int8_mm(a, b[None]),
+            r"b must be 2-D \[N, K\]; got a 3-D tensor of shape \[1, 6, 8\]",
+        ),
+        (
+            lambda: ops.int8_mm(a, b[:, :5]),
+            r"must have the same K; got a.size\(1\) = 8, b.size\(1\) = 5",
+        ),
+        (
+            lambda: ops.int8_mm(
+                torch.zeros(1, MAX_K + 1, dtype=torch.int8),
+                torch.zeros(1, MAX_K + 1, dtype=torch.int8),
+            ),
+            r"K must be <= 131071 \(larger K can overflow the int32 accumulator\); got K = 131072",
+        ),
+        (
+            lambda: ops.int8_scaled_mm(a, b, torch.ones(3), sb, None, f16),
+            r"int8_scaled_mm: a_scale must have M = 4 or 1 elements; got 3",
+        ),
+        (
+            lambda: ops.int8_scaled_mm(a, b, sa, torch.ones(5), None, f16),
+            r"b_scale must have N = 6 or 1 elements; got 5",
+        ),
+        (
+            lambda: ops.int8_scaled_mm(a, b, sa.double(), sb, None, f16),
+            r"a_scale must be float32; got Double",
+        ),
+        (
+            lambda: ops.int8_scaled_mm(a, b, sa, sb.half(), None, f16),
+            r"b_scale must be float32; got Half",
+        ),
+        (
+            lambda: ops.int8_scaled_mm(a, b, sa, sb, torch.ones(5), f16),
+            r"bias must have shape \[N\] = \[6\]; got \[5\]",
+        ),
+        (
+            lambda: ops.int8_scaled_mm(a, b, sa, sb, torch.ones(6).double(), f16),
+            r"bias must be float32, float16 or bfloat16; got Double",
+        ),
+        (
+            lambda: ops.int8_scaled_mm(a, b, sa, sb, None, torch.int32),
+            r"out_dtype must be float32, float16 or bfloat16; got Int",
+        ),
+        (lambda: ops.int8_pack_weight(b.float()), r"int8_pack_weight: b must be int8; got Float"),
+        (
+            lambda: ops.int8_pack_weight(torch.zeros(2, 3, 4, dtype=torch.int8)),
+            r"int8_pack_weight: b must be 2-D \[N, K\]; got a 3-D tensor",
+        ),
+        (
+            lambda: ops.int8_pack_weight(torch.zeros(1, MAX_K + 1, dtype=torch.int8)),
+            r"int8_pack_weight: K must be <= 131071.*got K = 131072",
+        ),
+        (
+            lambda: ops.int8_weight_only_mm(a, b, sb, None),
+            r"int8_weight_only_mm: x must be float32, float16 or bfloat16; got Char",
+        ),
+        (
+            lambda: ops.int8_weight_only_mm(a.float(), b[:, :7], sb, None),
+            r"x \[M, K\] and b \[N, K\] must have the same K; got x.size\(1\) = 8, b.size\(1\) = 7",
+        ),
+        (
+            lambda: ops.int8_weight_only_mm(a.float(), b, torch.ones(5), None),
+            r"int8_weight_only_mm: b_scale must have N = 6 or 1 elements; got 5",
+        ),
+        (
+            lambda: ops.int8_weight_only_mm(a.float(), b.float(), sb, None),
+            r"int8_weight_only_mm: b must be int8; got Float",
+        ),
+    ]
+    for fn, match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            fn()
+
+
+def test_packed_errors():
+    a = torch.zeros(4, 8, dtype=torch.int8)
+    sa = torch.ones(4)
+    packed = ops.int8_pack_weight(torch.zeros(6, 8, dtype=torch.int8))
+    f32 = torch.float32
+    run = ops.int8_scaled_mm_packed
+    cases = [
+        (
+            lambda: run(a, packed, sa, torch.ones(7), None, f32),
+            r"int8_scaled_mm_packed: b_packed holds a weight with N = 6; "
+            r"b_scale has N = 7 elements",
+        ),
+        (
+            lambda: run(a[:, :4], packed, sa, torch.ones(6), None, f32),
+            r"b_packed holds a weight with K = 8; a has K = a.size\(1\) = 4",
+        ),
+        (
+            lambda: run(
+                a,
+                ops.int8_pack_weight(torch.zeros(6, 12, dtype=torch.int8)),
+                sa,
+                torch.ones(6),
+                None,
+                f32,
+            ),
+            r"b_packed holds a weight with K = 12; a has K = a.size\(1\) = 8",
+        ),
+        (
+            lambda: run(a, packed[:-4], sa, torch.ones(6), None, f32),
+            r"b_packed holds N = 6, K = 8, which take \d+ bytes; got \d+ bytes",
+        ),
+        (
+            lambda: run(a, torch.zeros(256, dtype=torch.int8), sa, torch.ones(6), None, f32),
+            r"b_packed is not an int8_pack_weight buffer \(no 'frgi8w01' header\)",
+        ),
+        (
+            lambda: run(a, packed.float(), sa, torch.ones(6), None, f32),
+            r"b_packed must be the 1-D int8 buffer int8_pack_weight returns; got a 1-D Float",
+        ),
+        (
+            lambda: run(a, packed, sa, torch.ones(1, 6), None, f32),
+            r"b_scale must be 1-D \[N\] \(N is read from it\); got shape \[1, 6\]",
+        ),
+        (
+            lambda: run(a, packed, sa, torch.ones(6).half(), None, f32),
+            r"int8_scaled_mm_packed: b_scale must be float32; got Half",
+        ),
+        (
+            lambda: run(a.float(), packed, sa, torch.ones(6), None, f32),
+            r"int8_scaled_mm_packed: a must be int8; got Float",
+        ),
+    ]
+    for fn, match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            fn()
