@@ -78,3 +78,39 @@ def test_auto_falls_back_when_extension_missing(monkeypatch):
     assert choice.backend == "torch" and "failed to import (test)" in choice.reason
     with pytest.raises(frugal.BackendError, match=r"failed to import \(test\)"):
         frugal.quantize_per_token(x, backend="cpu")
+
+
+def int8_op_cases(device):
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randint(-128, 128, (5, 37), generator=gen, dtype=torch.int8).to(device)
+    b = torch.randint(-128, 128, (19, 37), generator=gen, dtype=torch.int8).to(device)
+    sa, sb = torch.rand(5, generator=gen).to(device), torch.rand(19, generator=gen).to(device)
+    bias, x = torch.randn(19, generator=gen).to(device), torch.randn(5, 37, generator=gen).to(device)
+    ops = torch.ops.frugal
+    cases = {"triton": [(ops.int8_mm_triton, (a, b)),
+                        (ops.int8_scaled_mm_triton, (a, b, sa, sb, bias, torch.float16)),
+                        (ops.int8_weight_only_mm_triton, (x, b, sb, bias))]}
+    if device == "cpu":
+        packed = ops.int8_pack_weight(b)
+        cases["cpu"] = [(ops.int8_mm, (a, b)),
+                        (ops.int8_scaled_mm, (a, b, sa, sb, bias, torch.float16)),
+                        (ops.int8_pack_weight, (b,)),
+                        (ops.int8_scaled_mm_packed, (a, packed, sa, sb, None, torch.float32)),
+                        (ops.int8_weight_only_mm, (x, b, sb, bias))]
+    return cases
+
+
+def test_opcheck_int8(device):
+    cases = int8_op_cases(device)
+    for backend in backends_for(device):
+        for op, args in cases.get(backend, []):
+            torch.library.opcheck(op.default, args)
+
+
+def test_int8_linear_under_torch_compile(device):
+    linear = torch.nn.Linear(64, 24).to(device)
+    for mode in ("dynamic", "weight_only"):
+        q = frugal.Int8Linear.from_float(linear, mode=mode)
+        x = torch.randn(3, 5, 64, device=device)
+        torch.testing.assert_close(torch.compile(q, fullgraph=True)(x), q(x), rtol=1e-5,
+                                   atol=1e-5)

@@ -284,12 +284,13 @@ IsaKernels kernels_for(Isa isa) {
   return {kMrScalar, false, &pack_a_signed, &tile_scalar, &epilogue_scalar};
 }
 
-// K is split into blocks of at most this many k4 steps (2 KB of each row): a row tile's block
-// of a (6 x 2 KB) stays in L1 and the task's blocks of b (4 groups x 64 x 2 KB) in L2 while
-// every row tile of the task runs over them; the int32 sums wait in a per-thread buffer
-// between blocks.
-constexpr int64_t kMaxBlockK4 = 512;
+// K is split into blocks of at most this many k4 steps (4 KB of each row), and a task takes as
+// many groups (up to kMaxTaskGroups) as keep its blocks of b within kTaskBlockBytes: while
+// every row tile of the task runs over them, a row tile's block of a (6 x 4 KB) stays in L1
+// and the blocks of b in L2. The int32 sums wait in a per-thread buffer between K blocks.
+constexpr int64_t kMaxBlockK4 = 1024;
 constexpr int64_t kMaxTaskGroups = 4;
+constexpr int64_t kTaskBlockBytes = 512 * 1024;
 
 // out[m, n] = epilogue((a @ b^T)[m, n]) for a int8 [M, K] (row stride lda, K-contiguous).
 void gemm(const int8_t* a, int64_t lda, int64_t M, const Weight& w, const Epilogue& epi) {
@@ -308,26 +309,23 @@ void gemm(const int8_t* a, int64_t lda, int64_t M, const Weight& w, const Epilog
     for (int64_t m = begin; m < end; ++m) ker.pack_a(a + m * lda, d.K, K4, ap + m * lda_p);
   });
 
-  // Tasks: (set of up to kMaxTaskGroups consecutive groups, block of rows), in weight order.
-  // A task reads its rows of a once for all its groups. Rows are split only when there are too
-  // few groups to feed every thread. Threads take chunks of tasks from a shared counter: a
-  // thread that runs slower (a core shared with another process) takes fewer.
+  // Tasks: (set of consecutive groups, block of rows), in weight order. A task reads its rows
+  // of a once for all its groups. Rows are split only when there are too few groups to feed
+  // every thread. Threads take chunks of tasks from a shared counter: a thread that runs
+  // slower (a core shared with another process) takes fewer.
+  const int64_t k_blocks = std::max<int64_t>(1, ceil_div(K4, kMaxBlockK4));
+  const int64_t block_k4 = ceil_div(K4, k_blocks);
   const int64_t groups = ceil_div(d.N, kGroupCols);
   const int64_t threads = at::get_num_threads();
-  // Rows of b packed per call take a buffer per group: one group per task there.
-  const int64_t XB = getenv("XB") ? atoll(getenv("XB")) : 512;
-  const int64_t XS = getenv("XS") ? atoll(getenv("XS")) : 4;
-  const int64_t XBYTES = getenv("XBYTES") ? atoll(getenv("XBYTES")) : 0;
-  const int64_t XR = getenv("XR") ? atoll(getenv("XR")) : 0;
-  const int64_t k_blocks = std::max<int64_t>(1, ceil_div(K4, XB));
-  const int64_t block_k4 = ceil_div(K4, k_blocks);
-  int64_t cap = XS;
-  if (XBYTES) cap = std::clamp<int64_t>(XBYTES / (256 * std::max<int64_t>(block_k4, 1)), 1, XS);
+  const int64_t group_block_bytes = kGroupCols * 4 * std::max<int64_t>(block_k4, 1);
   const int64_t set_size =
-      w.data == nullptr ? 1 : std::clamp<int64_t>(groups / (4 * threads), 1, cap);
+      w.data == nullptr  // rows of b packed per call take a buffer per group: one per task
+          ? 1
+          : std::clamp<int64_t>(
+                std::min(groups / (4 * threads), kTaskBlockBytes / group_block_bytes), 1,
+                kMaxTaskGroups);
   const int64_t sets = ceil_div(groups, set_size);
-  int64_t row_blocks = std::min(tiles, std::max<int64_t>(1, ceil_div(4 * threads, sets)));
-  if (XR && k_blocks > 1) row_blocks = std::max(row_blocks, ceil_div(tiles * set_size * mr * 256, XR));
+  const int64_t row_blocks = std::min(tiles, std::max<int64_t>(1, ceil_div(4 * threads, sets)));
   const int64_t tiles_per_block = ceil_div(tiles, row_blocks);
   const int64_t tasks = sets * row_blocks;
   const int64_t work_per_task =
@@ -348,7 +346,7 @@ void gemm(const int8_t* a, int64_t lda, int64_t M, const Weight& w, const Epilog
       const int32_t* comp;
       int64_t W, n0;
       int nc;
-    } set[16];
+    } set[kMaxTaskGroups];
     for (;;) {
       const int64_t first = next.fetch_add(chunk, std::memory_order_relaxed);
       if (first >= tasks) break;
@@ -379,16 +377,16 @@ void gemm(const int8_t* a, int64_t lda, int64_t M, const Weight& w, const Epilog
           for (int64_t t = t_begin; t < t_end; ++t) {
             const int64_t m0 = t * mr;
             const int rows = static_cast<int>(std::min(mr, M - m0));
-            const uint8_t* at = ap + m0 * lda_p + 4 * k0;
+            const uint8_t* a_tile = ap + m0 * lda_p + 4 * k0;
             for (int64_t i = 0; i < ng; ++i) {
               const Group& grp = set[i];
               const TileFn fn = ker.tile(rows, static_cast<int>(grp.W / 16));
               const int64_t slot = k_blocks == 1 ? 0 : i * tiles_per_block + t - t_begin;
               int32_t* acc = sums.data() + slot * mr * kGroupCols;
               if (kb == 0) {
-                fn(at, lda_p, grp.data, kc, ker.shifted_a ? grp.comp : nullptr, 0, acc);
+                fn(a_tile, lda_p, grp.data, kc, ker.shifted_a ? grp.comp : nullptr, 0, acc);
               } else {
-                fn(at, lda_p, grp.data + k0 * grp.W * 4, kc, acc, kGroupCols, acc);
+                fn(a_tile, lda_p, grp.data + k0 * grp.W * 4, kc, acc, kGroupCols, acc);
               }
               if (kb == k_blocks - 1) ker.epilogue(acc, rows, m0, grp.n0, grp.nc, epi);
             }

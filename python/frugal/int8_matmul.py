@@ -37,6 +37,12 @@ if _ext.ext() is not None:
     def _int8_scaled_mm_fake(a, b, a_scale, b_scale, bias, out_dtype):
         return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
 
+    @torch.library.register_fake("frugal::int8_pack_weight")
+    def _int8_pack_weight_fake(b):
+        # Header (64 bytes), int32 column compensation, then [Npad / 16 ...][ceil(K / 4)][4].
+        n_pad, k4 = -(-b.shape[0] // 16) * 16, -(-b.shape[1] // 4)
+        return b.new_empty((64 + 4 * n_pad + 4 * n_pad * k4,), dtype=torch.int8)
+
     @torch.library.register_fake("frugal::int8_scaled_mm_packed")
     def _int8_scaled_mm_packed_fake(a, b_packed, a_scale, b_scale, bias, out_dtype):
         return a.new_empty((a.shape[0], b_scale.shape[0]), dtype=out_dtype)
