@@ -1,0 +1,1089 @@
+// paged_attention (decode) and paged_append on the CPU.
+//
+// Decode attention streams K and V from memory once and does little arithmetic per byte, so the
+// kernel is shaped around the memory system. A work item is one sequence, a group of its kv
+// heads and a token range. Each kv head is processed with its G = Hq / Hkv query heads
+// together, so every K/V row is loaded once and used for all G. Tokens go in tiles of kTile:
+// fp32 scores for the tile, one online-softmax step per query head (running max m, running sum
+// l, accumulator rescaled by exp(m_old - m_new), exp vectorized), then acc += p * V. Row
+// addresses come from the block table token by token, so every block size takes one path.
+//
+// Before computing a tile the item loads one byte of every cache line of the next tile (all its
+// kv heads: with heads adjacent in the cache that is one contiguous span per token). Those loads
+// have no dependents, so the core keeps many misses in flight while it computes the current
+// tile from cache. On this Zen 5 that made single-core decode 1.8x faster than software
+// prefetches (which measured no better than none), and a group of kv heads per item was 1.5x
+// faster than one kv head per item, whose rows are short strided pieces of each token's span.
+//
+// Work split: let B' be the number of sequences with seq_len > 0 and want = threads *
+// kMinItemsPerThread. One item per sequence covers all kv heads and the whole attended range.
+// When B' < want, each sequence's range is cut into partitions of kPartitionTokens (split-KV);
+// when that still gives fewer than `want` items, the kv heads are cut into groups too. A
+// partitioned item leaves its unnormalized (m, l, acc) per query head, and a second pass merges
+// the partitions: M = max m_i, out = sum_i acc_i e^(m_i - M) / sum_i l_i e^(m_i - M). Items
+// run longest first, taken from a shared counter, so a batch of mixed lengths balances.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "cpu/isa.h"
+
+#if FRUGAL_X86
+#include <immintrin.h>
+#endif
+
+namespace frugal::cpu {
+namespace {
+
+// Tokens per partition when the context is split (split-KV).
+constexpr int64_t kPartitionTokens = 512;
+// Split the work when it gives fewer items than this many per thread.
+constexpr int64_t kMinItemsPerThread = 4;
+// Tokens per tile: one AVX-512 vector of scores per query head.
+constexpr int kTile = 16;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+template <typename T>
+inline float to_float(T x) {
+  return static_cast<float>(x);
+}
+
+// Element (block, offset, head, d) of a cache is at base + block*s0 + offset*s1 + head*s2 + d.
+template <typename T>
+struct CacheView {
+  T* base;
+  int64_t s0, s1, s2;
+  T* row(int64_t block, int64_t offset, int64_t head) const {
+    return base + block * s0 + offset * s1 + head * s2;
+  }
+};
+
+// One tile of tokens of one kv head: row addresses and, for int8 caches, scales (0 past n).
+template <typename T>
+struct Tile {
+  const T* k[kTile];
+  const T* v[kTile];
+  float k_scale[kTile];
+  float v_scale[kTile];
+  int n;
+};
+
+// The item's state for one kv head. q is pre-multiplied by the softmax scale; rows of q and acc
+// are padded with zeros to Dp (a multiple of 16) floats.
+struct State {
+  int64_t G, D, Dp;
+  float* q;    // [G, Dp]
+  float* acc;  // [G, Dp]
+  float* m;    // [G]
+  float* l;    // [G]
+  float* s;    // [G, kTile]: scores, then probabilities (times v_scale for int8)
+};
+
+template <typename T>
+using TileFn = void (*)(State&, const Tile<T>&);
+
+// The vector kernels hold the accumulators of up to `widest` query heads in registers; a kv
+// head's G query heads go in groups of the widest power of two that is left.
+inline int64_t group_width(int64_t left, int64_t widest) {
+  int64_t w = widest;
+  while (w > left) w /= 2;
+  return w;
+}
+
+// ----------------------------------------------------------------------------------------
+// Scalar
+
+template <typename T>
+void tile_scalar(State& st, const Tile<T>& t) {
+  constexpr bool kInt8 = std::is_same_v<T, int8_t>;
+  for (int64_t g = 0; g < st.G; ++g) {
+    const float* q = st.q + g * st.Dp;
+    float* s = st.s + g * kTile;
+    float mx = -kInf;
+    for (int i = 0; i < t.n; ++i) {
+      float dot = 0.0f;
+      for (int64_t d = 0; d < st.D; ++d) dot += q[d] * to_float(t.k[i][d]);
+      s[i] = kInt8 ? dot * t.k_scale[i] : dot;
+      mx = std::max(mx, s[i]);
+    }
+    const float m_new = std::max(st.m[g], mx);
+    const float alpha = std::exp(st.m[g] - m_new);
+    float sum = 0.0f;
+    for (int i = 0; i < t.n; ++i) {
+      s[i] = std::exp(s[i] - m_new);
+      sum += s[i];
+      if (kInt8) s[i] *= t.v_scale[i];
+    }
+    st.l[g] = st.l[g] * alpha + sum;
+    st.m[g] = m_new;
+    float* acc = st.acc + g * st.Dp;
+    for (int64_t d = 0; d < st.D; ++d) {
+      float a = acc[d] * alpha;
+      for (int i = 0; i < t.n; ++i) a += s[i] * to_float(t.v[i][d]);
+      acc[d] = a;
+    }
+  }
+}
+
+#if FRUGAL_X86
+
+// exp(x) for x <= 0 (NaN stays NaN): 2^n * exp(r) with n = round(x log2 e) and r = x - n ln 2
+// (ln 2 in two parts, Cody-Waite), exp(r) by the Cephes expf polynomial. Checked against a
+// correctly rounded exp on every float in [-87, 0]: at most 1 ulp off, in both versions. Inputs
+// below -87 give exp(-87) ~ 1.6e-38: only ever a weight beside the weight 1 of the running max, or
+// a factor of a zero accumulator.
+constexpr float kExpMin = -87.0f;
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693359375f;
+constexpr float kLn2Lo = -2.12194440e-4f;
+constexpr float kExpP[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                            4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
+// --- AVX-512 ---
+
+FRUGAL_TARGET_AVX512 inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(kExpMin), x);  // operand order keeps NaN
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(kExpP[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP[i]));
+  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(y, n);
+}
+
+FRUGAL_TARGET_AVX512 inline __m512 load16(const float* p, __mmask16 m) {
+  return m == 0xFFFF ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p);
+}
+FRUGAL_TARGET_AVX512 inline __m512 load16(const c10::Half* p, __mmask16 m) {
+  return _mm512_cvtph_ps(m == 0xFFFF ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                                     : _mm256_maskz_loadu_epi16(m, p));
+}
+FRUGAL_TARGET_AVX512 inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
+  const __m256i raw = m == 0xFFFF ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                                  : _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+FRUGAL_TARGET_AVX512 inline __m512 load16(const int8_t* p, __mmask16 m) {
+  const __m128i raw = m == 0xFFFF ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))
+                                  : _mm_maskz_loadu_epi8(m, p);
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
+}
+
+inline __mmask16 lanes16(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+}
+
+// GCC 12's intrinsic headers give the unused pass-through operand of these shuffles the value
+// of itself (`__m512 __Y = __Y;`), which -Wuninitialized reports once they are inlined.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+// The four sums of a0..a3, as one vector.
+FRUGAL_TARGET_AVX512 inline __m128 hsum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+  const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+  const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+  const __m512 u = _mm512_add_ps(
+      _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))),
+      _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))));
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(u), _mm512_extractf32x8_ps(u, 1));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+#pragma GCC diagnostic pop
+
+// Scores of query heads [g0, g0 + GN) for tokens [i0, i0 + TN) of the tile: each K chunk and
+// each q chunk is loaded once for the TN x GN independent dot products.
+template <int GN, int TN, typename T>
+FRUGAL_TARGET_AVX512 inline void scores_block_avx512(State& st, const Tile<T>& t, int64_t g0,
+                                                     int i0) {
+  const float* q = st.q + g0 * st.Dp;
+  __m512 a[TN * GN];
+#pragma GCC unroll 16
+  for (int x = 0; x < TN * GN; ++x) a[x] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < st.D; d += 16) {
+    const __mmask16 m = lanes16(st.D - d);
+    __m512 kv[TN];
+#pragma GCC unroll 4
+    for (int i = 0; i < TN; ++i) kv[i] = load16(t.k[i0 + i] + d, m);
+#pragma GCC unroll 4
+    for (int j = 0; j < GN; ++j) {
+      const __m512 qv = _mm512_loadu_ps(q + j * st.Dp + d);
+#pragma GCC unroll 4
+      for (int i = 0; i < TN; ++i) a[i * GN + j] = _mm512_fmadd_ps(qv, kv[i], a[i * GN + j]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < GN; ++j) {
+    float* s = st.s + (g0 + j) * kTile + i0;
+    if constexpr (TN == 4) {
+      _mm_storeu_ps(s, hsum4(a[j], a[GN + j], a[2 * GN + j], a[3 * GN + j]));
+    } else {
+      s[0] = _mm512_reduce_add_ps(a[j]);
+    }
+  }
+}
+
+template <int GN, typename T>
+FRUGAL_TARGET_AVX512 void scores_avx512(State& st, const Tile<T>& t, int64_t g0) {
+  int i = 0;
+  for (; i + 4 <= t.n; i += 4) scores_block_avx512<GN, 4>(st, t, g0, i);
+  for (; i < t.n; ++i) scores_block_avx512<GN, 1>(st, t, g0, i);
+}
+
+// acc[g0 .. g0 + GN, chunks c0 .. c0 + DB) += sum over the tile of p * V: GN x DB independent
+// accumulators, each V chunk loaded once.
+template <int GN, int DB, typename T>
+FRUGAL_TARGET_AVX512 inline void accumulate_block_avx512(State& st, const Tile<T>& t, int64_t g0,
+                                                         int64_t c0) {
+  float* acc = st.acc + g0 * st.Dp + 16 * c0;
+  const float* p = st.s + g0 * kTile;
+  __mmask16 m[DB];
+  __m512 a[GN * DB];
+#pragma GCC unroll 8
+  for (int c = 0; c < DB; ++c) m[c] = lanes16(st.D - 16 * (c0 + c));
+#pragma GCC unroll 8
+  for (int j = 0; j < GN; ++j) {
+#pragma GCC unroll 8
+    for (int c = 0; c < DB; ++c) a[j * DB + c] = _mm512_loadu_ps(acc + j * st.Dp + 16 * c);
+  }
+  for (int i = 0; i < t.n; ++i) {
+    __m512 pv[GN];
+#pragma GCC unroll 8
+    for (int j = 0; j < GN; ++j) pv[j] = _mm512_set1_ps(p[j * kTile + i]);
+#pragma GCC unroll 8
+    for (int c = 0; c < DB; ++c) {
+      const __m512 vv = load16(t.v[i] + 16 * (c0 + c), m[c]);
+#pragma GCC unroll 8
+      for (int j = 0; j < GN; ++j) a[j * DB + c] = _mm512_fmadd_ps(pv[j], vv, a[j * DB + c]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < GN; ++j) {
+#pragma GCC unroll 8
+    for (int c = 0; c < DB; ++c) _mm512_storeu_ps(acc + j * st.Dp + 16 * c, a[j * DB + c]);
+  }
+}
+
+template <int GN, typename T>
+FRUGAL_TARGET_AVX512 void accumulate_avx512(State& st, const Tile<T>& t, int64_t g0) {
+  constexpr int DB = GN >= 8 ? 2 : GN == 4 ? 4 : 8;
+  const int64_t chunks = st.Dp / 16;
+  int64_t c = 0;
+  for (; c + DB <= chunks; c += DB) accumulate_block_avx512<GN, DB>(st, t, g0, c);
+  for (; c < chunks; ++c) accumulate_block_avx512<GN, 1>(st, t, g0, c);
+}
+
+template <typename T>
+FRUGAL_TARGET_AVX512 void softmax_avx512(State& st, const Tile<T>& t) {
+  constexpr bool kInt8 = std::is_same_v<T, int8_t>;
+  const __mmask16 live = lanes16(t.n);
+  for (int64_t g = 0; g < st.G; ++g) {
+    float* s = st.s + g * kTile;
+    __m512 x = _mm512_loadu_ps(s);
+    if (kInt8) x = _mm512_mul_ps(x, _mm512_loadu_ps(t.k_scale));
+    x = _mm512_mask_mov_ps(_mm512_set1_ps(-kInf), live, x);
+    const float m_old = st.m[g];
+    const float m_new = std::max(m_old, _mm512_reduce_max_ps(x));
+    __m512 p = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(x, _mm512_set1_ps(m_new))));
+    const float alpha =
+        m_new == m_old ? 1.0f : _mm512_cvtss_f32(exp16(_mm512_set1_ps(m_old - m_new)));
+    st.l[g] = st.l[g] * alpha + _mm512_reduce_add_ps(p);
+    st.m[g] = m_new;
+    if (kInt8) p = _mm512_maskz_mul_ps(live, p, _mm512_loadu_ps(t.v_scale));
+    _mm512_storeu_ps(s, p);
+    if (alpha != 1.0f) {
+      float* acc = st.acc + g * st.Dp;
+      const __m512 va = _mm512_set1_ps(alpha);
+      for (int64_t d = 0; d < st.Dp; d += 16)
+        _mm512_storeu_ps(acc + d, _mm512_mul_ps(_mm512_loadu_ps(acc + d), va));
+    }
+  }
+}
+
+template <typename T>
+FRUGAL_TARGET_AVX512 void tile_avx512(State& st, const Tile<T>& t) {
+  for (int64_t g0 = 0, w = 0; g0 < st.G; g0 += w) {
+    switch (w = group_width(st.G - g0, 4)) {
+      case 4:
+        scores_avx512<4>(st, t, g0);
+        break;
+      case 2:
+        scores_avx512<2>(st, t, g0);
+        break;
+      default:
+        scores_avx512<1>(st, t, g0);
+    }
+  }
+  softmax_avx512(st, t);
+  for (int64_t g0 = 0, w = 0; g0 < st.G; g0 += w) {
+    switch (w = group_width(st.G - g0, 8)) {
+      case 8:
+        accumulate_avx512<8>(st, t, g0);
+        break;
+      case 4:
+        accumulate_avx512<4>(st, t, g0);
+        break;
+      case 2:
+        accumulate_avx512<2>(st, t, g0);
+        break;
+      default:
+        accumulate_avx512<1>(st, t, g0);
+    }
+  }
+}
+
+// --- AVX2 ---
+
+FRUGAL_TARGET_AVX2 inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(kExpMin), x);  // operand order keeps NaN
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(kExpP[0]);
+  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP[i]));
+  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+  // n >= -126 (x >= -87): 2^n is a normal float built from its exponent bits.
+  const __m256i e =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+FRUGAL_TARGET_AVX2 inline float hsum8(__m256 x) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+FRUGAL_TARGET_AVX2 inline float hmax8(__m256 x) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+
+FRUGAL_TARGET_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+FRUGAL_TARGET_AVX2 inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+FRUGAL_TARGET_AVX2 inline __m256 load8(const c10::BFloat16* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+FRUGAL_TARGET_AVX2 inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(
+      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+// The first n (<= 8) elements at p, zeros after: no read past p[n - 1].
+template <typename T>
+FRUGAL_TARGET_AVX2 inline __m256 load8(const T* p, int64_t n) {
+  if (n >= 8) return load8(p);
+  alignas(32) float tmp[8] = {};
+  for (int64_t i = 0; i < n; ++i) tmp[i] = to_float(p[i]);
+  return _mm256_load_ps(tmp);
+}
+
+template <int GN, typename T>
+FRUGAL_TARGET_AVX2 void scores_avx2(State& st, const Tile<T>& t, int64_t g0) {
+  const float* q = st.q + g0 * st.Dp;
+  for (int i = 0; i < t.n; ++i) {
+    __m256 a[GN];
+#pragma GCC unroll 8
+    for (int j = 0; j < GN; ++j) a[j] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < st.D; d += 8) {
+      const __m256 kv = load8(t.k[i] + d, st.D - d);
+#pragma GCC unroll 8
+      for (int j = 0; j < GN; ++j)
+        a[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q + j * st.Dp + d), kv, a[j]);
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < GN; ++j) st.s[(g0 + j) * kTile + i] = hsum8(a[j]);
+  }
+}
+
+template <int GN, typename T>
+FRUGAL_TARGET_AVX2 void accumulate_avx2(State& st, const Tile<T>& t, int64_t g0) {
+  float* acc = st.acc + g0 * st.Dp;
+  const float* p = st.s + g0 * kTile;
+  for (int64_t d = 0; d < st.D; d += 8) {
+    __m256 a[GN];
+#pragma GCC unroll 8
+    for (int j = 0; j < GN; ++j) a[j] = _mm256_loadu_ps(acc + j * st.Dp + d);
+    for (int i = 0; i < t.n; ++i) {
+      const __m256 vv = load8(t.v[i] + d, st.D - d);
+#pragma GCC unroll 8
+      for (int j = 0; j < GN; ++j)
+        a[j] = _mm256_fmadd_ps(_mm256_set1_ps(p[j * kTile + i]), vv, a[j]);
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < GN; ++j) _mm256_storeu_ps(acc + j * st.Dp + d, a[j]);
+  }
+}
+
+template <typename T>
+FRUGAL_TARGET_AVX2 void softmax_avx2(State& st, const Tile<T>& t) {
+  constexpr bool kInt8 = std::is_same_v<T, int8_t>;
+  const __m256 index = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256 live[2] = {_mm256_cmp_ps(index, _mm256_set1_ps(t.n), _CMP_LT_OQ),
+                          _mm256_cmp_ps(index, _mm256_set1_ps(t.n - 8), _CMP_LT_OQ)};
+  const __m256 neg_inf = _mm256_set1_ps(-kInf);
+  for (int64_t g = 0; g < st.G; ++g) {
+    float* s = st.s + g * kTile;
+    __m256 x[2];
+    for (int h = 0; h < 2; ++h) {
+      x[h] = _mm256_loadu_ps(s + 8 * h);
+      if (kInt8) x[h] = _mm256_mul_ps(x[h], _mm256_loadu_ps(t.k_scale + 8 * h));
+      x[h] = _mm256_blendv_ps(neg_inf, x[h], live[h]);
+    }
+    const float m_old = st.m[g];
+    const float m_new = std::max(m_old, hmax8(_mm256_max_ps(x[0], x[1])));
+    __m256 p[2];
+    for (int h = 0; h < 2; ++h)
+      p[h] = _mm256_and_ps(live[h], exp8(_mm256_sub_ps(x[h], _mm256_set1_ps(m_new))));
+    const float alpha =
+        m_new == m_old ? 1.0f : _mm256_cvtss_f32(exp8(_mm256_set1_ps(m_old - m_new)));
+    st.l[g] = st.l[g] * alpha + hsum8(_mm256_add_ps(p[0], p[1]));
+    st.m[g] = m_new;
+    for (int h = 0; h < 2; ++h) {
+      if (kInt8)
+        p[h] = _mm256_and_ps(live[h], _mm256_mul_ps(p[h], _mm256_loadu_ps(t.v_scale + 8 * h)));
+      _mm256_storeu_ps(s + 8 * h, p[h]);
+    }
+    if (alpha != 1.0f) {
+      float* acc = st.acc + g * st.Dp;
+      const __m256 va = _mm256_set1_ps(alpha);
+      for (int64_t d = 0; d < st.Dp; d += 8)
+        _mm256_storeu_ps(acc + d, _mm256_mul_ps(_mm256_loadu_ps(acc + d), va));
+    }
+  }
+}
+
+template <typename T>
+FRUGAL_TARGET_AVX2 void tile_avx2(State& st, const Tile<T>& t) {
+  for (int64_t g0 = 0, w = 0; g0 < st.G; g0 += w) {
+    switch (w = group_width(st.G - g0, 8)) {
+      case 8:
+        scores_avx2<8>(st, t, g0);
+        break;
+      case 4:
+        scores_avx2<4>(st, t, g0);
+        break;
+      case 2:
+        scores_avx2<2>(st, t, g0);
+        break;
+      default:
+        scores_avx2<1>(st, t, g0);
+    }
+  }
+  softmax_avx2(st, t);
+  for (int64_t g0 = 0, w = 0; g0 < st.G; g0 += w) {
+    switch (w = group_width(st.G - g0, 8)) {
+      case 8:
+        accumulate_avx2<8>(st, t, g0);
+        break;
+      case 4:
+        accumulate_avx2<4>(st, t, g0);
+        break;
+      case 2:
+        accumulate_avx2<2>(st, t, g0);
+        break;
+      default:
+        accumulate_avx2<1>(st, t, g0);
+    }
+  }
+}
+
+#endif  // FRUGAL_X86
+
+template <typename T>
+TileFn<T> pick_tile() {
+#if FRUGAL_X86
+  const Isa isa = current_isa();
+  if (isa >= Isa::kAvx512) return &tile_avx512<T>;
+  if (isa >= Isa::kAvx2) return &tile_avx2<T>;
+#endif
+  return &tile_scalar<T>;
+}
+
+// ----------------------------------------------------------------------------------------
+// Driver
+
+struct Item {
+  int64_t b, h0, hn, lo, hi;  // kv heads [h0, h0 + hn) of sequence b, tokens [lo, hi)
+  int64_t slot;               // partial-result slot of head h0 (the others follow), or -1:
+                              // the item covers the whole range and writes the output
+};
+
+struct FreeDeleter {
+  void operator()(float* p) const { std::free(p); }
+};
+
+// Per-thread scratch: a State per kv head of an item and two tiles (current, next) per head.
+template <typename T>
+struct Workspace {
+  std::unique_ptr<float, FreeDeleter> buf;
+  std::vector<State> states;
+  std::vector<Tile<T>> tiles;
+};
+
+template <typename QT, typename T>
+struct Problem {
+  const QT* q;
+  int64_t q_s0, q_s1, q_s2;
+  QT* out;  // [B, Hq, D], contiguous
+  CacheView<const T> k, v;
+  CacheView<const float> k_scale, v_scale;  // int8 caches only
+  const int32_t* tables;
+  int64_t table_s0, table_s1;
+  int block_shift;
+  int64_t Hq, G, D, Dp;
+  float scale;
+  float* partial;  // per slot: m [G], l [G], acc [G, D]
+  TileFn<T> tile;
+
+  int64_t partial_floats() const { return G * (2 + D); }
+
+  // Tokens [p0, p0 + n) of sequence b for kv heads [h0, h0 + hn), one tile per head.
+  void fill(Tile<T>* t, int64_t b, int64_t h0, int64_t hn, int64_t p0, int n) const {
+    constexpr bool kInt8 = std::is_same_v<T, int8_t>;
+    const int32_t* row = tables + b * table_s0;
+    const int64_t mask = (int64_t{1} << block_shift) - 1;
+    for (int64_t hh = 0; hh < hn; ++hh) t[hh].n = n;
+    for (int i = 0; i < n; ++i) {
+      const int64_t pos = p0 + i;
+      const int64_t block = row[(pos >> block_shift) * table_s1];
+      const int64_t offset = pos & mask;
+      for (int64_t hh = 0; hh < hn; ++hh) {
+        t[hh].k[i] = k.row(block, offset, h0 + hh);
+        t[hh].v[i] = v.row(block, offset, h0 + hh);
+        if (kInt8) {
+          t[hh].k_scale[i] = *k_scale.row(block, offset, h0 + hh);
+          t[hh].v_scale[i] = *v_scale.row(block, offset, h0 + hh);
+        }
+      }
+    }
+    for (int64_t hh = 0; hh < hn; ++hh)
+      for (int i = n; i < kTile; ++i) t[hh].k_scale[i] = t[hh].v_scale[i] = 0.0f;
+  }
+
+  // Loads a byte of every cache line of the K and V rows of the tiles (see the top comment).
+  void touch(const Tile<T>* t, int64_t hn) const {
+    const bool adjacent = k.s2 == D && v.s2 == D;
+    const int64_t spans = adjacent ? 1 : hn;
+    const int64_t bytes = (adjacent ? hn : 1) * D * static_cast<int64_t>(sizeof(T));
+    unsigned char sink = 0;
+    for (int64_t hh = 0; hh < spans; ++hh) {
+      for (int i = 0; i < t[hh].n; ++i) {
+        const auto* kr = reinterpret_cast<const unsigned char*>(t[hh].k[i]);
+        const auto* vr = reinterpret_cast<const unsigned char*>(t[hh].v[i]);
+        for (int64_t o = 0; o < bytes; o += 64) sink |= kr[o] | vr[o];
+        sink |= kr[bytes - 1] | vr[bytes - 1];
+      }
+    }
+    asm volatile("" : : "r"(sink));
+  }
+
+  void run(const Item& it, Workspace<T>& ws) const {
+    for (int64_t hh = 0; hh < it.hn; ++hh) {
+      State& st = ws.states[hh];
+      const QT* qh = q + it.b * q_s0 + (it.h0 + hh) * G * q_s1;
+      for (int64_t g = 0; g < G; ++g) {
+        float* qr = st.q + g * Dp;
+        for (int64_t d = 0; d < D; ++d) qr[d] = to_float(qh[g * q_s1 + d * q_s2]) * scale;
+        std::fill(qr + D, qr + Dp, 0.0f);
+        st.m[g] = -kInf;
+        st.l[g] = 0.0f;
+      }
+      std::fill(st.acc, st.acc + G * Dp, 0.0f);
+    }
+    Tile<T>* cur = ws.tiles.data();
+    Tile<T>* next = cur + it.hn;
+    fill(cur, it.b, it.h0, it.hn, it.lo, static_cast<int>(std::min<int64_t>(kTile, it.hi - it.lo)));
+    touch(cur, it.hn);
+    for (int64_t p0 = it.lo; p0 < it.hi; p0 += kTile) {
+      const int64_t p1 = p0 + kTile;
+      fill(next, it.b, it.h0, it.hn, p1,
+           static_cast<int>(std::clamp<int64_t>(it.hi - p1, 0, kTile)));
+      touch(next, it.hn);
+      for (int64_t hh = 0; hh < it.hn; ++hh) tile(ws.states[hh], cur[hh]);
+      std::swap(cur, next);
+    }
+
+    for (int64_t hh = 0; hh < it.hn; ++hh) {
+      const State& st = ws.states[hh];
+      if (it.slot >= 0) {
+        float* dst = partial + (it.slot + hh) * partial_floats();
+        std::copy(st.m, st.m + G, dst);
+        std::copy(st.l, st.l + G, dst + G);
+        for (int64_t g = 0; g < G; ++g)
+          std::copy(st.acc + g * Dp, st.acc + g * Dp + D, dst + 2 * G + g * D);
+        continue;
+      }
+      QT* o = out + (it.b * Hq + (it.h0 + hh) * G) * D;
+      for (int64_t g = 0; g < G; ++g) {
+        const float inv = 1.0f / st.l[g];
+        for (int64_t d = 0; d < D; ++d) o[g * D + d] = static_cast<QT>(st.acc[g * Dp + d] * inv);
+      }
+    }
+  }
+
+  // Log-sum-exp merge of kv head h's `parts` partial results (slots first + i * Hkv).
+  void merge(int64_t b, int64_t h, int64_t first, int64_t parts, int64_t Hkv,
+             std::vector<float>& buf) const {
+    buf.assign(D + parts, 0.0f);
+    float* sum = buf.data();
+    float* w = buf.data() + D;
+    QT* o = out + (b * Hq + h * G) * D;
+    for (int64_t g = 0; g < G; ++g) {
+      float M = -kInf;
+      for (int64_t i = 0; i < parts; ++i)
+        M = std::max(M, partial[(first + i * Hkv) * partial_floats() + g]);
+      float L = 0.0f;
+      std::fill(sum, sum + D, 0.0f);
+      for (int64_t i = 0; i < parts; ++i) {
+        const float* p = partial + (first + i * Hkv) * partial_floats();
+        w[i] = std::exp(p[g] - M);
+        L += p[G + g] * w[i];
+        const float* acc = p + 2 * G + g * D;
+        for (int64_t d = 0; d < D; ++d) sum[d] += acc[d] * w[i];
+      }
+      const float inv = 1.0f / L;
+      for (int64_t d = 0; d < D; ++d) o[g * D + d] = static_cast<QT>(sum[d] * inv);
+    }
+  }
+};
+
+// Runs the items on every thread, in order, each thread taking the next from a counter.
+template <typename QT, typename T>
+void run_items(const Problem<QT, T>& pb, const std::vector<Item>& items, int64_t max_heads) {
+  std::atomic<int64_t> next{0};
+  const int64_t n = static_cast<int64_t>(items.size());
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n), 1, [&](int64_t, int64_t) {
+    const int64_t per_head = 2 * pb.G * pb.Dp + pb.G * (2 + kTile);
+    const size_t bytes = (max_heads * per_head * sizeof(float) + 63) / 64 * 64;
+    Workspace<T> ws;
+    ws.buf.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
+    TORCH_CHECK(ws.buf != nullptr, "paged_attention: out of memory for ", bytes,
+                " bytes of scratch");
+    for (int64_t hh = 0; hh < max_heads; ++hh) {
+      float* base = ws.buf.get() + hh * per_head;
+      float* m = base + 2 * pb.G * pb.Dp;
+      ws.states.push_back(
+          {pb.G, pb.D, pb.Dp, base, base + pb.G * pb.Dp, m, m + pb.G, m + 2 * pb.G});
+    }
+    ws.tiles.resize(2 * max_heads);
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) pb.run(items[i], ws);
+  });
+}
+
+const char* dtype_name(at::ScalarType t) { return c10::toString(t); }
+
+bool is_float(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
+
+bool is_cache_dtype(at::ScalarType t) { return is_float(t) || t == at::kChar; }
+
+// log2 of a power-of-two block size in [1, 256], checked.
+int block_shift(const char* op, int64_t bs) {
+  TORCH_CHECK(bs >= 1 && bs <= 256 && (bs & (bs - 1)) == 0, op,
+              ": block_size (k_cache.size(1)) must be a power of two from 1 to 256; got ", bs);
+  int shift = 0;
+  while ((int64_t{1} << shift) < bs) ++shift;
+  return shift;
+}
+
+void check_caches(const char* op, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                  const std::optional<at::Tensor>& k_scale,
+                  const std::optional<at::Tensor>& v_scale) {
+  TORCH_CHECK(k_cache.dim() == 4, op,
+              ": k_cache must be 4-d [num_blocks, block_size, num_kv_heads, "
+              "head_dim]; got shape ",
+              k_cache.sizes());
+  TORCH_CHECK(is_cache_dtype(k_cache.scalar_type()), op,
+              ": k_cache must be float32, float16, bfloat16 or int8; got ",
+              dtype_name(k_cache.scalar_type()));
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache must have k_cache's shape ",
+              k_cache.sizes(), "; got ", v_cache.sizes());
+  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), op,
+              ": v_cache must have k_cache's dtype ", dtype_name(k_cache.scalar_type()), "; got ",
+              dtype_name(v_cache.scalar_type()));
+  TORCH_CHECK(k_cache.device().is_cpu() && v_cache.device().is_cpu(), op,
+              ": k_cache and v_cache must be CPU tensors; got ", k_cache.device(), " and ",
+              v_cache.device());
+  TORCH_CHECK(k_cache.size(2) >= 1, op, ": num_kv_heads (k_cache.size(2)) must be >= 1; got ",
+              k_cache.size(2));
+  for (const auto* c : {&k_cache, &v_cache}) {
+    TORCH_CHECK(c->size(3) <= 1 || c->stride(3) == 1, op, ": ",
+                c == &k_cache ? "k_cache" : "v_cache",
+                " must have unit stride along head_dim; got strides ", c->strides());
+  }
+  const bool int8 = k_cache.scalar_type() == at::kChar;
+  for (const auto& [name, s] :
+       {std::pair<const char*, const std::optional<at::Tensor>*>{"k_scale", &k_scale},
+        {"v_scale", &v_scale}}) {
+    if (!int8) {
+      TORCH_CHECK(!s->has_value(), op, ": ", name, " is only for int8 caches; k_cache is ",
+                  dtype_name(k_cache.scalar_type()));
+      continue;
+    }
+    TORCH_CHECK(s->has_value(), op, ": int8 caches need ", name,
+                " (float32 [num_blocks, block_size, num_kv_heads]); got None");
+    const at::Tensor& t = **s;
+    TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32; got ",
+                dtype_name(t.scalar_type()));
+    TORCH_CHECK(t.dim() == 3 && t.sizes() == k_cache.sizes().slice(0, 3), op, ": ", name,
+                " must have shape ", k_cache.sizes().slice(0, 3), " (k_cache.shape[:3]); got ",
+                t.sizes());
+    TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor; got ", t.device());
+  }
+}
+
+template <typename T>
+CacheView<T> view(const at::Tensor& t) {
+  return {static_cast<T*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// Sequence b's attended range is [lo[b], hi[b]); hi[b] == 0 for an empty sequence.
+struct Plan {
+  std::vector<Item> items;
+  std::vector<std::array<int64_t, 3>> merges;  // (sequence, first slot, partitions)
+  int64_t slots = 0;
+  int64_t max_heads = 0;
+};
+
+Plan plan_work(const std::vector<int64_t>& lo, const std::vector<int64_t>& hi, int64_t Hkv) {
+  const int64_t want = at::get_num_threads() * kMinItemsPerThread;
+  int64_t active = 0, partitions = 0;
+  for (size_t b = 0; b < hi.size(); ++b) {
+    if (hi[b] == 0) continue;
+    ++active;
+    partitions += (hi[b] - lo[b] + kPartitionTokens - 1) / kPartitionTokens;
+  }
+  const bool split = active < want;
+  const int64_t units = split ? partitions : active;
+  const int64_t groups =
+      units >= want ? 1 : std::min(Hkv, (want + units - 1) / std::max<int64_t>(units, 1));
+  const int64_t hn = (Hkv + groups - 1) / groups;
+  Plan plan;
+  plan.max_heads = hn;
+  for (size_t b = 0; b < hi.size(); ++b) {
+    if (hi[b] == 0) continue;
+    const int64_t parts = split ? (hi[b] - lo[b] + kPartitionTokens - 1) / kPartitionTokens : 1;
+    if (parts > 1) plan.merges.push_back({static_cast<int64_t>(b), plan.slots, parts});
+    for (int64_t i = 0; i < parts; ++i) {
+      const int64_t p0 = lo[b] + i * kPartitionTokens;
+      const int64_t p1 = parts == 1 ? hi[b] : std::min(hi[b], p0 + kPartitionTokens);
+      for (int64_t h = 0; h < Hkv; h += hn) {
+        const int64_t n = std::min(hn, Hkv - h);
+        plan.items.push_back({static_cast<int64_t>(b), h, n, p0, p1, parts > 1 ? plan.slots : -1});
+        if (parts > 1) plan.slots += n;
+      }
+    }
+  }
+  std::stable_sort(plan.items.begin(), plan.items.end(), [](const Item& x, const Item& y) {
+    return (x.hi - x.lo) * x.hn > (y.hi - y.lo) * y.hn;
+  });
+  return plan;
+}
+
+template <typename QT, typename T>
+void paged_attention_typed(const at::Tensor& q, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, const at::Tensor& tables, int shift,
+                           const Plan& plan, double scale, const std::optional<at::Tensor>& k_scale,
+                           const std::optional<at::Tensor>& v_scale, at::Tensor& out) {
+  Problem<QT, T> pb;
+  pb.q = static_cast<const QT*>(q.data_ptr());
+  pb.q_s0 = q.stride(0);
+  pb.q_s1 = q.stride(1);
+  pb.q_s2 = q.stride(2);
+  pb.out = static_cast<QT*>(out.data_ptr());
+  pb.k = view<const T>(k_cache);
+  pb.v = view<const T>(v_cache);
+  if (k_scale.has_value()) {
+    pb.k_scale = view<const float>(*k_scale);
+    pb.v_scale = view<const float>(*v_scale);
+  } else {
+    pb.k_scale = pb.v_scale = {nullptr, 0, 0, 0};
+  }
+  pb.tables = tables.data_ptr<int32_t>();
+  pb.table_s0 = tables.stride(0);
+  pb.table_s1 = tables.stride(1);
+  pb.block_shift = shift;
+  const int64_t Hkv = k_cache.size(2);
+  pb.Hq = q.size(1);
+  pb.G = pb.Hq / Hkv;
+  pb.D = q.size(2);
+  pb.Dp = (pb.D + 15) / 16 * 16;
+  pb.scale = static_cast<float>(scale);
+  pb.tile = pick_tile<T>();
+  std::vector<float> partial(plan.slots * pb.partial_floats());
+  pb.partial = partial.data();
+  run_items(pb, plan.items, plan.max_heads);
+  at::parallel_for(0, static_cast<int64_t>(plan.merges.size()) * Hkv, 1,
+                   [&](int64_t begin, int64_t end) {
+                     std::vector<float> buf;
+                     for (int64_t i = begin; i < end; ++i) {
+                       const auto& [b, first, parts] = plan.merges[i / Hkv];
+                       const int64_t h = i % Hkv;
+                       pb.merge(b, h, first + h, parts, Hkv, buf);
+                     }
+                   });
+}
+
+at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
+                               const at::Tensor& v_cache, const at::Tensor& block_tables,
+                               const at::Tensor& seq_lens, double scale, int64_t window,
+                               const std::optional<at::Tensor>& k_scale,
+                               const std::optional<at::Tensor>& v_scale) {
+  constexpr const char* op = "paged_attention";
+  check_caches(op, k_cache, v_cache, k_scale, v_scale);
+  TORCH_CHECK(q.dim() == 3, op, ": q must be 3-d [batch, num_heads, head_dim]; got shape ",
+              q.sizes());
+  TORCH_CHECK(is_float(q.scalar_type()), op, ": q must be float32, float16 or bfloat16; got ",
+              dtype_name(q.scalar_type()));
+  TORCH_CHECK(q.device().is_cpu(), op, ": q must be a CPU tensor; got ", q.device());
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t num_blocks = k_cache.size(0), Hkv = k_cache.size(2);
+  TORCH_CHECK(D == k_cache.size(3), op, ": q's head_dim (last dim) must be k_cache's ",
+              k_cache.size(3), "; got ", D);
+  TORCH_CHECK(Hq % Hkv == 0, op, ": q's head count ", Hq,
+              " must be a multiple of k_cache's num_kv_heads ", Hkv);
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt, op, ": block_tables must be int32; got ",
+              dtype_name(block_tables.scalar_type()));
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == B, op, ": block_tables must be [",
+              B, ", max_blocks] (one row per sequence); got shape ", block_tables.sizes());
+  TORCH_CHECK(seq_lens.scalar_type() == at::kInt, op, ": seq_lens must be int32; got ",
+              dtype_name(seq_lens.scalar_type()));
+  TORCH_CHECK(seq_lens.dim() == 1 && seq_lens.size(0) == B, op, ": seq_lens must have shape (", B,
+              ",); got ", seq_lens.sizes());
+  TORCH_CHECK(block_tables.device().is_cpu() && seq_lens.device().is_cpu(), op,
+              ": block_tables and seq_lens must be CPU tensors; got ", block_tables.device(),
+              " and ", seq_lens.device());
+  const int shift = block_shift(op, k_cache.size(1));
+  const int64_t bs = k_cache.size(1);
+
+  at::Tensor out = at::empty({B, Hq, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  const at::Tensor lens_t = seq_lens.contiguous();
+  const int32_t* lens = lens_t.data_ptr<int32_t>();
+  const int32_t* table = block_tables.data_ptr<int32_t>();
+  const int64_t width = block_tables.size(1);
+
+  // Every length and every table entry the attended positions need, before anything runs.
+  std::vector<int64_t> lo(B), hi(B);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t len = lens[b];
+    TORCH_CHECK(len >= 0 && len <= width * bs, op, ": seq_lens[", b, "] must be in [0, ",
+                width * bs, "] (block_tables rows hold ", width, " blocks of ", bs,
+                " tokens); got ", len);
+    hi[b] = len;
+    lo[b] = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+    if (len == 0) {
+      out.select(0, b).zero_();
+      continue;
+    }
+    for (int64_t j = lo[b] >> shift; j <= (len - 1) >> shift; ++j) {
+      const int64_t e = table[b * block_tables.stride(0) + j * block_tables.stride(1)];
+      TORCH_CHECK(e >= 0 && e < num_blocks, op, ": block_tables[", b, ", ", j, "] must be in [0, ",
+                  num_blocks, ") (num_blocks): sequence ", b, " reads positions ", j * bs, "..",
+                  j * bs + bs - 1, " (seq_len ", len, ", window ", window, "); got ", e);
+    }
+  }
+
+  const Plan plan = plan_work(lo, hi, Hkv);
+  const auto typed = [&](auto qt, auto ct) {
+    using QT = decltype(qt);
+    using T = decltype(ct);
+    paged_attention_typed<QT, T>(q, k_cache, v_cache, block_tables, shift, plan, scale, k_scale,
+                                 v_scale, out);
+  };
+  const auto with_cache = [&](auto qt) {
+    switch (k_cache.scalar_type()) {
+      case at::kFloat:
+        return typed(qt, float{});
+      case at::kHalf:
+        return typed(qt, c10::Half{});
+      case at::kBFloat16:
+        return typed(qt, c10::BFloat16{});
+      default:
+        return typed(qt, int8_t{});
+    }
+  };
+  switch (q.scalar_type()) {
+    case at::kFloat:
+      with_cache(float{});
+      break;
+    case at::kHalf:
+      with_cache(c10::Half{});
+      break;
+    default:
+      with_cache(c10::BFloat16{});
+      break;
+  }
+  return out;
+}
+
+// ----------------------------------------------------------------------------------------
+// paged_append
+
+template <typename S>
+void check_slots(const S* slots, int64_t n, int64_t num_slots) {
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(slots[i] < num_slots, "paged_append: slot_mapping[", i, "] must be < ", num_slots,
+                " (num_blocks * block_size), or negative for padding; got ",
+                static_cast<int64_t>(slots[i]));
+  }
+}
+
+// Rows x[i, h, :] (any strides) into slot slots[i] of the cache, converted to the cache dtype.
+template <typename X, typename T, typename S>
+void scatter_rows(const at::Tensor& x, const at::Tensor& cache, const S* slots, int shift) {
+  const int64_t N = x.size(0), H = x.size(1), D = x.size(2);
+  const X* src = static_cast<const X*>(x.data_ptr());
+  const CacheView<T> dst = view<T>(cache);
+  const int64_t mask = (int64_t{1} << shift) - 1;
+  at::parallel_for(0, N * H, std::max<int64_t>(1, 4096 / std::max<int64_t>(D, 1)),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t r = begin; r < end; ++r) {
+                       const int64_t i = r / H, h = r % H;
+                       const int64_t s = slots[i];
+                       if (s < 0) continue;
+                       const X* xr = src + i * x.stride(0) + h * x.stride(1);
+                       T* out = dst.row(s >> shift, s & mask, h);
+                       if (std::is_same_v<X, T> && x.stride(2) == 1) {
+                         std::memcpy(out, xr, D * sizeof(T));
+                       } else {
+                         for (int64_t d = 0; d < D; ++d)
+                           out[d] = static_cast<T>(to_float(xr[d * x.stride(2)]));
+                       }
+                     }
+                   });
+}
+
+// Quantized rows q [N, H, D] and their scales [N, H] into their slots.
+template <typename S>
+void scatter_quantized(const at::Tensor& q, const at::Tensor& qs, const at::Tensor& cache,
+                       const at::Tensor& scale, const S* slots, int shift) {
+  const int64_t N = q.size(0), H = q.size(1), D = q.size(2);
+  const int8_t* src = q.data_ptr<int8_t>();
+  const float* src_scale = qs.data_ptr<float>();
+  const CacheView<int8_t> dst = view<int8_t>(cache);
+  const CacheView<float> dst_scale = view<float>(scale);
+  const int64_t mask = (int64_t{1} << shift) - 1;
+  at::parallel_for(0, N * H, std::max<int64_t>(1, 4096 / std::max<int64_t>(D, 1)),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t r = begin; r < end; ++r) {
+                       const int64_t s = slots[r / H];
+                       if (s < 0) continue;
+                       const int64_t h = r % H;
+                       std::memcpy(dst.row(s >> shift, s & mask, h), src + r * D, D);
+                       *dst_scale.row(s >> shift, s & mask, h) = src_scale[r];
+                     }
+                   });
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x) {
+  static const auto handle = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("frugal::quantize_per_token", "")
+                                 .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>();
+  return handle.call(x);
+}
+
+void paged_append_cpu(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                      const at::Tensor& v_cache, const at::Tensor& slot_mapping,
+                      const std::optional<at::Tensor>& k_scale,
+                      const std::optional<at::Tensor>& v_scale) {
+  constexpr const char* op = "paged_append";
+  check_caches(op, k_cache, v_cache, k_scale, v_scale);
+  const int shift = block_shift(op, k_cache.size(1));
+  TORCH_CHECK(is_float(k.scalar_type()), op, ": k must be float32, float16 or bfloat16; got ",
+              dtype_name(k.scalar_type()));
+  TORCH_CHECK(v.scalar_type() == k.scalar_type(), op, ": v must have k's dtype ",
+              dtype_name(k.scalar_type()), "; got ", dtype_name(v.scalar_type()));
+  TORCH_CHECK(v.sizes() == k.sizes(), op, ": v must have k's shape ", k.sizes(), "; got ",
+              v.sizes());
+  TORCH_CHECK(k.dim() == 3 && k.size(1) == k_cache.size(2) && k.size(2) == k_cache.size(3), op,
+              ": k must be [num_tokens, ", k_cache.size(2), ", ", k_cache.size(3),
+              "] ([num_tokens, num_kv_heads, head_dim] of k_cache); got ", k.sizes());
+  TORCH_CHECK(k.device().is_cpu() && v.device().is_cpu(), op, ": k and v must be CPU tensors; got ",
+              k.device(), " and ", v.device());
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kInt || slot_mapping.scalar_type() == at::kLong, op,
+              ": slot_mapping must be int32 or int64; got ",
+              dtype_name(slot_mapping.scalar_type()));
+  TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.size(0) == k.size(0), op,
+              ": slot_mapping must have shape (", k.size(0), ",) (one slot per token); got ",
+              slot_mapping.sizes());
+  TORCH_CHECK(slot_mapping.device().is_cpu(), op, ": slot_mapping must be a CPU tensor; got ",
+              slot_mapping.device());
+  if (k.numel() == 0) return;
+  const at::Tensor slots = slot_mapping.contiguous();
+  const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
+
+  const auto with_slots = [&](auto s) {
+    using S = decltype(s);
+    const S* sp = slots.data_ptr<S>();
+    check_slots(sp, slots.numel(), num_slots);
+    if (k_cache.scalar_type() == at::kChar) {
+      for (const auto& [x, cache, scale] :
+           {std::tuple{&k, &k_cache, &*k_scale}, std::tuple{&v, &v_cache, &*v_scale}}) {
+        const auto [xq, xs] = quantize_per_token(*x);
+        scatter_quantized(xq.contiguous(), xs.contiguous(), *cache, *scale, sp, shift);
+      }
+      return;
+    }
+    const auto typed = [&](auto xt, auto ct) {
+      using X = decltype(xt);
+      using T = decltype(ct);
+      scatter_rows<X, T>(k, k_cache, sp, shift);
+      scatter_rows<X, T>(v, v_cache, sp, shift);
+    };
+    const auto with_cache = [&](auto xt) {
+      switch (k_cache.scalar_type()) {
+        case at::kFloat:
+          return typed(xt, float{});
+        case at::kHalf:
+          return typed(xt, c10::Half{});
+        default:
+          return typed(xt, c10::BFloat16{});
+      }
+    };
+    switch (k.scalar_type()) {
+      case at::kFloat:
+        return with_cache(float{});
+      case at::kHalf:
+        return with_cache(c10::Half{});
+      default:
+        return with_cache(c10::BFloat16{});
+    }
+  };
+  if (slots.scalar_type() == at::kInt) {
+    with_slots(int32_t{});
+  } else {
+    with_slots(int64_t{});
+  }
+}
+
+}  // namespace
+}  // namespace frugal::cpu
+
+TORCH_LIBRARY_IMPL(frugal, CPU, m) {
+  m.impl("paged_attention", &frugal::cpu::paged_attention_cpu);
+  m.impl("paged_append", &frugal::cpu::paged_append_cpu);
+}
