@@ -173,3 +173,25 @@ def test_quantize_sweep_end_to_end(tmp_path):
     assert result.verdicts == []  # the target is at M=4096, not measured here
     assert "| 64 | frugal |" in run.markdown()
     assert len(run.save(tmp_path)) == 3
+
+
+@pytest.mark.parametrize("name", ["int8_matmul", "int8_matmul_n11008"])
+def test_int8_sweeps_run(name):
+    # Every candidate runs once (a fake timer) and the notes build: a real run takes minutes.
+    (sweep,) = bench.sweeps([name])
+    sweep = dataclasses.replace(sweep, xs=(1, 2), quick=(1, 2))
+    calls = []
+
+    def timer(fn):
+        fn()
+        calls.append(fn)
+        return 1.0 + len(calls)
+
+    run = bench.run([sweep], "cpu", quick=True, timer=timer, copy_gbps=10.0, progress=False)
+    (result,) = run.results
+    assert {r.candidate for r in result.rows} == {"w8a8", "weight_only", "int8_matmul", "fp32",
+                                                  "bf16", "int_mm"}
+    assert all(set(r.versus) == {"bf16", "int_mm"} for r in result.rows)
+    assert "backend='cpu'" in result.notes["auto"]
+    assert {(v.target.x, v.target.versus) for v in result.verdicts} == {(1, "fp32")}
+    assert "vs int_mm" in run.markdown()

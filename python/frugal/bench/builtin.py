@@ -74,8 +74,9 @@ def _int8_matmul_sweep(name, n, k, xs, quick):
     def notes(device):
         x = torch.zeros(1, k, device=device)
         linear = frugal.Int8Linear(k, 8, device=device)
-        return {"auto": str(frugal.explain(frugal.int8_matmul, *frugal.quantize_per_token(x),
-                                           linear.weight_int8, linear.weight_scale)),
+        xq, xs = frugal.quantize_per_token(x)
+        return {"auto": str(frugal.explain(frugal.int8_matmul, xq, linear.weight_int8, xs,
+                                           linear.weight_scale)),
                 "bytes": "GB/s counts the int8 path's traffic: N*K + M*K + 2*M*N"}
 
     targets = []
