@@ -149,3 +149,24 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, q_lens=
                                                  k_scale, v_scale)
         start += n
     return out.reshape(q.shape).to(q.dtype)
+
+
+def sparse_attention(q, k, v, mask, scale=None):
+    """Dense masked attention: q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D], mask bool broadcastable
+    to [B, Hq, Nq, Nk] (True: attend) or an object with ``to_dense()`` -> (out [B, Hq, Nq, D],
+    lse [B, Hq, Nq]), computed in q's dtype (pass float64 for a reference). A row with no
+    allowed key gives out 0 and lse -inf."""
+    if hasattr(mask, "to_dense"):
+        mask = mask.to_dense(q.device)
+    hq, hkv = q.shape[1], k.shape[1]
+    if hq != hkv:
+        k = k.repeat_interleave(hq // hkv, dim=1)
+        v = v.repeat_interleave(hq // hkv, dim=1)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    s = (q @ k.transpose(-1, -2)) * scale
+    s = s.masked_fill(~mask.to(q.device), float("-inf"))
+    lse = torch.logsumexp(s.float() if s.dtype != torch.float64 else s, dim=-1)
+    p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None].to(s.dtype))
+    out = p @ v
+    return out, lse.float() if lse.dtype != torch.float64 else lse

@@ -1,0 +1,656 @@
+"""Block masks for :func:`frugal.sparse_attention`.
+
+A :class:`BlockMask` cuts the ``Nq x Nk`` attention matrix into ``BQ x BK`` blocks (128 x 128 by
+default; 64 is allowed for either) and records, per (batch, head, q-block), which kv-blocks are
+*full* (every element allowed: the kernel applies no element test) and which are *partial* (the
+kernel evaluates the mask's element rule). Every other block is skipped, which is where the FLOPs
+go from O(N^2) to O(N*w).
+
+The element rule of a partial block is one of a few predicates the kernels evaluate in registers
+(a band ``q + lo <= k <= q + hi`` that expresses causal and sliding windows in either alignment,
+a prefix-LM prefix, document ids) or, for anything else, a packed bitmask per partial block. The
+batch and head dims broadcast (size 1 or the call's size). ``docs/block_mask_format.md`` describes
+exactly what the kernels read (:meth:`BlockMask.layout`).
+
+Building a mask is plain tensor arithmetic on the block grid: it never compiles anything, and a
+causal, windowed or document mask for N = 131072 builds in milliseconds. Masks compose with ``&``
+and ``|``; :meth:`BlockMask.to_dense` gives the exact bool mask the kernels apply.
+
+Builders live in :mod:`frugal.masks`.
+"""
+
+import dataclasses
+import math
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from .errors import DeviceError, DTypeError, ShapeError
+
+BAND, PREFIX, DOC, BITS = 1, 2, 4, 8
+INF = 1 << 30  # "unbounded" value of lo / hi; positions never reach it
+BLOCK_SIZES = (64, 128)
+_CHUNK_ELEMENTS = 1 << 25  # elements evaluated at once when a mask is built element by element
+
+
+def _block_size(block_size, op="BlockMask"):
+    if isinstance(block_size, int):
+        block_size = (block_size, block_size)
+    try:
+        bq, bk = (int(b) for b in block_size)
+    except (TypeError, ValueError):
+        raise ShapeError(f"{op}: block_size must be an int or a pair (BQ, BK) from "
+                         f"{BLOCK_SIZES}; got {block_size!r}") from None
+    if bq not in BLOCK_SIZES or bk not in BLOCK_SIZES:
+        raise ShapeError(f"{op}: block_size must be an int or a pair (BQ, BK), each one of "
+                         f"{BLOCK_SIZES}; got {block_size!r}")
+    return bq, bk
+
+
+def _length(op, name, n):
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ShapeError(f"{op}: {name} must be a positive int; got {n!r}")
+    return n
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseLayout:
+    """What the kernels read: a BlockMask's lists broadcast to one call's (B, Hq), on its device.
+
+    See ``docs/block_mask_format.md``. Index tensors are int32 views expanded to
+    ``[B, Hq, ...]`` (a broadcast dim has stride 0); a tensor whose flag is off is a 1-element
+    dummy. ``lo``, ``hi`` and ``prefix`` are the element rule's values; ``flags`` says which
+    parts of the rule apply (BAND | PREFIX | DOC | BITS).
+    """
+
+    Nq: int
+    Nk: int
+    BQ: int
+    BK: int
+    flags: int
+    lo: int
+    hi: int
+    prefix: int
+    kv_num: torch.Tensor
+    kv_idx: torch.Tensor
+    kv_bits: torch.Tensor
+    full_num: torch.Tensor
+    full_idx: torch.Tensor
+    q_num: torch.Tensor
+    q_idx: torch.Tensor
+    q_bits: torch.Tensor
+    full_q_num: torch.Tensor
+    full_q_idx: torch.Tensor
+    q_doc: torch.Tensor
+    kv_doc: torch.Tensor
+    bits: torch.Tensor
+
+    has_band = property(lambda self: bool(self.flags & BAND))
+    has_prefix = property(lambda self: bool(self.flags & PREFIX))
+    has_doc = property(lambda self: bool(self.flags & DOC))
+    has_bits = property(lambda self: bool(self.flags & BITS))
+
+    FORWARD_TENSORS = ("kv_num", "kv_idx", "kv_bits", "full_num", "full_idx", "q_doc", "kv_doc",
+                       "bits")
+    BACKWARD_TENSORS = ("kv_num", "kv_idx", "kv_bits", "full_num", "full_idx", "q_num", "q_idx",
+                        "q_bits", "full_q_num", "full_q_idx", "q_doc", "kv_doc", "bits")
+    INTS = ("BQ", "BK", "flags", "lo", "hi", "prefix")
+
+    def forward_args(self):
+        """The forward op's layout arguments, in schema order (tensors, then ints)."""
+        return (tuple(getattr(self, n) for n in self.FORWARD_TENSORS)
+                + tuple(getattr(self, n) for n in self.INTS))
+
+    def backward_args(self):
+        """The backward op's layout arguments, in schema order (tensors, then ints)."""
+        return (tuple(getattr(self, n) for n in self.BACKWARD_TENSORS)
+                + tuple(getattr(self, n) for n in self.INTS))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+    """The element rule of partial blocks (see the module docstring); all None: no test."""
+
+    lo: Optional[int] = None
+    hi: Optional[int] = None
+    prefix: Optional[int] = None
+    q_doc: Optional[torch.Tensor] = None   # int32 [Bd, Nq]
+    kv_doc: Optional[torch.Tensor] = None  # int32 [Bd, Nk]
+
+    @property
+    def has_band(self):
+        return self.lo is not None
+
+    @property
+    def has_doc(self):
+        return self.q_doc is not None
+
+    def flags(self):
+        return ((BAND if self.has_band else 0) | (PREFIX if self.prefix is not None else 0)
+                | (DOC if self.has_doc else 0))
+
+    def evaluate(self, b, q, k):
+        """Bool tensor: the rule at (b, q, k), int64 index tensors that broadcast."""
+        ok = torch.ones((), dtype=torch.bool, device=q.device)
+        if self.has_band:
+            band = (k >= q + self.lo) & (k <= q + self.hi)
+            if self.prefix is not None:
+                band = band | (k < self.prefix)
+            ok = ok & band
+        if self.has_doc:
+            bd = self.q_doc.shape[0]
+            qd = self.q_doc.to(q.device)
+            kd = self.kv_doc.to(q.device)
+            ok = ok & (qd[b % bd, q] == kd[b % bd, k])
+        return ok
+
+    def classify(self, nq, nk, bq, bk):
+        """(full, any) bool [Bd|1, 1, nQB, nKB]: blocks whose every in-bounds element the rule
+        allows, and blocks where it may allow some (a superset of the exact set)."""
+        q0 = torch.arange(0, nq, bq)
+        q1 = torch.clamp(q0 + bq, max=nq) - 1
+        k0 = torch.arange(0, nk, bk)
+        k1 = torch.clamp(k0 + bk, max=nk) - 1
+        q0, q1, k0, k1 = q0[:, None], q1[:, None], k0[None, :], k1[None, :]
+        full = torch.ones(len(q0), k0.shape[1], dtype=torch.bool)
+        any_ = full.clone()
+        if self.has_band:
+            full = (k0 >= q1 + self.lo) & (k1 <= q0 + self.hi)
+            any_ = (k1 >= q0 + self.lo) & (k0 <= q1 + self.hi)
+            if self.prefix is not None:
+                full = full | (k1 < self.prefix)
+                any_ = any_ | (k0 < self.prefix)
+        full, any_ = full[None, None], any_[None, None]
+        if self.has_doc:
+            qmin, qmax = _block_range(self.q_doc, bq)
+            kmin, kmax = _block_range(self.kv_doc, bk)
+            qmin, qmax = qmin[:, None, :, None], qmax[:, None, :, None]
+            kmin, kmax = kmin[:, None, None, :], kmax[:, None, None, :]
+            full = full & (qmin == qmax) & (kmin == kmax) & (qmin == kmin)
+            any_ = any_ & (qmin <= kmax) & (kmin <= qmax)
+        return full, any_
+
+
+def _block_range(ids, block):
+    """Per-block min and max of ids [Bd, N] -> two [Bd, ceil(N / block)] tensors."""
+    bd, n = ids.shape
+    pad = _cdiv(n, block) * block - n
+    x = ids.long().cpu()
+    lo = torch.nn.functional.pad(x, (0, pad), value=1 << 62)
+    hi = torch.nn.functional.pad(x, (0, pad), value=-(1 << 62))
+    return lo.view(bd, -1, block).amin(-1), hi.view(bd, -1, block).amax(-1)
+
+
+def _pack_bits(dense):
+    """bool [P, BQ, BK] -> int32 [P, BQ, BK // 32]: bit (r, c) is word c >> 5, bit c & 31."""
+    p, bq, bk = dense.shape
+    weights = torch.ones(32, dtype=torch.int64, device=dense.device) << torch.arange(
+        32, device=dense.device)
+    words = (dense.view(p, bq, bk // 32, 32).long() * weights).sum(-1)
+    return (words - ((words >> 31) << 32)).to(torch.int32)  # wrap to int32
+
+
+def _unpack_bits(words, bk):
+    """int32 [P, BQ, BK // 32] -> bool [P, BQ, BK]."""
+    shifts = torch.arange(32, device=words.device)
+    bits = (words.long()[..., None] >> shifts) & 1
+    return bits.view(*words.shape[:-1], bk).bool()
+
+
+def _index_grid(bm, hm, q, k):
+    """Broadcastable int64 index tensors (b, h, q, k) of shape [Bm|1, Hm|1, len(q), len(k)]."""
+    dev = q.device
+    return (torch.arange(bm, device=dev)[:, None, None, None],
+            torch.arange(hm, device=dev)[None, :, None, None],
+            q[None, None, :, None], k[None, None, None, :])
+
+
+class BlockMask:
+    """A block-sparse attention mask; see the module docstring and ``frugal.masks``.
+
+    Build one with the builders in :mod:`frugal.masks`, :meth:`from_dense` or
+    :meth:`from_mask_mod`; combine with ``&`` and ``|``.
+
+    Attributes
+    ----------
+    seq_lens : (int, int)
+        (Nq, Nk) the mask was built for.
+    block_size : (int, int)
+        (BQ, BK).
+    shape : (int, int, int, int)
+        (Bm, Hm, Nq, Nk); Bm and Hm are 1 where the mask broadcasts.
+    """
+
+    def __init__(self, seq_lens, block_size, full, partial, rule=None, bits=None,
+                 bits_index=None, mask_mod=None, _lists_source=None):
+        # Internal: use the builders. full / partial are bool [Bm, Hm, nQB, nKB] (CPU, disjoint);
+        # with bits, bits_index int32 [Bm, Hm, nQB, nKB] gives each partial block's row of bits.
+        self.seq_lens = tuple(seq_lens)
+        self.block_size = tuple(block_size)
+        self._full = full
+        self._partial = partial
+        self._rule = rule if rule is not None else _Rule()
+        self._bits = bits
+        self._bits_index = bits_index
+        self._mask_mod = mask_mod
+        self._layouts = {}
+        self._lists = None
+
+    # ----------------------------------------------------------------------------- basics
+
+    @property
+    def shape(self):
+        return (self._full.shape[0], self._full.shape[1]) + self.seq_lens
+
+    @property
+    def num_blocks(self):
+        """(nQB, nKB)."""
+        return tuple(self._full.shape[2:])
+
+    @property
+    def has_bits(self):
+        return self._bits is not None
+
+    @property
+    def flags(self):
+        return self._rule.flags() | (BITS if self.has_bits else 0)
+
+    def mask_mod(self):
+        """The mask as a FlexAttention-style predicate ``fn(b, h, q_idx, kv_idx) -> bool
+        tensor`` on broadcastable int64 index tensors (b and h index this mask's own batch and
+        head dims, so size-1 dims take index 0)."""
+        if self._mask_mod is not None:
+            return self._mask_mod
+        return self._dense_mod()
+
+    def _dense_mod(self):
+        rule, bq, bk = self._rule, *self.block_size
+        full, partial = self._full, self._partial
+        bits, bidx = self._bits, self._bits_index
+        bm, hm = full.shape[:2]
+
+        def mod(b, h, q, k):
+            b, h = b % bm, h % hm
+            qb, kb = q // bq, k // bk
+            dev = q.device
+            f = full.to(dev)[b, h, qb, kb]
+            p = partial.to(dev)[b, h, qb, kb]
+            ok = rule.evaluate(b, q, k)
+            if bits is not None:
+                row = bidx.to(dev)[b, h, qb, kb].clamp(min=0).long()
+                word = bits.to(dev)[row, q % bq, (k % bk) >> 5].long()
+                ok = ok & (((word >> (k & 31)) & 1) == 1)
+            return f | (p & ok)
+
+        return mod
+
+    def density(self):
+        """Fraction of the (B, H, Nq, Nk) score matrix the kernels compute (full and partial
+        blocks, clipped at the ragged ends): the cost relative to dense attention."""
+        nq, nk = self.seq_lens
+        bq, bk = self.block_size
+        rows = torch.clamp(nq - torch.arange(0, nq, bq), max=bq).double()
+        cols = torch.clamp(nk - torch.arange(0, nk, bk), max=bk).double()
+        area = rows[:, None] * cols[None, :]
+        visited = (self._full | self._partial).double()
+        return float((visited * area).sum() / (area.sum() * visited.shape[0] * visited.shape[1]))
+
+    def counts(self):
+        """(full, partial) block counts summed over the mask's batch and head dims."""
+        return int(self._full.sum()), int(self._partial.sum())
+
+    def __repr__(self):
+        bm, hm, nq, nk = self.shape
+        full, partial = self.counts()
+        rule = []
+        r = self._rule
+        if r.has_band:
+            lo = "-inf" if r.lo <= -INF else str(r.lo)
+            hi = "+inf" if r.hi >= INF else str(r.hi)
+            rule.append(f"band q{'' if lo.startswith('-') else '+'}{lo} <= k <= "
+                        f"q{'' if hi.startswith('-') else '+'}{hi}")
+        if r.prefix is not None:
+            rule.append(f"prefix {r.prefix}")
+        if r.has_doc:
+            rule.append("document ids")
+        if self.has_bits:
+            rule.append(f"bitmask ({self._bits.shape[0]} blocks)")
+        lines = [f"BlockMask(shape=({bm}, {hm}, {nq}, {nk}), block_size={self.block_size}, "
+                 f"full={full}, partial={partial}, density={self.density():.2%}, "
+                 f"rule={' & '.join(rule) or 'none'})"]
+        nqb, nkb = self.num_blocks
+        if nqb <= 32 and nkb <= 64:
+            # One character per block of batch 0, head 0: full, partial, skipped.
+            f, p = self._full[0, 0], self._partial[0, 0]
+            for i in range(nqb):
+                lines.append("  " + "".join("█" if f[i, j] else "░" if p[i, j] else "·"
+                                            for j in range(nkb)))
+        return "\n".join(lines)
+
+    # ----------------------------------------------------------------------------- lists
+
+    def _build_lists(self):
+        if self._lists is None:
+            bidx = self._bits_index
+            self._lists = {}
+            for prefix, matrix in (("kv", self._partial), ("full", self._full)):
+                self._lists[prefix] = _lists(matrix, bidx if prefix == "kv" else None)
+            t = self._partial.transpose(-1, -2)
+            self._lists["q"] = _lists(t, None if bidx is None else bidx.transpose(-1, -2))
+            self._lists["full_q"] = _lists(self._full.transpose(-1, -2), None)
+        return self._lists
+
+    def layout(self, B, Hq, device="cpu"):
+        """The kernels' view of this mask for a call with batch ``B`` and ``Hq`` query heads on
+        ``device`` (a :class:`SparseLayout`; cached per device).
+
+        Raises
+        ------
+        ShapeError
+            The mask's batch or head dim is neither 1 nor the call's.
+        """
+        bm, hm = self.shape[:2]
+        if bm not in (1, B):
+            raise ShapeError(f"sparse_attention: mask batch dim must be 1 or B={B}; the mask "
+                             f"was built for batch {bm}")
+        if hm not in (1, Hq):
+            raise ShapeError(f"sparse_attention: mask head dim must be 1 or Hq={Hq}; the mask "
+                             f"was built for {hm} heads")
+        device = torch.device(device)
+        key = str(device)
+        if key not in self._layouts:
+            lists = self._build_lists()
+            r = self._rule
+            t = {}
+            for name, (num, idx, bits_row) in lists.items():
+                t[f"{name}_num"] = num.to(device)
+                t[f"{name}_idx"] = idx.to(device)
+                if name in ("kv", "q"):
+                    t[f"{name}_bits"] = bits_row.to(device) if bits_row is not None else None
+            t["q_doc"] = r.q_doc.to(device) if r.has_doc else None
+            t["kv_doc"] = r.kv_doc.to(device) if r.has_doc else None
+            t["bits"] = self._bits.to(device) if self.has_bits else None
+            self._layouts[key] = t
+        t = self._layouts[key]
+        dummy1 = torch.zeros(1, dtype=torch.int32, device=device)
+
+        def bh(x, tail):
+            if x is None:
+                return dummy1.view((1,) * (2 + tail)).expand((B, Hq) + (1,) * tail)
+            return x.expand((B, Hq) + tuple(x.shape[2:]))
+
+        def b_only(x):
+            if x is None:
+                return dummy1.view(1, 1).expand(B, 1)
+            return x.expand(B, x.shape[1])
+
+        r = self._rule
+        return SparseLayout(
+            Nq=self.seq_lens[0], Nk=self.seq_lens[1], BQ=self.block_size[0],
+            BK=self.block_size[1], flags=self.flags,
+            lo=r.lo if r.has_band else -INF, hi=r.hi if r.has_band else INF,
+            prefix=r.prefix if r.prefix is not None else 0,
+            kv_num=bh(t["kv_num"], 1), kv_idx=bh(t["kv_idx"], 2), kv_bits=bh(t["kv_bits"], 2),
+            full_num=bh(t["full_num"], 1), full_idx=bh(t["full_idx"], 2),
+            q_num=bh(t["q_num"], 1), q_idx=bh(t["q_idx"], 2), q_bits=bh(t["q_bits"], 2),
+            full_q_num=bh(t["full_q_num"], 1), full_q_idx=bh(t["full_q_idx"], 2),
+            q_doc=b_only(t["q_doc"]), kv_doc=b_only(t["kv_doc"]),
+            bits=t["bits"] if t["bits"] is not None else dummy1.view(1, 1, 1),
+        )
+
+    # ----------------------------------------------------------------------------- dense
+
+    def to_dense(self, device="cpu"):
+        """The exact bool mask [Bm, Hm, Nq, Nk] the kernels apply (True: attend)."""
+        nq, nk = self.seq_lens
+        bm, hm = self.shape[:2]
+        q = torch.arange(nq, device=device)
+        k = torch.arange(nk, device=device)
+        return self._dense_mod()(*_index_grid(bm, hm, q, k)).expand(bm, hm, nq, nk).clone()
+
+    def _block_matrices(self):
+        return self._full, self._partial
+
+    # ----------------------------------------------------------------------------- algebra
+
+    def _check_compatible(self, other, op):
+        if not isinstance(other, BlockMask):
+            return NotImplemented
+        if self.seq_lens != other.seq_lens:
+            raise ShapeError(f"BlockMask {op}: masks must have the same (Nq, Nk); got "
+                             f"{self.seq_lens} and {other.seq_lens}")
+        if self.block_size != other.block_size:
+            raise ShapeError(f"BlockMask {op}: masks must have the same block_size; got "
+                             f"{self.block_size} and {other.block_size}")
+        for dim, name in ((0, "batch"), (1, "head")):
+            a, b = self.shape[dim], other.shape[dim]
+            if a != b and 1 not in (a, b):
+                raise ShapeError(f"BlockMask {op}: {name} dims must match or be 1; got {a} "
+                                 f"and {b}")
+        return None
+
+    def __and__(self, other):
+        bad = self._check_compatible(other, "&")
+        if bad is not None:
+            return bad
+        full = self._full & other._full
+        any_ = (self._full | self._partial) & (other._full | other._partial)
+        mod_a, mod_b = self.mask_mod(), other.mask_mod()
+
+        def mod(b, h, q, k):
+            return mod_a(b, h, q, k) & mod_b(b, h, q, k)
+
+        rule = _merge_and(self, other)
+        if rule is not None:
+            return BlockMask(self.seq_lens, self.block_size, full, any_ & ~full, rule,
+                             mask_mod=mod)
+        return _with_bits(self.seq_lens, self.block_size, full, any_ & ~full, mod)
+
+    def __or__(self, other):
+        bad = self._check_compatible(other, "|")
+        if bad is not None:
+            return bad
+        full = self._full | other._full
+        any_ = self._full | self._partial | other._full | other._partial
+        mod_a, mod_b = self.mask_mod(), other.mask_mod()
+
+        def mod(b, h, q, k):
+            return mod_a(b, h, q, k) | mod_b(b, h, q, k)
+
+        return _with_bits(self.seq_lens, self.block_size, full, any_ & ~full, mod)
+
+    # ----------------------------------------------------------------------------- builders
+
+    @classmethod
+    def from_dense(cls, mask, block_size=128):
+        """An exact BlockMask from a bool mask [Nq, Nk], [H, Nq, Nk] or [B, H, Nq, Nk]
+        (True: attend; size-1 batch or head dims broadcast). Partial blocks get bitmasks."""
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"BlockMask.from_dense: mask must be a torch.Tensor; got "
+                            f"{type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            raise DTypeError(f"BlockMask.from_dense: mask must be torch.bool (True = attend); "
+                             f"got {mask.dtype}")
+        if mask.dim() not in (2, 3, 4) or mask.numel() == 0:
+            raise ShapeError(f"BlockMask.from_dense: mask must be a non-empty [Nq, Nk], "
+                             f"[H, Nq, Nk] or [B, H, Nq, Nk] bool tensor; got shape "
+                             f"{tuple(mask.shape)}")
+        while mask.dim() < 4:
+            mask = mask[None]
+        mask = mask.cpu()
+        bm, hm, nq, nk = mask.shape
+
+        def mod(b, h, q, k):
+            return mask.to(q.device)[b % bm, h % hm, q, k]
+
+        return _from_elements((nq, nk), _block_size(block_size, "BlockMask.from_dense"), bm, hm,
+                              lambda q0, q1: mask[:, :, q0:q1], mod)
+
+    @classmethod
+    def from_mask_mod(cls, mask_mod, B, H, Nq, Nk, block_size=128, device="cpu"):
+        """An exact BlockMask from a FlexAttention-style predicate
+        ``mask_mod(b, h, q_idx, kv_idx) -> bool``, evaluated vectorized: it is called with
+        broadcastable int64 tensors and must use tensor ops (``&``, ``|``, ``torch.where``)
+        rather than Python ``if``/``and``. ``B`` or ``H`` None means the mask does not depend
+        on it (broadcast). Cost: Nq * Nk evaluations, in chunks.
+        """
+        op = "BlockMask.from_mask_mod"
+        if not callable(mask_mod):
+            raise TypeError(f"{op}: mask_mod must be callable fn(b, h, q_idx, kv_idx); got "
+                            f"{type(mask_mod).__name__}")
+        bm = 1 if B is None else _length(op, "B", B)
+        hm = 1 if H is None else _length(op, "H", H)
+        nq, nk = _length(op, "Nq", Nq), _length(op, "Nk", Nk)
+        device = torch.device(device)
+
+        def mod(b, h, q, k):
+            try:
+                out = mask_mod(b, h, q, k)
+            except RuntimeError as e:
+                raise TypeError(f"{op}: mask_mod must work on broadcastable index tensors "
+                                f"(use &, |, ~ and torch.where instead of and/or/if); calling "
+                                f"it failed with: {e}") from e
+            if not isinstance(out, torch.Tensor) or out.dtype != torch.bool:
+                raise DTypeError(f"{op}: mask_mod must return a bool tensor; got "
+                                 f"{getattr(out, 'dtype', type(out).__name__)}")
+            return out
+
+        kk = torch.arange(nk, device=device)
+
+        def rows(q0, q1):
+            grid = _index_grid(bm, hm, torch.arange(q0, q1, device=device), kk)
+            return mod(*grid).expand(bm, hm, q1 - q0, nk).cpu()
+
+        return _from_elements((nq, nk), _block_size(block_size, op), bm, hm, rows, mod)
+
+
+def _lists(matrix, bits_index):
+    """bool [Bm, Hm, nA, nB] -> (num int32 [Bm, Hm, nA], idx int32 [Bm, Hm, nA, max(1, max
+    num)] ascending and 0-padded, bits rows int32 of idx's shape or None)."""
+    num = matrix.sum(-1, dtype=torch.int32)
+    width = max(1, int(num.max())) if num.numel() else 1
+    # Each listed column goes to slot (its rank among the listed ones); the others to a spill
+    # slot past the end, cut off afterwards.
+    slot = torch.where(matrix, matrix.cumsum(-1, dtype=torch.int64) - 1, width)
+    cols = torch.arange(matrix.shape[-1], dtype=torch.int32).expand(matrix.shape)
+    shape = matrix.shape[:-1] + (width + 1,)
+    idx = torch.zeros(shape, dtype=torch.int32).scatter_(-1, slot, cols)[..., :width]
+    rows = None
+    if bits_index is not None:
+        rows = torch.zeros(shape, dtype=torch.int32).scatter_(
+            -1, slot, bits_index.to(torch.int32))[..., :width].contiguous()
+    return num.contiguous(), idx.contiguous(), rows
+
+
+def _merge_and(a, b):
+    """The rule of a & b when both are rule-based and it can be expressed as one rule."""
+    if a.has_bits or b.has_bits:
+        return None
+    ra, rb = a._rule, b._rule
+    if ra.has_doc and rb.has_doc:
+        return None
+    lo = hi = prefix = None
+    if ra.has_band and rb.has_band:
+        if ra.prefix is not None or rb.prefix is not None:
+            return None
+        lo, hi = max(ra.lo, rb.lo), min(ra.hi, rb.hi)
+    elif ra.has_band or rb.has_band:
+        r = ra if ra.has_band else rb
+        lo, hi, prefix = r.lo, r.hi, r.prefix
+    doc = ra if ra.has_doc else rb
+    return _Rule(lo, hi, prefix, doc.q_doc, doc.kv_doc)
+
+
+def _with_bits(seq_lens, block_size, full, partial, mod):
+    """A mask whose partial blocks carry bitmasks of ``mod`` (evaluated on those blocks only);
+    all-false partial blocks are dropped and all-true ones promoted to full."""
+    nq, nk = seq_lens
+    bq, bk = block_size
+    bm, hm = full.shape[:2]
+    where = partial.nonzero()  # [P, 4]: b, h, qb, kb
+    chunk = max(1, _CHUNK_ELEMENTS // (bq * bk))
+    words = []
+    keep_partial = torch.zeros(len(where), dtype=torch.bool)
+    make_full = torch.zeros(len(where), dtype=torch.bool)
+    r = torch.arange(bq)
+    c = torch.arange(bk)
+    for s in range(0, len(where), chunk):
+        w = where[s:s + chunk]
+        b = w[:, 0, None, None]
+        h = w[:, 1, None, None]
+        q = w[:, 2, None, None] * bq + r[None, :, None]
+        k = w[:, 3, None, None] * bk + c[None, None, :]
+        inb = (q < nq) & (k < nk)
+        dense = mod(b, h, q.clamp(max=nq - 1), k.clamp(max=nk - 1)) & inb
+        dense = dense.expand(len(w), bq, bk)
+        n_true = dense.sum((1, 2))
+        keep_partial[s:s + chunk] = (n_true > 0) & (n_true < inb.sum((1, 2)))
+        make_full[s:s + chunk] = (n_true > 0) & (n_true == inb.sum((1, 2)))
+        words.append(_pack_bits(dense)[keep_partial[s:s + chunk]])
+    full = full.clone()
+    full[tuple(where[make_full].t())] = True
+    new_partial = torch.zeros_like(partial)
+    kept = where[keep_partial]
+    new_partial[tuple(kept.t())] = True
+    bits = torch.cat(words) if words else torch.zeros(0, bq, bk // 32, dtype=torch.int32)
+    if len(kept) == 0:
+        return BlockMask(seq_lens, block_size, full, new_partial, mask_mod=mod)
+    bits_index = torch.full(partial.shape, -1, dtype=torch.int32)
+    bits_index[tuple(kept.t())] = torch.arange(len(kept), dtype=torch.int32)
+    return BlockMask(seq_lens, block_size, full, new_partial, bits=bits.contiguous(),
+                     bits_index=bits_index, mask_mod=mod)
+
+
+def _from_elements(seq_lens, block_size, bm, hm, rows, mod):
+    """A mask from element values: ``rows(q0, q1)`` gives bool [Bm, Hm, q1 - q0, Nk]."""
+    nq, nk = seq_lens
+    bq, bk = block_size
+    nqb, nkb = _cdiv(nq, bq), _cdiv(nk, bk)
+    full = torch.zeros(bm, hm, nqb, nkb, dtype=torch.bool)
+    partial = torch.zeros_like(full)
+    step = max(1, _CHUNK_ELEMENTS // max(1, bm * hm * nk * bq)) * bq
+    kpad = nkb * bk - nk
+    # Out-of-bounds elements count as allowed for "full" and not allowed for "any".
+    for q0 in range(0, nq, step):
+        q1 = min(nq, q0 + step)
+        x = rows(q0, q1)
+        if x.shape != (bm, hm, q1 - q0, nk):
+            x = x.expand(bm, hm, q1 - q0, nk)
+        qpad = _cdiv(q1 - q0, bq) * bq - (q1 - q0)
+        cnt = torch.nn.functional.pad(x.to(torch.int32), (0, kpad, 0, qpad))
+        area = torch.nn.functional.pad(torch.ones(q1 - q0, nk, dtype=torch.int32),
+                                       (0, kpad, 0, qpad))
+        nb = cnt.shape[2] // bq
+        cnt = cnt.view(bm, hm, nb, bq, nkb, bk).sum((3, 5))
+        area = area.view(nb, bq, nkb, bk).sum((1, 3))
+        qb0 = q0 // bq
+        full[:, :, qb0:qb0 + nb] = cnt == area
+        partial[:, :, qb0:qb0 + nb] = (cnt > 0) & (cnt < area)
+    return _with_bits(seq_lens, block_size, full, partial, mod)
+
+
+def _from_rule(seq_lens, block_size, rule):
+    nq, nk = seq_lens
+    full, any_ = rule.classify(nq, nk, *block_size)
+    mask = BlockMask(seq_lens, block_size, full.contiguous(), (any_ & ~full).contiguous(), rule)
+    return mask
+
+
+def _doc_ids(op, name, ids, n=None):
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor of document ids; got "
+                        f"{type(ids).__name__}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise DTypeError(f"{op}: {name} must be an integer tensor; got {ids.dtype}")
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2 or ids.shape[1] == 0:
+        raise ShapeError(f"{op}: {name} must be [N] or [B, N] with N >= 1; got shape "
+                         f"{tuple(ids.shape)}")
+    if n is not None and ids.shape[1] != n:
+        raise ShapeError(f"{op}: {name} must have {n} positions; got {ids.shape[1]}")
+    return ids.to(torch.int32).cpu().contiguous()
