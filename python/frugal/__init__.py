@@ -2,7 +2,8 @@
 
 import torch  # noqa: F401  (loads libtorch before frugal._C)
 
-from . import errors, reference
+from . import errors, masks, reference
+from .block_mask import BlockMask, SparseLayout
 from .dispatch import BACKENDS, Choice, explain, set_debug
 from .errors import BackendError, DeviceError, DTypeError, FrugalError, ShapeError
 from .int8_matmul import (
@@ -26,10 +27,16 @@ from .paged_kv_cache import (
     paged_prefill_attention,
 )
 from .quantize import dequantize, quantize_per_token
+from .sparse_attention import HEAD_DIMS, sparse_attention
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockMask",
+    "HEAD_DIMS",
+    "SparseLayout",
+    "masks",
+    "sparse_attention",
     "BACKENDS",
     "BlockTableError",
     "CacheFullError",

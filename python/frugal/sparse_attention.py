@@ -1,0 +1,234 @@
+"""Block-sparse attention: :func:`sparse_attention` over a :class:`frugal.BlockMask`.
+
+Backends: Triton on CUDA tensors (``frugal.kernels.sparse_attention``: flash-attention-2 style
+forward and backward that visit only the mask's blocks), the C++ CPU kernels on CPU tensors
+(``csrc/cpu/sparse_attention.cpp``), and PyTorch (dense masked attention: O(N^2) memory, the
+reference). Gradients flow through every backend via autograd (with respect to q, k and v).
+"""
+
+import math
+from typing import Tuple
+
+import torch
+
+from . import reference
+from ._ext import ext
+from .block_mask import BlockMask, SparseLayout
+from .dispatch import select, triton_custom_op, unavailable
+from .errors import BackendError, ShapeError, check_dtype, check_same_device, check_tensor
+
+__all__ = ["sparse_attention", "HEAD_DIMS"]
+
+HEAD_DIMS = (32, 64, 96, 128, 256)
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_SUPPORTED = ("triton", "cpu", "torch")
+_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}
+_OP = "sparse_attention"
+
+
+def _has_cpu_ops():
+    return ext() is not None and hasattr(torch.ops.frugal, "sparse_attention_fwd")
+
+
+# --------------------------------------------------------------------------- custom ops
+
+
+def _layout(nq, nk, ints, tensors, backward):
+    names = SparseLayout.BACKWARD_TENSORS if backward else SparseLayout.FORWARD_TENSORS
+    fields = dict(zip(SparseLayout.INTS, ints))
+    fields.update(zip(names, tensors))
+    if not backward:
+        dummy = tensors[0].new_zeros(1, 1, 1).expand(*tensors[0].shape[:2], 1)
+        for n in ("q_num", "q_idx", "q_bits", "full_q_num", "full_q_idx"):
+            fields[n] = dummy
+    return SparseLayout(Nq=nq, Nk=nk, **fields)
+
+
+@triton_custom_op("frugal::sparse_attention_fwd_triton")
+def _fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num: torch.Tensor,
+                kv_idx: torch.Tensor, kv_bits: torch.Tensor, full_num: torch.Tensor,
+                full_idx: torch.Tensor, q_doc: torch.Tensor, kv_doc: torch.Tensor,
+                bits: torch.Tensor, BQ: int, BK: int, flags: int, lo: int, hi: int, prefix: int,
+                scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    from frugal.kernels import sparse_attention as kernel
+
+    layout = _layout(q.shape[2], k.shape[2], (BQ, BK, flags, lo, hi, prefix),
+                     (kv_num, kv_idx, kv_bits, full_num, full_idx, q_doc, kv_doc, bits), False)
+    return kernel.forward(q, k, v, layout, scale)
+
+
+@_fwd_triton.register_fake
+def _(q, k, v, *args):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@triton_custom_op("frugal::sparse_attention_bwd_triton")
+def _bwd_triton(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                out: torch.Tensor, lse: torch.Tensor, kv_num: torch.Tensor, kv_idx: torch.Tensor,
+                kv_bits: torch.Tensor, full_num: torch.Tensor, full_idx: torch.Tensor,
+                q_num: torch.Tensor, q_idx: torch.Tensor, q_bits: torch.Tensor,
+                full_q_num: torch.Tensor, full_q_idx: torch.Tensor, q_doc: torch.Tensor,
+                kv_doc: torch.Tensor, bits: torch.Tensor, BQ: int, BK: int, flags: int, lo: int,
+                hi: int, prefix: int, scale: float
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from frugal.kernels import sparse_attention as kernel
+
+    layout = _layout(q.shape[2], k.shape[2], (BQ, BK, flags, lo, hi, prefix),
+                     (kv_num, kv_idx, kv_bits, full_num, full_idx, q_num, q_idx, q_bits,
+                      full_q_num, full_q_idx, q_doc, kv_doc, bits), True)
+    return kernel.backward(dout, q, k, v, out, lse, layout, scale)
+
+
+@_bwd_triton.register_fake
+def _(dout, q, k, v, *args):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+if _has_cpu_ops():
+
+    @torch.library.register_fake("frugal::sparse_attention_fwd")
+    def _fwd_cpu_fake(q, k, v, *args):
+        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+    @torch.library.register_fake("frugal::sparse_attention_bwd")
+    def _bwd_cpu_fake(dout, q, k, v, *args):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _forward(backend, q, k, v, layout, scale):
+    args = layout.forward_args() + (scale,)
+    if backend == "triton":
+        return _fwd_triton(q, k, v, *args)
+    return torch.ops.frugal.sparse_attention_fwd(q, k, v, *args)
+
+
+def _backward(backend, dout, q, k, v, out, lse, layout, scale):
+    args = layout.backward_args() + (scale,)
+    if backend == "triton":
+        return _bwd_triton(dout, q, k, v, out, lse, *args)
+    return torch.ops.frugal.sparse_attention_bwd(dout, q, k, v, out, lse, *args)
+
+
+class _SparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, layout, scale, backend):
+        out, lse = _forward(backend, q, k, v, layout, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.layout, ctx.scale, ctx.backend = layout, scale, backend
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(ctx.backend, dout.contiguous(), q, k, v, out, lse, ctx.layout,
+                               ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _check(q, k, v, mask, scale):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_dtype(_OP, name, t, _FLOATS)
+        if t.dim() != 4:
+            raise ShapeError(f"{_OP}: {name} must be 4-d [batch, heads, tokens, head_dim]; got "
+                             f"shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        from .errors import DTypeError
+
+        raise DTypeError(f"{_OP}: q, k and v must have the same dtype; got {q.dtype}, "
+                         f"{k.dtype} and {v.dtype}")
+    check_same_device(_OP, q=q, k=k, v=v)
+    if k.shape != v.shape:
+        raise ShapeError(f"{_OP}: k and v must have the same shape [B, Hkv, Nk, D]; got "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+    B, hq, nq, d = q.shape
+    if k.shape[0] != B:
+        raise ShapeError(f"{_OP}: q and k must have the same batch size; got {B} and "
+                         f"{k.shape[0]}")
+    if k.shape[3] != d:
+        raise ShapeError(f"{_OP}: q and k must have the same head_dim; got {d} and "
+                         f"{k.shape[3]}")
+    if d not in HEAD_DIMS:
+        raise ShapeError(f"{_OP}: head_dim must be one of {HEAD_DIMS}; got {d}")
+    hkv = k.shape[1]
+    if hkv == 0 or hq % hkv != 0:
+        raise ShapeError(f"{_OP}: the number of q heads must be a multiple of the number of k/v "
+                         f"heads (GQA); got Hq={hq} and Hkv={hkv}")
+    if not isinstance(mask, BlockMask):
+        raise TypeError(f"{_OP}: mask must be a frugal.BlockMask (see frugal.masks); got "
+                        f"{type(mask).__name__}")
+    if mask.seq_lens != (nq, k.shape[2]):
+        raise ShapeError(f"{_OP}: mask was built for (Nq, Nk) = {mask.seq_lens}; q and k have "
+                         f"Nq={nq}, Nk={k.shape[2]}")
+    bm, hm = mask.shape[:2]
+    if bm not in (1, B):
+        raise ShapeError(f"{_OP}: mask batch dim must be 1 or B={B}; got {bm}")
+    if hm not in (1, hq):
+        raise ShapeError(f"{_OP}: mask head dim must be 1 or Hq={hq}; got {hm}")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(
+                scale):
+            raise ValueError(f"{_OP}: scale must be a finite float or None; got {scale!r}")
+
+
+def _why_not_cpu():
+    if not _has_cpu_ops():
+        return "frugal._C has no sparse_attention kernels (rebuild the extension)"
+    return None
+
+
+def _select(q, k, v, mask, scale=None, return_lse=False, *, backend="auto", explain=False):
+    _check(q, k, v, mask, scale)
+    if backend == "cpu" or (backend == "auto" and q.device.type == "cpu"):
+        why = unavailable("cpu", q.device) or _why_not_cpu()
+        if why is not None:
+            if backend == "cpu":
+                raise BackendError(f"{_OP}: {why}")
+            return select(_OP, q.device, backend, {"cpu": ("torch",)}, _SUPPORTED, explain)
+    return select(_OP, q.device, backend, _ORDER, _SUPPORTED, explain)
+
+
+def sparse_attention(q, k, v, mask, scale=None, return_lse=False, *, backend="auto"):
+    """Attention that computes only the blocks ``mask`` lists.
+
+    Parameters
+    ----------
+    q : Tensor [B, Hq, Nq, D]; k, v : Tensor [B, Hkv, Nk, D]
+        Same dtype (float32, float16 or bfloat16) and device, any strides. Hq must be a
+        multiple of Hkv (GQA/MQA: query head h reads kv head ``h // (Hq // Hkv)``); D one of
+        :data:`HEAD_DIMS`.
+    mask : BlockMask
+        Built for (Nq, Nk) (see :mod:`frugal.masks`); its batch and head dims are 1 or B, Hq.
+    scale : float, default ``D ** -0.5``
+    return_lse : bool
+        Also return the log-sum-exp of each row's scaled scores (float32 [B, Hq, Nq]; no
+        gradient flows through it).
+    backend : "auto" | "triton" | "cpu" | "torch"
+        auto: Triton on CUDA tensors, C++ on CPU tensors, else PyTorch (dense: O(N^2) memory).
+
+    Returns
+    -------
+    out [B, Hq, Nq, D] in q's dtype, and lse when ``return_lse``. A query row that the mask
+    gives no key returns zeros (and lse = -inf), never NaN; it gets zero gradient.
+    """
+    name = _select(q, k, v, mask, scale, return_lse, backend=backend)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    scale = float(scale)
+    if q.shape[0] == 0 or q.shape[1] == 0:
+        out = q.new_zeros(q.shape)
+        lse = q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
+        return (out, lse) if return_lse else out
+    if name == "torch":
+        out, lse = reference.sparse_attention(q, k, v, mask, scale)
+        out = out.to(q.dtype)
+    else:
+        layout = mask.layout(q.shape[0], q.shape[1], q.device)
+        out, lse = _SparseAttention.apply(q, k, v, layout, scale, name)
+    return (out, lse) if return_lse else out
+
+
+sparse_attention._frugal_select = _select
