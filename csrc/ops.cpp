@@ -44,6 +44,23 @@ TORCH_LIBRARY(frugal, m) {
   m.def(
       "paged_append(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
       "Tensor slot_mapping, Tensor(c!)? k_scale, Tensor(d!)? v_scale) -> ()");
+  // Block-sparse attention over a SparseLayout (docs/block_mask_format.md): q [B, Hq, Nq, D],
+  // k/v [B, Hkv, Nk, D] (same dtype), layout tensors int32 already expanded to [B, Hq, ...]
+  // (stride-0 views allowed), flags 1=band 2=prefix 4=doc 8=bits with lo/hi/prefix the band.
+  // Forward: out [B, Hq, Nq, D] in q's dtype and lse [B, Hq, Nq] fp32 (natural log; an empty
+  // row gives out 0, lse -inf). Backward (FA2, fp32 compute): dq, dk, dv in the input dtype,
+  // dk/dv summed over the query heads of each kv head.
+  m.def(
+      "sparse_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor kv_num, Tensor kv_idx, "
+      "Tensor kv_bits, Tensor full_num, Tensor full_idx, Tensor q_doc, Tensor kv_doc, "
+      "Tensor bits, int BQ, int BK, int flags, int lo, int hi, int prefix, float scale) "
+      "-> (Tensor out, Tensor lse)");
+  m.def(
+      "sparse_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor kv_num, Tensor kv_idx, Tensor kv_bits, Tensor full_num, Tensor full_idx, "
+      "Tensor q_num, Tensor q_idx, Tensor q_bits, Tensor full_q_num, Tensor full_q_idx, "
+      "Tensor q_doc, Tensor kv_doc, Tensor bits, int BQ, int BK, int flags, int lo, int hi, "
+      "int prefix, float scale) -> (Tensor dq, Tensor dk, Tensor dv)");
 }
 
 namespace {

@@ -39,6 +39,22 @@ def test_backends_agree(backend):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_dynamic_cpu_forward_is_quantize_then_matmul(dtype):
+    # On CPU the forward is one fused op; it gives the bits of the two public functions.
+    gen = torch.Generator().manual_seed(5)
+    linear = nn.Linear(70, 33).to(dtype)
+    layer = frugal.Int8Linear.from_float(linear, backend="cpu")
+    base = torch.randn(2, 140, 9, generator=gen).to(dtype)
+    for x in [base[:, ::2, :3].transpose(1, 2), base[0, :70].t(), base.reshape(-1, 70)[:1]]:
+        xq, xs = frugal.quantize_per_token(x, backend="cpu")
+        want = frugal.int8_matmul(xq, layer.weight_int8, xs, layer.weight_scale, layer.bias,
+                                  dtype, backend="cpu")
+        got = layer(x)
+        assert got.shape == (*x.shape[:-1], 33) and got.dtype == dtype
+        assert torch.equal(got, want), tuple(x.shape)
+
+
 def test_state_dict_round_trip(tmp_path):
     gen = torch.Generator().manual_seed(4)
     model = mlp(gen)
@@ -79,3 +95,5 @@ def test_errors():
     layer = frugal.Int8Linear(8, 4)
     with pytest.raises(frugal.ShapeError, match=r"x.shape\[-1\] must be in_features=8; got shape \(2, 9\)"):
         layer(torch.randn(2, 9))
+    with pytest.raises(frugal.DTypeError, match=r"Int8Linear: x must be .*float32.*; got torch.int8"):
+        layer(torch.ones(2, 8, dtype=torch.int8))

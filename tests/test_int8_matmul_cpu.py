@@ -3,6 +3,7 @@ on every CPU ISA path: int32 results bit-exact against the int64 reference, dequ
 against a float64 computation of the same formula (and exactly against the fp32 reference)."""
 
 import itertools
+import threading
 
 import pytest
 import torch
@@ -157,6 +158,111 @@ def test_int8_scaled_mm(cpu_isa, poison, out_dtype):
         packed = ops.int8_pack_weight(b)
         got_packed = ops.int8_scaled_mm_packed(a, packed, a_scale, b_scale_n, bias, out_dtype)
         assert torch.equal(got_packed, got), what
+
+
+def dynamic_linear_inputs(M, N, K, gen, dtype, with_bias):
+    """x with a row of zeros and a row holding inf (when M >= 3), b, b_scale, bias."""
+    x = (torch.randn(M, K, generator=gen) * 3).to(dtype)
+    if M >= 3:
+        x[1] = 0
+        x[2, K // 2] = float("inf")
+    b = rand_int8((N, K), gen)
+    b_scale = torch.rand(N, generator=gen) * 0.02 + 1e-3
+    bias = (torch.randn(N, generator=gen) * 10).to(dtype) if with_bias else None
+    return x, b, b_scale, bias
+
+
+def check_dynamic_linear(got, x, b, b_scale, bias, what):
+    """got must be quantize_per_token then int8_scaled_mm_packed, bit for bit (the ops, and the
+    PyTorch reference with its float64 bounds); a row holding inf or NaN gives a NaN row."""
+    assert got.dtype == x.dtype and got.shape == (x.shape[0], b.shape[0]), what
+    q, s = ops.quantize_per_token(x)
+    two_ops = ops.int8_scaled_mm_packed(q, ops.int8_pack_weight(b), s, b_scale, bias, x.dtype)
+    assert torch.equal(got.isnan(), two_ops.isnan()), what
+    assert torch.equal(got.nan_to_num(), two_ops.nan_to_num()), what
+    finite = x.isfinite().all(1)
+    assert got[~finite].isnan().all(), what
+    q_ref, s_ref = reference.quantize_per_token(x[finite])
+    check_scaled(got[finite], q_ref, b, s_ref, b_scale, bias, x.dtype, what)
+
+
+@pytest.mark.parametrize("dtype", OUT_DTYPES, ids=str)
+def test_int8_dynamic_linear_packed(cpu_isa, poison, dtype):
+    gen = torch.Generator().manual_seed(10)
+    # Long rows first: the rows of a packed for a call land in memory kept from earlier calls.
+    for M, N, K, with_bias in [
+        (130, 100, 1000, True),
+        (7, 70, 4100, False),
+        (1, 7, 1, True),
+        (5, 33, 67, False),
+        (17, 129, 255, True),
+        (64, 16, 5, True),
+    ]:
+        x, b, b_scale, bias = dynamic_linear_inputs(M, N, K, gen, dtype, with_bias)
+        got = ops.int8_dynamic_linear_packed(x, ops.int8_pack_weight(b), b_scale, bias)
+        check_dynamic_linear(got, x, b, b_scale, bias, f"{cpu_isa} M={M} N={N} K={K}")
+
+
+def test_int8_dynamic_linear_packed_views_and_empty(cpu_isa, poison):
+    gen = torch.Generator().manual_seed(11)
+    base = torch.randn(40, 150, generator=gen)
+    b = rand_int8((23, 75), gen)
+    packed, b_scale = ops.int8_pack_weight(b), torch.rand(23, generator=gen)
+    for x in [base[:, ::2], base[::3, 75:], torch.randn(75, 9, generator=gen).t()]:
+        assert not x.is_contiguous()
+        got = ops.int8_dynamic_linear_packed(x, packed, b_scale, None)
+        check_dynamic_linear(got, x, b, b_scale, None, f"{cpu_isa} x strides {x.stride()}")
+    y = ops.int8_dynamic_linear_packed(torch.empty(0, 75), packed, b_scale, None)
+    assert y.shape == (0, 23)
+    bias = torch.arange(5.0)
+    empty_b = ops.int8_pack_weight(torch.empty(5, 0, dtype=torch.int8))
+    y = ops.int8_dynamic_linear_packed(torch.empty(3, 0), empty_b, torch.ones(5), bias)
+    assert torch.equal(y, bias.expand(3, 5))
+
+
+def test_large_outputs_and_scratch(poison):
+    # Outputs from 8 MiB on are hinted to huge pages; packed rows over 32 MiB live for one call.
+    gen = torch.Generator().manual_seed(12)
+    x, b, b_scale, bias = dynamic_linear_inputs(2100, 1030, 8, gen, torch.float32, True)
+    got = ops.int8_dynamic_linear_packed(x, ops.int8_pack_weight(b), b_scale, bias)
+    check_dynamic_linear(got, x, b, b_scale, bias, "8.3 MiB output")
+    a = rand_int8((2100, 8), gen)
+    assert_exact(ops.int8_mm(a, b), a, b, "8.3 MiB int32 output")
+    a, b = rand_int8((4200, 8192), gen), rand_int8((17, 8192), gen)  # 33.6 MiB of packed rows
+    got = ops.int8_mm(a, b)
+    for m in range(0, 4200, 600):
+        assert_exact(got[m : m + 600], a[m : m + 600], b, f"rows {m}..{m + 600}")
+
+
+def test_int8_dynamic_linear_packed_from_threads(poison):
+    # Each calling thread packs its rows into its own kept memory.
+    gen = torch.Generator().manual_seed(13)
+    b = rand_int8((70, 300), gen)
+    packed, b_scale = ops.int8_pack_weight(b), torch.rand(70, generator=gen)
+    xs = [torch.randn(m, 300, generator=gen) for m in (50, 9, 120, 33)]
+    want = [ops.int8_dynamic_linear_packed(x, packed, b_scale, None) for x in xs]
+    got = {}
+
+    def run(i):
+        for _ in range(20):
+            got[i] = ops.int8_dynamic_linear_packed(xs[i], packed, b_scale, None)
+            assert torch.equal(got[i], want[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(got[i], want[i]) for i in range(len(xs)))
+
+
+def test_opcheck_int8_dynamic_linear_packed():
+    gen = torch.Generator().manual_seed(14)
+    _, b, b_scale, bias = dynamic_linear_inputs(5, 19, 37, gen, torch.float32, True)
+    x = torch.randn(5, 37, generator=gen)  # finite: opcheck compares outputs with NaN != NaN
+    torch.library.opcheck(
+        ops.int8_dynamic_linear_packed.default, (x, ops.int8_pack_weight(b), b_scale, bias)
+    )
 
 
 def test_bf16_and_fp16_rounding_ties(cpu_isa, poison):
@@ -409,6 +515,39 @@ def test_packed_errors():
         (
             lambda: run(a.float(), packed, sa, torch.ones(6), None, f32),
             r"int8_scaled_mm_packed: a must be int8; got Float",
+        ),
+    ]
+    x = a.float()
+    fused = ops.int8_dynamic_linear_packed
+    cases += [
+        (
+            lambda: fused(a, packed, torch.ones(6), None),
+            r"int8_dynamic_linear_packed: x must be float32, float16 or bfloat16; got Char",
+        ),
+        (
+            lambda: fused(x[0], packed, torch.ones(6), None),
+            r"int8_dynamic_linear_packed: x must be 2-D \[M, K\]; got a 1-D tensor of shape \[8\]",
+        ),
+        (
+            lambda: fused(x[:, :5], packed, torch.ones(6), None),
+            r"b_packed holds a weight with K = 8; x has K = x.size\(1\) = 5",
+        ),
+        (
+            lambda: fused(x, packed, torch.ones(7), None),
+            r"int8_dynamic_linear_packed: b_packed holds a weight with N = 6; "
+            r"b_scale has N = 7 elements",
+        ),
+        (
+            lambda: fused(x, packed, torch.ones(6).double(), None),
+            r"int8_dynamic_linear_packed: b_scale must be float32; got Double",
+        ),
+        (
+            lambda: fused(x, packed, torch.ones(6), torch.ones(5)),
+            r"bias must have shape \[N\] = \[6\]; got \[5\]",
+        ),
+        (
+            lambda: fused(x, packed[1:], torch.ones(6), None),
+            r"int8_dynamic_linear_packed: b_packed is not an int8_pack_weight buffer",
         ),
     ]
     for fn, match in cases:

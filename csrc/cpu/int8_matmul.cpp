@@ -11,17 +11,25 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <c10/util/FunctionRef.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <vector>
 
 #include "cpu/isa.h"
 #include "cpu/int8_matmul_kernels.h"
+#include "cpu/quantize.h"
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #if FRUGAL_X86
 #include <immintrin.h>
@@ -259,7 +267,63 @@ PackedDims read_header(const char* op, const at::Tensor& b_packed) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The GEMM driver: packs a, splits the work into tasks, runs tiles and epilogues.
+// Memory: the packed rows of a, and the output.
+// ---------------------------------------------------------------------------------------------
+
+struct FreeDeleter {
+  void operator()(uint8_t* p) const { std::free(p); }
+};
+using Buffer = std::unique_ptr<uint8_t[], FreeDeleter>;
+
+Buffer aligned_buffer(int64_t bytes) {
+  auto* p = static_cast<uint8_t*>(std::aligned_alloc(64, ceil_div(std::max<int64_t>(bytes, 1), 64) * 64));
+  TORCH_CHECK(p != nullptr, "int8 GEMM: out of memory allocating ", bytes, " bytes");
+  return Buffer(p);
+}
+
+// The packed rows of a go to a buffer the calling thread keeps between calls, up to this size
+// (M = 8192 rows at K = 4096): fresh memory would cost a page fault per 4 KiB on every call,
+// several percent of a large GEMM. Larger buffers live for one call.
+constexpr int64_t kKeptScratchBytes = int64_t{32} << 20;
+
+uint8_t* a_scratch(int64_t bytes, Buffer& one_call) {
+  if (bytes > kKeptScratchBytes) {
+    one_call = aligned_buffer(bytes);
+    return one_call.get();
+  }
+  thread_local Buffer kept;
+  thread_local int64_t kept_bytes = 0;
+  if (kept_bytes < bytes) {
+    kept.reset();
+    kept = aligned_buffer(bytes);
+    kept_bytes = bytes;
+  }
+  return kept.get();
+}
+
+// A fresh [M, N] output. From kHugeOutputBytes on, its 2 MiB-aligned interior is marked for
+// transparent huge pages (honoured when the kernel's THP mode is "madvise" or "always"): the
+// epilogue's first touch then takes one page fault per 2 MiB instead of one per 4 KiB, which
+// for a 32 MiB output saves milliseconds per call. The hint changes no value.
+constexpr int64_t kHugeOutputBytes = int64_t{8} << 20;
+
+at::Tensor empty_output(int64_t M, int64_t N, const at::TensorOptions& options) {
+  at::Tensor out = at::empty({M, N}, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const int64_t bytes = out.numel() * static_cast<int64_t>(out.element_size());
+  if (bytes >= kHugeOutputBytes) {
+    constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+    const auto p = reinterpret_cast<uintptr_t>(out.data_ptr());
+    const uintptr_t begin = (p + kHuge - 1) & ~(kHuge - 1);
+    const uintptr_t end = (p + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
+    if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+  }
+#endif
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The GEMM driver.
 // ---------------------------------------------------------------------------------------------
 
 struct IsaKernels {
@@ -292,8 +356,14 @@ constexpr int64_t kMaxBlockK4 = 1024;
 constexpr int64_t kMaxTaskGroups = 4;
 constexpr int64_t kTaskBlockBytes = 512 * 1024;
 
-// out[m, n] = epilogue((a @ b^T)[m, n]) for a int8 [M, K] (row stride lda, K-contiguous).
-void gemm(const int8_t* a, int64_t lda, int64_t M, const Weight& w, const Epilogue& epi) {
+// Writes rows [begin, end) of a, as the tiles read them (with pack_a), to dst, row stride
+// ld_dst. Called on several threads at once, for disjoint rows.
+using PackRowsFn =
+    c10::function_ref<void(int64_t begin, int64_t end, PackAFn pack_a, uint8_t* dst,
+                           int64_t ld_dst)>;
+
+// out[m, n] = epilogue((a @ b^T)[m, n]) for the M rows of a that pack_rows writes.
+void gemm(int64_t M, const Weight& w, const Epilogue& epi, PackRowsFn pack_rows) {
   const PackedDims& d = w.d;
   const IsaKernels ker = kernels_for(current_isa());
   const int64_t K4 = d.K4;
@@ -302,11 +372,11 @@ void gemm(const int8_t* a, int64_t lda, int64_t M, const Weight& w, const Epilog
 
   // a as the tiles read it: rows of 4 * K4 bytes.
   const int64_t lda_p = 4 * K4;
-  at::Tensor a_buf = at::empty({std::max<int64_t>(M * lda_p, 1)}, at::kByte);
-  uint8_t* ap = a_buf.data_ptr<uint8_t>();
+  Buffer one_call;
+  uint8_t* ap = a_scratch(M * lda_p, one_call);
   const int64_t pack_grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(lda_p, 1));
   at::parallel_for(0, M, pack_grain, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) ker.pack_a(a + m * lda, d.K, K4, ap + m * lda_p);
+    pack_rows(begin, end, ker.pack_a, ap + begin * lda_p, lda_p);
   });
 
   // Tasks: (set of consecutive groups, block of rows), in weight order. A task reads its rows
@@ -409,6 +479,16 @@ void check_int8_matrix(const char* op, const char* name, const at::Tensor& t, co
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU; got ", t.device());
 }
 
+// x: a 2-D float32, float16 or bfloat16 activation [M, K] on the CPU.
+void check_float_matrix(const char* op, const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf ||
+                  x.scalar_type() == at::kBFloat16,
+              op, ": x must be float32, float16 or bfloat16; got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, K]; got a ", x.dim(),
+              "-D tensor of shape ", x.sizes());
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be on the CPU; got ", x.device());
+}
+
 void check_k(const char* op, int64_t K) {
   TORCH_CHECK(K <= kMaxK, op, ": K must be <= ", kMaxK,
               " (larger K can overflow the int32 accumulator); got K = ", K);
@@ -456,12 +536,24 @@ void check_out_dtype(const char* op, at::ScalarType out_dtype) {
 
 at::Tensor k_contiguous(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
 
-// The GEMM with the float epilogue; scales and bias already checked.
-at::Tensor scaled_gemm(const at::Tensor& a, const Weight& w, const at::Tensor& a_scale,
+// gemm's rows of an int8 a [M, K] with unit stride along K.
+auto int8_rows(const at::Tensor& a) {
+  const int8_t* ap = a.const_data_ptr<int8_t>();
+  const int64_t lda = a.stride(0), K = a.size(1), K4 = ceil_div(K, 4);
+  return [=](int64_t begin, int64_t end, PackAFn pack_a, uint8_t* dst, int64_t ld_dst) {
+    for (int64_t m = begin; m < end; ++m) pack_a(ap + m * lda, K, K4, dst + (m - begin) * ld_dst);
+  };
+}
+
+// The GEMM with the float epilogue into a new [M, N] tensor of out_dtype, on the rows that
+// `rows` writes; a_scale holds M scales (stride 1) or one (stride 0), read once every row is
+// packed. Scales and bias already checked.
+at::Tensor scaled_gemm(int64_t M, const Weight& w, const float* a_scale, int64_t a_scale_stride,
                        const at::Tensor& b_scale, const at::Tensor& bias,
-                       at::ScalarType out_dtype) {
-  const int64_t M = a.size(0), N = w.d.N;
-  at::Tensor out = at::empty({M, N}, a.options().dtype(out_dtype));
+                       at::ScalarType out_dtype, const at::TensorOptions& options,
+                       PackRowsFn rows) {
+  const int64_t N = w.d.N;
+  at::Tensor out = empty_output(M, N, options.dtype(out_dtype));
   if (M == 0 || N == 0) return out;
   const at::Tensor bs = b_scale.numel() == N ? b_scale : b_scale.expand({N}).contiguous();
   Epilogue epi;
@@ -470,13 +562,21 @@ at::Tensor scaled_gemm(const at::Tensor& a, const Weight& w, const at::Tensor& a
   epi.out_type = out_dtype == at::kFloat ? OutType::kFloat
                  : out_dtype == at::kHalf ? OutType::kHalf
                                           : OutType::kBFloat16;
-  epi.a_scale = a_scale.const_data_ptr<float>();
-  epi.a_scale_stride = a_scale.numel() == 1 ? 0 : 1;
+  epi.a_scale = a_scale;
+  epi.a_scale_stride = a_scale_stride;
   epi.b_scale = bs.const_data_ptr<float>();
   epi.bias = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
-  const at::Tensor ac = k_contiguous(a);
-  gemm(ac.const_data_ptr<int8_t>(), ac.stride(0), M, w, epi);
+  gemm(M, w, epi, rows);
   return out;
+}
+
+// scaled_gemm for an int8 a [M, K] and a_scale [M] or [1].
+at::Tensor scaled_gemm(const at::Tensor& a, const Weight& w, const at::Tensor& a_scale,
+                       const at::Tensor& b_scale, const at::Tensor& bias,
+                       at::ScalarType out_dtype) {
+  const at::Tensor ac = k_contiguous(a);
+  return scaled_gemm(a.size(0), w, a_scale.const_data_ptr<float>(), a_scale.numel() == 1 ? 0 : 1,
+                     b_scale, bias, out_dtype, a.options(), int8_rows(ac));
 }
 
 at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
@@ -486,7 +586,7 @@ at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
   check_same_k(op, a, b);
   check_k(op, a.size(1));
   const int64_t M = a.size(0), N = b.size(0);
-  at::Tensor out = at::empty({M, N}, a.options().dtype(at::kInt));
+  at::Tensor out = empty_output(M, N, a.options().dtype(at::kInt));
   if (M == 0 || N == 0) return out;
   Epilogue epi;
   epi.out = out.data_ptr();
@@ -494,7 +594,7 @@ at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
   epi.out_type = OutType::kInt32;
   const at::Tensor ac = k_contiguous(a);
   const at::Tensor bc = k_contiguous(b);
-  gemm(ac.const_data_ptr<int8_t>(), ac.stride(0), M, row_weight(bc), epi);
+  gemm(M, row_weight(bc), epi, int8_rows(ac));
   return out;
 }
 
@@ -526,20 +626,29 @@ at::Tensor int8_pack_weight_cpu(const at::Tensor& b) {
   return buf;
 }
 
+// Checks b_packed and b_scale [N] against each other and against the activation `a_name`
+// [M, K] (already checked to be 2-D); returns the packed weight's dims.
+PackedDims check_packed(const char* op, const at::Tensor& b_packed, const at::Tensor& b_scale,
+                        const char* a_name, const at::Tensor& a) {
+  const PackedDims d = read_header(op, b_packed);
+  TORCH_CHECK(b_scale.dim() == 1, op, ": b_scale must be 1-D [N] (N is read from it); got shape ",
+              b_scale.sizes());
+  const int64_t N = b_scale.size(0);
+  TORCH_CHECK(d.N == N, op, ": b_packed holds a weight with N = ", d.N,
+              "; b_scale has N = ", N, " elements");
+  TORCH_CHECK(d.K == a.size(1), op, ": b_packed holds a weight with K = ", d.K, "; ", a_name,
+              " has K = ", a_name, ".size(1) = ", a.size(1));
+  return d;
+}
+
 at::Tensor int8_scaled_mm_packed_cpu(const at::Tensor& a, const at::Tensor& b_packed,
                                      const at::Tensor& a_scale, const at::Tensor& b_scale,
                                      const std::optional<at::Tensor>& bias,
                                      at::ScalarType out_dtype) {
   constexpr const char* op = "int8_scaled_mm_packed";
   check_int8_matrix(op, "a", a, "[M, K]");
-  const PackedDims d = read_header(op, b_packed);
-  TORCH_CHECK(b_scale.dim() == 1, op, ": b_scale must be 1-D [N] (N is read from it); got shape ",
-              b_scale.sizes());
-  const int64_t M = a.size(0), N = b_scale.size(0);
-  TORCH_CHECK(d.N == N, op, ": b_packed holds a weight with N = ", d.N,
-              "; b_scale has N = ", N, " elements");
-  TORCH_CHECK(d.K == a.size(1), op, ": b_packed holds a weight with K = ", d.K,
-              "; a has K = a.size(1) = ", a.size(1));
+  const PackedDims d = check_packed(op, b_packed, b_scale, "a", a);
+  const int64_t M = a.size(0), N = d.N;
   const at::Tensor as = check_scale(op, "a_scale", a_scale, M, "M", true);
   const at::Tensor bs = check_scale(op, "b_scale", b_scale, N, "N", false);
   const at::Tensor bias_f = check_bias(op, bias, N);
@@ -548,16 +657,49 @@ at::Tensor int8_scaled_mm_packed_cpu(const at::Tensor& a, const at::Tensor& b_pa
                      out_dtype);
 }
 
+// gemm's rows of x [M, K] (unit stride along K) quantized per row as quantize_per_token does,
+// with the row scales written to scale[M].
+template <typename T>
+auto quantized_rows(const at::Tensor& x, float* scale) {
+  const T* xp = x.const_data_ptr<T>();
+  const int64_t ldx = x.stride(0), K = x.size(1), K4 = ceil_div(K, 4);
+  const Isa isa = current_isa();
+  return [=](int64_t begin, int64_t end, PackAFn pack_a, uint8_t* dst, int64_t ld_dst) {
+    std::vector<int8_t> q(std::max<int64_t>(K, 1));
+    for (int64_t m = begin; m < end; ++m) {
+      scale[m] = quantize_row(xp + m * ldx, q.data(), K, isa);
+      pack_a(q.data(), K, K4, dst + (m - begin) * ld_dst);
+    }
+  };
+}
+
+at::Tensor int8_dynamic_linear_packed_cpu(const at::Tensor& x, const at::Tensor& b_packed,
+                                          const at::Tensor& b_scale,
+                                          const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "int8_dynamic_linear_packed";
+  check_float_matrix(op, x);
+  const PackedDims d = check_packed(op, b_packed, b_scale, "x", x);
+  const int64_t M = x.size(0), N = d.N;
+  const at::Tensor bs = check_scale(op, "b_scale", b_scale, N, "N", false);
+  const at::Tensor bias_f = check_bias(op, bias, N);
+  const Weight w = packed_weight(d, b_packed.const_data_ptr<int8_t>());
+  const at::Tensor xc = k_contiguous(x);
+  std::vector<float> scale(M);
+  const auto run = [&](auto rows) {
+    return scaled_gemm(M, w, scale.data(), 1, bs, bias_f, x.scalar_type(), x.options(), rows);
+  };
+  switch (x.scalar_type()) {
+    case at::kFloat: return run(quantized_rows<float>(xc, scale.data()));
+    case at::kHalf: return run(quantized_rows<c10::Half>(xc, scale.data()));
+    default: return run(quantized_rows<c10::BFloat16>(xc, scale.data()));
+  }
+}
+
 at::Tensor int8_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& b,
                                    const at::Tensor& b_scale,
                                    const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "int8_weight_only_mm";
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf ||
-                  x.scalar_type() == at::kBFloat16,
-              op, ": x must be float32, float16 or bfloat16; got ", x.scalar_type());
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, K]; got a ", x.dim(),
-              "-D tensor of shape ", x.sizes());
-  TORCH_CHECK(x.device().is_cpu(), op, ": x must be on the CPU; got ", x.device());
+  check_float_matrix(op, x);
   check_int8_matrix(op, "b", b, "[N, K]");
   TORCH_CHECK(x.size(1) == b.size(1), op,
               ": x [M, K] and b [N, K] must have the same K; got x.size(1) = ", x.size(1),
@@ -630,5 +772,6 @@ TORCH_LIBRARY_IMPL(frugal, CPU, m) {
   m.impl("int8_scaled_mm", &frugal::cpu::int8_scaled_mm_cpu);
   m.impl("int8_pack_weight", &frugal::cpu::int8_pack_weight_cpu);
   m.impl("int8_scaled_mm_packed", &frugal::cpu::int8_scaled_mm_packed_cpu);
+  m.impl("int8_dynamic_linear_packed", &frugal::cpu::int8_dynamic_linear_packed_cpu);
   m.impl("int8_weight_only_mm", &frugal::cpu::int8_weight_only_mm_cpu);
 }

@@ -15,6 +15,7 @@
 #include <limits>
 
 #include "cpu/isa.h"
+#include "cpu/quantize.h"
 
 #if FRUGAL_X86
 #include <immintrin.h>
@@ -162,25 +163,23 @@ FRUGAL_TARGET_AVX2 float quantize_row_avx2(const T* x, int8_t* q, int64_t K) {
 #endif  // FRUGAL_X86
 
 template <typename T>
+float quantize_row_for(const T* x, int8_t* q, int64_t K, Isa isa) {
+#if FRUGAL_X86
+  if (isa >= Isa::kAvx512) return quantize_row_avx512(x, q, K);
+  if (isa >= Isa::kAvx2) return quantize_row_avx2(x, q, K);
+#endif
+  (void)isa;
+  return quantize_row_scalar(x, q, K);
+}
+
+template <typename T>
 void quantize_rows(const T* x, int64_t row_stride, int8_t* q, float* scale, int64_t M,
                    int64_t K) {
   const Isa isa = current_isa();
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(K, 1));
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
-      const T* xr = x + m * row_stride;
-      int8_t* qr = q + m * K;
-#if FRUGAL_X86
-      if (isa >= Isa::kAvx512) {
-        scale[m] = quantize_row_avx512(xr, qr, K);
-        continue;
-      }
-      if (isa >= Isa::kAvx2) {
-        scale[m] = quantize_row_avx2(xr, qr, K);
-        continue;
-      }
-#endif
-      scale[m] = quantize_row_scalar(xr, qr, K);
+      scale[m] = quantize_row_for(x + m * row_stride, q + m * K, K, isa);
     }
   });
 }
@@ -219,6 +218,17 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x) {
 }
 
 }  // namespace
+
+float quantize_row(const float* x, int8_t* q, int64_t K, Isa isa) {
+  return quantize_row_for(x, q, K, isa);
+}
+float quantize_row(const c10::Half* x, int8_t* q, int64_t K, Isa isa) {
+  return quantize_row_for(x, q, K, isa);
+}
+float quantize_row(const c10::BFloat16* x, int8_t* q, int64_t K, Isa isa) {
+  return quantize_row_for(x, q, K, isa);
+}
+
 }  // namespace frugal::cpu
 
 TORCH_LIBRARY_IMPL(frugal, CPU, m) {

@@ -47,6 +47,10 @@ if _ext.ext() is not None:
     def _int8_scaled_mm_packed_fake(a, b_packed, a_scale, b_scale, bias, out_dtype):
         return a.new_empty((a.shape[0], b_scale.shape[0]), dtype=out_dtype)
 
+    @torch.library.register_fake("frugal::int8_dynamic_linear_packed")
+    def _int8_dynamic_linear_packed_fake(x, b_packed, b_scale, bias):
+        return x.new_empty((x.shape[0], b_scale.shape[0]))
+
     @torch.library.register_fake("frugal::int8_weight_only_mm")
     def _int8_weight_only_mm_fake(x, b, b_scale, bias):
         return x.new_empty((x.shape[0], b.shape[0]))

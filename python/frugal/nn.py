@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .dispatch import select
-from .errors import DTypeError, ShapeError, check_dtype_arg
+from .errors import DTypeError, ShapeError, check_dtype, check_dtype_arg
 from .int8_matmul import (
     _BACKENDS,
     _ORDER,
@@ -106,14 +106,15 @@ class Int8Linear(nn.Module):
         if self.mode == "weight_only":
             return int8_weight_only_matmul(x, self.weight_int8, self.weight_scale, self.bias,
                                            backend=self.backend)
-        xq, xs = quantize_per_token(x, backend=self.backend)
         name = select("int8_matmul", x.device, self.backend, _ORDER, _BACKENDS)
         if name == "cpu" and not torch.compiler.is_compiling():
-            lead = x.shape[:-1]
-            y = torch.ops.frugal.int8_scaled_mm_packed(
-                xq.reshape(-1, self.in_features), self._packed_weight(), xs.reshape(-1),
-                self.weight_scale, self.bias, x.dtype)
-            return y.reshape(*lead, self.out_features)
+            # One op: each row of x is quantized as the GEMM packs it, with no int8 copy of x.
+            check_dtype("Int8Linear", "x", x, _FLOATS)
+            y = torch.ops.frugal.int8_dynamic_linear_packed(
+                x.reshape(-1, self.in_features), self._packed_weight(), self.weight_scale,
+                self.bias)
+            return y.reshape(*x.shape[:-1], self.out_features)
+        xq, xs = quantize_per_token(x, backend=self.backend)
         return int8_matmul(xq, self.weight_int8, xs, self.weight_scale, self.bias, x.dtype,
                            backend=name)
 

@@ -1,0 +1,937 @@
+// sparse_attention_fwd and sparse_attention_bwd (block-sparse attention) on the CPU.
+//
+// The mask format is docs/block_mask_format.md: per (batch, query head, q-block) lists of full
+// kv-blocks (no element test) and partial kv-blocks (element rule: band/prefix, document ids,
+// packed bits), and the transposed lists for the backward pass. Layout tensors may be stride-0
+// expanded views; every access goes through their strides.
+//
+// Forward, one work item per (b, h, q-block), flash-attention style. The item packs its queries
+// once, transposed and pre-scaled, as Q^T [D, BQp] fp32 (BQp = BQ rounded up to 64, padded with
+// zero columns). For every listed kv-block it computes the scores transposed,
+// S^T [keys, BQp] = K Q^T, so that K is read in place (row-major, any row stride), and each
+// query's softmax statistics are a column: the online-softmax max and sum over the keys of the
+// block are vertical vector operations, one lane per query, with no horizontal reductions. The
+// element rule runs on partial blocks only (the band as two bounds per key row, no per-element
+// compare). Then O [BQ, D] = alpha * O + P V, alpha = exp(m_old - m_new) folded into the loads
+// of the accumulator tile. Both products are one GEMM micro-kernel,
+//   C[i, 0:N] (= | += | = alpha_i * C +) sum_j A[i*ai + j*aj] * B[j, 0:N],
+// register-tiled 6 rows x 64 columns (24 zmm accumulators; A broadcast, B rows loaded once per
+// j) under AVX-512, 12 x 32 for a 32-column tail. K and V are read as fp32 with unit stride along
+// D: fp16/bf16 (or a strided D) are converted once per call, an O(N D) pass against O(N w D) work.
+// Items run most expensive first from a shared counter (rows of a causal mask differ in cost).
+//
+// Backward (FlashAttention-2): delta = rowsum(dO * O). dq items (b, h, q-block) walk the
+// forward lists: S^T and P^T = exp(S^T - lse), dP^T = V dO^T, dS^T = P^T (dP^T - delta),
+// dq += dS K. dk/dv items (b, kv head, kv-block) walk the transposed lists of every query head
+// of the group (GQA sums them): dv += P^T dO, dk += dS^T Q. Every product is the same GEMM
+// micro-kernel. An empty row (lse = -inf) gives P = 0 and contributes nothing.
+//
+// ISA paths: AVX-512 (intrinsic micro-kernels), AVX2 (the portable code compiled for AVX2 and
+// FMA through a flattening wrapper, so the compiler vectorizes its inner loops) and baseline.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/sum.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <numeric>
+#include <tuple>
+#include <vector>
+
+#include "cpu/isa.h"
+
+#if FRUGAL_X86
+#include <immintrin.h>
+#endif
+
+#define FRUGAL_FLATTEN __attribute__((flatten))
+
+namespace frugal::cpu {
+namespace {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr int kFlagBand = 1, kFlagPrefix = 2, kFlagDoc = 4, kFlagBits = 8;
+
+// exp(x) for x <= 0 (and -inf): 2^n * p(r), n = round(x log2 e), r = x - n ln 2 (Cody-Waite), p
+// the Cephes expf polynomial (<= 1 ulp on [-87, 0]); exactly 0 below -87 (so exp(-inf) = 0).
+constexpr float kExpMin = -87.0f;
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693359375f;
+constexpr float kLn2Lo = -2.12194440e-4f;
+constexpr float kExpP[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                            4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
+// Scalar form, written so that compilers vectorize loops over it.
+inline float exp_neg(float x) {
+  const float xc = x < kExpMin ? kExpMin : x;
+  const float n = std::floor(xc * kLog2e + 0.5f);
+  float r = xc - n * kLn2Hi;
+  r = r - n * kLn2Lo;
+  float p = kExpP[0];
+  for (int i = 1; i < 6; ++i) p = p * r + kExpP[i];
+  const float y = p * (r * r) + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  return x < kExpMin ? 0.0f : y * two_n;
+}
+
+template <typename T>
+inline float to_float(T x) {
+  return static_cast<float>(x);
+}
+
+// ----------------------------------------------------------------------------------------
+// The mask
+
+// An int32 tensor of up to 4 dims read through its strides (stride-0 broadcast views work).
+struct Idx {
+  const int32_t* p = nullptr;
+  int64_t s[4] = {0, 0, 0, 0};
+  Idx() = default;
+  explicit Idx(const at::Tensor& t) : p(t.data_ptr<int32_t>()) {
+    for (int64_t d = 0; d < t.dim(); ++d) s[d] = t.stride(d);
+  }
+  int32_t operator()(int64_t a, int64_t b = 0, int64_t c = 0, int64_t d = 0) const {
+    return p[a * s[0] + b * s[1] + c * s[2] + d * s[3]];
+  }
+};
+
+// A block list: entries (b, h, i, 0 .. num(b, h, i)).
+struct List {
+  Idx num, idx, bits;  // bits: the bitmask row of each entry (partial lists with has_bits)
+};
+
+struct Rule {
+  int flags = 0;
+  int64_t lo = 0, hi = 0, prefix = 0;
+  Idx q_doc, kv_doc;  // [B, Nq], [B, Nk]
+  Idx bits;           // [nbits, BQ, BK / 32]
+};
+
+// Applies the element rule to scores S^T [kn, ld] of keys k0 .. k0 + kn and queries
+// q0 .. q0 + qn: a disallowed element becomes -inf. qdoc: the queries' document ids (contiguous),
+// bits_row: the block's bitmask row (or -1).
+inline void apply_rule(const Rule& r, int64_t b, float* st, int64_t ld, int64_t k0, int64_t kn,
+                       int64_t q0, int64_t qn, const int32_t* qdoc, int64_t bits_row,
+                       int64_t BK) {
+  for (int64_t k = 0; k < kn; ++k) {
+    const int64_t kg = k0 + k;
+    float* row = st + k * ld;
+    if ((r.flags & kFlagBand) && !((r.flags & kFlagPrefix) && kg < r.prefix)) {
+      // q + lo <= kg <= q + hi  <=>  kg - hi <= q <= kg - lo
+      const int64_t a = std::clamp<int64_t>(kg - r.hi - q0, 0, qn);
+      const int64_t e = std::clamp<int64_t>(kg - r.lo - q0 + 1, a, qn);
+      for (int64_t q = 0; q < a; ++q) row[q] = -kInf;
+      for (int64_t q = e; q < qn; ++q) row[q] = -kInf;
+    }
+    if (r.flags & kFlagDoc) {
+      const int32_t kd = r.kv_doc(b, kg);
+      for (int64_t q = 0; q < qn; ++q) row[q] = qdoc[q] == kd ? row[q] : -kInf;
+    }
+    if (r.flags & kFlagBits) {
+      const int64_t kl = kg % BK;
+      const int32_t* w = r.bits.p + bits_row * r.bits.s[0] + (kl >> 5) * r.bits.s[2];
+      const int shift = static_cast<int>(kl & 31);
+      for (int64_t q = 0; q < qn; ++q)
+        if (!((w[q * r.bits.s[1]] >> shift) & 1)) row[q] = -kInf;
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------------
+// Kernels: portable versions (vectorized by the compiler where the target allows)
+
+enum class Init { kZero, kAccumulate, kScale };
+
+// C[i, 0:N] (init) + sum_{j < K} A[i*ai + j*aj] * B[j*ldb + 0:N], i < M.
+inline void gemm_portable(float* c, int64_t ldc, int64_t M, int64_t N, const float* a, int64_t ai,
+                          int64_t aj, int64_t K, const float* b, int64_t ldb, Init init,
+                          const float* alpha) {
+  for (int64_t i = 0; i < M; ++i) {
+    float* cr = c + i * ldc;
+    if (init == Init::kZero) {
+      for (int64_t n = 0; n < N; ++n) cr[n] = 0.0f;
+    } else if (init == Init::kScale) {
+      const float s = alpha[i];
+      for (int64_t n = 0; n < N; ++n) cr[n] *= s;
+    }
+    for (int64_t j = 0; j < K; ++j) {
+      const float av = a[i * ai + j * aj];
+      const float* br = b + j * ldb;
+      for (int64_t n = 0; n < N; ++n) cr[n] += av * br[n];
+    }
+  }
+}
+
+// Online softmax over the kn key rows of S^T [kn, ld], ld columns (queries): m, l updated,
+// alpha = exp(m_old - m_new), S^T replaced by P^T = exp(S^T - m_new).
+inline void softmax_portable(float* st, int64_t ld, int64_t kn, float* m, float* l,
+                             float* alpha) {
+  constexpr int64_t kChunk = 64;
+  for (int64_t c0 = 0; c0 < ld; c0 += kChunk) {
+    const int64_t cn = std::min(kChunk, ld - c0);
+    float mx[kChunk], mu[kChunk], sum[kChunk];
+    for (int64_t c = 0; c < cn; ++c) mx[c] = m[c0 + c];
+    for (int64_t k = 0; k < kn; ++k) {
+      const float* row = st + k * ld + c0;
+      for (int64_t c = 0; c < cn; ++c) mx[c] = std::max(mx[c], row[c]);
+    }
+    for (int64_t c = 0; c < cn; ++c) {
+      mu[c] = mx[c] == -kInf ? 0.0f : mx[c];
+      alpha[c0 + c] = exp_neg(m[c0 + c] - mu[c]);
+      sum[c] = 0.0f;
+    }
+    for (int64_t k = 0; k < kn; ++k) {
+      float* row = st + k * ld + c0;
+      for (int64_t c = 0; c < cn; ++c) {
+        row[c] = exp_neg(row[c] - mu[c]);
+        sum[c] += row[c];
+      }
+    }
+    for (int64_t c = 0; c < cn; ++c) {
+      l[c0 + c] = l[c0 + c] * alpha[c0 + c] + sum[c];
+      m[c0 + c] = mx[c];
+    }
+  }
+}
+
+// P^T = exp(S^T - lse) (lse given as +inf for an empty or padded query: P = 0), then, with
+// dP^T [kn, ld]: S^T becomes dS^T = P^T (dP^T - delta). P^T is also written to pt.
+inline void probs_grad_portable(float* st, const float* dpt, float* pt, int64_t ld, int64_t kn,
+                                const float* lse, const float* delta) {
+  for (int64_t k = 0; k < kn; ++k) {
+    float* s = st + k * ld;
+    float* p = pt + k * ld;
+    const float* dp = dpt + k * ld;
+    for (int64_t c = 0; c < ld; ++c) {
+      const float pv = exp_neg(s[c] - lse[c]);
+      p[c] = pv;
+      s[c] = pv * (dp[c] - delta[c]);
+    }
+  }
+}
+
+struct Kernels {
+  void (*gemm)(float*, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
+               const float*, int64_t, Init, const float*);
+  void (*softmax)(float*, int64_t, int64_t, float*, float*, float*);
+  void (*probs_grad)(float*, const float*, float*, int64_t, int64_t, const float*, const float*);
+};
+
+void gemm_base(float* c, int64_t ldc, int64_t M, int64_t N, const float* a, int64_t ai,
+               int64_t aj, int64_t K, const float* b, int64_t ldb, Init init, const float* alpha) {
+  gemm_portable(c, ldc, M, N, a, ai, aj, K, b, ldb, init, alpha);
+}
+void softmax_base(float* st, int64_t ld, int64_t kn, float* m, float* l, float* alpha) {
+  softmax_portable(st, ld, kn, m, l, alpha);
+}
+void probs_grad_base(float* st, const float* dpt, float* pt, int64_t ld, int64_t kn,
+                     const float* lse, const float* delta) {
+  probs_grad_portable(st, dpt, pt, ld, kn, lse, delta);
+}
+
+#if FRUGAL_X86
+
+// --- AVX2: the portable code, compiled for AVX2 + FMA ---
+
+FRUGAL_TARGET_AVX2 FRUGAL_FLATTEN void gemm_avx2(float* c, int64_t ldc, int64_t M, int64_t N,
+                                                 const float* a, int64_t ai, int64_t aj,
+                                                 int64_t K, const float* b, int64_t ldb,
+                                                 Init init, const float* alpha) {
+  gemm_portable(c, ldc, M, N, a, ai, aj, K, b, ldb, init, alpha);
+}
+FRUGAL_TARGET_AVX2 FRUGAL_FLATTEN void softmax_avx2(float* st, int64_t ld, int64_t kn, float* m,
+                                                    float* l, float* alpha) {
+  softmax_portable(st, ld, kn, m, l, alpha);
+}
+FRUGAL_TARGET_AVX2 FRUGAL_FLATTEN void probs_grad_avx2(float* st, const float* dpt, float* pt,
+                                                       int64_t ld, int64_t kn, const float* lse,
+                                                       const float* delta) {
+  probs_grad_portable(st, dpt, pt, ld, kn, lse, delta);
+}
+
+// --- AVX-512 ---
+
+FRUGAL_TARGET_AVX512 inline __m512 exp16(__m512 x) {
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpMin), _CMP_GE_OQ);
+  x = _mm512_max_ps(_mm512_set1_ps(kExpMin), x);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(kExpP[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP[i]));
+  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(live, y, n);
+}
+
+// One R x (16 NV) tile of C; see gemm_portable.
+template <int R, int NV>
+FRUGAL_TARGET_AVX512 inline void gemm_tile_avx512(float* c, int64_t ldc, const float* a,
+                                                  int64_t ai, int64_t aj, int64_t K,
+                                                  const float* b, int64_t ldb, Init init,
+                                                  const float* alpha) {
+  __m512 acc[R][NV];
+#pragma GCC unroll 12
+  for (int r = 0; r < R; ++r) {
+    const __m512 s = init == Init::kScale ? _mm512_set1_ps(alpha[r]) : _mm512_set1_ps(1.0f);
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      if (init == Init::kZero) {
+        acc[r][v] = _mm512_setzero_ps();
+      } else {
+        acc[r][v] = _mm512_mul_ps(_mm512_loadu_ps(c + r * ldc + 16 * v), s);
+      }
+    }
+  }
+  if (aj == 1) {
+    for (int64_t j = 0; j < K; ++j) {
+      __m512 bv[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + j * ldb + 16 * v);
+#pragma GCC unroll 12
+      for (int r = 0; r < R; ++r) {
+        const __m512 av = _mm512_set1_ps(a[r * ai + j]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
+      }
+    }
+  } else {
+    // ai == 1 in every caller with aj != 1: the R values of step j are adjacent.
+    for (int64_t j = 0; j < K; ++j) {
+      __m512 bv[NV];
+      const float* aa = a + j * aj;
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + j * ldb + 16 * v);
+#pragma GCC unroll 12
+      for (int r = 0; r < R; ++r) {
+        const __m512 av = _mm512_set1_ps(aa[r * ai]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
+      }
+    }
+  }
+#pragma GCC unroll 12
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + r * ldc + 16 * v, acc[r][v]);
+  }
+}
+
+// Rows [0, M) of a column panel of NV vectors, in tiles of R rows and a tail.
+template <int R, int NV>
+FRUGAL_TARGET_AVX512 inline void gemm_panel_avx512(float* c, int64_t ldc, int64_t M,
+                                                   const float* a, int64_t ai, int64_t aj,
+                                                   int64_t K, const float* b, int64_t ldb,
+                                                   Init init, const float* alpha) {
+  int64_t i = 0;
+  for (; i + R <= M; i += R)
+    gemm_tile_avx512<R, NV>(c + i * ldc, ldc, a + i * ai, ai, aj, K, b, ldb, init,
+                            alpha ? alpha + i : nullptr);
+  for (; i + 2 <= M; i += 2)
+    gemm_tile_avx512<2, NV>(c + i * ldc, ldc, a + i * ai, ai, aj, K, b, ldb, init,
+                            alpha ? alpha + i : nullptr);
+  if (i < M)
+    gemm_tile_avx512<1, NV>(c + i * ldc, ldc, a + i * ai, ai, aj, K, b, ldb, init,
+                            alpha ? alpha + i : nullptr);
+}
+
+// N must be a multiple of 16 (32 or 64 where it matters for speed).
+FRUGAL_TARGET_AVX512 void gemm_avx512(float* c, int64_t ldc, int64_t M, int64_t N, const float* a,
+                                      int64_t ai, int64_t aj, int64_t K, const float* b,
+                                      int64_t ldb, Init init, const float* alpha) {
+  int64_t n = 0;
+  for (; n + 64 <= N; n += 64)
+    gemm_panel_avx512<6, 4>(c + n, ldc, M, a, ai, aj, K, b + n, ldb, init, alpha);
+  for (; n + 32 <= N; n += 32)
+    gemm_panel_avx512<12, 2>(c + n, ldc, M, a, ai, aj, K, b + n, ldb, init, alpha);
+  for (; n < N; n += 16)
+    gemm_panel_avx512<12, 1>(c + n, ldc, M, a, ai, aj, K, b + n, ldb, init, alpha);
+}
+
+FRUGAL_TARGET_AVX512 void softmax_avx512(float* st, int64_t ld, int64_t kn, float* m, float* l,
+                                         float* alpha) {
+  const __m512 neg_inf = _mm512_set1_ps(-kInf);
+  for (int64_t c = 0; c < ld; c += 16) {
+    const __m512 m_old = _mm512_loadu_ps(m + c);
+    __m512 mx0 = m_old, mx1 = neg_inf;
+    int64_t k = 0;
+    for (; k + 2 <= kn; k += 2) {
+      mx0 = _mm512_max_ps(mx0, _mm512_loadu_ps(st + k * ld + c));
+      mx1 = _mm512_max_ps(mx1, _mm512_loadu_ps(st + (k + 1) * ld + c));
+    }
+    if (k < kn) mx0 = _mm512_max_ps(mx0, _mm512_loadu_ps(st + k * ld + c));
+    const __m512 mx = _mm512_max_ps(mx0, mx1);
+    const __m512 mu =
+        _mm512_mask_mov_ps(mx, _mm512_cmp_ps_mask(mx, neg_inf, _CMP_EQ_OQ), _mm512_setzero_ps());
+    const __m512 al = exp16(_mm512_sub_ps(m_old, mu));
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    for (k = 0; k + 2 <= kn; k += 2) {
+      float* r0 = st + k * ld + c;
+      float* r1 = r0 + ld;
+      const __m512 p0 = exp16(_mm512_sub_ps(_mm512_loadu_ps(r0), mu));
+      const __m512 p1 = exp16(_mm512_sub_ps(_mm512_loadu_ps(r1), mu));
+      _mm512_storeu_ps(r0, p0);
+      _mm512_storeu_ps(r1, p1);
+      s0 = _mm512_add_ps(s0, p0);
+      s1 = _mm512_add_ps(s1, p1);
+    }
+    if (k < kn) {
+      float* r0 = st + k * ld + c;
+      const __m512 p0 = exp16(_mm512_sub_ps(_mm512_loadu_ps(r0), mu));
+      _mm512_storeu_ps(r0, p0);
+      s0 = _mm512_add_ps(s0, p0);
+    }
+    _mm512_storeu_ps(alpha + c, al);
+    _mm512_storeu_ps(l + c, _mm512_fmadd_ps(_mm512_loadu_ps(l + c), al, _mm512_add_ps(s0, s1)));
+    _mm512_storeu_ps(m + c, mx);
+  }
+}
+
+FRUGAL_TARGET_AVX512 void probs_grad_avx512(float* st, const float* dpt, float* pt, int64_t ld,
+                                            int64_t kn, const float* lse, const float* delta) {
+  for (int64_t k = 0; k < kn; ++k) {
+    for (int64_t c = 0; c < ld; c += 16) {
+      const int64_t o = k * ld + c;
+      const __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(st + o), _mm512_loadu_ps(lse + c)));
+      _mm512_storeu_ps(pt + o, p);
+      _mm512_storeu_ps(
+          st + o, _mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(dpt + o), _mm512_loadu_ps(delta + c))));
+    }
+  }
+}
+
+#endif  // FRUGAL_X86
+
+Kernels pick_kernels() {
+#if FRUGAL_X86
+  const Isa isa = current_isa();
+  if (isa >= Isa::kAvx512) return {&gemm_avx512, &softmax_avx512, &probs_grad_avx512};
+  if (isa >= Isa::kAvx2) return {&gemm_avx2, &softmax_avx2, &probs_grad_avx2};
+#endif
+  return {&gemm_base, &softmax_base, &probs_grad_base};
+}
+
+// ----------------------------------------------------------------------------------------
+// Shared driver pieces
+
+struct FreeDeleter {
+  void operator()(float* p) const { std::free(p); }
+};
+
+// 64-byte aligned fp32 scratch, one per thread per call.
+struct Scratch {
+  std::unique_ptr<float, FreeDeleter> buf;
+  int64_t used = 0, size = 0;
+  explicit Scratch(int64_t floats) {
+    size = (floats + 15) / 16 * 16 + 16 * 32;
+    buf.reset(static_cast<float*>(std::aligned_alloc(64, size * sizeof(float))));
+    TORCH_CHECK(buf != nullptr, "sparse_attention: out of memory for ", size * 4,
+                " bytes of scratch");
+  }
+  float* take(int64_t n) {
+    float* p = buf.get() + used;
+    used += (n + 15) / 16 * 16;
+    return p;
+  }
+};
+
+// Runs f(item, thread_index) for items in `order`, each thread taking the next from a counter.
+template <typename F>
+void run_dynamic(const std::vector<int64_t>& order, F&& f) {
+  std::atomic<int64_t> next{0};
+  const int64_t n = static_cast<int64_t>(order.size());
+  if (n == 0) return;
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n), 1,
+                   [&](int64_t begin, int64_t) { f(next, n, begin); });
+}
+
+// Items sorted by descending cost (stable: ties keep their order).
+std::vector<int64_t> by_cost(const std::vector<int64_t>& cost) {
+  std::vector<int64_t> order(cost.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+  return order;
+}
+
+// fp32 with unit stride along the last dim: x itself when it already is, else a converted copy.
+at::Tensor as_f32_rows(const at::Tensor& x) {
+  if (x.scalar_type() == at::kFloat && x.stride(-1) == 1) return x;
+  return x.to(at::kFloat).contiguous();
+}
+
+const char* dtype_name(at::ScalarType t) { return c10::toString(t); }
+
+struct Geometry {
+  int64_t B, Hq, Hkv, G, Nq, Nk, D, BQ, BK, BQp, nQB, nKB;
+  float scale;
+};
+
+// An int32 CPU tensor of the given shape (-1: any size >= 1).
+void check_idx(const char* op, const char* name, const at::Tensor& t, std::vector<int64_t> shape) {
+  TORCH_CHECK(t.scalar_type() == at::kInt, op, ": ", name, " must be int32; got ",
+              dtype_name(t.scalar_type()));
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor; got ", t.device());
+  bool ok = t.dim() == static_cast<int64_t>(shape.size());
+  for (size_t d = 0; ok && d < shape.size(); ++d)
+    ok = shape[d] < 0 ? t.size(d) >= 1 : t.size(d) == shape[d];
+  TORCH_CHECK(ok, op, ": ", name, " must have shape ", c10::IntArrayRef(shape),
+              " (-1: any size >= 1); got ", t.sizes());
+}
+
+// Checks a list's counts and entries (block index in [0, limit), bits row in [0, nbits)) and
+// returns the number of entries of each (b, h, i).
+std::vector<int64_t> check_list(const char* op, const char* name, const char* idx_name,
+                                const char* bits_name, const at::Tensor& num,
+                                const at::Tensor& idx, const at::Tensor* bits_rows,
+                                int64_t nbits, int64_t B, int64_t H, int64_t n, int64_t limit) {
+  check_idx(op, name, num, {B, H, n});
+  check_idx(op, idx_name, idx, {B, H, n, -1});
+  if (bits_rows) check_idx(op, bits_name, *bits_rows, {B, H, n, idx.size(3)});
+  const Idx N(num), I(idx);
+  Idx R;
+  if (bits_rows) R = Idx(*bits_rows);
+  const int64_t width = idx.size(3);
+  std::vector<int64_t> counts(B * H * n);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t c = N(b, h, i);
+        TORCH_CHECK(c >= 0 && c <= width, op, ": ", name, "[", b, ", ", h, ", ", i,
+                    "] must be in [0, ", width, "]; got ", c);
+        for (int64_t j = 0; j < c; ++j) {
+          const int64_t e = I(b, h, i, j);
+          TORCH_CHECK(e >= 0 && e < limit, op, ": ", idx_name, "[", b, ", ", h, ", ", i, ", ", j,
+                      "] must be a block index in [0, ", limit, "); got ", e);
+          if (bits_rows) {
+            const int64_t r = R(b, h, i, j);
+            TORCH_CHECK(r >= 0 && r < nbits, op, ": ", bits_name, "[", b, ", ", h, ", ", i, ", ", j,
+                        "] must be a row of bits, in [0, ", nbits, "); got ", r);
+          }
+        }
+        counts[(b * H + h) * n + i] = c;
+      }
+  return counts;
+}
+
+Geometry check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
+                      const at::Tensor& v, int64_t BQ, int64_t BK, int64_t flags, double scale,
+                      const at::Tensor& q_doc, const at::Tensor& kv_doc, const at::Tensor& bits,
+                      Rule& rule, int64_t lo, int64_t hi, int64_t prefix) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op,
+              ": q, k and v must be 4-d [B, H, N, D]; got shapes ", q.sizes(), ", ", k.sizes(),
+              ", ", v.sizes());
+  const auto t = q.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, op,
+              ": q must be float32, float16 or bfloat16; got ", dtype_name(t));
+  TORCH_CHECK(k.scalar_type() == t && v.scalar_type() == t, op,
+              ": k and v must have q's dtype ", dtype_name(t), "; got ",
+              dtype_name(k.scalar_type()), " and ", dtype_name(v.scalar_type()));
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), op,
+              ": q, k and v must be CPU tensors; got ", q.device(), ", ", k.device(), ", ",
+              v.device());
+  Geometry g;
+  g.B = q.size(0);
+  g.Hq = q.size(1);
+  g.Nq = q.size(2);
+  g.D = q.size(3);
+  g.Hkv = k.size(1);
+  g.Nk = k.size(2);
+  TORCH_CHECK(k.size(0) == g.B && v.sizes() == k.sizes() && k.size(3) == g.D, op,
+              ": k and v must be [", g.B, ", Hkv, Nk, ", g.D, "] (the same shape); got ",
+              k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(g.Hkv >= 1 && g.Hq % g.Hkv == 0, op, ": q's head count ", g.Hq,
+              " must be a multiple of k's ", g.Hkv);
+  TORCH_CHECK(g.D == 32 || g.D == 64 || g.D == 96 || g.D == 128 || g.D == 256, op,
+              ": head dim must be one of 32, 64, 96, 128, 256; got ", g.D);
+  TORCH_CHECK(BQ >= 16 && BQ <= 256 && BQ % 16 == 0, op,
+              ": BQ must be a multiple of 16 in [16, 256]; got ", BQ);
+  TORCH_CHECK(BK >= 16 && BK <= 256 && BK % 16 == 0, op,
+              ": BK must be a multiple of 16 in [16, 256]; got ", BK);
+  TORCH_CHECK(flags >= 0 && flags <= 15, op, ": flags must be in [0, 15]; got ", flags);
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite; got ", scale);
+  g.G = g.Hq / g.Hkv;
+  g.BQ = BQ;
+  g.BK = BK;
+  g.BQp = (BQ + 63) / 64 * 64;
+  g.nQB = (g.Nq + BQ - 1) / BQ;
+  g.nKB = (g.Nk + BK - 1) / BK;
+  g.scale = static_cast<float>(scale);
+  rule.flags = static_cast<int>(flags);
+  rule.lo = lo;
+  rule.hi = hi;
+  rule.prefix = prefix;
+  if (flags & kFlagDoc) {
+    check_idx(op, "q_doc", q_doc, {g.B, g.Nq});
+    check_idx(op, "kv_doc", kv_doc, {g.B, g.Nk});
+    rule.q_doc = Idx(q_doc);
+    rule.kv_doc = Idx(kv_doc);
+  }
+  if (flags & kFlagBits) {
+    TORCH_CHECK(BK % 32 == 0, op, ": a bitmask needs BK a multiple of 32; got ", BK);
+    check_idx(op, "bits", bits, {-1, BQ, BK / 32});
+    rule.bits = Idx(bits);
+  }
+  return g;
+}
+
+// Packs rows [q0, q0 + qn) of x[b, h] (any strides) transposed, times s, into xt [D, ld]
+// (columns past qn zero).
+template <typename T>
+void pack_transposed(const at::Tensor& x, int64_t b, int64_t h, int64_t q0, int64_t qn,
+                     int64_t D, float s, float* xt, int64_t ld) {
+  const T* base = static_cast<const T*>(x.data_ptr()) + b * x.stride(0) + h * x.stride(1) +
+                  q0 * x.stride(2);
+  const int64_t s2 = x.stride(2), s3 = x.stride(3);
+  for (int64_t d = 0; d < D; ++d) std::fill(xt + d * ld + qn, xt + (d + 1) * ld, 0.0f);
+  for (int64_t q = 0; q < qn; ++q) {
+    const T* row = base + q * s2;
+    for (int64_t d = 0; d < D; ++d) xt[d * ld + q] = to_float(row[d * s3]) * s;
+  }
+}
+
+void load_qdoc(const Rule& r, int64_t b, int64_t q0, int64_t qn, int32_t* out) {
+  for (int64_t q = 0; q < qn; ++q) out[q] = r.q_doc(b, q0 + q);
+}
+
+// ----------------------------------------------------------------------------------------
+// Forward
+
+template <typename T>
+void forward_typed(const at::Tensor& q, const at::Tensor& kf, const at::Tensor& vf,
+                   const Geometry& g, const Rule& rule, const List& full, const List& part,
+                   const std::vector<int64_t>& cost, at::Tensor& out, at::Tensor& lse) {
+  const Kernels kern = pick_kernels();
+  const int64_t BQp = g.BQp, D = g.D;
+  const float* kp = kf.data_ptr<float>();
+  const float* vp = vf.data_ptr<float>();
+  T* op = static_cast<T*>(out.data_ptr());
+  float* lp = lse.data_ptr<float>();
+  const std::vector<int64_t> order = by_cost(cost);
+  const int64_t scratch = D * BQp + g.BK * BQp + g.BQ * D + 4 * BQp + BQp;
+  run_dynamic(order, [&](std::atomic<int64_t>& next, int64_t n, int64_t) {
+    Scratch ws(scratch);
+    float* qt = ws.take(D * BQp);
+    float* st = ws.take(g.BK * BQp);
+    float* o = ws.take(g.BQ * D);
+    float* m = ws.take(BQp);
+    float* l = ws.take(BQp);
+    float* alpha = ws.take(BQp);
+    int32_t* qdoc = reinterpret_cast<int32_t*>(ws.take(BQp));
+    for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) {
+      const int64_t item = order[t];
+      const int64_t qb = item % g.nQB, bh = item / g.nQB, h = bh % g.Hq, b = bh / g.Hq;
+      const int64_t kvh = h / g.G;
+      const int64_t q0 = qb * g.BQ, qn = std::min(g.BQ, g.Nq - q0);
+      pack_transposed<T>(q, b, h, q0, qn, D, g.scale, qt, BQp);
+      if (rule.flags & kFlagDoc) load_qdoc(rule, b, q0, qn, qdoc);
+      std::fill(o, o + g.BQ * D, 0.0f);
+      std::fill(m, m + BQp, -kInf);
+      std::fill(l, l + BQp, 0.0f);
+      const float* kh = kp + b * kf.stride(0) + kvh * kf.stride(1);
+      const float* vh = vp + b * vf.stride(0) + kvh * vf.stride(1);
+      const int64_t ks = kf.stride(2), vs = vf.stride(2);
+      for (int pass = 0; pass < 2; ++pass) {
+        const List& L = pass == 0 ? full : part;
+        const int64_t cnt = L.num(b, h, qb);
+        for (int64_t e = 0; e < cnt; ++e) {
+          const int64_t kb = L.idx(b, h, qb, e);
+          const int64_t k0 = kb * g.BK, kn = std::min(g.BK, g.Nk - k0);
+          kern.gemm(st, BQp, kn, BQp, kh + k0 * ks, ks, 1, D, qt, BQp, Init::kZero, nullptr);
+          if (pass == 1)
+            apply_rule(rule, b, st, BQp, k0, kn, q0, qn, qdoc,
+                       (rule.flags & kFlagBits) ? L.bits(b, h, qb, e) : -1, g.BK);
+          kern.softmax(st, BQp, kn, m, l, alpha);
+          kern.gemm(o, D, qn, D, st, 1, BQp, kn, vh + k0 * vs, vs, Init::kScale, alpha);
+        }
+      }
+      T* orow = op + ((b * g.Hq + h) * g.Nq + q0) * D;
+      float* lrow = lp + (b * g.Hq + h) * g.Nq + q0;
+      for (int64_t i = 0; i < qn; ++i) {
+        const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+        for (int64_t d = 0; d < D; ++d) orow[i * D + d] = static_cast<T>(o[i * D + d] * inv);
+        lrow[i] = l[i] > 0.0f ? m[i] + std::log(l[i]) : -kInf;
+      }
+    }
+  });
+}
+
+template <typename F>
+void dispatch_float(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat:
+      return f(float{});
+    case at::kHalf:
+      return f(c10::Half{});
+    default:
+      return f(c10::BFloat16{});
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kv_num,
+    const at::Tensor& kv_idx, const at::Tensor& kv_bits, const at::Tensor& full_num,
+    const at::Tensor& full_idx, const at::Tensor& q_doc, const at::Tensor& kv_doc,
+    const at::Tensor& bits, int64_t BQ, int64_t BK, int64_t flags, int64_t lo, int64_t hi,
+    int64_t prefix, double scale) {
+  constexpr const char* op = "sparse_attention_fwd";
+  Rule rule;
+  const Geometry g =
+      check_inputs(op, q, k, v, BQ, BK, flags, scale, q_doc, kv_doc, bits, rule, lo, hi, prefix);
+  const bool has_bits = flags & kFlagBits;
+  const int64_t nbits = has_bits ? bits.size(0) : 0;
+  const auto nf = check_list(op, "full_num", "full_idx", nullptr, full_num, full_idx, nullptr, 0, g.B, g.Hq, g.nQB,
+                             g.nKB);
+  const auto np = check_list(op, "kv_num", "kv_idx", "kv_bits", kv_num, kv_idx, has_bits ? &kv_bits : nullptr, nbits,
+                             g.B, g.Hq, g.nQB, g.nKB);
+  at::Tensor out = at::empty({g.B, g.Hq, g.Nq, g.D}, q.options());
+  at::Tensor lse = at::empty({g.B, g.Hq, g.Nq}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) {
+    lse.fill_(-kInf);
+    return {out, lse};
+  }
+  std::vector<int64_t> cost(nf.size());
+  for (size_t i = 0; i < cost.size(); ++i) cost[i] = nf[i] + np[i];
+  const at::Tensor kf = as_f32_rows(k), vf = as_f32_rows(v);
+  const List full{Idx(full_num), Idx(full_idx), Idx()};
+  const List part{Idx(kv_num), Idx(kv_idx), has_bits ? Idx(kv_bits) : Idx()};
+  dispatch_float(q.scalar_type(), [&](auto t) {
+    forward_typed<decltype(t)>(q, kf, vf, g, rule, full, part, cost, out, lse);
+  });
+  return {out, lse};
+}
+
+// ----------------------------------------------------------------------------------------
+// Backward
+
+struct BwdData {
+  const Geometry* g;
+  const Rule* rule;
+  Kernels kern;
+  const float *qf, *kf, *vf, *dof, *lse, *delta;  // fp32, contiguous
+};
+
+// The per-q-block operands of a backward step: Q^T (scaled) and dO^T [D, BQp], lse (with +inf
+// for an empty or padded row) and delta [BQp], document ids [BQp].
+struct QSide {
+  float *qt, *dot, *lse, *delta;
+  int32_t* qdoc;
+};
+
+void load_qside(const BwdData& p, int64_t b, int64_t h, int64_t q0, int64_t qn, QSide& s) {
+  const Geometry& g = *p.g;
+  const int64_t bh = b * g.Hq + h, BQp = g.BQp, D = g.D;
+  const float* qr = p.qf + (bh * g.Nq + q0) * D;
+  const float* dr = p.dof + (bh * g.Nq + q0) * D;
+  for (int64_t d = 0; d < D; ++d) {
+    std::fill(s.qt + d * BQp + qn, s.qt + (d + 1) * BQp, 0.0f);
+    std::fill(s.dot + d * BQp + qn, s.dot + (d + 1) * BQp, 0.0f);
+  }
+  for (int64_t i = 0; i < qn; ++i)
+    for (int64_t d = 0; d < D; ++d) {
+      s.qt[d * BQp + i] = qr[i * D + d] * g.scale;
+      s.dot[d * BQp + i] = dr[i * D + d];
+    }
+  for (int64_t i = 0; i < BQp; ++i) {
+    const float x = i < qn ? p.lse[bh * g.Nq + q0 + i] : -kInf;
+    s.lse[i] = x == -kInf ? kInf : x;
+    s.delta[i] = i < qn ? p.delta[bh * g.Nq + q0 + i] : 0.0f;
+  }
+  if (p.rule->flags & kFlagDoc) load_qdoc(*p.rule, b, q0, qn, s.qdoc);
+}
+
+// dS^T (in st) and P^T (in pt) of keys [k0, k0 + kn) against the q-block in s.
+void block_grads(const BwdData& p, int64_t b, const QSide& s, const float* kh, const float* vh,
+                 int64_t k0, int64_t kn, int64_t q0, int64_t qn, bool partial, int64_t bits_row,
+                 float* st, float* dpt, float* pt) {
+  const Geometry& g = *p.g;
+  const int64_t BQp = g.BQp, D = g.D;
+  p.kern.gemm(st, BQp, kn, BQp, kh + k0 * D, D, 1, D, s.qt, BQp, Init::kZero, nullptr);
+  if (partial) apply_rule(*p.rule, b, st, BQp, k0, kn, q0, qn, s.qdoc, bits_row, g.BK);
+  p.kern.gemm(dpt, BQp, kn, BQp, vh + k0 * D, D, 1, D, s.dot, BQp, Init::kZero, nullptr);
+  p.kern.probs_grad(st, dpt, pt, BQp, kn, s.lse, s.delta);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& kv_num,
+    const at::Tensor& kv_idx, const at::Tensor& kv_bits, const at::Tensor& full_num,
+    const at::Tensor& full_idx, const at::Tensor& q_num, const at::Tensor& q_idx,
+    const at::Tensor& q_bits, const at::Tensor& full_q_num, const at::Tensor& full_q_idx,
+    const at::Tensor& q_doc, const at::Tensor& kv_doc, const at::Tensor& bits, int64_t BQ,
+    int64_t BK, int64_t flags, int64_t lo, int64_t hi, int64_t prefix, double scale) {
+  constexpr const char* op = "sparse_attention_bwd";
+  Rule rule;
+  const Geometry g =
+      check_inputs(op, q, k, v, BQ, BK, flags, scale, q_doc, kv_doc, bits, rule, lo, hi, prefix);
+  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), op,
+              ": dout and out must have q's shape ", q.sizes(), "; got ", dout.sizes(), " and ",
+              out.sizes());
+  TORCH_CHECK(dout.device().is_cpu() && out.device().is_cpu() && lse.device().is_cpu(), op,
+              ": dout, out and lse must be CPU tensors");
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == g.B && lse.size(1) == g.Hq && lse.size(2) == g.Nq,
+              op, ": lse must be [", g.B, ", ", g.Hq, ", ", g.Nq, "]; got ", lse.sizes());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat, op, ": lse must be float32; got ",
+              dtype_name(lse.scalar_type()));
+  const bool has_bits = flags & kFlagBits;
+  const int64_t nbits = has_bits ? bits.size(0) : 0;
+  const auto nf = check_list(op, "full_num", "full_idx", nullptr, full_num, full_idx, nullptr, 0, g.B, g.Hq, g.nQB,
+                             g.nKB);
+  const auto np = check_list(op, "kv_num", "kv_idx", "kv_bits", kv_num, kv_idx, has_bits ? &kv_bits : nullptr, nbits,
+                             g.B, g.Hq, g.nQB, g.nKB);
+  const auto nfq = check_list(op, "full_q_num", "full_q_idx", nullptr, full_q_num, full_q_idx, nullptr, 0, g.B, g.Hq,
+                              g.nKB, g.nQB);
+  const auto npq = check_list(op, "q_num", "q_idx", "q_bits", q_num, q_idx, has_bits ? &q_bits : nullptr, nbits,
+                              g.B, g.Hq, g.nKB, g.nQB);
+
+  at::Tensor dq = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dk = at::empty(k.sizes(), k.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dv = at::empty(v.sizes(), v.options().memory_format(at::MemoryFormat::Contiguous));
+  if (q.numel() == 0 || k.numel() == 0) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
+  const at::Tensor qf = q.to(at::kFloat).contiguous();
+  const at::Tensor kf = k.to(at::kFloat).contiguous();
+  const at::Tensor vf = v.to(at::kFloat).contiguous();
+  const at::Tensor dof = dout.to(at::kFloat).contiguous();
+  const at::Tensor lsef = lse.contiguous();
+  const at::Tensor delta = at::sum(at::mul(dof, out.to(at::kFloat)), {-1}).contiguous();
+  const BwdData p{&g,
+                  &rule,
+                  pick_kernels(),
+                  qf.data_ptr<float>(),
+                  kf.data_ptr<float>(),
+                  vf.data_ptr<float>(),
+                  dof.data_ptr<float>(),
+                  lsef.data_ptr<float>(),
+                  delta.data_ptr<float>()};
+  const List full{Idx(full_num), Idx(full_idx), Idx()};
+  const List part{Idx(kv_num), Idx(kv_idx), has_bits ? Idx(kv_bits) : Idx()};
+  const List full_q{Idx(full_q_num), Idx(full_q_idx), Idx()};
+  const List part_q{Idx(q_num), Idx(q_idx), has_bits ? Idx(q_bits) : Idx()};
+  const int64_t BQp = g.BQp, D = g.D;
+  const int64_t qside = 2 * D * BQp + 3 * BQp;
+  const int64_t blocks = 3 * BK * BQp;
+
+  dispatch_float(q.scalar_type(), [&](auto t) {
+    using T = decltype(t);
+    // dq: items (b, h, q-block) over the forward lists.
+    std::vector<int64_t> cost(nf.size());
+    for (size_t i = 0; i < cost.size(); ++i) cost[i] = nf[i] + np[i];
+    const std::vector<int64_t> order = by_cost(cost);
+    T* dqp = static_cast<T*>(dq.data_ptr());
+    run_dynamic(order, [&](std::atomic<int64_t>& next, int64_t n, int64_t) {
+      Scratch ws(qside + blocks + g.BQ * D + BQp);
+      QSide s{ws.take(D * BQp), ws.take(D * BQp), ws.take(BQp), ws.take(BQp),
+              reinterpret_cast<int32_t*>(ws.take(BQp))};
+      float* st = ws.take(BK * BQp);
+      float* dpt = ws.take(BK * BQp);
+      float* pt = ws.take(BK * BQp);
+      float* acc = ws.take(g.BQ * D);
+      for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) {
+        const int64_t item = order[i];
+        const int64_t qb = item % g.nQB, bh = item / g.nQB, h = bh % g.Hq, b = bh / g.Hq;
+        const int64_t q0 = qb * g.BQ, qn = std::min(g.BQ, g.Nq - q0);
+        const int64_t kvh = h / g.G;
+        const float* kh = p.kf + (b * g.Hkv + kvh) * g.Nk * D;
+        const float* vh = p.vf + (b * g.Hkv + kvh) * g.Nk * D;
+        load_qside(p, b, h, q0, qn, s);
+        std::fill(acc, acc + g.BQ * D, 0.0f);
+        for (int pass = 0; pass < 2; ++pass) {
+          const List& L = pass == 0 ? full : part;
+          const int64_t cnt = L.num(b, h, qb);
+          for (int64_t e = 0; e < cnt; ++e) {
+            const int64_t k0 = L.idx(b, h, qb, e) * BK, kn = std::min(BK, g.Nk - k0);
+            block_grads(p, b, s, kh, vh, k0, kn, q0, qn, pass == 1,
+                        (pass == 1 && has_bits) ? L.bits(b, h, qb, e) : -1, st, dpt, pt);
+            // dq += dS K (the scale is applied once at the end).
+            p.kern.gemm(acc, D, qn, D, st, 1, BQp, kn, kh + k0 * D, D, Init::kAccumulate,
+                        nullptr);
+          }
+        }
+        T* dst = dqp + (bh * g.Nq + q0) * D;
+        for (int64_t x = 0; x < qn * D; ++x) dst[x] = static_cast<T>(acc[x] * g.scale);
+      }
+    });
+
+    // dk, dv: items (b, kv head, kv-block) over the transposed lists of the group's q heads.
+    std::vector<int64_t> kcost(g.B * g.Hkv * g.nKB, 0);
+    for (int64_t b = 0; b < g.B; ++b)
+      for (int64_t h = 0; h < g.Hq; ++h)
+        for (int64_t kb = 0; kb < g.nKB; ++kb) {
+          const int64_t src = (b * g.Hq + h) * g.nKB + kb;
+          kcost[(b * g.Hkv + h / g.G) * g.nKB + kb] += nfq[src] + npq[src];
+        }
+    const std::vector<int64_t> korder = by_cost(kcost);
+    T* dkp = static_cast<T*>(dk.data_ptr());
+    T* dvp = static_cast<T*>(dv.data_ptr());
+    run_dynamic(korder, [&](std::atomic<int64_t>& next, int64_t n, int64_t) {
+      Scratch ws(qside + blocks + 2 * BK * D);
+      QSide s{ws.take(D * BQp), ws.take(D * BQp), ws.take(BQp), ws.take(BQp),
+              reinterpret_cast<int32_t*>(ws.take(BQp))};
+      float* st = ws.take(BK * BQp);
+      float* dpt = ws.take(BK * BQp);
+      float* pt = ws.take(BK * BQp);
+      float* dka = ws.take(BK * D);
+      float* dva = ws.take(BK * D);
+      for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) {
+        const int64_t item = korder[i];
+        const int64_t kb = item % g.nKB, bk = item / g.nKB, kvh = bk % g.Hkv, b = bk / g.Hkv;
+        const int64_t k0 = kb * BK, kn = std::min(BK, g.Nk - k0);
+        const float* kh = p.kf + bk * g.Nk * D;
+        const float* vh = p.vf + bk * g.Nk * D;
+        std::fill(dka, dka + BK * D, 0.0f);
+        std::fill(dva, dva + BK * D, 0.0f);
+        for (int64_t h = kvh * g.G; h < (kvh + 1) * g.G; ++h) {
+          const int64_t bh = b * g.Hq + h;
+          for (int pass = 0; pass < 2; ++pass) {
+            const List& L = pass == 0 ? full_q : part_q;
+            const int64_t cnt = L.num(b, h, kb);
+            for (int64_t e = 0; e < cnt; ++e) {
+              const int64_t qb = L.idx(b, h, kb, e);
+              const int64_t q0 = qb * g.BQ, qn = std::min(g.BQ, g.Nq - q0);
+              load_qside(p, b, h, q0, qn, s);
+              block_grads(p, b, s, kh, vh, k0, kn, q0, qn, pass == 1,
+                          (pass == 1 && has_bits) ? L.bits(b, h, kb, e) : -1, st, dpt, pt);
+              // dv += P^T dO, dk += dS^T Q (scale applied at the end).
+              p.kern.gemm(dva, D, kn, D, pt, BQp, 1, qn, p.dof + (bh * g.Nq + q0) * D, D,
+                          Init::kAccumulate, nullptr);
+              p.kern.gemm(dka, D, kn, D, st, BQp, 1, qn, p.qf + (bh * g.Nq + q0) * D, D,
+                          Init::kAccumulate, nullptr);
+            }
+          }
+        }
+        T* dkd = dkp + (bk * g.Nk + k0) * D;
+        T* dvd = dvp + (bk * g.Nk + k0) * D;
+        for (int64_t x = 0; x < kn * D; ++x) {
+          dkd[x] = static_cast<T>(dka[x] * g.scale);
+          dvd[x] = static_cast<T>(dva[x]);
+        }
+      }
+    });
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+}  // namespace frugal::cpu
+
+TORCH_LIBRARY_IMPL(frugal, CPU, m) {
+  m.impl("sparse_attention_fwd", &frugal::cpu::sparse_attention_fwd_cpu);
+  m.impl("sparse_attention_bwd", &frugal::cpu::sparse_attention_bwd_cpu);
+}
