@@ -26,6 +26,12 @@ TORCH_LIBRARY(frugal, m) {
   m.def(
       "int8_scaled_mm_packed(Tensor a, Tensor b_packed, Tensor a_scale, Tensor b_scale, "
       "Tensor? bias, ScalarType out_dtype) -> Tensor");
+  // Int8Linear's dynamic (W8A8) forward in one op: x float [M, K] quantized per token as
+  // quantize_per_token does, then int8_scaled_mm_packed with out_dtype = x's dtype (the same
+  // bits as the two ops in turn, without the int8 copy of x in between).
+  m.def(
+      "int8_dynamic_linear_packed(Tensor x, Tensor b_packed, Tensor b_scale, Tensor? bias) "
+      "-> Tensor");
   // Weight-only int8: x float [M, K] (fp32/fp16/bf16) @ (b int8 [N, K] * b_scale[:, None])^T
   // + bias, in x's dtype.
   m.def("int8_weight_only_mm(Tensor x, Tensor b, Tensor b_scale, Tensor? bias) -> Tensor");
