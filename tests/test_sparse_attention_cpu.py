@@ -112,6 +112,9 @@ def hand_layout(B, Hq, Nq, Nk, BQ, BK, flags, seed, per_head=False):
     rows = []
     for b, h, i, j in (status == 1).nonzero().tolist():
         bits_rows[b, h, i, j] = len(rows)
+        if not flags & BITS:
+            rows.append(None)
+            continue
         tile = padded_bits[b, h, i * BQ:(i + 1) * BQ, j * BK:(j + 1) * BK]
         words = (tile.reshape(BQ, BK // 32, 32).long() << torch.arange(32)).sum(-1)
         rows.append(torch.where(words >= 2**31, words - 2**32, words).to(torch.int32))
@@ -233,6 +236,16 @@ def test_backward_every_flag_combo(cpu_isa, poison, flags):
     q, k, v, dout = inputs(2, 4, 2, 150, 231, 32, torch.float32, seed=100 + flags)
     layout, mask = hand_layout(2, 4, 150, 231, 64, 64, flags, seed=flags, per_head=flags % 3 == 1)
     check_backward(q, k, v, dout, mask, layout, 0.2)
+
+
+@pytest.mark.parametrize("BQ,BK,flags", [(128, 64, BAND | BITS), (64, 128, DOC | BITS),
+                                         (128, 128, BAND | PREFIX), (32, 16, BAND | DOC),
+                                         (16, 96, BAND | PREFIX | DOC | BITS)])
+def test_block_sizes(cpu_isa, poison, BQ, BK, flags):
+    q, k, v, dout = inputs(2, 2, 2, 261, 190, 32, torch.float32, seed=BQ + BK)
+    layout, mask = hand_layout(2, 2, 261, 190, BQ, BK, flags, seed=BQ * BK, per_head=True)
+    check_forward(q, k, v, mask, layout, 0.3)
+    check_backward(q, k, v, dout, mask, layout, 0.3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

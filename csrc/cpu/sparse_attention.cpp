@@ -112,6 +112,15 @@ struct List {
   Idx num, idx, bits;  // bits: the bitmask row of each entry (partial lists with has_bits)
 };
 
+// Calls f(index, partial, bits_row) for the full entries of (b, h, i), then the partial ones
+// (bits_row -1 unless the partial list carries bitmask rows).
+template <typename F>
+void for_each_block(const List& full, const List& part, int64_t b, int64_t h, int64_t i, F&& f) {
+  for (int64_t e = 0, n = full.num(b, h, i); e < n; ++e) f(full.idx(b, h, i, e), false, -1);
+  for (int64_t e = 0, n = part.num(b, h, i); e < n; ++e)
+    f(part.idx(b, h, i, e), true, part.bits.p ? part.bits(b, h, i, e) : -1);
+}
+
 struct Rule {
   int flags = 0;
   int64_t lo = 0, hi = 0, prefix = 0;
@@ -406,8 +415,8 @@ FRUGAL_TARGET_AVX512 void probs_grad_avx512(float* st, const float* dpt, float* 
       const int64_t o = k * ld + c;
       const __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(st + o), _mm512_loadu_ps(lse + c)));
       _mm512_storeu_ps(pt + o, p);
-      _mm512_storeu_ps(
-          st + o, _mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(dpt + o), _mm512_loadu_ps(delta + c))));
+      const __m512 dp = _mm512_sub_ps(_mm512_loadu_ps(dpt + o), _mm512_loadu_ps(delta + c));
+      _mm512_storeu_ps(st + o, _mm512_mul_ps(p, dp));
     }
   }
 }
@@ -493,10 +502,13 @@ void check_idx(const char* op, const char* name, const at::Tensor& t, std::vecto
 
 // Checks a list's counts and entries (block index in [0, limit), bits row in [0, nbits)) and
 // returns the number of entries of each (b, h, i).
-std::vector<int64_t> check_list(const char* op, const char* name, const char* idx_name,
-                                const char* bits_name, const at::Tensor& num,
-                                const at::Tensor& idx, const at::Tensor* bits_rows,
-                                int64_t nbits, int64_t B, int64_t H, int64_t n, int64_t limit) {
+// transposed: a list of q-blocks per kv-block (else kv-blocks per q-block).
+std::vector<int64_t> check_list(const char* op, const Geometry& g, bool transposed,
+                                const char* name, const char* idx_name, const char* bits_name,
+                                const at::Tensor& num, const at::Tensor& idx,
+                                const at::Tensor* bits_rows, int64_t nbits) {
+  const int64_t B = g.B, H = g.Hq, n = transposed ? g.nKB : g.nQB;
+  const int64_t limit = transposed ? g.nQB : g.nKB;
   check_idx(op, name, num, {B, H, n});
   check_idx(op, idx_name, idx, {B, H, n, -1});
   if (bits_rows) check_idx(op, bits_name, *bits_rows, {B, H, n, idx.size(3)});
@@ -643,20 +655,13 @@ void forward_typed(const at::Tensor& q, const at::Tensor& kf, const at::Tensor& 
       const float* kh = kp + b * kf.stride(0) + kvh * kf.stride(1);
       const float* vh = vp + b * vf.stride(0) + kvh * vf.stride(1);
       const int64_t ks = kf.stride(2), vs = vf.stride(2);
-      for (int pass = 0; pass < 2; ++pass) {
-        const List& L = pass == 0 ? full : part;
-        const int64_t cnt = L.num(b, h, qb);
-        for (int64_t e = 0; e < cnt; ++e) {
-          const int64_t kb = L.idx(b, h, qb, e);
-          const int64_t k0 = kb * g.BK, kn = std::min(g.BK, g.Nk - k0);
-          kern.gemm(st, BQp, kn, BQp, kh + k0 * ks, ks, 1, D, qt, BQp, Init::kZero, nullptr);
-          if (pass == 1)
-            apply_rule(rule, b, st, BQp, k0, kn, q0, qn, qdoc,
-                       (rule.flags & kFlagBits) ? L.bits(b, h, qb, e) : -1, g.BK);
-          kern.softmax(st, BQp, kn, m, l, alpha);
-          kern.gemm(o, D, qn, D, st, 1, BQp, kn, vh + k0 * vs, vs, Init::kScale, alpha);
-        }
-      }
+      for_each_block(full, part, b, h, qb, [&](int64_t kb, bool partial, int64_t bits_row) {
+        const int64_t k0 = kb * g.BK, kn = std::min(g.BK, g.Nk - k0);
+        kern.gemm(st, BQp, kn, BQp, kh + k0 * ks, ks, 1, D, qt, BQp, Init::kZero, nullptr);
+        if (partial) apply_rule(rule, b, st, BQp, k0, kn, q0, qn, qdoc, bits_row, g.BK);
+        kern.softmax(st, BQp, kn, m, l, alpha);
+        kern.gemm(o, D, qn, D, st, 1, BQp, kn, vh + k0 * vs, vs, Init::kScale, alpha);
+      });
       T* orow = op + ((b * g.Hq + h) * g.Nq + q0) * D;
       float* lrow = lp + (b * g.Hq + h) * g.Nq + q0;
       for (int64_t i = 0; i < qn; ++i) {
@@ -692,10 +697,10 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cpu(
       check_inputs(op, q, k, v, BQ, BK, flags, scale, q_doc, kv_doc, bits, rule, lo, hi, prefix);
   const bool has_bits = flags & kFlagBits;
   const int64_t nbits = has_bits ? bits.size(0) : 0;
-  const auto nf = check_list(op, "full_num", "full_idx", nullptr, full_num, full_idx, nullptr, 0, g.B, g.Hq, g.nQB,
-                             g.nKB);
-  const auto np = check_list(op, "kv_num", "kv_idx", "kv_bits", kv_num, kv_idx, has_bits ? &kv_bits : nullptr, nbits,
-                             g.B, g.Hq, g.nQB, g.nKB);
+  const auto nf = check_list(op, g, false, "full_num", "full_idx", nullptr, full_num, full_idx,
+                             nullptr, 0);
+  const auto np = check_list(op, g, false, "kv_num", "kv_idx", "kv_bits", kv_num, kv_idx,
+                             has_bits ? &kv_bits : nullptr, nbits);
   at::Tensor out = at::empty({g.B, g.Hq, g.Nq, g.D}, q.options());
   at::Tensor lse = at::empty({g.B, g.Hq, g.Nq}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) {
@@ -787,14 +792,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpu(
               dtype_name(lse.scalar_type()));
   const bool has_bits = flags & kFlagBits;
   const int64_t nbits = has_bits ? bits.size(0) : 0;
-  const auto nf = check_list(op, "full_num", "full_idx", nullptr, full_num, full_idx, nullptr, 0, g.B, g.Hq, g.nQB,
-                             g.nKB);
-  const auto np = check_list(op, "kv_num", "kv_idx", "kv_bits", kv_num, kv_idx, has_bits ? &kv_bits : nullptr, nbits,
-                             g.B, g.Hq, g.nQB, g.nKB);
-  const auto nfq = check_list(op, "full_q_num", "full_q_idx", nullptr, full_q_num, full_q_idx, nullptr, 0, g.B, g.Hq,
-                              g.nKB, g.nQB);
-  const auto npq = check_list(op, "q_num", "q_idx", "q_bits", q_num, q_idx, has_bits ? &q_bits : nullptr, nbits,
-                              g.B, g.Hq, g.nKB, g.nQB);
+  const auto nf = check_list(op, g, false, "full_num", "full_idx", nullptr, full_num, full_idx,
+                             nullptr, 0);
+  const auto np = check_list(op, g, false, "kv_num", "kv_idx", "kv_bits", kv_num, kv_idx,
+                             has_bits ? &kv_bits : nullptr, nbits);
+  const auto nfq = check_list(op, g, true, "full_q_num", "full_q_idx", nullptr, full_q_num,
+                              full_q_idx, nullptr, 0);
+  const auto npq = check_list(op, g, true, "q_num", "q_idx", "q_bits", q_num, q_idx,
+                              has_bits ? &q_bits : nullptr, nbits);
 
   at::Tensor dq = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor dk = at::empty(k.sizes(), k.options().memory_format(at::MemoryFormat::Contiguous));
@@ -852,18 +857,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpu(
         const float* vh = p.vf + (b * g.Hkv + kvh) * g.Nk * D;
         load_qside(p, b, h, q0, qn, s);
         std::fill(acc, acc + g.BQ * D, 0.0f);
-        for (int pass = 0; pass < 2; ++pass) {
-          const List& L = pass == 0 ? full : part;
-          const int64_t cnt = L.num(b, h, qb);
-          for (int64_t e = 0; e < cnt; ++e) {
-            const int64_t k0 = L.idx(b, h, qb, e) * BK, kn = std::min(BK, g.Nk - k0);
-            block_grads(p, b, s, kh, vh, k0, kn, q0, qn, pass == 1,
-                        (pass == 1 && has_bits) ? L.bits(b, h, qb, e) : -1, st, dpt, pt);
-            // dq += dS K (the scale is applied once at the end).
-            p.kern.gemm(acc, D, qn, D, st, 1, BQp, kn, kh + k0 * D, D, Init::kAccumulate,
-                        nullptr);
-          }
-        }
+        for_each_block(full, part, b, h, qb, [&](int64_t kb, bool partial, int64_t bits_row) {
+          const int64_t k0 = kb * BK, kn = std::min(BK, g.Nk - k0);
+          block_grads(p, b, s, kh, vh, k0, kn, q0, qn, partial, bits_row, st, dpt, pt);
+          // dq += dS K (the scale is applied once at the end).
+          p.kern.gemm(acc, D, qn, D, st, 1, BQp, kn, kh + k0 * D, D, Init::kAccumulate, nullptr);
+        });
         T* dst = dqp + (bh * g.Nq + q0) * D;
         for (int64_t x = 0; x < qn * D; ++x) dst[x] = static_cast<T>(acc[x] * g.scale);
       }
@@ -899,22 +898,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpu(
         std::fill(dva, dva + BK * D, 0.0f);
         for (int64_t h = kvh * g.G; h < (kvh + 1) * g.G; ++h) {
           const int64_t bh = b * g.Hq + h;
-          for (int pass = 0; pass < 2; ++pass) {
-            const List& L = pass == 0 ? full_q : part_q;
-            const int64_t cnt = L.num(b, h, kb);
-            for (int64_t e = 0; e < cnt; ++e) {
-              const int64_t qb = L.idx(b, h, kb, e);
-              const int64_t q0 = qb * g.BQ, qn = std::min(g.BQ, g.Nq - q0);
-              load_qside(p, b, h, q0, qn, s);
-              block_grads(p, b, s, kh, vh, k0, kn, q0, qn, pass == 1,
-                          (pass == 1 && has_bits) ? L.bits(b, h, kb, e) : -1, st, dpt, pt);
-              // dv += P^T dO, dk += dS^T Q (scale applied at the end).
-              p.kern.gemm(dva, D, kn, D, pt, BQp, 1, qn, p.dof + (bh * g.Nq + q0) * D, D,
-                          Init::kAccumulate, nullptr);
-              p.kern.gemm(dka, D, kn, D, st, BQp, 1, qn, p.qf + (bh * g.Nq + q0) * D, D,
-                          Init::kAccumulate, nullptr);
-            }
-          }
+          for_each_block(full_q, part_q, b, h, kb,
+                         [&](int64_t qb, bool partial, int64_t bits_row) {
+            const int64_t q0 = qb * g.BQ, qn = std::min(g.BQ, g.Nq - q0);
+            load_qside(p, b, h, q0, qn, s);
+            block_grads(p, b, s, kh, vh, k0, kn, q0, qn, partial, bits_row, st, dpt, pt);
+            // dv += P^T dO, dk += dS^T Q (scale applied at the end).
+            p.kern.gemm(dva, D, kn, D, pt, BQp, 1, qn, p.dof + (bh * g.Nq + q0) * D, D,
+                        Init::kAccumulate, nullptr);
+            p.kern.gemm(dka, D, kn, D, st, BQp, 1, qn, p.qf + (bh * g.Nq + q0) * D, D,
+                        Init::kAccumulate, nullptr);
+          });
         }
         T* dkd = dkp + (bk * g.Nk + k0) * D;
         T* dvd = dvp + (bk * g.Nk + k0) * D;
