@@ -45,11 +45,20 @@ TORCH_LIBRARY(frugal, m) {
   m.def(
       "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
       "Tensor seq_lens, float scale, int window, Tensor? k_scale, Tensor? v_scale) -> Tensor");
+  // Chunked prefill: q [N, Hq, D] packed, sequence b owning rows [cu_seqlens_q[b],
+  // cu_seqlens_q[b + 1]) (int32 [B + 1], cu_seqlens_q[0] = 0, cu_seqlens_q[B] = N), at positions
+  // [seq_lens[b] - n_b, seq_lens[b]); the chunk is already in the cache. The query at position p
+  // attends to positions (p - window, p] (all up to p when window <= 0). Result [N, Hq, D].
+  m.def(
+      "paged_prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+      "Tensor seq_lens, Tensor cu_seqlens_q, float scale, int window, Tensor? k_scale, "
+      "Tensor? v_scale) -> Tensor");
   // Writes k, v [N, Hkv, D] into cache slots slot_mapping [N] (int32/int64; slot = block * bs +
   // offset; a negative slot is padding and is skipped); int8 caches quantize per token and head.
   m.def(
       "paged_append(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
       "Tensor slot_mapping, Tensor(c!)? k_scale, Tensor(d!)? v_scale) -> ()");
+
   // Block-sparse attention over a SparseLayout (docs/block_mask_format.md): q [B, Hq, Nq, D],
   // k/v [B, Hkv, Nk, D] (same dtype), layout tensors int32 already expanded to [B, Hq, ...]
   // (stride-0 views allowed), flags 1=band 2=prefix 4=doc 8=bits with lo/hi/prefix the band.

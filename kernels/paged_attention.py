@@ -1,6 +1,7 @@
 """Paged KV-cache kernels: ``paged_append`` (scatter new keys and values into cache slots; int8
-caches quantize each head vector) and ``paged_attention`` (decode attention through block
-tables, with split-KV for batches too small to fill the GPU).
+caches quantize each head vector), ``paged_attention`` (decode attention through block
+tables, with split-KV for batches too small to fill the GPU) and ``paged_prefill_attention``
+(chunked prefill: a chunk of queries per sequence over its paged prefix and, causally, itself).
 
 Layout (one layer): caches [num_blocks, page_size, Hkv, D]; position p of sequence b lives at
 offset ``p % page_size`` of block ``block_tables[b, p // page_size]``; int8 caches keep fp32
@@ -67,9 +68,32 @@ M) o_s / sum_s 2^(lse_s - M), M = max_s lse_s (vLLM's max-logit / exp-sum merge)
 split, stage 1 writes the result in q's dtype and stage 2 is not launched.
 
 seq_len 0 gives zeros; a NaN anywhere the query reads (e.g. an int8 scale of NaN) gives NaN,
-as in the reference. Configs are data (``configs/default.json``, bucketed on D):
-``paged_attention`` (fp16/bf16 q), ``paged_attention_fp32`` (fp32 q), ``paged_attention_merge``,
-``paged_append``. ``check_specs()`` lists every compilation the launchers may ask for.
+as in the reference.
+
+paged_prefill_attention
+-----------------------
+q is packed [N, Hq, D] (vLLM / FlashAttention varlen): sequence b owns rows [cu[b], cu[b + 1]),
+n_b queries at positions [seq_len - n_b, seq_len), whose keys and values are already in the
+cache. A program takes BLOCK_M rows of one sequence and one kv head: the (token, query head)
+pairs of that kv head's G query heads, token-major (row r is token r // G, head r % G), so a
+GQA group shares every K/V load and M = BLOCK_M (64 for fp16/bf16: the ``wgmma`` tile on sm_90)
+whatever G is; G = 1 packs 64 tokens, G = 8 packs 8, G > 64 splits a token's heads over
+programs. Grid
+``B * Hkv * cdiv(max_q_len * G, BLOCK_M)`` (max_q_len from the caller: one host sync for packed
+q), programs numbered so that a sequence's tiles run adjacently, last tokens first (they read
+the most); a tile past its sequence's chunk exits at once. The loop walks positions from the
+window start of the tile's first token to its last token's position, in BLOCK_N tiles gathered
+through the table as in decode; QK^T and PV are ``tl.dot`` (fp16/bf16 on tensor cores; fp32 q
+as ``tf32x3``, fp32-accurate, with BLOCK_M = 32 and head_dim <= 128: its split operands spill
+registers beyond, so fp32 q with larger head dims runs the reference); each row masks positions past its own and, with a window, at or
+before ``pos - window``; online softmax in base 2 as in decode. A row that has seen no position
+yet keeps m = -inf and takes weights exp2(-inf) = 0 (never exp2(nan)). int8 caches apply
+k_scale and v_scale as in decode. No split-KV: chunks give B * Hkv * tiles programs already.
+
+Configs are data (``configs/default.json``, bucketed on D): ``paged_attention`` (fp16/bf16 q),
+``paged_attention_fp32`` (fp32 q), ``paged_attention_merge``, ``paged_append``,
+``paged_prefill`` (fp16/bf16 q) and ``paged_prefill_fp32`` (fp32 q). ``check_specs()`` lists
+every compilation the launchers may ask for.
 """
 
 import functools
@@ -86,6 +110,8 @@ from .quantize import _FLT_MAX, _round_half_even
 BLOCK_G = 16  # query rows per program: the smallest tensor-core tile M
 MIN_HEAD_DIM = 16
 MAX_HEAD_DIM = 256
+# fp32 q runs the prefill dots as tf32x3, whose split operands spill registers past this.
+PREFILL_FP32_MAX_HEAD_DIM = 128
 _LOG2E = 1.4426950408889634
 _DEFAULT_SMS = 132  # H100 SXM: the split heuristic's SM count off a GPU (the interpreter)
 _ALIGN = 16
@@ -234,6 +260,109 @@ def _paged_attention_merge_kernel(
     total = tl.sum(den, 0)
     out = tl.sum(acc, 0) / tl.where(total == 0.0, 1.0, total)  # seq_len 0: zeros
     tl.store(out_ptr + row * D + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+_PREFILL_INTS = ["window", "num_tiles", "Hkv", "G", "D", "page_size", "stride_tb", "stride_qn",
+                 "stride_qh", "stride_kb", "stride_ko", "stride_kh", "stride_vb", "stride_vo",
+                 "stride_vh"]
+
+
+@triton.jit(do_not_specialize=_PREFILL_INTS)
+def _paged_prefill_kernel(
+    q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, table_ptr, lens_ptr, cu_ptr, out_ptr,
+    qk_scale, window, num_tiles, Hkv, G, D, page_size, stride_tb, stride_qn, stride_qh,
+    stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # One q tile (BLOCK_M rows of the (token, query head) pairs of one kv head, token-major) of
+    # one sequence. See the module docstring.
+    pid = tl.program_id(0)
+    tile = num_tiles - 1 - pid % num_tiles  # the last tokens (the longest spans) first
+    b = pid // num_tiles // Hkv
+    h = pid // num_tiles % Hkv
+    D = D // 16 * 16
+    stride_qn = stride_qn // 16 * 16
+    stride_qh = stride_qh // 16 * 16
+    stride_kb = stride_kb // 16 * 16
+    stride_ko = stride_ko // 16 * 16
+    stride_kh = stride_kh // 16 * 16
+    stride_vb = stride_vb // 16 * 16
+    stride_vo = stride_vo // 16 * 16
+    stride_vh = stride_vh // 16 * 16
+
+    q_start = tl.load(cu_ptr + b)
+    n_q = tl.load(cu_ptr + b + 1) - q_start
+    row0 = tile * BLOCK_M
+    if row0 >= n_q * G:
+        return  # past this sequence's chunk
+    seq_len = tl.load(lens_ptr + b)
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    tok = offs_m // G
+    g = offs_m % G
+    m_mask = offs_m < n_q * G
+    q_pos = seq_len - n_q + tok  # each row's position
+    first = seq_len - n_q + row0 // G
+    hi = seq_len - n_q + tl.minimum(n_q, (row0 + BLOCK_M - 1) // G + 1)  # last position + 1
+    lo = tl.where(window > 0, tl.maximum(first - window + 1, 0), 0)
+    span = tl.where(window > 0, window, seq_len + 1)  # a row reads (pos - span, pos]
+
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    offs_n = tl.arange(0, BLOCK_N)
+    q_rows = (q_start + tok).to(tl.int64)
+    heads = h * G + g
+    q = tl.load(q_ptr + q_rows[:, None] * stride_qn + heads[:, None] * stride_qh
+                + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    KV_INT8: tl.constexpr = k_ptr.dtype.element_ty == tl.int8
+    FP32: tl.constexpr = q_ptr.dtype.element_ty == tl.float32
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    table_row = table_ptr + b.to(tl.int64) * stride_tb
+    k_head = k_ptr + h * stride_kh
+    v_head = v_ptr + h * stride_vh
+    for n0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
+        pos = n0 + offs_n
+        valid = (pos >= lo) & (pos < hi)
+        page = tl.load(table_row + pos // page_size, mask=valid, other=0).to(tl.int64)
+        in_page = pos % page_size
+        kv_mask = valid[:, None] & d_mask[None, :]
+        k = tl.load(k_head + (page * stride_kb + in_page * stride_ko)[:, None] + offs_d[None, :],
+                    mask=kv_mask, other=0)
+        if FP32:
+            qk = tl.dot(q, tl.trans(k).to(tl.float32), input_precision="tf32x3")
+        else:
+            qk = tl.dot(q, tl.trans(k).to(q.dtype))
+        if KV_INT8:
+            slot = (page * page_size + in_page) * Hkv + h
+            k_s = tl.load(ks_ptr + slot, mask=valid, other=0.0)
+            s = qk * (k_s * qk_scale)[None, :]
+        else:
+            s = qk * qk_scale
+        seen = (pos[None, :] <= q_pos[:, None]) & (pos[None, :] > q_pos[:, None] - span)
+        s = tl.where(seen & valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        # A row that has seen nothing yet keeps m = -inf: subtract 0 so its weights are 0, not NaN.
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_sub)
+        p = tl.exp2(s - m_sub[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        v = tl.load(v_head + (page * stride_vb + in_page * stride_vo)[:, None] + offs_d[None, :],
+                    mask=kv_mask, other=0)
+        if KV_INT8:
+            v_s = tl.load(vs_ptr + slot, mask=valid, other=0.0)
+            p = p * v_s[None, :]
+        acc = acc * alpha[:, None]
+        if FP32:
+            acc = tl.dot(p, v.to(tl.float32), acc, input_precision="tf32x3")
+        else:
+            acc = tl.dot(p.to(q_ptr.dtype.element_ty), v.to(q_ptr.dtype.element_ty), acc)
+        m = m_new
+
+    o = acc / tl.where(l == 0.0, 1.0, l)[:, None]  # l > 0 for every stored row
+    out_rows = q_rows * (Hkv * G) + heads  # rows of out [N * Hq, D]
+    tl.store(out_ptr + out_rows[:, None] * D + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & d_mask[None, :])
 
 
 _APPEND_INTS = ["Hkv", "D", "page_size", "stride_kn", "stride_kh", "stride_vn", "stride_vh",
@@ -431,6 +560,51 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, window=0
     return out
 
 
+def prefill_unsupported(q_dtype, D):
+    """Why the prefill kernel cannot take q of this dtype and head dim D beyond
+    :func:`unsupported` (None when it can)."""
+    if q_dtype == torch.float32 and D > PREFILL_FP32_MAX_HEAD_DIM:
+        return (f"the Triton prefill kernel needs head_dim <= {PREFILL_FP32_MAX_HEAD_DIM} for "
+                f"float32 q (its tf32x3 dots spill beyond); got {D}")
+    return None
+
+
+def prefill_table(q_dtype):
+    return "paged_prefill_fp32" if q_dtype == torch.float32 else "paged_prefill"
+
+
+def paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_q_len,
+                            scale, window=0, k_scale=None, v_scale=None, *, config=None):
+    """Chunked-prefill attention over a paged cache: q [N, Hq, D] packed, sequence b owning rows
+    ``[cu_seqlens_q[b], cu_seqlens_q[b + 1])`` (at most ``max_q_len`` of them) at positions
+    ``[seq_lens[b] - n_b, seq_lens[b])``; arguments already checked, ``window`` <= 0 for none.
+    Returns [N, Hq, D] in q's dtype. ``config`` overrides the picked launch config."""
+    N, Hq, D = q.shape
+    B = seq_lens.shape[0]
+    _, page_size, Hkv, _ = k_cache.shape
+    out = torch.empty((N, Hq, D), dtype=q.dtype, device=q.device)
+    if N == 0 or Hq == 0 or B == 0 or max_q_len <= 0:
+        return out
+    capacity = block_tables.shape[1] * page_size
+    window = int(window) if window is not None and 0 < window < capacity else 0
+    q = _aligned(q)
+    if block_tables.stride(1) != 1:
+        block_tables = block_tables.contiguous()
+    seq_lens, cu_seqlens_q = seq_lens.contiguous(), cu_seqlens_q.contiguous()
+    G = Hq // Hkv
+    cfg = config or configs.pick(prefill_table(q.dtype), "D", D, _device_name(q.device))
+    num_tiles = triton.cdiv(max_q_len * G, cfg["BLOCK_M"])
+    wrap_triton(_paged_prefill_kernel)[(B * Hkv * num_tiles,)](
+        q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens, cu_seqlens_q, out,
+        float(scale) * _LOG2E, window, num_tiles, Hkv, G, D, page_size, block_tables.stride(0),
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=head_block(D),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
 def paged_append(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None, *,
                  config=None):
     """Writes k, v [N, Hkv, D] into the caches' slots (negative: skipped), in place; int8
@@ -507,6 +681,31 @@ def _attention_spec(table, cfg, block_d, q_dtype, cache_dtype):
     }
 
 
+def _prefill_spec(table, cfg, block_d, q_dtype, cache_dtype):
+    int8 = cache_dtype == "i8"
+    signature = {
+        "q_ptr": _PTR[q_dtype], "k_ptr": _PTR[cache_dtype], "v_ptr": _PTR[cache_dtype],
+        "ks_ptr": "*fp32" if int8 else "constexpr", "vs_ptr": "*fp32" if int8 else "constexpr",
+        "table_ptr": "*i32", "lens_ptr": "*i32", "cu_ptr": "*i32", "out_ptr": _PTR[q_dtype],
+        "qk_scale": "fp32", **{name: "i32" for name in _PREFILL_INTS},
+        "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr",
+    }
+    constexprs = {name: None for name, ty in signature.items() if ty == "constexpr"}
+    constexprs.update(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d)
+    return {
+        "kernel": "paged_prefill",
+        "fn": _paged_prefill_kernel,
+        "signature": signature,
+        "constexprs": constexprs,
+        "num_warps": cfg["num_warps"],
+        "num_stages": cfg["num_stages"],
+        "dtype": q_dtype if not int8 else f"i8->{q_dtype}",
+        "config": f"M{cfg['BLOCK_M']}xN{cfg['BLOCK_N']}xD{block_d},w{cfg['num_warps']},"
+                  f"s{cfg['num_stages']}" + (",fp32" if table.endswith("fp32") else ""),
+        "tensor_cores": True,  # fp32 q runs tf32x3 dots on tensor cores
+    }
+
+
 def _merge_spec(cfg, block_d, out_dtype):
     signature = {"ws_o_ptr": "*fp32", "ws_lse_ptr": "*fp32", "lens_ptr": "*i32",
                  "out_ptr": _PTR[out_dtype], **{name: "i32" for name in _MERGE_INTS},
@@ -553,9 +752,10 @@ def _stage1_key(cfg):
 
 
 def check_specs():
-    """Every compilation the launchers may ask for: per table, each (config, BLOCK_D) x dtype
-    (fp16/bf16 q: fp16/bf16 caches or int8; fp32 q: fp32 or int8 caches), the merge kernel per
-    output dtype, and the append kernel per (k dtype, cache dtype)."""
+    """Every compilation the launchers may ask for: per table (decode and prefill), each
+    (config, BLOCK_D) x dtype (fp16/bf16 q: fp16/bf16 caches or int8; fp32 q: fp32 or int8
+    caches), the merge kernel per output dtype, and the append kernel per (k dtype, cache
+    dtype)."""
     for table, q_dtypes in (("paged_attention", ("fp16", "bf16")),
                             ("paged_attention_fp32", ("fp32",))):
         seen = set()
@@ -567,6 +767,14 @@ def check_specs():
             for q_dtype in q_dtypes:
                 for cache_dtype in (q_dtype, "i8"):
                     yield _attention_spec(table, cfg, block_d, q_dtype, cache_dtype)
+    for table, q_dtypes in (("paged_prefill", ("fp16", "bf16")),
+                            ("paged_prefill_fp32", ("fp32",))):
+        for cfg, block_d in _picks(table):
+            if q_dtypes == ("fp32",) and block_d > PREFILL_FP32_MAX_HEAD_DIM:
+                continue  # refused by prefill_unsupported
+            for q_dtype in q_dtypes:
+                for cache_dtype in (q_dtype, "i8"):
+                    yield _prefill_spec(table, cfg, block_d, q_dtype, cache_dtype)
     for cfg, block_d in _picks("paged_attention_merge"):
         for out_dtype in ("fp16", "bf16", "fp32"):
             yield _merge_spec(cfg, block_d, out_dtype)

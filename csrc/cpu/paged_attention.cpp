@@ -95,6 +95,9 @@ struct State {
   float* m;    // [G]
   float* l;    // [G]
   float* s;    // [G, kTile]: scores, then probabilities (times v_scale for int8)
+  // Prefill: per row, the tile positions it may attend to (bit i: position i of the tile);
+  // nullptr for decode, where every row sees the tile's n positions.
+  const uint16_t* live = nullptr;
 };
 
 template <typename T>
@@ -117,18 +120,24 @@ void tile_scalar(State& st, const Tile<T>& t) {
   for (int64_t g = 0; g < st.G; ++g) {
     const float* q = st.q + g * st.Dp;
     float* s = st.s + g * kTile;
+    const uint32_t live = st.live != nullptr ? st.live[g] : 0xFFFFu;
     float mx = -kInf;
     for (int i = 0; i < t.n; ++i) {
+      if (!((live >> i) & 1u)) {
+        s[i] = -kInf;
+        continue;
+      }
       float dot = 0.0f;
       for (int64_t d = 0; d < st.D; ++d) dot += q[d] * to_float(t.k[i][d]);
       s[i] = kInt8 ? dot * t.k_scale[i] : dot;
       mx = std::max(mx, s[i]);
     }
     const float m_new = std::max(st.m[g], mx);
-    const float alpha = std::exp(st.m[g] - m_new);
+    // m_new == m_old (no new maximum, or nothing live yet) keeps the accumulator as it is.
+    const float alpha = m_new == st.m[g] ? 1.0f : std::exp(st.m[g] - m_new);
     float sum = 0.0f;
     for (int i = 0; i < t.n; ++i) {
-      s[i] = std::exp(s[i] - m_new);
+      s[i] = (live >> i) & 1u ? std::exp(s[i] - m_new) : 0.0f;
       sum += s[i];
       if (kInt8) s[i] *= t.v_scale[i];
     }
@@ -294,8 +303,10 @@ FRUGAL_TARGET_AVX512 void accumulate_avx512(State& st, const Tile<T>& t, int64_t
 template <typename T>
 FRUGAL_TARGET_AVX512 void softmax_avx512(State& st, const Tile<T>& t) {
   constexpr bool kInt8 = std::is_same_v<T, int8_t>;
-  const __mmask16 live = lanes16(t.n);
+  const __mmask16 tile_live = lanes16(t.n);
   for (int64_t g = 0; g < st.G; ++g) {
+    const __mmask16 live =
+        st.live != nullptr ? static_cast<__mmask16>(tile_live & st.live[g]) : tile_live;
     float* s = st.s + g * kTile;
     __m512 x = _mm512_loadu_ps(s);
     if (kInt8) x = _mm512_mul_ps(x, _mm512_loadu_ps(t.k_scale));
@@ -442,10 +453,19 @@ template <typename T>
 FRUGAL_TARGET_AVX2 void softmax_avx2(State& st, const Tile<T>& t) {
   constexpr bool kInt8 = std::is_same_v<T, int8_t>;
   const __m256 index = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256 live[2] = {_mm256_cmp_ps(index, _mm256_set1_ps(t.n), _CMP_LT_OQ),
-                          _mm256_cmp_ps(index, _mm256_set1_ps(t.n - 8), _CMP_LT_OQ)};
+  const __m256 tile_live[2] = {_mm256_cmp_ps(index, _mm256_set1_ps(t.n), _CMP_LT_OQ),
+                               _mm256_cmp_ps(index, _mm256_set1_ps(t.n - 8), _CMP_LT_OQ)};
+  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   const __m256 neg_inf = _mm256_set1_ps(-kInf);
   for (int64_t g = 0; g < st.G; ++g) {
+    __m256 live[2] = {tile_live[0], tile_live[1]};
+    if (st.live != nullptr) {
+      for (int h = 0; h < 2; ++h) {
+        const __m256i on = _mm256_and_si256(_mm256_set1_epi32(st.live[g] >> (8 * h)), bit);
+        live[h] = _mm256_and_ps(
+            live[h], _mm256_castsi256_ps(_mm256_cmpeq_epi32(on, bit)));
+      }
+    }
     float* s = st.s + g * kTile;
     __m256 x[2];
     for (int h = 0; h < 2; ++h) {
@@ -536,16 +556,19 @@ struct FreeDeleter {
   void operator()(float* p) const { std::free(p); }
 };
 
-// Per-thread scratch: a State per kv head of an item and two tiles (current, next) per head.
+// Per-thread scratch: a State per kv head of an item and two tiles (current, next) per head;
+// prefill's per-row position masks.
 template <typename T>
 struct Workspace {
   std::unique_ptr<float, FreeDeleter> buf;
   std::vector<State> states;
   std::vector<Tile<T>> tiles;
+  std::vector<uint16_t> live;
 };
 
 template <typename QT, typename T>
 struct Problem {
+  using Cache = T;
   const QT* q;
   int64_t q_s0, q_s1, q_s2;
   QT* out;  // [B, Hq, D], contiguous
@@ -671,23 +694,24 @@ struct Problem {
   }
 };
 
-// Runs the items on every thread, in order, each thread taking the next from a counter.
-template <typename QT, typename T>
-void run_items(const Problem<QT, T>& pb, const std::vector<Item>& items, int64_t max_heads) {
+// Runs the items on every thread, in order, each thread taking the next from a counter. Each
+// thread's workspace has `max_heads` States of `rows` query rows (decode: G per kv head).
+template <typename P, typename I>
+void run_items(const P& pb, const std::vector<I>& items, int64_t max_heads, int64_t rows) {
   std::atomic<int64_t> next{0};
   const int64_t n = static_cast<int64_t>(items.size());
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n), 1, [&](int64_t, int64_t) {
-    const int64_t per_head = 2 * pb.G * pb.Dp + pb.G * (2 + kTile);
+    const int64_t per_head = 2 * rows * pb.Dp + rows * (2 + kTile);
     const size_t bytes = (max_heads * per_head * sizeof(float) + 63) / 64 * 64;
-    Workspace<T> ws;
+    Workspace<typename P::Cache> ws;
     ws.buf.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
     TORCH_CHECK(ws.buf != nullptr, "paged_attention: out of memory for ", bytes,
                 " bytes of scratch");
     for (int64_t hh = 0; hh < max_heads; ++hh) {
       float* base = ws.buf.get() + hh * per_head;
-      float* m = base + 2 * pb.G * pb.Dp;
+      float* m = base + 2 * rows * pb.Dp;
       ws.states.push_back(
-          {pb.G, pb.D, pb.Dp, base, base + pb.G * pb.Dp, m, m + pb.G, m + 2 * pb.G});
+          {rows, pb.D, pb.Dp, base, base + rows * pb.Dp, m, m + rows, m + 2 * rows});
     }
     ws.tiles.resize(2 * max_heads);
     for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) pb.run(items[i], ws);
@@ -760,6 +784,31 @@ CacheView<T> view(const at::Tensor& t) {
   return {static_cast<T*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
 }
 
+// Calls fn(QT{}, T{}) with the C++ types of a float q dtype and a cache dtype (both checked).
+template <typename F>
+void dispatch_types(at::ScalarType q_dtype, at::ScalarType cache_dtype, const F& fn) {
+  const auto with_cache = [&](auto qt) {
+    switch (cache_dtype) {
+      case at::kFloat:
+        return fn(qt, float{});
+      case at::kHalf:
+        return fn(qt, c10::Half{});
+      case at::kBFloat16:
+        return fn(qt, c10::BFloat16{});
+      default:
+        return fn(qt, int8_t{});
+    }
+  };
+  switch (q_dtype) {
+    case at::kFloat:
+      return with_cache(float{});
+    case at::kHalf:
+      return with_cache(c10::Half{});
+    default:
+      return with_cache(c10::BFloat16{});
+  }
+}
+
 // Sequence b's attended range is [lo[b], hi[b]); hi[b] == 0 for an empty sequence.
 struct Plan {
   std::vector<Item> items;
@@ -803,12 +852,13 @@ Plan plan_work(const std::vector<int64_t>& lo, const std::vector<int64_t>& hi, i
   return plan;
 }
 
+// The fields decode and prefill share: q [rows, Hq, D] (any strides), out [rows, Hq, D]
+// (contiguous), the caches, tables and scale.
 template <typename QT, typename T>
-void paged_attention_typed(const at::Tensor& q, const at::Tensor& k_cache,
-                           const at::Tensor& v_cache, const at::Tensor& tables, int shift,
-                           const Plan& plan, double scale, const std::optional<at::Tensor>& k_scale,
-                           const std::optional<at::Tensor>& v_scale, at::Tensor& out) {
-  Problem<QT, T> pb;
+void init_problem(Problem<QT, T>& pb, const at::Tensor& q, const at::Tensor& k_cache,
+                  const at::Tensor& v_cache, const at::Tensor& tables, int shift, double scale,
+                  const std::optional<at::Tensor>& k_scale,
+                  const std::optional<at::Tensor>& v_scale, at::Tensor& out) {
   pb.q = static_cast<const QT*>(q.data_ptr());
   pb.q_s0 = q.stride(0);
   pb.q_s1 = q.stride(1);
@@ -833,9 +883,20 @@ void paged_attention_typed(const at::Tensor& q, const at::Tensor& k_cache,
   pb.Dp = (pb.D + 15) / 16 * 16;
   pb.scale = static_cast<float>(scale);
   pb.tile = pick_tile<T>();
+  pb.partial = nullptr;
+}
+
+template <typename QT, typename T>
+void paged_attention_typed(const at::Tensor& q, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, const at::Tensor& tables, int shift,
+                           const Plan& plan, double scale, const std::optional<at::Tensor>& k_scale,
+                           const std::optional<at::Tensor>& v_scale, at::Tensor& out) {
+  Problem<QT, T> pb;
+  init_problem(pb, q, k_cache, v_cache, tables, shift, scale, k_scale, v_scale, out);
+  const int64_t Hkv = k_cache.size(2);
   std::vector<float> partial(plan.slots * pb.partial_floats());
   pb.partial = partial.data();
-  run_items(pb, plan.items, plan.max_heads);
+  run_items(pb, plan.items, plan.max_heads, pb.G);
   at::parallel_for(0, static_cast<int64_t>(plan.merges.size()) * Hkv, 1,
                    [&](int64_t begin, int64_t end) {
                      std::vector<float> buf;
@@ -847,20 +908,15 @@ void paged_attention_typed(const at::Tensor& q, const at::Tensor& k_cache,
                    });
 }
 
-at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
-                               const at::Tensor& v_cache, const at::Tensor& block_tables,
-                               const at::Tensor& seq_lens, double scale, int64_t window,
-                               const std::optional<at::Tensor>& k_scale,
-                               const std::optional<at::Tensor>& v_scale) {
-  constexpr const char* op = "paged_attention";
-  check_caches(op, k_cache, v_cache, k_scale, v_scale);
-  TORCH_CHECK(q.dim() == 3, op, ": q must be 3-d [batch, num_heads, head_dim]; got shape ",
-              q.sizes());
+// q float [rows, Hq, D] on the CPU with the caches' head_dim and a multiple of their kv heads;
+// block_tables int32 [B, max_blocks] and seq_lens int32 [B] on the CPU.
+void check_query_and_tables(const char* op, const at::Tensor& q, const at::Tensor& k_cache,
+                            const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                            int64_t B) {
   TORCH_CHECK(is_float(q.scalar_type()), op, ": q must be float32, float16 or bfloat16; got ",
               dtype_name(q.scalar_type()));
   TORCH_CHECK(q.device().is_cpu(), op, ": q must be a CPU tensor; got ", q.device());
-  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
-  const int64_t num_blocks = k_cache.size(0), Hkv = k_cache.size(2);
+  const int64_t Hq = q.size(1), D = q.size(2), Hkv = k_cache.size(2);
   TORCH_CHECK(D == k_cache.size(3), op, ": q's head_dim (last dim) must be k_cache's ",
               k_cache.size(3), "; got ", D);
   TORCH_CHECK(Hq % Hkv == 0, op, ": q's head count ", Hq,
@@ -876,67 +932,244 @@ at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
   TORCH_CHECK(block_tables.device().is_cpu() && seq_lens.device().is_cpu(), op,
               ": block_tables and seq_lens must be CPU tensors; got ", block_tables.device(),
               " and ", seq_lens.device());
+}
+
+// seq_lens[b] = len fits in its table row.
+void check_seq_len(const char* op, const at::Tensor& block_tables, const at::Tensor& k_cache,
+                   int64_t b, int64_t len) {
+  const int64_t width = block_tables.size(1), bs = k_cache.size(1);
+  TORCH_CHECK(len >= 0 && len <= width * bs, op, ": seq_lens[", b, "] must be in [0, ",
+              width * bs, "] (block_tables rows hold ", width, " blocks of ", bs, " tokens); got ",
+              len);
+}
+
+// Every table entry of sequence b covering positions [lo, len) (len >= 1) names a block.
+void check_entries(const char* op, const at::Tensor& block_tables, const at::Tensor& k_cache,
+                   int shift, int64_t b, int64_t lo, int64_t len, int64_t window) {
+  const int32_t* table = block_tables.data_ptr<int32_t>();
+  const int64_t num_blocks = k_cache.size(0), bs = k_cache.size(1);
+  for (int64_t j = lo >> shift; j <= (len - 1) >> shift; ++j) {
+    const int64_t e = table[b * block_tables.stride(0) + j * block_tables.stride(1)];
+    TORCH_CHECK(e >= 0 && e < num_blocks, op, ": block_tables[", b, ", ", j, "] must be in [0, ",
+                num_blocks, ") (num_blocks): sequence ", b, " reads positions ", j * bs, "..",
+                j * bs + bs - 1, " (seq_len ", len, ", window ", window, "); got ", e);
+  }
+}
+
+at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
+                               const at::Tensor& v_cache, const at::Tensor& block_tables,
+                               const at::Tensor& seq_lens, double scale, int64_t window,
+                               const std::optional<at::Tensor>& k_scale,
+                               const std::optional<at::Tensor>& v_scale) {
+  constexpr const char* op = "paged_attention";
+  check_caches(op, k_cache, v_cache, k_scale, v_scale);
+  TORCH_CHECK(q.dim() == 3, op, ": q must be 3-d [batch, num_heads, head_dim]; got shape ",
+              q.sizes());
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k_cache.size(2);
+  check_query_and_tables(op, q, k_cache, block_tables, seq_lens, B);
   const int shift = block_shift(op, k_cache.size(1));
-  const int64_t bs = k_cache.size(1);
 
   at::Tensor out = at::empty({B, Hq, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
   const at::Tensor lens_t = seq_lens.contiguous();
   const int32_t* lens = lens_t.data_ptr<int32_t>();
-  const int32_t* table = block_tables.data_ptr<int32_t>();
-  const int64_t width = block_tables.size(1);
 
   // Every length and every table entry the attended positions need, before anything runs.
   std::vector<int64_t> lo(B), hi(B);
   for (int64_t b = 0; b < B; ++b) {
     const int64_t len = lens[b];
-    TORCH_CHECK(len >= 0 && len <= width * bs, op, ": seq_lens[", b, "] must be in [0, ",
-                width * bs, "] (block_tables rows hold ", width, " blocks of ", bs,
-                " tokens); got ", len);
+    check_seq_len(op, block_tables, k_cache, b, len);
     hi[b] = len;
     lo[b] = window > 0 ? std::max<int64_t>(0, len - window) : 0;
     if (len == 0) {
       out.select(0, b).zero_();
       continue;
     }
-    for (int64_t j = lo[b] >> shift; j <= (len - 1) >> shift; ++j) {
-      const int64_t e = table[b * block_tables.stride(0) + j * block_tables.stride(1)];
-      TORCH_CHECK(e >= 0 && e < num_blocks, op, ": block_tables[", b, ", ", j, "] must be in [0, ",
-                  num_blocks, ") (num_blocks): sequence ", b, " reads positions ", j * bs, "..",
-                  j * bs + bs - 1, " (seq_len ", len, ", window ", window, "); got ", e);
-    }
+    check_entries(op, block_tables, k_cache, shift, b, lo[b], len, window);
   }
 
   const Plan plan = plan_work(lo, hi, Hkv);
-  const auto typed = [&](auto qt, auto ct) {
+  dispatch_types(q.scalar_type(), k_cache.scalar_type(), [&](auto qt, auto ct) {
+    paged_attention_typed<decltype(qt), decltype(ct)>(q, k_cache, v_cache, block_tables, shift,
+                                                      plan, scale, k_scale, v_scale, out);
+  });
+  return out;
+}
+
+// ----------------------------------------------------------------------------------------
+// paged_prefill_attention
+//
+// The queries of a chunk (sequence b owns q rows [cu[b], cu[b + 1]), n_b of them, at positions
+// [seq_len - n_b, seq_len)) attend to their cached prefix and causally within the chunk; the
+// chunk's own keys and values are already in the cache. Prefill does ~T times the arithmetic of
+// decode per K/V byte, so the kernel is shaped around reuse: a work item is one sequence, one kv
+// head and a q tile of TQ consecutive chunk tokens, whose TQ x G query rows (token-major, the G
+// query heads of the kv head together) share every K/V tile load. The item walks the positions
+// its rows read, from the window start of its first token to its last token, in tiles of kTile
+// through the decode kernel's tile step (scores, online softmax, acc += P V, the same vector
+// code per ISA); each row carries a 16-bit mask of the tile positions it sees (causal limit and
+// window), so the positions past a row's own are skipped by the softmax (weight 0) and a row
+// with nothing live in a tile keeps its state. TQ = kPrefillRows / G rows fit the scratch in L2;
+// when that gives fewer than threads * kMinItemsPerThread items, TQ is halved (down to 1 token)
+// so that short chunks still fill every core. There is no split-KV: an item covers its whole
+// span, so one long sequence with a one-token chunk and one kv head runs on one thread.
+
+// Query rows per prefill item (TQ = kPrefillRows / G tokens, at least one).
+constexpr int64_t kPrefillRows = 64;
+
+struct PrefillItem {
+  int64_t b, h, t0, tn;  // chunk tokens [t0, t0 + tn) of sequence b, kv head h
+  int64_t work;          // tokens x attended span: items run largest first
+};
+
+template <typename QT, typename T>
+struct PrefillProblem : Problem<QT, T> {
+  const int32_t* cu;    // [B + 1]: sequence b owns q rows [cu[b], cu[b + 1])
+  const int32_t* lens;  // [B]
+  int64_t window;       // <= 0: none
+
+  void run(const PrefillItem& it, Workspace<T>& ws) const {
+    const int64_t G = this->G, D = this->D, Dp = this->Dp;
+    const int64_t rows = it.tn * G;
+    State& st = ws.states[0];
+    st.G = rows;
+    if (static_cast<int64_t>(ws.live.size()) < rows) ws.live.resize(rows);
+    uint16_t* live = ws.live.data();
+    st.live = live;
+    const int64_t row0 = cu[it.b] + it.t0;  // q row of the item's first token
+    const int64_t first = lens[it.b] - (cu[it.b + 1] - cu[it.b]) + it.t0;  // its position
+    for (int64_t t = 0; t < it.tn; ++t) {
+      const QT* qt = this->q + (row0 + t) * this->q_s0 + it.h * G * this->q_s1;
+      for (int64_t g = 0; g < G; ++g) {
+        float* qr = st.q + (t * G + g) * Dp;
+        for (int64_t d = 0; d < D; ++d)
+          qr[d] = to_float(qt[g * this->q_s1 + d * this->q_s2]) * this->scale;
+        std::fill(qr + D, qr + Dp, 0.0f);
+        st.m[t * G + g] = -kInf;
+        st.l[t * G + g] = 0.0f;
+      }
+    }
+    std::fill(st.acc, st.acc + rows * Dp, 0.0f);
+
+    const int64_t lo = window > 0 ? std::max<int64_t>(0, first - window + 1) : 0;
+    const int64_t hi = first + it.tn;
+    Tile<T>* cur = ws.tiles.data();
+    Tile<T>* next = cur + 1;
+    this->fill(cur, it.b, it.h, 1, lo, static_cast<int>(std::min<int64_t>(kTile, hi - lo)));
+    this->touch(cur, 1);
+    for (int64_t p0 = lo; p0 < hi; p0 += kTile) {
+      const int64_t p1 = p0 + kTile;
+      this->fill(next, it.b, it.h, 1, p1, static_cast<int>(std::clamp<int64_t>(hi - p1, 0, kTile)));
+      this->touch(next, 1);
+      // Row (t, g) sees tile positions [a, e): from its window start to itself.
+      for (int64_t t = 0; t < it.tn; ++t) {
+        const int64_t pos = first + t;
+        const int64_t a = window > 0 ? std::max(p0, pos - window + 1) : p0;
+        const int64_t e = std::min(p0 + cur->n, pos + 1);
+        const uint32_t bits = e > a ? ((1u << (e - p0)) - 1u) & ~((1u << (a - p0)) - 1u) : 0u;
+        std::fill(live + t * G, live + (t + 1) * G, static_cast<uint16_t>(bits));
+      }
+      this->tile(st, *cur);
+      std::swap(cur, next);
+    }
+
+    for (int64_t t = 0; t < it.tn; ++t) {
+      QT* o = this->out + ((row0 + t) * this->Hq + it.h * G) * D;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t r = t * G + g;
+        const float inv = 1.0f / st.l[r];  // l > 0: every query sees at least itself
+        for (int64_t d = 0; d < D; ++d) o[g * D + d] = static_cast<QT>(st.acc[r * Dp + d] * inv);
+      }
+    }
+  }
+};
+
+// Items for chunk lengths n[b] and kv heads Hkv: q tiles of `tq` tokens (see above), the rows
+// per item returned in `rows`.
+std::vector<PrefillItem> plan_prefill(const std::vector<int64_t>& n, const std::vector<int64_t>& lo,
+                                      const std::vector<int64_t>& hi, int64_t Hkv, int64_t G,
+                                      int64_t* rows) {
+  const int64_t want = at::get_num_threads() * kMinItemsPerThread;
+  const auto count = [&](int64_t tq) {
+    int64_t items = 0;
+    for (int64_t nb : n) items += Hkv * ((nb + tq - 1) / tq);
+    return items;
+  };
+  int64_t tq = std::max<int64_t>(1, kPrefillRows / G);
+  while (tq > 1 && count(tq) < want) tq = (tq + 1) / 2;
+  *rows = tq * G;
+  std::vector<PrefillItem> items;
+  for (size_t b = 0; b < n.size(); ++b) {
+    for (int64_t t0 = 0; t0 < n[b]; t0 += tq) {
+      const int64_t tn = std::min(tq, n[b] - t0);
+      // Span of the tile: the last token's position + 1 minus the first token's window start.
+      const int64_t span = hi[b] - n[b] + t0 + tn - lo[b];
+      for (int64_t h = 0; h < Hkv; ++h)
+        items.push_back({static_cast<int64_t>(b), h, t0, tn, tn * std::max<int64_t>(span, 1)});
+    }
+  }
+  std::stable_sort(items.begin(), items.end(),
+                   [](const PrefillItem& x, const PrefillItem& y) { return x.work > y.work; });
+  return items;
+}
+
+at::Tensor paged_prefill_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
+                                       const at::Tensor& v_cache, const at::Tensor& block_tables,
+                                       const at::Tensor& seq_lens, const at::Tensor& cu_seqlens_q,
+                                       double scale, int64_t window,
+                                       const std::optional<at::Tensor>& k_scale,
+                                       const std::optional<at::Tensor>& v_scale) {
+  constexpr const char* op = "paged_prefill_attention";
+  check_caches(op, k_cache, v_cache, k_scale, v_scale);
+  TORCH_CHECK(q.dim() == 3, op, ": q must be 3-d [num_tokens, num_heads, head_dim]; got shape ",
+              q.sizes());
+  TORCH_CHECK(cu_seqlens_q.scalar_type() == at::kInt, op, ": cu_seqlens_q must be int32; got ",
+              dtype_name(cu_seqlens_q.scalar_type()));
+  TORCH_CHECK(cu_seqlens_q.dim() == 1 && cu_seqlens_q.size(0) >= 1, op,
+              ": cu_seqlens_q must be 1-d [batch + 1]; got shape ", cu_seqlens_q.sizes());
+  TORCH_CHECK(cu_seqlens_q.device().is_cpu(), op, ": cu_seqlens_q must be a CPU tensor; got ",
+              cu_seqlens_q.device());
+  const int64_t B = cu_seqlens_q.size(0) - 1;
+  const int64_t N = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k_cache.size(2);
+  check_query_and_tables(op, q, k_cache, block_tables, seq_lens, B);
+  const int shift = block_shift(op, k_cache.size(1));
+
+  at::Tensor out = at::empty({N, Hq, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  const at::Tensor cu_t = cu_seqlens_q.contiguous();
+  const at::Tensor lens_t = seq_lens.contiguous();
+  const int32_t* cu = cu_t.data_ptr<int32_t>();
+  const int32_t* lens = lens_t.data_ptr<int32_t>();
+
+  // Every offset, length and table entry the queries read, before anything runs.
+  TORCH_CHECK(cu[0] == 0, op, ": cu_seqlens_q[0] must be 0; got ", cu[0]);
+  TORCH_CHECK(cu[B] == N, op, ": cu_seqlens_q[", B, "] must be q's ", N, " rows; got ", cu[B]);
+  std::vector<int64_t> n(B), lo(B), hi(B);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t len = lens[b];
+    check_seq_len(op, block_tables, k_cache, b, len);
+    n[b] = static_cast<int64_t>(cu[b + 1]) - cu[b];
+    TORCH_CHECK(n[b] >= 0 && n[b] <= len, op, ": cu_seqlens_q[", b + 1, "] - cu_seqlens_q[", b,
+                "] (sequence ", b, "'s queries) must be in [0, seq_lens[", b, "]] = [0, ", len,
+                "]; got ", n[b]);
+    hi[b] = len;
+    lo[b] = window > 0 ? std::max<int64_t>(0, len - n[b] - window + 1) : 0;
+    if (n[b] > 0) check_entries(op, block_tables, k_cache, shift, b, lo[b], len, window);
+  }
+  if (out.numel() == 0) return out;
+
+  int64_t rows = 0;
+  const std::vector<PrefillItem> items = plan_prefill(n, lo, hi, Hkv, Hq / Hkv, &rows);
+  dispatch_types(q.scalar_type(), k_cache.scalar_type(), [&](auto qt, auto ct) {
     using QT = decltype(qt);
     using T = decltype(ct);
-    paged_attention_typed<QT, T>(q, k_cache, v_cache, block_tables, shift, plan, scale, k_scale,
-                                 v_scale, out);
-  };
-  const auto with_cache = [&](auto qt) {
-    switch (k_cache.scalar_type()) {
-      case at::kFloat:
-        return typed(qt, float{});
-      case at::kHalf:
-        return typed(qt, c10::Half{});
-      case at::kBFloat16:
-        return typed(qt, c10::BFloat16{});
-      default:
-        return typed(qt, int8_t{});
-    }
-  };
-  switch (q.scalar_type()) {
-    case at::kFloat:
-      with_cache(float{});
-      break;
-    case at::kHalf:
-      with_cache(c10::Half{});
-      break;
-    default:
-      with_cache(c10::BFloat16{});
-      break;
-  }
+    PrefillProblem<QT, T> pb;
+    init_problem<QT, T>(pb, q, k_cache, v_cache, block_tables, shift, scale, k_scale, v_scale,
+                        out);
+    pb.cu = cu;
+    pb.lens = lens;
+    pb.window = window;
+    run_items(pb, items, 1, rows);
+  });
   return out;
 }
 
@@ -1086,4 +1319,5 @@ void paged_append_cpu(const at::Tensor& k, const at::Tensor& v, const at::Tensor
 TORCH_LIBRARY_IMPL(frugal, CPU, m) {
   m.impl("paged_attention", &frugal::cpu::paged_attention_cpu);
   m.impl("paged_append", &frugal::cpu::paged_append_cpu);
+  m.impl("paged_prefill_attention", &frugal::cpu::paged_prefill_attention_cpu);
 }

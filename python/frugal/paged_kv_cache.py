@@ -15,10 +15,10 @@ float32 scales ``[num_layers, num_blocks, block_size, Hkv]`` beside the data: ea
 of each token is quantized as :func:`frugal.quantize_per_token` does (absmax / 127, round half
 to even).
 
-Backends: :func:`paged_append` and :func:`paged_attention` (and the manager's writes) run the
-Triton kernels on CUDA tensors (``frugal.kernels.paged_attention``: GQA-packed tensor-core decode
-with split-KV) and the C++ kernels (``frugal._C``) on CPU tensors, each falling back to the
-PyTorch reference where it cannot run; :func:`paged_prefill_attention` runs the reference.
+Backends: :func:`paged_append`, :func:`paged_attention` and :func:`paged_prefill_attention` (and
+the manager's writes) run the Triton kernels on CUDA tensors (``frugal.kernels.paged_attention``:
+GQA-packed tensor-core decode with split-KV, flash-style chunked prefill) and the C++ kernels
+(``frugal._C``) on CPU tensors, each falling back to the PyTorch reference where it cannot run.
 """
 
 import array
@@ -44,8 +44,7 @@ from .errors import (
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _CACHE_DTYPES = _FLOATS + (torch.int8,)
-_SUPPORTED = ("torch",)  # paged_prefill_attention
-_BACKENDS = ("triton", "cpu", "torch")  # paged_append, paged_attention
+_BACKENDS = ("triton", "cpu", "torch")  # paged_append, paged_attention, paged_prefill_attention
 _ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}
 _MAX_WINDOW = 2**31 - 1  # a longer window reads what no window reads
 
@@ -93,6 +92,34 @@ def _paged_append_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor
 @_paged_append_triton.register_fake
 def _(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale):
     return None
+
+
+if _ext.ext() is not None and hasattr(torch.ops.frugal, "paged_prefill_attention"):
+
+    @torch.library.register_fake("frugal::paged_prefill_attention")
+    def _paged_prefill_attention_fake(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q,
+                                      scale, window, k_scale, v_scale):
+        return q.new_empty(q.shape)
+
+
+@triton_custom_op("frugal::paged_prefill_attention_triton")
+def _paged_prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor,
+                                    v_cache: torch.Tensor, block_tables: torch.Tensor,
+                                    seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                                    max_q_len: int, scale: float, window: int,
+                                    k_scale: Optional[torch.Tensor],
+                                    v_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    from frugal.kernels import paged_attention as kernel
+
+    return kernel.paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens,
+                                          cu_seqlens_q, max_q_len, scale, window, k_scale,
+                                          v_scale)
+
+
+@_paged_prefill_attention_triton.register_fake
+def _(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_q_len, scale, window,
+      k_scale, v_scale):
+    return q.new_empty(q.shape)
 
 
 class CacheFullError(FrugalError, RuntimeError):
@@ -458,8 +485,14 @@ def _select_paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens,
                                     backend="auto", explain=False):
     _check_attention("paged_prefill_attention", q, k_cache, v_cache, block_tables, seq_lens,
                      scale, window, k_scale, v_scale, q_lens)
-    return select("paged_prefill_attention", q.device, backend, supported=_SUPPORTED,
-                  explain=explain)
+    why = _why_not(q.device, "paged_prefill_attention", k_cache, v_cache, k_scale, v_scale)
+    if "triton" not in why and unavailable("triton", q.device) is None:
+        from frugal.kernels import paged_attention as kernel
+
+        reason = kernel.prefill_unsupported(q.dtype, q.shape[-1])
+        if reason is not None:
+            why["triton"] = f"backend='triton': {reason}"
+    return _select_paged("paged_prefill_attention", q.device, backend, explain, why)
 
 
 def paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, q_lens=None, scale=None,
@@ -477,15 +510,45 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, q_lens=
         each in [0, seq_lens[b]], summing to N.
     k_cache, v_cache, block_tables, seq_lens, scale, window, k_scale, v_scale, backend :
         as :func:`paged_attention`. The query at position p reads keys ``p - window < j <= p``.
+        backend auto: the Triton kernel on CUDA tensors (flash-style: q tiles of BLOCK_M
+        (token, query head) rows of one kv head, ``tl.dot`` over the paged blocks up to each
+        tile's causal limit), the C++ kernel on CPU tensors, else PyTorch; Triton has the same
+        head_dim and stride needs as for :func:`paged_attention`, and head_dim <= 128 for
+        float32 q.
 
     Returns
     -------
-    Tensor of q's shape and dtype. Decode is the case of one query per sequence.
+    Tensor of q's shape and dtype (softmax and sums in float32). Decode is the case of one
+    query per sequence.
+
+    The kernels take q packed as [N, Hq, D] with ``cu_seqlens_q`` int32 [B + 1] (the vLLM /
+    FlashAttention varlen layout); 4-d q is reshaped to it, packed q's q_lens are summed into it.
     """
-    _select_paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, q_lens, scale,
-                                    window, k_scale, v_scale, backend=backend)
-    return reference.paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, q_lens,
-                                             scale, window, k_scale, v_scale)
+    name = _select_paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, q_lens,
+                                           scale, window, k_scale, v_scale, backend=backend)
+    if name == "torch":
+        return reference.paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens,
+                                                 q_lens, scale, window, k_scale, v_scale)
+    hq, d = q.shape[-2:]
+    if q.dim() == 4:
+        rows = q.reshape(-1, hq, d)
+        cu_seqlens_q = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device) * q.shape[1]
+        max_q_len = q.shape[1]
+    else:
+        rows = q
+        cu_seqlens_q = torch.nn.functional.pad(torch.cumsum(q_lens, 0, dtype=torch.int32), (1, 0))
+        max_q_len = int(q_lens.max()) if q_lens.numel() else 0  # the Triton grid (one sync)
+    scale = d**-0.5 if scale is None else float(scale)
+    window = 0 if window is None else min(window, _MAX_WINDOW)
+    if name == "triton":
+        out = torch.ops.frugal.paged_prefill_attention_triton(
+            rows, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_q_len, scale,
+            window, k_scale, v_scale)
+    else:
+        out = torch.ops.frugal.paged_prefill_attention(rows, k_cache, v_cache, block_tables,
+                                                       seq_lens, cu_seqlens_q, scale, window,
+                                                       k_scale, v_scale)
+    return out.reshape(q.shape)
 
 
 paged_prefill_attention._frugal_select = _select_paged_prefill_attention
