@@ -46,6 +46,7 @@
 #include <memory>
 #include <numeric>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/isa.h"
@@ -252,14 +253,129 @@ void probs_grad_base(float* st, const float* dpt, float* pt, int64_t ld, int64_t
 
 #if FRUGAL_X86
 
-// --- AVX2: the portable code, compiled for AVX2 + FMA ---
+// --- Register-tiled GEMM, one template for AVX-512 and AVX2 ---
+//
+// The template has no target attribute: it is only ever inlined (FRUGAL_FLATTEN) into an entry
+// point compiled for its ISA, with V one vector register of that ISA.
 
+struct V512 {
+  using T = __m512;
+  static constexpr int W = 16;
+  FRUGAL_TARGET_AVX512 static T zero() { return _mm512_setzero_ps(); }
+  FRUGAL_TARGET_AVX512 static T set1(float x) { return _mm512_set1_ps(x); }
+  FRUGAL_TARGET_AVX512 static T load(const float* p) { return _mm512_loadu_ps(p); }
+  FRUGAL_TARGET_AVX512 static void store(float* p, T x) { _mm512_storeu_ps(p, x); }
+  FRUGAL_TARGET_AVX512 static T mul(T a, T b) { return _mm512_mul_ps(a, b); }
+  FRUGAL_TARGET_AVX512 static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+};
+
+struct V256 {
+  using T = __m256;
+  static constexpr int W = 8;
+  FRUGAL_TARGET_AVX2 static T zero() { return _mm256_setzero_ps(); }
+  FRUGAL_TARGET_AVX2 static T set1(float x) { return _mm256_set1_ps(x); }
+  FRUGAL_TARGET_AVX2 static T load(const float* p) { return _mm256_loadu_ps(p); }
+  FRUGAL_TARGET_AVX2 static void store(float* p, T x) { _mm256_storeu_ps(p, x); }
+  FRUGAL_TARGET_AVX2 static T mul(T a, T b) { return _mm256_mul_ps(a, b); }
+  FRUGAL_TARGET_AVX2 static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+};
+
+// One R x (W NV) tile of C, R x NV accumulators in registers; see gemm_portable.
+template <typename V, int R, int NV>
+inline void gemm_tile(float* c, int64_t ldc, const float* a, int64_t ai, int64_t aj, int64_t K,
+                      const float* b, int64_t ldb, Init init, const float* alpha) {
+  constexpr int W = V::W;
+  typename V::T acc[R][NV];
+#pragma GCC unroll 12
+  for (int r = 0; r < R; ++r) {
+    const typename V::T s = init == Init::kScale ? V::set1(alpha[r]) : V::set1(1.0f);
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = init == Init::kZero ? V::zero() : V::mul(V::load(c + r * ldc + W * v), s);
+  }
+  // The two A layouts the callers use: rows of A contiguous (aj == 1) or columns (ai == 1).
+  if (aj == 1) {
+    for (int64_t j = 0; j < K; ++j) {
+      typename V::T bv[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) bv[v] = V::load(b + j * ldb + W * v);
+#pragma GCC unroll 12
+      for (int r = 0; r < R; ++r) {
+        const typename V::T av = V::set1(a[r * ai + j]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(av, bv[v], acc[r][v]);
+      }
+    }
+  } else {
+    for (int64_t j = 0; j < K; ++j) {
+      typename V::T bv[NV];
+      const float* aa = a + j * aj;
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) bv[v] = V::load(b + j * ldb + W * v);
+#pragma GCC unroll 12
+      for (int r = 0; r < R; ++r) {
+        const typename V::T av = V::set1(aa[r * ai]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(av, bv[v], acc[r][v]);
+      }
+    }
+  }
+#pragma GCC unroll 12
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) V::store(c + r * ldc + W * v, acc[r][v]);
+  }
+}
+
+// Rows [0, M) of a column panel of NV vectors, in tiles of R rows and a tail.
+template <typename V, int R, int NV>
+inline void gemm_panel(float* c, int64_t ldc, int64_t M, const float* a, int64_t ai, int64_t aj,
+                       int64_t K, const float* b, int64_t ldb, Init init, const float* alpha) {
+  int64_t i = 0;
+  const auto tile = [&](auto rows) {
+    constexpr int RR = decltype(rows)::value;
+    gemm_tile<V, RR, NV>(c + i * ldc, ldc, a + i * ai, ai, aj, K, b, ldb, init,
+                         alpha ? alpha + i : nullptr);
+    i += RR;
+  };
+  while (i + R <= M) tile(std::integral_constant<int, R>{});
+  while (i + 2 <= M) tile(std::integral_constant<int, 2>{});
+  if (i < M) tile(std::integral_constant<int, 1>{});
+}
+
+// Panels of NV0 vectors (R0-row tiles), then of NV1 and of 1 vector (R1-row tiles).
+// N must be a multiple of V::W (every caller's N is a multiple of 16).
+template <typename V, int R0, int NV0, int R1, int NV1>
+inline void gemm_tiled(float* c, int64_t ldc, int64_t M, int64_t N, const float* a, int64_t ai,
+                       int64_t aj, int64_t K, const float* b, int64_t ldb, Init init,
+                       const float* alpha) {
+  int64_t n = 0;
+  for (; n + V::W * NV0 <= N; n += V::W * NV0)
+    gemm_panel<V, R0, NV0>(c + n, ldc, M, a, ai, aj, K, b + n, ldb, init, alpha);
+  for (; n + V::W * NV1 <= N; n += V::W * NV1)
+    gemm_panel<V, R1, NV1>(c + n, ldc, M, a, ai, aj, K, b + n, ldb, init, alpha);
+  for (; n < N; n += V::W)
+    gemm_panel<V, R1, 1>(c + n, ldc, M, a, ai, aj, K, b + n, ldb, init, alpha);
+}
+
+// AVX-512: 6 x 64 tiles (24 zmm accumulators), 12 x 32 and 12 x 16 for the tails.
+FRUGAL_TARGET_AVX512 FRUGAL_FLATTEN void gemm_avx512(float* c, int64_t ldc, int64_t M, int64_t N,
+                                                     const float* a, int64_t ai, int64_t aj,
+                                                     int64_t K, const float* b, int64_t ldb,
+                                                     Init init, const float* alpha) {
+  gemm_tiled<V512, 6, 4, 12, 2>(c, ldc, M, N, a, ai, aj, K, b, ldb, init, alpha);
+}
+
+// AVX2: 6 x 16 tiles (12 ymm accumulators of 16 registers), 12 x 8 for the tail.
 FRUGAL_TARGET_AVX2 FRUGAL_FLATTEN void gemm_avx2(float* c, int64_t ldc, int64_t M, int64_t N,
                                                  const float* a, int64_t ai, int64_t aj,
                                                  int64_t K, const float* b, int64_t ldb,
                                                  Init init, const float* alpha) {
-  gemm_portable(c, ldc, M, N, a, ai, aj, K, b, ldb, init, alpha);
+  gemm_tiled<V256, 6, 2, 12, 1>(c, ldc, M, N, a, ai, aj, K, b, ldb, init, alpha);
 }
+
+// --- AVX2 softmax and gradient steps: the portable code, compiled for AVX2 + FMA ---
+
 FRUGAL_TARGET_AVX2 FRUGAL_FLATTEN void softmax_avx2(float* st, int64_t ld, int64_t kn, float* m,
                                                     float* l, float* alpha) {
   softmax_portable(st, ld, kn, m, l, alpha);
@@ -283,90 +399,6 @@ FRUGAL_TARGET_AVX512 inline __m512 exp16(__m512 x) {
   for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP[i]));
   const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
   return _mm512_maskz_scalef_ps(live, y, n);
-}
-
-// One R x (16 NV) tile of C; see gemm_portable.
-template <int R, int NV>
-FRUGAL_TARGET_AVX512 inline void gemm_tile_avx512(float* c, int64_t ldc, const float* a,
-                                                  int64_t ai, int64_t aj, int64_t K,
-                                                  const float* b, int64_t ldb, Init init,
-                                                  const float* alpha) {
-  __m512 acc[R][NV];
-#pragma GCC unroll 12
-  for (int r = 0; r < R; ++r) {
-    const __m512 s = init == Init::kScale ? _mm512_set1_ps(alpha[r]) : _mm512_set1_ps(1.0f);
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      if (init == Init::kZero) {
-        acc[r][v] = _mm512_setzero_ps();
-      } else {
-        acc[r][v] = _mm512_mul_ps(_mm512_loadu_ps(c + r * ldc + 16 * v), s);
-      }
-    }
-  }
-  if (aj == 1) {
-    for (int64_t j = 0; j < K; ++j) {
-      __m512 bv[NV];
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + j * ldb + 16 * v);
-#pragma GCC unroll 12
-      for (int r = 0; r < R; ++r) {
-        const __m512 av = _mm512_set1_ps(a[r * ai + j]);
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
-      }
-    }
-  } else {
-    // ai == 1 in every caller with aj != 1: the R values of step j are adjacent.
-    for (int64_t j = 0; j < K; ++j) {
-      __m512 bv[NV];
-      const float* aa = a + j * aj;
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + j * ldb + 16 * v);
-#pragma GCC unroll 12
-      for (int r = 0; r < R; ++r) {
-        const __m512 av = _mm512_set1_ps(aa[r * ai]);
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
-      }
-    }
-  }
-#pragma GCC unroll 12
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + r * ldc + 16 * v, acc[r][v]);
-  }
-}
-
-// Rows [0, M) of a column panel of NV vectors, in tiles of R rows and a tail.
-template <int R, int NV>
-FRUGAL_TARGET_AVX512 inline void gemm_panel_avx512(float* c, int64_t ldc, int64_t M,
-                                                   const float* a, int64_t ai, int64_t aj,
-                                                   int64_t K, const float* b, int64_t ldb,
-                                                   Init init, const float* alpha) {
-  int64_t i = 0;
-  for (; i + R <= M; i += R)
-    gemm_tile_avx512<R, NV>(c + i * ldc, ldc, a + i * ai, ai, aj, K, b, ldb, init,
-                            alpha ? alpha + i : nullptr);
-  for (; i + 2 <= M; i += 2)
-    gemm_tile_avx512<2, NV>(c + i * ldc, ldc, a + i * ai, ai, aj, K, b, ldb, init,
-                            alpha ? alpha + i : nullptr);
-  if (i < M)
-    gemm_tile_avx512<1, NV>(c + i * ldc, ldc, a + i * ai, ai, aj, K, b, ldb, init,
-                            alpha ? alpha + i : nullptr);
-}
-
-// N must be a multiple of 16 (32 or 64 where it matters for speed).
-FRUGAL_TARGET_AVX512 void gemm_avx512(float* c, int64_t ldc, int64_t M, int64_t N, const float* a,
-                                      int64_t ai, int64_t aj, int64_t K, const float* b,
-                                      int64_t ldb, Init init, const float* alpha) {
-  int64_t n = 0;
-  for (; n + 64 <= N; n += 64)
-    gemm_panel_avx512<6, 4>(c + n, ldc, M, a, ai, aj, K, b + n, ldb, init, alpha);
-  for (; n + 32 <= N; n += 32)
-    gemm_panel_avx512<12, 2>(c + n, ldc, M, a, ai, aj, K, b + n, ldb, init, alpha);
-  for (; n < N; n += 16)
-    gemm_panel_avx512<12, 1>(c + n, ldc, M, a, ai, aj, K, b + n, ldb, init, alpha);
 }
 
 FRUGAL_TARGET_AVX512 void softmax_avx512(float* st, int64_t ld, int64_t kn, float* m, float* l,
