@@ -16,9 +16,13 @@ Building a mask is plain tensor arithmetic on the block grid: it never compiles 
 causal, windowed or document mask for N = 131072 builds in milliseconds. Masks compose with ``&``
 and ``|``; :meth:`BlockMask.to_dense` gives the exact bool mask the kernels apply.
 
-Builders live in :mod:`frugal.masks`.
+Builders live in :mod:`frugal.masks`. Converters make a mask portable: :meth:`BlockMask.to_dense`
+/ :meth:`BlockMask.from_dense`, :meth:`BlockMask.to_flex` / :meth:`BlockMask.from_flex` (PyTorch
+FlexAttention) and :meth:`BlockMask.to_bsr` / :meth:`BlockMask.from_bsr` (FlashInfer's
+block-sparse-row lists); :meth:`BlockMask.from_mask_mod` takes a FlexAttention-style predicate.
 """
 
+import collections
 import dataclasses
 import math
 from typing import Callable, Optional, Tuple
@@ -51,6 +55,13 @@ def _length(op, name, n):
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ShapeError(f"{op}: {name} must be a positive int; got {n!r}")
     return n
+
+
+def _check_bool(op, name, t):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor; got {type(t).__name__}")
+    if t.dtype != torch.bool:
+        raise DTypeError(f"{op}: {name} must be torch.bool (True = attend); got {t.dtype}")
 
 
 def _cdiv(a, b):
@@ -188,10 +199,12 @@ def _block_range(ids, block):
 def _pack_bits(dense):
     """bool [P, BQ, BK] -> int32 [P, BQ, BK // 32]: bit (r, c) is word c >> 5, bit c & 31."""
     p, bq, bk = dense.shape
-    weights = torch.ones(32, dtype=torch.int64, device=dense.device) << torch.arange(
-        32, device=dense.device)
-    words = (dense.view(p, bq, bk // 32, 32).long() * weights).sum(-1)
-    return (words - ((words >> 31) << 32)).to(torch.int32)  # wrap to int32
+    # Bit 31 weighs -2**31 in int32 and the others sum to at most 2**31 - 1, so the int32 sum
+    # of distinct bits never overflows: it is exactly the two's-complement word.
+    weights = torch.ones(32, dtype=torch.int32, device=dense.device) << torch.arange(
+        32, dtype=torch.int32, device=dense.device)
+    words = dense.reshape(p, bq, bk // 32, 32).to(torch.int32) * weights
+    return words.sum(-1, dtype=torch.int32)
 
 
 def _unpack_bits(words, bk):
@@ -299,6 +312,10 @@ class BlockMask:
         visited = (self._full | self._partial).double()
         return float((visited * area).sum() / (area.sum() * visited.shape[0] * visited.shape[1]))
 
+    def sparsity(self):
+        """``1 - density()``: the fraction of the score matrix the kernels skip."""
+        return 1.0 - self.density()
+
     def counts(self):
         """(full, partial) block counts summed over the mask's batch and head dims."""
         return int(self._full.sum()), int(self._partial.sum())
@@ -318,7 +335,7 @@ class BlockMask:
         if r.has_doc:
             rule.append("document ids")
         if self.has_bits:
-            rule.append(f"bitmask ({self._bits.shape[0]} blocks)")
+            rule.append(f"bitmask ({self._bits.shape[0]} distinct block patterns)")
         lines = [f"BlockMask(shape=({bm}, {hm}, {nq}, {nk}), block_size={self.block_size}, "
                  f"full={full}, partial={partial}, density={self.density():.2%}, "
                  f"rule={' & '.join(rule) or 'none'})"]
@@ -326,6 +343,8 @@ class BlockMask:
         if nqb <= 32 and nkb <= 64:
             # One character per block of batch 0, head 0: full, partial, skipped.
             f, p = self._full[0, 0], self._partial[0, 0]
+            if bm * hm > 1:
+                lines.append("  blocks of batch 0, head 0 (█ full, ░ partial, · skipped):")
             for i in range(nqb):
                 lines.append("  " + "".join("█" if f[i, j] else "░" if p[i, j] else "·"
                                             for j in range(nkb)))
@@ -463,18 +482,206 @@ class BlockMask:
 
         return _with_bits(self.seq_lens, self.block_size, full, any_ & ~full, mod)
 
+    # ----------------------------------------------------------------------------- converters
+
+    def to_flex(self, device="cpu"):
+        """This mask as a ``torch.nn.attention.flex_attention.BlockMask`` for ``flex_attention``.
+
+        Same block size, lengths and batch/head dims; its partial lists are our partial blocks,
+        its full lists our full blocks, and its ``mask_mod`` is this mask's exact predicate
+        (:meth:`mask_mod` as the kernels apply it: rule, document ids and bitmasks), so the
+        FlexAttention result equals ours. Index tensors are int32 on ``device``, padded to
+        ``nKB`` entries per row as ``create_block_mask`` makes them.
+        """
+        from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
+
+        lists = self._build_lists()
+        nkb = self.num_blocks[1]
+
+        def pad(idx):
+            return torch.nn.functional.pad(idx, (0, nkb - idx.shape[-1])).to(device)
+
+        kv_num, kv_idx, _ = lists["kv"]
+        full_num, full_idx, _ = lists["full"]
+        return FlexBlockMask.from_kv_blocks(
+            kv_num.to(device), pad(kv_idx), full_num.to(device), pad(full_idx),
+            BLOCK_SIZE=self.block_size, mask_mod=self._dense_mod(), seq_lengths=self.seq_lens)
+
+    @classmethod
+    def from_flex(cls, flex_mask):
+        """A BlockMask from a FlexAttention ``BlockMask`` (``create_block_mask`` or
+        ``BlockMask.from_kv_blocks``), with FlexAttention's semantics: blocks in its full lists
+        are all allowed, blocks in neither list are skipped, and in its partial blocks its
+        ``mask_mod`` decides; those become bitmasks (the mask_mod runs on partial blocks only,
+        broadcasting, or through ``torch.vmap`` when it needs scalars). Its block size must be
+        one of (64, 128) per side.
+
+        Raises
+        ------
+        TypeError
+            ``flex_mask`` is not a FlexAttention BlockMask.
+        ShapeError
+            Unsupported block size, or lists that do not fit its sequence lengths.
+        """
+        op = "BlockMask.from_flex"
+        names = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                 "BLOCK_SIZE", "seq_lengths", "mask_mod")
+        if not all(hasattr(flex_mask, n) for n in names):
+            raise TypeError(f"{op}: flex_mask must be a torch.nn.attention.flex_attention."
+                            f"BlockMask; got {type(flex_mask).__name__}")
+        bq, bk = _block_size(flex_mask.BLOCK_SIZE, op)
+        nq, nk = (int(n) for n in flex_mask.seq_lengths)
+        nqb, nkb = _cdiv(nq, bq), _cdiv(nk, bk)
+        if flex_mask.kv_num_blocks.shape[-1] != nqb:
+            raise ShapeError(f"{op}: flex_mask.kv_num_blocks must have ceil(Nq / BQ) = {nqb} "
+                             f"q-blocks for seq_lengths {(nq, nk)}; got "
+                             f"{flex_mask.kv_num_blocks.shape[-1]}")
+        partial = _lists_to_matrix(op, "kv_indices", flex_mask.kv_num_blocks,
+                                   flex_mask.kv_indices, nkb)
+        if flex_mask.full_kv_num_blocks is not None:
+            full = _lists_to_matrix(op, "full_kv_indices", flex_mask.full_kv_num_blocks,
+                                    flex_mask.full_kv_indices, nkb)
+        else:
+            full = torch.zeros_like(partial)
+        full, partial = torch.broadcast_tensors(full, partial)
+        full = full.contiguous()
+        mask = _with_bits((nq, nk), (bq, bk), full, (partial & ~full).contiguous(),
+                          _broadcasting(flex_mask.mask_mod))
+        mask._mask_mod = None  # FlexAttention semantics: full blocks skip the mask_mod
+        return mask
+
+    def to_bsr(self, block_masks=False):
+        """This mask in block-sparse-row form (FlashInfer's ``BlockSparseAttentionWrapper``
+        convention: ``indptr`` / ``indices`` over the ``R x C = BQ x BK`` block grid).
+
+        Returns
+        -------
+        BSR (named tuple)
+            ``indptr`` int32 [Bm, Hm, nQB + 1]: the visited kv-blocks of q-block ``i`` of
+            (b, h) are ``indices[indptr[b, h, i]:indptr[b, h, i + 1]]`` (offsets into one flat
+            ``indices``, (b, h) after (b, h - 1); for Bm = Hm = 1, ``indptr[0, 0]`` is exactly
+            FlashInfer's indptr); ``indices`` int32 [nnz], ascending within each row;
+            ``is_full`` bool [nnz]: whether the block needs no element test; ``block_mask``
+            bool [nnz, BQ, BK] (FlashInfer's ``mask`` argument: the exact elements of every
+            listed block, False past Nq / Nk) when ``block_masks=True``, else None.
+        """
+        visited = self._full | self._partial
+        bm, hm, nqb, _ = visited.shape
+        flat = torch.zeros(bm * hm * nqb + 1, dtype=torch.int64)
+        flat[1:] = visited.sum(-1).reshape(-1).cumsum(0)
+        if int(flat[-1]) >= 2 ** 31:
+            raise ShapeError(f"BlockMask.to_bsr: {int(flat[-1])} blocks do not fit int32 "
+                             f"indices")
+        rows = (torch.arange(bm * hm) * nqb)[:, None] + torch.arange(nqb + 1)
+        indptr = flat[rows].view(bm, hm, nqb + 1).to(torch.int32)
+        where = visited.nonzero()
+        at = tuple(where.t())
+        dense = None
+        if block_masks:
+            mod = self._dense_mod()
+            step = max(1, _CHUNK_ELEMENTS // (self.block_size[0] * self.block_size[1]))
+            dense = torch.cat([_eval_blocks(mod, where[s:s + step], self.seq_lens,
+                                            self.block_size)[0]
+                               for s in range(0, len(where), step)]
+                              or [torch.zeros(0, *self.block_size, dtype=torch.bool)])
+        return BSR(indptr, where[:, 3].to(torch.int32).contiguous(), self._full[at], dense)
+
+    @classmethod
+    def from_bsr(cls, indptr, indices, seq_lens, block_size=128, block_mask=None):
+        """A BlockMask from block-sparse-row lists (the inverse of :meth:`to_bsr`).
+
+        Parameters
+        ----------
+        indptr : int tensor [nQB + 1] or [Bm, Hm, nQB + 1]
+            Row pointers into ``indices`` (non-decreasing within each (b, h)).
+        indices : int tensor [nnz]
+            kv-block indices in [0, nKB); a block may be listed once per row.
+        seq_lens : (int, int)
+            (Nq, Nk); nQB = ceil(Nq / BQ).
+        block_size : int or (int, int)
+            (BQ, BK), each 64 or 128.
+        block_mask : bool tensor [nnz, BQ, BK], optional
+            The allowed elements of each listed block (FlashInfer's ``mask``); elements past
+            Nq / Nk are ignored. Without it every listed block is full.
+
+        Raises
+        ------
+        DTypeError
+            Non-integer ``indptr`` / ``indices`` or a non-bool ``block_mask``.
+        ShapeError
+            Anything that does not fit: lengths, block size, pointer range, duplicate or
+            out-of-range indices, a ``block_mask`` of the wrong shape.
+        """
+        op = "BlockMask.from_bsr"
+        bq, bk = _block_size(block_size, op)
+        try:
+            nq, nk = seq_lens
+        except (TypeError, ValueError):
+            raise ShapeError(f"{op}: seq_lens must be a pair (Nq, Nk); got {seq_lens!r}") from None
+        nq, nk = _length(op, "seq_lens[0] (Nq)", nq), _length(op, "seq_lens[1] (Nk)", nk)
+        nqb, nkb = _cdiv(nq, bq), _cdiv(nk, bk)
+        for name, t in (("indptr", indptr), ("indices", indices)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{op}: {name} must be a torch.Tensor; got {type(t).__name__}")
+            if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+                raise DTypeError(f"{op}: {name} must be an integer tensor; got {t.dtype}")
+        if indptr.dim() not in (1, 3) or indptr.shape[-1] != nqb + 1:
+            raise ShapeError(f"{op}: indptr must be [nQB + 1] or [Bm, Hm, nQB + 1] with nQB = "
+                             f"ceil(Nq / BQ) = {nqb}; got shape {tuple(indptr.shape)}")
+        if indices.dim() != 1:
+            raise ShapeError(f"{op}: indices must be 1-d; got shape {tuple(indices.shape)}")
+        shape = (1, 1) if indptr.dim() == 1 else tuple(indptr.shape[:2])
+        if 0 in shape:
+            raise ShapeError(f"{op}: indptr must have non-empty batch and head dims; got shape "
+                             f"{tuple(indptr.shape)}")
+        ptr = indptr.long().cpu().reshape(-1, nqb + 1)
+        starts, ends = ptr[:, :-1].reshape(-1), ptr[:, 1:].reshape(-1)
+        if bool((ends < starts).any()) or int(starts.min()) < 0 or int(ends.max()) > len(indices):
+            raise ShapeError(f"{op}: indptr must be non-decreasing within each (b, h) row and "
+                             f"point into indices (length {len(indices)}); got values from "
+                             f"{int(ptr.min())} to {int(ptr.max())}")
+        counts = ends - starts
+        n = int(counts.sum())
+        rows = torch.repeat_interleave(torch.arange(len(counts)), counts)
+        pos = (torch.repeat_interleave(starts - (counts.cumsum(0) - counts), counts)
+               + torch.arange(n))
+        kb = indices.long().cpu()[pos]
+        if n and (int(kb.min()) < 0 or int(kb.max()) >= nkb):
+            raise ShapeError(f"{op}: indices must be kv-blocks in [0, nKB = {nkb}); got values "
+                             f"from {int(kb.min())} to {int(kb.max())}")
+        cell = rows * nkb + kb
+        hits = torch.zeros(len(counts) * nkb, dtype=torch.int32).index_add_(
+            0, cell, torch.ones(n, dtype=torch.int32))
+        if bool((hits > 1).any()):
+            raise ShapeError(f"{op}: indices must not list a kv-block twice in one row")
+        listed = (hits > 0).view(*shape, nqb, nkb)
+        if block_mask is None:
+            return cls((nq, nk), (bq, bk), listed, torch.zeros_like(listed))
+        _check_bool(op, "block_mask", block_mask)
+        if tuple(block_mask.shape) != (len(indices), bq, bk):
+            raise ShapeError(f"{op}: block_mask must be [nnz, BQ, BK] = "
+                             f"{[len(indices), bq, bk]}; got {list(block_mask.shape)}")
+        lookup = torch.full((len(counts) * nkb,), -1, dtype=torch.int64)
+        lookup[cell] = pos
+        lookup = lookup.view(*shape, nqb, nkb)
+        elements = block_mask.cpu()
+        bm, hm = shape
+
+        def mod(b, h, q, k):
+            i = lookup.to(q.device)[b % bm, h % hm, q // bq, k // bk]
+            return (i >= 0) & elements.to(q.device)[i.clamp(min=0), q % bq, k % bk]
+
+        mask = _with_bits((nq, nk), (bq, bk), torch.zeros_like(listed), listed, mod)
+        mask._mask_mod = None  # the bitmasks hold it; do not keep the dense blocks alive
+        return mask
+
     # ----------------------------------------------------------------------------- builders
 
     @classmethod
     def from_dense(cls, mask, block_size=128):
         """An exact BlockMask from a bool mask [Nq, Nk], [H, Nq, Nk] or [B, H, Nq, Nk]
         (True: attend; size-1 batch or head dims broadcast). Partial blocks get bitmasks."""
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"BlockMask.from_dense: mask must be a torch.Tensor; got "
-                            f"{type(mask).__name__}")
-        if mask.dtype != torch.bool:
-            raise DTypeError(f"BlockMask.from_dense: mask must be torch.bool (True = attend); "
-                             f"got {mask.dtype}")
+        _check_bool("BlockMask.from_dense", "mask", mask)
         if mask.dim() not in (2, 3, 4) or mask.numel() == 0:
             raise ShapeError(f"BlockMask.from_dense: mask must be a non-empty [Nq, Nk], "
                              f"[H, Nq, Nk] or [B, H, Nq, Nk] bool tensor; got shape "
@@ -528,22 +735,90 @@ class BlockMask:
         return _from_elements((nq, nk), _block_size(block_size, op), bm, hm, rows, mod)
 
 
+BSR = collections.namedtuple("BSR", "indptr indices is_full block_mask")
+BSR.__doc__ = "Block-sparse-row form of a BlockMask; see :meth:`BlockMask.to_bsr`."
+
+
+def _lists_to_matrix(op, name, num, idx, nkb):
+    """FlexAttention-style (num [..., nQB], idx [..., nQB, W]) -> bool [B, H, nQB, nKB]."""
+    num, idx = num.cpu().long(), idx.cpu().long()
+    while num.dim() < 3:
+        num, idx = num[None], idx[None]
+    valid = torch.arange(idx.shape[-1]) < num[..., None]
+    if bool((valid & ((idx < 0) | (idx >= nkb))).any()):
+        raise ShapeError(f"{op}: flex_mask.{name} must hold kv-blocks in [0, {nkb}) for its "
+                         f"seq_lengths")
+    col = torch.where(valid, idx, nkb)
+    out = torch.zeros(*idx.shape[:-1], nkb + 1, dtype=torch.bool)
+    return out.scatter_(-1, col, True)[..., :nkb].contiguous()
+
+
+def _broadcasting(mask_mod):
+    """A FlexAttention mask_mod called on broadcastable index tensors: directly when it
+    broadcasts, else element by element through torch.vmap."""
+
+    def mod(b, h, q, k):
+        shape = torch.broadcast_shapes(b.shape, h.shape, q.shape, k.shape)
+        try:
+            out = mask_mod(b, h, q, k)
+            if isinstance(out, torch.Tensor) and out.dtype == torch.bool:
+                return out.expand(shape)
+        except (RuntimeError, IndexError, TypeError, ValueError):
+            pass
+        args = [x.expand(shape).reshape(-1) for x in (b, h, q, k)]
+        return torch.vmap(mask_mod)(*args).view(shape).bool()
+
+    return mod
+
+
+def _eval_blocks(mod, where, seq_lens, block_size):
+    """Elements of blocks ``where`` [P, 4] (b, h, qb, kb) under ``mod``: (bool [P, BQ, BK],
+    False past Nq / Nk; in-bounds bool [P, BQ, BK])."""
+    nq, nk = seq_lens
+    bq, bk = block_size
+    b = where[:, 0, None, None]
+    h = where[:, 1, None, None]
+    q = where[:, 2, None, None] * bq + torch.arange(bq)[None, :, None]
+    k = where[:, 3, None, None] * bk + torch.arange(bk)[None, None, :]
+    inb = (q < nq) & (k < nk)
+    dense = mod(b, h, q.clamp(max=nq - 1), k.clamp(max=nk - 1)) & inb
+    return dense.expand(len(where), bq, bk), inb
+
+
 def _lists(matrix, bits_index):
     """bool [Bm, Hm, nA, nB] -> (num int32 [Bm, Hm, nA], idx int32 [Bm, Hm, nA, max(1, max
     num)] ascending and 0-padded, bits rows int32 of idx's shape or None)."""
     num = matrix.sum(-1, dtype=torch.int32)
     width = max(1, int(num.max())) if num.numel() else 1
-    # Each listed column goes to slot (its rank among the listed ones); the others to a spill
-    # slot past the end, cut off afterwards.
-    slot = torch.where(matrix, matrix.cumsum(-1, dtype=torch.int64) - 1, width)
-    cols = torch.arange(matrix.shape[-1], dtype=torch.int32).expand(matrix.shape)
-    shape = matrix.shape[:-1] + (width + 1,)
-    idx = torch.zeros(shape, dtype=torch.int32).scatter_(-1, slot, cols)[..., :width]
+    # nonzero() lists the set blocks in row-major order, so ascending within each row; a
+    # block's slot is its rank in its row.
+    nz = matrix.nonzero()
+    lead = matrix.shape[:-1]
+    row = torch.zeros(len(nz), dtype=torch.int64)
+    for d, size in enumerate(lead):
+        row = row * size + nz[:, d]
+    starts = torch.cumsum(num.reshape(-1), 0, dtype=torch.int64) - num.reshape(-1)
+    slot = torch.arange(len(nz)) - starts[row]
+    idx = torch.zeros(num.numel(), width, dtype=torch.int32)
+    idx[row, slot] = nz[:, -1].to(torch.int32)
     rows = None
     if bits_index is not None:
-        rows = torch.zeros(shape, dtype=torch.int32).scatter_(
-            -1, slot, bits_index.to(torch.int32))[..., :width].contiguous()
-    return num.contiguous(), idx.contiguous(), rows
+        rows = torch.zeros(num.numel(), width, dtype=torch.int32)
+        rows[row, slot] = bits_index[tuple(nz.t())].to(torch.int32)
+        rows = rows.view(*lead, width)
+    return num.contiguous(), idx.view(*lead, width), rows
+
+
+def _row_classes(mat):
+    """Class id (0..n-1) of each row of int64 [P, K]: equal rows, equal ids."""
+    if len(mat) == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    lo = mat.amin(0)
+    spans = (mat.amax(0) - lo + 1).tolist()
+    if math.prod(spans) < 2 ** 62:  # one int64 code per row: a 1-d unique is much faster
+        radix = torch.tensor([math.prod(spans[i + 1:]) for i in range(len(spans))])
+        return torch.unique(((mat - lo) * radix).sum(1), return_inverse=True)[1]
+    return torch.unique(mat, dim=0, return_inverse=True)[1]
 
 
 def _merge_and(a, b):
@@ -565,32 +840,47 @@ def _merge_and(a, b):
     return _Rule(lo, hi, prefix, doc.q_doc, doc.kv_doc)
 
 
-def _with_bits(seq_lens, block_size, full, partial, mod):
+def _with_bits(seq_lens, block_size, full, partial, mod, key=None):
     """A mask whose partial blocks carry bitmasks of ``mod`` (evaluated on those blocks only);
-    all-false partial blocks are dropped and all-true ones promoted to full."""
+    all-false partial blocks are dropped and all-true ones promoted to full.
+
+    ``key``, when given, is a list of int64 tensors broadcastable to ``partial``'s shape: blocks
+    whose key columns are all equal promise the same element pattern, so ``mod`` is evaluated
+    on one block per distinct key (blocks at a ragged end are kept apart automatically) and
+    they share one bitmask row. That is what keeps a strided or longformer mask for N = 131072
+    cheap: a few hundred distinct blocks instead of tens of thousands.
+    """
     nq, nk = seq_lens
     bq, bk = block_size
-    bm, hm = full.shape[:2]
+    nqb, nkb = _cdiv(nq, bq), _cdiv(nk, bk)
     where = partial.nonzero()  # [P, 4]: b, h, qb, kb
+    if key is None:
+        reps, inverse = where, None
+    else:
+        at = tuple(where.t())
+        cols = [k.expand(partial.shape)[at].long() for k in key]
+        cols.append(((where[:, 2] == nqb - 1) & (nq % bq != 0)).long() * 2
+                    + ((where[:, 3] == nkb - 1) & (nk % bk != 0)).long())
+        inverse = _row_classes(torch.stack(cols, 1))
+        n_cls = int(inverse.max()) + 1 if len(inverse) else 0
+        first = torch.full((n_cls,), len(where), dtype=torch.int64).scatter_reduce_(
+            0, inverse, torch.arange(len(where)), "amin")
+        reps = where[first]
     chunk = max(1, _CHUNK_ELEMENTS // (bq * bk))
     words = []
-    keep_partial = torch.zeros(len(where), dtype=torch.bool)
-    make_full = torch.zeros(len(where), dtype=torch.bool)
-    r = torch.arange(bq)
-    c = torch.arange(bk)
-    for s in range(0, len(where), chunk):
-        w = where[s:s + chunk]
-        b = w[:, 0, None, None]
-        h = w[:, 1, None, None]
-        q = w[:, 2, None, None] * bq + r[None, :, None]
-        k = w[:, 3, None, None] * bk + c[None, None, :]
-        inb = (q < nq) & (k < nk)
-        dense = mod(b, h, q.clamp(max=nq - 1), k.clamp(max=nk - 1)) & inb
-        dense = dense.expand(len(w), bq, bk)
-        n_true = dense.sum((1, 2))
-        keep_partial[s:s + chunk] = (n_true > 0) & (n_true < inb.sum((1, 2)))
-        make_full[s:s + chunk] = (n_true > 0) & (n_true == inb.sum((1, 2)))
+    keep_partial = torch.zeros(len(reps), dtype=torch.bool)
+    make_full = torch.zeros(len(reps), dtype=torch.bool)
+    for s in range(0, len(reps), chunk):
+        dense, inb = _eval_blocks(mod, reps[s:s + chunk], seq_lens, block_size)
+        n_true = dense.flatten(1).sum(1, dtype=torch.int32)
+        n_inb = inb.expand(dense.shape).flatten(1).sum(1, dtype=torch.int32)
+        keep_partial[s:s + chunk] = (n_true > 0) & (n_true < n_inb)
+        make_full[s:s + chunk] = (n_true > 0) & (n_true == n_inb)
         words.append(_pack_bits(dense)[keep_partial[s:s + chunk]])
+    # Row of bits of each kept representative, then of each block.
+    rows = torch.cumsum(keep_partial, 0, dtype=torch.int32) - 1
+    if inverse is not None:
+        keep_partial, make_full, rows = keep_partial[inverse], make_full[inverse], rows[inverse]
     full = full.clone()
     full[tuple(where[make_full].t())] = True
     new_partial = torch.zeros_like(partial)
@@ -600,7 +890,7 @@ def _with_bits(seq_lens, block_size, full, partial, mod):
     if len(kept) == 0:
         return BlockMask(seq_lens, block_size, full, new_partial, mask_mod=mod)
     bits_index = torch.full(partial.shape, -1, dtype=torch.int32)
-    bits_index[tuple(kept.t())] = torch.arange(len(kept), dtype=torch.int32)
+    bits_index[tuple(kept.t())] = rows[keep_partial]
     return BlockMask(seq_lens, block_size, full, new_partial, bits=bits.contiguous(),
                      bits_index=bits_index, mask_mod=mod)
 
