@@ -129,12 +129,54 @@ struct Rule {
   Idx bits;           // [nbits, BQ, BK / 32]
 };
 
-// Applies the element rule to scores S^T [kn, ld] of keys k0 .. k0 + kn and queries
-// q0 .. q0 + qn: a disallowed element becomes -inf. qdoc: the queries' document ids (contiguous),
-// bits_row: the block's bitmask row (or -1).
+// a[i] bit j -> a[j] bit i: a 32 x 32 bit matrix transposed by recursive block swaps.
+inline void transpose32(uint32_t* a) {
+  uint32_t m = 0x0000FFFFu;
+  for (int j = 16; j != 0; j >>= 1, m ^= m << j) {
+    for (int k = 0; k < 32; k = ((k | j) + 1) & ~j) {
+      const uint32_t t = ((a[k] >> j) ^ a[k | j]) & m;
+      a[k] ^= t << j;
+      a[k | j] ^= t;
+    }
+  }
+}
+
+// keep ? x : -inf, without a branch (a mask may be random: a branch would mispredict half the
+// time) and in a form compilers vectorize.
+inline float keep_or_neg_inf(bool keep, float x) {
+  uint32_t v;
+  std::memcpy(&v, &x, sizeof(v));
+  const uint32_t m = 0u - static_cast<uint32_t>(keep);
+  v = (v & m) | (0xFF800000u & ~m);
+  std::memcpy(&x, &v, sizeof(v));
+  return x;
+}
+
+// Words of queries per key row of a transposed block bitmask.
+inline int64_t bit_words(int64_t rows) { return (rows + 31) / 32; }
+
+// Applies the element rule to scores S^T [kn, ld] of keys k0 .. k0 + kn (k0 a block start) and
+// queries q0 .. q0 + qn (a q-block start): a disallowed element becomes -inf. qdoc: the queries'
+// document ids (contiguous); bits_row: the block's bitmask row; tb: scratch of
+// kn * bit_words(qn) words, where the bitmask is transposed to one bit per query per key row.
 inline void apply_rule(const Rule& r, int64_t b, float* st, int64_t ld, int64_t k0, int64_t kn,
                        int64_t q0, int64_t qn, const int32_t* qdoc, int64_t bits_row,
-                       int64_t BK) {
+                       uint32_t* tb) {
+  const int64_t qw = bit_words(qn);
+  if (r.flags & kFlagBits) {
+    uint32_t a[32];
+    const int32_t* base = r.bits.p + bits_row * r.bits.s[0];
+    for (int64_t kw = 0; kw < bit_words(kn); ++kw) {
+      for (int64_t w = 0; w < qw; ++w) {
+        for (int64_t i = 0; i < 32; ++i) {
+          const int64_t q = 32 * w + i;
+          a[i] = q < qn ? static_cast<uint32_t>(base[q * r.bits.s[1] + kw * r.bits.s[2]]) : 0u;
+        }
+        transpose32(a);
+        for (int64_t j = 0; j < 32 && 32 * kw + j < kn; ++j) tb[(32 * kw + j) * qw + w] = a[j];
+      }
+    }
+  }
   for (int64_t k = 0; k < kn; ++k) {
     const int64_t kg = k0 + k;
     float* row = st + k * ld;
@@ -147,14 +189,16 @@ inline void apply_rule(const Rule& r, int64_t b, float* st, int64_t ld, int64_t 
     }
     if (r.flags & kFlagDoc) {
       const int32_t kd = r.kv_doc(b, kg);
-      for (int64_t q = 0; q < qn; ++q) row[q] = qdoc[q] == kd ? row[q] : -kInf;
+      for (int64_t q = 0; q < qn; ++q) row[q] = keep_or_neg_inf(qdoc[q] == kd, row[q]);
     }
     if (r.flags & kFlagBits) {
-      const int64_t kl = kg % BK;
-      const int32_t* w = r.bits.p + bits_row * r.bits.s[0] + (kl >> 5) * r.bits.s[2];
-      const int shift = static_cast<int>(kl & 31);
-      for (int64_t q = 0; q < qn; ++q)
-        if (!((w[q * r.bits.s[1]] >> shift) & 1)) row[q] = -kInf;
+      const uint32_t* t = tb + k * qw;
+      int64_t q = 0;
+      for (; q + 32 <= qn; q += 32) {
+        const uint32_t w = t[q >> 5];
+        for (int i = 0; i < 32; ++i) row[q + i] = keep_or_neg_inf((w >> i) & 1u, row[q + i]);
+      }
+      for (; q < qn; ++q) row[q] = keep_or_neg_inf((t[q >> 5] >> (q & 31)) & 1u, row[q]);
     }
   }
 }
@@ -237,6 +281,8 @@ struct Kernels {
                const float*, int64_t, Init, const float*);
   void (*softmax)(float*, int64_t, int64_t, float*, float*, float*);
   void (*probs_grad)(float*, const float*, float*, int64_t, int64_t, const float*, const float*);
+  void (*rule)(const Rule&, int64_t, float*, int64_t, int64_t, int64_t, int64_t, int64_t,
+               const int32_t*, int64_t, uint32_t*);
 };
 
 void gemm_base(float* c, int64_t ldc, int64_t M, int64_t N, const float* a, int64_t ai,
@@ -245,6 +291,10 @@ void gemm_base(float* c, int64_t ldc, int64_t M, int64_t N, const float* a, int6
 }
 void softmax_base(float* st, int64_t ld, int64_t kn, float* m, float* l, float* alpha) {
   softmax_portable(st, ld, kn, m, l, alpha);
+}
+void rule_base(const Rule& r, int64_t b, float* st, int64_t ld, int64_t k0, int64_t kn,
+               int64_t q0, int64_t qn, const int32_t* qdoc, int64_t bits_row, uint32_t* tb) {
+  apply_rule(r, b, st, ld, k0, kn, q0, qn, qdoc, bits_row, tb);
 }
 void probs_grad_base(float* st, const float* dpt, float* pt, int64_t ld, int64_t kn,
                      const float* lse, const float* delta) {
@@ -374,7 +424,14 @@ FRUGAL_TARGET_AVX2 FRUGAL_FLATTEN void gemm_avx2(float* c, int64_t ldc, int64_t 
   gemm_tiled<V256, 6, 2, 12, 1>(c, ldc, M, N, a, ai, aj, K, b, ldb, init, alpha);
 }
 
-// --- AVX2 softmax and gradient steps: the portable code, compiled for AVX2 + FMA ---
+// --- AVX2 softmax, gradient step and element rule: the portable code, compiled for AVX2 ---
+
+FRUGAL_TARGET_AVX2 FRUGAL_FLATTEN void rule_avx2(const Rule& r, int64_t b, float* st, int64_t ld,
+                                                 int64_t k0, int64_t kn, int64_t q0, int64_t qn,
+                                                 const int32_t* qdoc, int64_t bits_row,
+                                                 uint32_t* tb) {
+  apply_rule(r, b, st, ld, k0, kn, q0, qn, qdoc, bits_row, tb);
+}
 
 FRUGAL_TARGET_AVX2 FRUGAL_FLATTEN void softmax_avx2(float* st, int64_t ld, int64_t kn, float* m,
                                                     float* l, float* alpha) {
@@ -399,6 +456,13 @@ FRUGAL_TARGET_AVX512 inline __m512 exp16(__m512 x) {
   for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP[i]));
   const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
   return _mm512_maskz_scalef_ps(live, y, n);
+}
+
+FRUGAL_TARGET_AVX512 FRUGAL_FLATTEN void rule_avx512(const Rule& r, int64_t b, float* st,
+                                                     int64_t ld, int64_t k0, int64_t kn,
+                                                     int64_t q0, int64_t qn, const int32_t* qdoc,
+                                                     int64_t bits_row, uint32_t* tb) {
+  apply_rule(r, b, st, ld, k0, kn, q0, qn, qdoc, bits_row, tb);
 }
 
 FRUGAL_TARGET_AVX512 void softmax_avx512(float* st, int64_t ld, int64_t kn, float* m, float* l,
@@ -458,10 +522,11 @@ FRUGAL_TARGET_AVX512 void probs_grad_avx512(float* st, const float* dpt, float* 
 Kernels pick_kernels() {
 #if FRUGAL_X86
   const Isa isa = current_isa();
-  if (isa >= Isa::kAvx512) return {&gemm_avx512, &softmax_avx512, &probs_grad_avx512};
-  if (isa >= Isa::kAvx2) return {&gemm_avx2, &softmax_avx2, &probs_grad_avx2};
+  if (isa >= Isa::kAvx512)
+    return {&gemm_avx512, &softmax_avx512, &probs_grad_avx512, &rule_avx512};
+  if (isa >= Isa::kAvx2) return {&gemm_avx2, &softmax_avx2, &probs_grad_avx2, &rule_avx2};
 #endif
-  return {&gemm_base, &softmax_base, &probs_grad_base};
+  return {&gemm_base, &softmax_base, &probs_grad_base, &rule_base};
 }
 
 // ----------------------------------------------------------------------------------------
@@ -484,6 +549,7 @@ struct Scratch {
   float* take(int64_t n) {
     float* p = buf.get() + used;
     used += (n + 15) / 16 * 16;
+    TORCH_INTERNAL_ASSERT(used <= size, "sparse_attention: scratch overrun");
     return p;
   }
 };
@@ -664,7 +730,8 @@ void forward_typed(const at::Tensor& q, const at::Tensor& kf, const at::Tensor& 
   T* op = static_cast<T*>(out.data_ptr());
   float* lp = lse.data_ptr<float>();
   const std::vector<int64_t> order = by_cost(cost);
-  const int64_t scratch = D * BQp + g.BK * BQp + g.BQ * D + 4 * BQp + BQp;
+  const int64_t tb_words = g.BK * bit_words(g.BQ);
+  const int64_t scratch = D * BQp + g.BK * BQp + g.BQ * D + 4 * BQp + tb_words;
   run_dynamic(order, [&](std::atomic<int64_t>& next, int64_t n, int64_t) {
     Scratch ws(scratch);
     float* qt = ws.take(D * BQp);
@@ -674,6 +741,7 @@ void forward_typed(const at::Tensor& q, const at::Tensor& kf, const at::Tensor& 
     float* l = ws.take(BQp);
     float* alpha = ws.take(BQp);
     int32_t* qdoc = reinterpret_cast<int32_t*>(ws.take(BQp));
+    uint32_t* tb = reinterpret_cast<uint32_t*>(ws.take(tb_words));
     for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) {
       const int64_t item = order[t];
       const int64_t qb = item % g.nQB, bh = item / g.nQB, h = bh % g.Hq, b = bh / g.Hq;
@@ -690,7 +758,7 @@ void forward_typed(const at::Tensor& q, const at::Tensor& kf, const at::Tensor& 
       for_each_block(full, part, b, h, qb, [&](int64_t kb, bool partial, int64_t bits_row) {
         const int64_t k0 = kb * g.BK, kn = std::min(g.BK, g.Nk - k0);
         kern.gemm(st, BQp, kn, BQp, kh + k0 * ks, ks, 1, D, qt, BQp, Init::kZero, nullptr);
-        if (partial) apply_rule(rule, b, st, BQp, k0, kn, q0, qn, qdoc, bits_row, g.BK);
+        if (partial) kern.rule(rule, b, st, BQp, k0, kn, q0, qn, qdoc, bits_row, tb);
         kern.softmax(st, BQp, kn, m, l, alpha);
         kern.gemm(o, D, qn, D, st, 1, BQp, kn, vh + k0 * vs, vs, Init::kScale, alpha);
       });
@@ -765,6 +833,7 @@ struct BwdData {
 struct QSide {
   float *qt, *dot, *lse, *delta;
   int32_t* qdoc;
+  uint32_t* tb;  // transposed block bitmask, BK * bit_words(BQ) words
 };
 
 void load_qside(const BwdData& p, int64_t b, int64_t h, int64_t q0, int64_t qn, QSide& s) {
@@ -796,7 +865,7 @@ void block_grads(const BwdData& p, int64_t b, const QSide& s, const float* kh, c
   const Geometry& g = *p.g;
   const int64_t BQp = g.BQp, D = g.D;
   p.kern.gemm(st, BQp, kn, BQp, kh + k0 * D, D, 1, D, s.qt, BQp, Init::kZero, nullptr);
-  if (partial) apply_rule(*p.rule, b, st, BQp, k0, kn, q0, qn, s.qdoc, bits_row, g.BK);
+  if (partial) p.kern.rule(*p.rule, b, st, BQp, k0, kn, q0, qn, s.qdoc, bits_row, s.tb);
   p.kern.gemm(dpt, BQp, kn, BQp, vh + k0 * D, D, 1, D, s.dot, BQp, Init::kZero, nullptr);
   p.kern.probs_grad(st, dpt, pt, BQp, kn, s.lse, s.delta);
 }
@@ -862,7 +931,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpu(
   const List full_q{Idx(full_q_num), Idx(full_q_idx), Idx()};
   const List part_q{Idx(q_num), Idx(q_idx), has_bits ? Idx(q_bits) : Idx()};
   const int64_t BQp = g.BQp, D = g.D;
-  const int64_t qside = 2 * D * BQp + 3 * BQp;
+  const int64_t tb_words = BK * bit_words(g.BQ);
+  const int64_t qside = 2 * D * BQp + 3 * BQp + tb_words;
   const int64_t blocks = 3 * BK * BQp;
 
   dispatch_float(q.scalar_type(), [&](auto t) {
@@ -875,7 +945,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpu(
     run_dynamic(order, [&](std::atomic<int64_t>& next, int64_t n, int64_t) {
       Scratch ws(qside + blocks + g.BQ * D + BQp);
       QSide s{ws.take(D * BQp), ws.take(D * BQp), ws.take(BQp), ws.take(BQp),
-              reinterpret_cast<int32_t*>(ws.take(BQp))};
+              reinterpret_cast<int32_t*>(ws.take(BQp)),
+              reinterpret_cast<uint32_t*>(ws.take(tb_words))};
       float* st = ws.take(BK * BQp);
       float* dpt = ws.take(BK * BQp);
       float* pt = ws.take(BK * BQp);
@@ -914,7 +985,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpu(
     run_dynamic(korder, [&](std::atomic<int64_t>& next, int64_t n, int64_t) {
       Scratch ws(qside + blocks + 2 * BK * D);
       QSide s{ws.take(D * BQp), ws.take(D * BQp), ws.take(BQp), ws.take(BQp),
-              reinterpret_cast<int32_t*>(ws.take(BQp))};
+              reinterpret_cast<int32_t*>(ws.take(BQp)),
+              reinterpret_cast<uint32_t*>(ws.take(tb_words))};
       float* st = ws.take(BK * BQp);
       float* dpt = ws.take(BK * BQp);
       float* pt = ws.take(BK * BQp);
