@@ -3,6 +3,7 @@ import functools
 import json
 
 import pytest
+import torch
 
 from frugal import bench
 from frugal.bench import registry
@@ -195,3 +196,157 @@ def test_int8_sweeps_run(name):
     assert "backend='cpu'" in result.notes["auto"]
     assert {(v.target.x, v.target.versus) for v in result.verdicts} == {(1, "fp32")}
     assert "vs int_mm" in run.markdown()
+
+
+def test_target_needs_a_floor():
+    with pytest.raises(ValueError, match="set min_speedup, min_copy_fraction or both; got neither"):
+        bench.Target(x=256, candidate="linear")
+    with pytest.raises(ValueError, match="min_copy_fraction needs memory_bound=True"):
+        _synthetic(memory_bound=False,
+                   targets=(bench.Target(x=256, candidate="linear", min_copy_fraction=0.5),))
+
+
+def test_copy_fraction_targets():
+    # copy_gbps=10: linear moves 256e6 bytes in 0.256 ms (100x copy bandwidth), quadratic in
+    # 6.5536 ms (3.9x).
+    targets = (bench.Target(x=256, candidate="linear", min_copy_fraction=50.0),
+               bench.Target(x=256, candidate="quadratic", min_copy_fraction=5.0),
+               bench.Target(x=256, candidate="linear", min_speedup=5.0, min_copy_fraction=50.0))
+    run = _run(_synthetic(targets=targets))
+    verdicts = run.results[0].verdicts
+    assert [v.passed for v in verdicts] == [True, False, False]  # the last: speedup only 4x
+    assert verdicts[1].copy_fraction == pytest.approx(256e6 / (1e-4 * 256**2) / 1e6 / 10.0)
+    text = run.markdown()
+    assert "linear reaches 10000% of copy bandwidth (target >= 5000%): PASS" in text
+    assert "quadratic reaches 391% of copy bandwidth (target >= 500%): FAIL" in text
+    assert ("linear is 4.0x the dense (target >= 5x) and reaches 10000% of copy bandwidth "
+            "(target >= 5000%): FAIL") in text
+    record = run.record()["sweeps"][0]["targets"]
+    assert [t["passed"] for t in record] == [True, False, False]
+    assert record[0]["copy_fraction"] == pytest.approx(100.0)
+
+
+def test_targets_against_another_x():
+    # Cost growth: linear at 512 against itself at 256 is 0.5x (twice the time).
+    targets = (bench.Target(x=512, candidate="linear", min_speedup=0.4, versus="linear",
+                            versus_x=256),
+               bench.Target(x=512, candidate="linear", min_speedup=1 / 1.2, versus="linear",
+                            versus_x=256),
+               bench.Target(x=512, candidate="linear", min_speedup=0.1, versus="linear",
+                            versus_x=999))  # not measured: skipped
+    run = _run(_synthetic(targets=targets))
+    verdicts = run.results[0].verdicts
+    assert len(verdicts) == 2 and [v.passed for v in verdicts] == [True, False]
+    assert verdicts[0].speedup == pytest.approx(0.5)
+    assert ("linear is 0.50x the linear at tokens=256 (target >= 0.833x): FAIL"
+            in run.markdown())
+
+
+def test_counts_may_depend_on_the_device():
+    seen = []
+
+    def nbytes(x, device):
+        seen.append(device)
+        return 1e6 * x
+
+    result = _run(_synthetic(nbytes=nbytes, flops=lambda x, device=None: 2e6 * x)).results[0]
+    rows = {(r.x, r.candidate): r for r in result.rows}
+    assert rows[256, "linear"].gbps == pytest.approx(1000.0)
+    assert rows[256, "linear"].gflops == pytest.approx(2000.0)
+    assert seen and all(d == torch.device("cpu") for d in seen)
+
+
+# ---------------------------------------------------------------------------------------------
+# Paged decode attention sweeps (frugal.bench.paged)
+
+PAGED_SWEEPS = ["paged_attention", "paged_attention_b1", "paged_attention_b32",
+                "paged_attention_window"]
+
+
+@pytest.mark.parametrize("name", PAGED_SWEEPS)
+def test_paged_sweeps_run(name, monkeypatch):
+    # Every candidate runs once at two tiny contexts (a fake timer) and the notes build; the real
+    # sizes take minutes. Tiny inputs would need hundreds of rotating copies to fill 64 MiB.
+    from frugal.bench import paged
+
+    monkeypatch.setattr(paged, "_LLC_BYTES", 1 << 20)
+    (sweep,) = bench.sweeps([name])
+    sweep = dataclasses.replace(sweep, xs=(17, 40), quick=(17, 40))
+    calls = []
+
+    def timer(fn):
+        out = fn()
+        assert out.shape[1:] == (32, 128) and torch.isfinite(out).all()
+        calls.append(fn)
+        return 1.0 + len(calls)
+
+    run = bench.run([sweep], "cpu", quick=True, timer=timer, copy_gbps=10.0, progress=False)
+    (result,) = run.results
+    want = {"paged", "sdpa"} if name.endswith("window") else {"paged", "sdpa", "sdpa_gqa",
+                                                                 "gather_sdpa"}
+    assert {r.candidate for r in result.rows} == want
+    assert len(result.rows) == 2 * len(want)
+    assert all(r.gbps > 0 and r.copy_fraction > 0 for r in result.rows)
+    assert "backend='cpu'" in result.notes["auto"] and result.notes["dtype"] == "float32"
+    assert result.verdicts == []  # the targets are at 4096 and 32768
+    assert ("KV memory" in result.notes) == (name == "paged_attention")
+    assert "| 40 | paged |" in run.markdown()
+
+
+@pytest.mark.parametrize("batch, context, window, block_size",
+                         [(3, 100, None, 16), (3, 100, 37, 16), (2, 45, 45, 4), (1, 7, 3, 1),
+                          (2, 33, 80, 8)])
+def test_paged_candidates_agree(poison, batch, context, window, block_size):
+    # Every candidate against float64 attention computed from the paged cache itself (positions
+    # read through the tables by hand), so a wrong contiguous copy or gather fails too.
+    from frugal.bench import paged
+
+    problem = paged.DecodeProblem(batch, context, "cpu", window=window, hq=12, hkv=3, d=40,
+                                  block_size=block_size, seed=context)
+    lo = 0 if window is None else max(0, context - window)
+    pos = torch.arange(lo, context)
+    want = torch.empty(batch, 12, 40, dtype=torch.float64)
+    for b in range(batch):
+        blocks = problem.tables[b, pos // block_size].long()
+        assert (blocks >= 0).all()
+        k = problem.k_cache[blocks, pos % block_size].double().repeat_interleave(4, dim=1)
+        v = problem.v_cache[blocks, pos % block_size].double().repeat_interleave(4, dim=1)
+        s = torch.einsum("hd,lhd->hl", problem.q[b].double(), k) * problem.scale
+        want[b] = torch.einsum("hl,lhd->hd", torch.softmax(s, -1), v)
+    if window is not None and lo > 0:
+        # Blocks wholly before the window were given back.
+        assert (problem.tables[:, :lo // block_size] == -1).all()
+    assert problem.k_dense.shape == (batch, 3, context - lo, 40)
+    for name in ("paged", "sdpa", "sdpa_gqa", "gather_sdpa"):
+        out = getattr(problem, name)()
+        assert out.shape == (batch, 12, 40) and out.dtype == torch.float32, name
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_paged_memory_cap_and_footprint():
+    from frugal.bench import paged
+    from frugal.paged_kv_cache import kv_footprint
+
+    assert paged.kv_bytes(8, 4096, "cpu") == 2 * 8 * 4096 * 8 * 128 * 4
+    assert paged.kv_bytes(8, 32768, "cpu", window=4096) == paged.kv_bytes(8, 4096, "cpu")
+    assert paged.kv_bytes(8, 4096, "cuda") == paged.kv_bytes(8, 4096, "cpu") // 2
+    # Inputs and temporaries of every timed candidate stay under the cap.
+    for name in PAGED_SWEEPS:
+        (sweep,) = bench.sweeps([name])
+        batch, window = sweep.params["B"], sweep.params.get("window")
+        for x in sweep.xs:
+            timed = [n for n in ("paged", "sdpa", "sdpa_gqa", "gather_sdpa")
+                     if paged.fits(n, batch, x, "cpu", window)]
+            assert "paged" in timed and "sdpa" in timed, (name, x)
+            held = max((1 + paged._EXTRA_KV[n]) * paged.kv_bytes(batch, x, "cpu", window)
+                       for n in timed)
+            assert held <= paged.MEMORY_CAP < 6.5e9
+    assert not paged.fits("gather_sdpa", 8, 32768, "cpu")
+    assert paged.fits("gather_sdpa", 8, 16384, "cpu")
+    line = paged.mixed_batch_footprint(batch=5, max_len=300, block_size=16, seed=3)
+    lengths = torch.randint(1, 301, (5,), generator=torch.Generator().manual_seed(3)).tolist()
+    fp = kv_footprint(lengths, 16)
+    per_slot = 2 * 8 * 128 * 4
+    assert f"paged holds {fp.paged_slots * per_slot / 1e9:.3f} GB" in line
+    assert f"dense max-length {fp.dense_slots * per_slot / 1e9:.3f} GB" in line
+    assert line.endswith("PASS" if fp.paged_overhead <= 0.05 else "FAIL")

@@ -381,3 +381,64 @@ def test_dense_helper_is_right():
     w = [math.exp(float(q @ k[j]) * case.scale) for j in range(20)]
     want = sum(wj * v[j] for j, wj in enumerate(w)) / sum(w)
     torch.testing.assert_close(case.dense64()[0, 0], want, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library: schemas, fake (meta) implementations, torch.compile
+
+
+def test_append_schema_marks_the_mutated_caches():
+    schema = ops.paged_append.default._schema
+    mutated = {a.name for a in schema.arguments if a.alias_info is not None and
+               a.alias_info.is_write}
+    assert mutated == {"k_cache", "v_cache", "k_scale", "v_scale"}
+    assert len(schema.returns) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int8], ids=str)
+def test_opcheck_append(dtype):
+    # opcheck runs the op on real tensors, under FakeTensorMode (the fake must agree with the
+    # kernel on what it returns and mutates), and checks the schema's aliasing annotations.
+    gen = torch.Generator().manual_seed(11)
+    k, v, caches, scales = append_case(7, 2, 64, 16, 3, dtype, gen)
+    caches = [c.nan_to_num(0) if c.is_floating_point() else c for c in caches]
+    scales = [s if s is None else s.nan_to_num(0) for s in scales]
+    for slot_dtype in (torch.int32, torch.int64):
+        slots = torch.randperm(48, generator=gen)[:7].to(slot_dtype)
+        slots[2] = -1  # padding
+        torch.library.opcheck(ops.paged_append.default,
+                              (k, v, caches[0], caches[1], slots, scales[0], scales[1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8], ids=str)
+def test_opcheck_attention(dtype):
+    case = Case([5, 40, 0, 17], 8, 2, 64, 16, dtype, seed=13)
+    case.k_cache, case.v_cache = (t.nan_to_num(0) if t.is_floating_point() else t
+                                  for t in (case.k_cache, case.v_cache))
+    if case.k_scale is not None:
+        case.k_scale, case.v_scale = case.k_scale.nan_to_num(0), case.v_scale.nan_to_num(0)
+    for window in (0, 9):
+        torch.library.opcheck(ops.paged_attention.default,
+                              (case.q, case.k_cache, case.v_cache, case.tables, case.seq_lens,
+                               case.scale, window, case.k_scale, case.v_scale))
+
+
+def test_append_then_attention_under_torch_compile():
+    # The mutation must be visible to the attention that follows it in the compiled graph.
+    gen = torch.Generator().manual_seed(14)
+    k, v, caches, _ = append_case(6, 2, 64, 16, 2, torch.float32, gen)
+    caches = [c.zero_() for c in caches]
+    slots = torch.tensor([0, 1, 2, 16, 17, -1], dtype=torch.int32)
+    tables = torch.tensor([[0], [1]], dtype=torch.int32)
+    lens = torch.tensor([3, 2], dtype=torch.int32)
+    q = torch.randn(2, 8, 64, generator=gen)
+
+    def step(k, v, k_cache, v_cache):
+        ops.paged_append(k, v, k_cache, v_cache, slots, None, None)
+        return ops.paged_attention(q, k_cache, v_cache, tables, lens, 0.125, 0, None, None)
+
+    eager_caches = [c.clone() for c in caches]
+    want = step(k, v, *eager_caches)
+    got = torch.compile(step, fullgraph=True)(k, v, *caches)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(caches, eager_caches, rtol=0, atol=0)

@@ -36,6 +36,7 @@ log-log plot per sweep.
 """
 
 from . import builtin  # noqa: F401  (registers the built-in sweeps)
+from . import paged  # noqa: F401  (registers the paged decode attention sweeps)
 from .registry import Sweep, Target, register, sweep, sweeps
 from .runner import BenchRun, Row, SweepResult, Verdict, environment, fit_slope, run
 from .timing import copy_bandwidth, default_timer, time_cpu, time_cuda

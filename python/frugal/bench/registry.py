@@ -7,13 +7,26 @@ from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 @dataclasses.dataclass(frozen=True)
 class Target:
     """A speedup that ``candidate`` must reach at ``x`` on ``device`` (a device type: "cpu"
-    or "cuda") over ``versus`` (another candidate; the sweep's baseline when None)."""
+    or "cuda") over ``versus`` (another candidate; the sweep's baseline when None), timed at
+    ``versus_x`` (``x`` when None: a bound on how cost grows, e.g. a windowed op at 32k
+    within 1.2x of itself at 4k is ``versus=<itself>, versus_x=4096, min_speedup=1 / 1.2``).
+
+    ``min_copy_fraction`` (memory-bound sweeps) is a floor on ``candidate``'s GB/s at ``x`` as a
+    fraction of the device's copy bandwidth (0.5: half). A target sets ``min_speedup``,
+    ``min_copy_fraction`` or both; every floor it sets must hold."""
 
     x: int
     candidate: str
-    min_speedup: float
+    min_speedup: Optional[float] = None
     device: str = "cpu"
     versus: Optional[str] = None
+    versus_x: Optional[int] = None
+    min_copy_fraction: Optional[float] = None
+
+    def __post_init__(self):
+        if self.min_speedup is None and self.min_copy_fraction is None:
+            raise ValueError(f"Target({self.candidate!r}, x={self.x}): set min_speedup, "
+                             f"min_copy_fraction or both; got neither")
 
 
 @dataclasses.dataclass
@@ -37,8 +50,9 @@ class Sweep:
     compare : sequence of str
         Further candidates to report each row's speedup over ("vs NAME" columns), for sweeps
         with several baselines (fp32 and bf16 matmul, torch._int_mm).
-    nbytes, flops : callable ``x -> number``, optional
-        Bytes moved and floating-point operations per call, for GB/s and GFLOP/s.
+    nbytes, flops : callable ``x -> number`` or ``(x, device) -> number``, optional
+        Bytes moved and floating-point operations per call, for GB/s and GFLOP/s; the
+        two-argument form for counts that depend on the device (its dtype).
     memory_bound : bool
         Report GB/s as a fraction of the device's measured copy bandwidth (needs ``nbytes``).
     params : mapping
@@ -77,6 +91,10 @@ class Sweep:
         if self.memory_bound and self.nbytes is None:
             raise ValueError(f"Sweep {self.name!r}: memory_bound=True needs nbytes; got None")
         self.targets = tuple(self.targets)
+        for t in self.targets:
+            if t.min_copy_fraction is not None and not self.memory_bound:
+                raise ValueError(f"Sweep {self.name!r}: a target with min_copy_fraction needs "
+                                 f"memory_bound=True; got memory_bound=False")
 
 
 _SWEEPS: Dict[str, Sweep] = {}

@@ -3,6 +3,7 @@ exponents, and renders the results as a Markdown table, a JSON record and log-lo
 
 import dataclasses
 import datetime
+import inspect
 import json
 import pathlib
 import platform
@@ -39,12 +40,21 @@ class Row:
 
 @dataclasses.dataclass
 class Verdict:
+    """A target's measured speedup (its ``versus`` time over its candidate's) and, for
+    memory-bound sweeps, the candidate's fraction of copy bandwidth at the target's x."""
+
     target: Target
     speedup: float
+    copy_fraction: Optional[float] = None
 
     @property
     def passed(self):
-        return self.speedup >= self.target.min_speedup
+        t = self.target
+        if t.min_speedup is not None and not self.speedup >= t.min_speedup:
+            return False
+        if t.min_copy_fraction is not None:
+            return self.copy_fraction is not None and self.copy_fraction >= t.min_copy_fraction
+        return True
 
 
 @dataclasses.dataclass
@@ -175,17 +185,26 @@ def _run_sweep(sweep, device, quick, timer, copy_gbps, bar):
     for x in sweep.quick if quick else sweep.xs:
         times.update(_time_candidates(sweep, x, device, timer, bar))
         bar.update()
-    rows = [_row(sweep, x, name, ms, times, copy_gbps) for (x, name), ms in times.items()]
+    rows = [_row(sweep, x, name, ms, times, copy_gbps, device)
+            for (x, name), ms in times.items()]
     curves = {}
     for row in rows:
         curves.setdefault(row.candidate, []).append(row)
     slopes = {name: fit_slope([r.x for r in rs], [r.ms for r in rs]) for name, rs in curves.items()}
-    verdicts = [Verdict(t, times[t.x, t.versus or sweep.baseline] / times[t.x, t.candidate])
+    fractions = {(r.x, r.candidate): r.copy_fraction for r in rows}
+    verdicts = [Verdict(t, times[_versus(sweep, t)] / times[t.x, t.candidate],
+                        fractions[t.x, t.candidate])
                 for t in sweep.targets
                 if t.device == device.type and (t.x, t.candidate) in times
-                and (t.x, t.versus or sweep.baseline) in times]
+                and _versus(sweep, t) in times]
     notes = sweep.notes(device) if sweep.notes else {}
     return SweepResult(sweep, rows, slopes, notes, verdicts)
+
+
+def _versus(sweep, target):
+    """The (x, candidate) a target's speedup is measured against."""
+    x = target.x if target.versus_x is None else target.versus_x
+    return x, target.versus or sweep.baseline
 
 
 def _time_candidates(sweep, x, device, timer, bar):
@@ -201,9 +220,16 @@ def _time_candidates(sweep, x, device, timer, bar):
     return times
 
 
-def _row(sweep, x, name, ms, times, copy_gbps):
-    gbps = sweep.nbytes(x) / ms / 1e6 if sweep.nbytes else None
-    gflops = sweep.flops(x) / ms / 1e6 if sweep.flops else None
+def _count(fn, x, device):
+    """A sweep's nbytes or flops at x: ``fn(x)``, or ``fn(x, device)`` when fn takes two."""
+    params = inspect.signature(fn).parameters.values()
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return fn(x, device) if len(positional) >= 2 else fn(x)
+
+
+def _row(sweep, x, name, ms, times, copy_gbps, device):
+    gbps = _count(sweep.nbytes, x, device) / ms / 1e6 if sweep.nbytes else None
+    gflops = _count(sweep.flops, x, device) / ms / 1e6 if sweep.flops else None
     fraction = gbps / copy_gbps if sweep.memory_bound and copy_gbps else None
     versus = {other: times[x, other] / ms for other in sweep.compare if (x, other) in times}
     return Row(x, name, ms, times[x, sweep.baseline] / ms, gbps, gflops, fraction, versus)
@@ -216,9 +242,20 @@ def _params(sweep):
 def _verdict_line(sweep, v):
     t = v.target
     where = " ".join(filter(None, [f"{sweep.x_name}={t.x}", _params(sweep)]))
-    versus = t.versus or sweep.baseline
-    return (f"{sweep.name} {where}: {t.candidate} is {v.speedup:.1f}x the {versus} "
-            f"(target >= {t.min_speedup:g}x): {'PASS' if v.passed else 'FAIL'}")
+    claims = []
+    if t.min_speedup is not None:
+        versus = t.versus or sweep.baseline
+        if t.versus_x is not None:
+            versus += f" at {sweep.x_name}={t.versus_x}"
+        digits = 1 if t.min_speedup >= 1 else 2  # 0.83x, the floor of "within 1.2x"
+        claims.append(f"is {v.speedup:.{digits}f}x the {versus} "
+                      f"(target >= {t.min_speedup:.3g}x)")
+    if t.min_copy_fraction is not None:
+        got = "n/a" if v.copy_fraction is None else f"{100 * v.copy_fraction:.0f}%"
+        claims.append(f"reaches {got} of copy bandwidth "
+                      f"(target >= {100 * t.min_copy_fraction:g}%)")
+    return (f"{sweep.name} {where}: {t.candidate} {' and '.join(claims)}: "
+            f"{'PASS' if v.passed else 'FAIL'}")
 
 
 def _sweep_markdown(result, env, copy_gbps):
@@ -272,7 +309,8 @@ def _sweep_record(result):
         "notes": result.notes,
         "rows": [dataclasses.asdict(r) for r in result.rows],
         "slopes": result.slopes,
-        "targets": [{**dataclasses.asdict(v.target), "speedup": v.speedup, "passed": v.passed}
+        "targets": [{**dataclasses.asdict(v.target), "speedup": v.speedup,
+                     "copy_fraction": v.copy_fraction, "passed": v.passed}
                     for v in result.verdicts],
     }
 
