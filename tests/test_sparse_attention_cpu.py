@@ -418,3 +418,16 @@ def test_errors(case, match):
         over["kv_idx"] = layout.kv_idx.long()
     with pytest.raises(RuntimeError, match=match):
         ops.sparse_attention_fwd(q, k, v, *_args(layout, **over), 0.125)
+
+
+def test_opcheck():
+    """Schemas, fakes and dispatch of both ops agree with the kernels (torch.library.opcheck)."""
+    mask = masks.causal(150, block_size=64) & masks.document(
+        torch.tensor([0] * 70 + [1] * 80), block_size=64)
+    layout = mask.layout(1, 2)
+    q, k, v, dout = inputs(1, 2, 1, 150, 150, 32, torch.float32)
+    torch.library.opcheck(ops.sparse_attention_fwd.default,
+                          (q, k, v, *layout.forward_args(), 0.2))
+    out, lse = fwd(q, k, v, layout, 0.2)
+    torch.library.opcheck(ops.sparse_attention_bwd.default,
+                          (dout, q, k, v, out, lse, *layout.backward_args(), 0.2))

@@ -11,14 +11,20 @@
 // S^T [keys, BQp] = K Q^T, so that K is read in place (row-major, any row stride), and each
 // query's softmax statistics are a column: the online-softmax max and sum over the keys of the
 // block are vertical vector operations, one lane per query, with no horizontal reductions. The
-// element rule runs on partial blocks only (the band as two bounds per key row, no per-element
-// compare). Then O [BQ, D] = alpha * O + P V, alpha = exp(m_old - m_new) folded into the loads
-// of the accumulator tile. Both products are one GEMM micro-kernel,
+// element rule runs on partial blocks only: the band as two bounds per key row (no per-element
+// compare), document ids as a vector compare, the bitmask transposed 32 x 32 bits at a time into
+// one bit per query per key row and applied as a branch-free select. Then
+// O [BQ, D] = alpha * O + P V, alpha = exp(m_old - m_new) folded into the loads of the
+// accumulator tile. Both products are one GEMM micro-kernel,
 //   C[i, 0:N] (= | += | = alpha_i * C +) sum_j A[i*ai + j*aj] * B[j, 0:N],
 // register-tiled 6 rows x 64 columns (24 zmm accumulators; A broadcast, B rows loaded once per
-// j) under AVX-512, 12 x 32 for a 32-column tail. K and V are read as fp32 with unit stride along
-// D: fp16/bf16 (or a strided D) are converted once per call, an O(N D) pass against O(N w D) work.
+// j) under AVX-512, 6 x 16 under AVX2. K and V are read as fp32 with unit stride along D:
+// fp16/bf16 (or a strided D) are converted once per call, an O(N D) pass against O(N w D) work.
 // Items run most expensive first from a shared counter (rows of a causal mask differ in cost).
+// Measured on this 2-core Zen 5 (benchmarks/bench_sparse_attention_cpu.py, B=1 H=8 D=64 fp32,
+// machine shared with other jobs): causal as a 128 block mask 1.85x faster than SDPA causal at
+// N=16k (1.95x at 4k), sliding window w=512 27x faster than SDPA causal at 16k; one thread on
+// full blocks runs at about 145-190 GFLOP/s.
 //
 // Backward (FlashAttention-2): delta = rowsum(dO * O). dq items (b, h, q-block) walk the
 // forward lists: S^T and P^T = exp(S^T - lse), dP^T = V dO^T, dS^T = P^T (dP^T - delta),
@@ -26,8 +32,9 @@
 // of the group (GQA sums them): dv += P^T dO, dk += dS^T Q. Every product is the same GEMM
 // micro-kernel. An empty row (lse = -inf) gives P = 0 and contributes nothing.
 //
-// ISA paths: AVX-512 (intrinsic micro-kernels), AVX2 (the portable code compiled for AVX2 and
-// FMA through a flattening wrapper, so the compiler vectorizes its inner loops) and baseline.
+// ISA paths: AVX-512 and AVX2 share the GEMM template (one vector-register type each); the
+// softmax and gradient steps are intrinsics under AVX-512, and elsewhere portable code that
+// flattening wrappers compile for AVX2 (or the baseline), so the compiler vectorizes it.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
