@@ -221,8 +221,11 @@ def test_int8_dynamic_linear_packed_views_and_empty(cpu_isa, poison):
 
 
 def test_large_outputs_and_scratch(poison):
-    # Outputs from 8 MiB on are hinted to huge pages; packed rows over 32 MiB live for one call.
+    # Outputs from 8 MiB on are hinted to huge pages; packed rows over 32 MiB live for one call;
+    # many rows times many groups are split into row blocks of at most 2^28 multiply-adds.
     gen = torch.Generator().manual_seed(12)
+    a, b = rand_int8((1100, 2049), gen), rand_int8((1030, 2049), gen)
+    assert_exact(ops.int8_mm(a, b), a, b, "row blocks by size")
     x, b, b_scale, bias = dynamic_linear_inputs(2100, 1030, 8, gen, torch.float32, True)
     got = ops.int8_dynamic_linear_packed(x, ops.int8_pack_weight(b), b_scale, bias)
     check_dynamic_linear(got, x, b, b_scale, bias, "8.3 MiB output")
