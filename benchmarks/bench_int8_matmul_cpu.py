@@ -61,6 +61,10 @@ def bench_shape(M, N, K, rounds, stat):
         "int8_scaled_mm_packed": lambda: ops.int8_scaled_mm_packed(
             a, packed, a_scale, b_scale, bias, torch.float16
         ),
+        # Int8Linear's W8A8 forward: fp32 x quantized per token inside the GEMM, fp32 out.
+        "int8_dynamic_linear_packed": lambda: ops.int8_dynamic_linear_packed(
+            x, packed, b_scale, bias
+        ),
         "int8_scaled_mm": lambda: ops.int8_scaled_mm(a, b, a_scale, b_scale, bias, torch.float16),
         "int8_mm": lambda: ops.int8_mm(a, b),
     }
@@ -101,14 +105,14 @@ def main():
     )
     header = ("M", "N", "K", "op", "ms", "GOP/s", "weight GB/s", "x fp32", "x _int_mm")
     print(
-        f"{header[0]:>5} {header[1]:>6} {header[2]:>5}  {header[3]:<22} {header[4]:>9} "
+        f"{header[0]:>5} {header[1]:>6} {header[2]:>5}  {header[3]:<26} {header[4]:>9} "
         f"{header[5]:>8} {header[6]:>11} {header[7]:>7} {header[8]:>9}"
     )
     for N, K in args.nk or SHAPES:
         for M in args.m:
             for r in bench_shape(M, N, K, args.rounds, args.stat):
                 print(
-                    f"{r[0]:>5} {r[1]:>6} {r[2]:>5}  {r[3]:<22} {r[4]:>9.3f} {r[5]:>8.1f} "
+                    f"{r[0]:>5} {r[1]:>6} {r[2]:>5}  {r[3]:<26} {r[4]:>9.3f} {r[5]:>8.1f} "
                     f"{r[6]:>11.1f} {r[7]:>7.2f} {r[8]:>9.2f}",
                     flush=True,
                 )
