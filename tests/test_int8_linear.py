@@ -95,5 +95,5 @@ def test_errors():
     layer = frugal.Int8Linear(8, 4)
     with pytest.raises(frugal.ShapeError, match=r"x.shape\[-1\] must be in_features=8; got shape \(2, 9\)"):
         layer(torch.randn(2, 9))
-    with pytest.raises(frugal.DTypeError, match=r"Int8Linear: x must be .*float32.*; got torch.int8"):
+    with pytest.raises(frugal.DTypeError, match=r"Int8Linear: x must be .*; got torch.int8"):
         layer(torch.ones(2, 8, dtype=torch.int8))
