@@ -1,11 +1,13 @@
-// int8 GEMMs on the CPU: int8_mm, int8_scaled_mm (+ packed weight) and int8_weight_only_mm.
+// int8 GEMMs on the CPU: int8_mm, int8_scaled_mm (+ packed weight), int8_dynamic_linear_packed
+// (Int8Linear's W8A8 forward) and int8_weight_only_mm.
 //
 // Every int8 GEMM runs on the packed weight below (the unpacked ops pack each group of b as
 // they reach it), one format for every ISA path, so a buffer packed under one ISA level works
-// under any other. The work is split into tasks of up to 4 groups of 64 columns times a block
-// of rows; for each block of K, every row tile of the task runs a register tile against each
-// group, and after the last block the int32 tile, still in cache, goes to the epilogue, which
-// dequantizes and stores it. All paths are bit-identical: the int32 sums are exact, and the
+// under any other. The rows of a are first written as the tiles read them (the fused op
+// quantizes float rows straight into that form). The work is split into tasks of up to 4
+// groups of 64 columns times a block of rows; for each block of K, every row tile of the task
+// runs a register tile against each group, and after the last block the int32 tile, still in
+// cache, goes to the epilogue, which dequantizes and stores it. All paths are bit-identical: the int32 sums are exact, and the
 // epilogue does the same fp32 operations in the same order with the same rounding (no FMA).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
