@@ -217,9 +217,9 @@ def test_copy_fraction_targets():
     assert [v.passed for v in verdicts] == [True, False, False]  # the last: speedup only 4x
     assert verdicts[1].copy_fraction == pytest.approx(256e6 / (1e-4 * 256**2) / 1e6 / 10.0)
     text = run.markdown()
-    assert "linear reaches 10000% of copy bandwidth (target >= 5000%): PASS" in text
-    assert "quadratic reaches 391% of copy bandwidth (target >= 500%): FAIL" in text
-    assert ("linear is 4.0x the dense (target >= 5x) and reaches 10000% of copy bandwidth "
+    assert "linear reaches 10000.0% of copy bandwidth (target >= 5000%): PASS" in text
+    assert "quadratic reaches 390.6% of copy bandwidth (target >= 500%): FAIL" in text
+    assert ("linear is 4.0x the dense (target >= 5x) and reaches 10000.0% of copy bandwidth "
             "(target >= 5000%): FAIL") in text
     record = run.record()["sweeps"][0]["targets"]
     assert [t["passed"] for t in record] == [True, False, False]
@@ -350,3 +350,80 @@ def test_paged_memory_cap_and_footprint():
     assert f"paged holds {fp.paged_slots * per_slot / 1e9:.3f} GB" in line
     assert f"dense max-length {fp.dense_slots * per_slot / 1e9:.3f} GB" in line
     assert line.endswith("PASS" if fp.paged_overhead <= 0.05 else "FAIL")
+
+
+# Slope targets, per-candidate FLOP counts and summaries (used by the sparse-attention sweeps)
+
+
+def test_slope_targets_pass_and_fail():
+    sweep = _synthetic(slope_targets=(
+        registry.SlopeTarget(candidate="linear", max_slope=1.15),
+        registry.SlopeTarget(candidate="quadratic", max_slope=1.15),
+        registry.SlopeTarget(candidate="quadratic", min_slope=1.7),
+        registry.SlopeTarget(candidate="linear", min_slope=1.7, device="cuda")))
+    run = _run(sweep)
+    (result,) = run.results
+    assert [(v.target.candidate, v.passed) for v in result.slope_verdicts] == [
+        ("linear", True), ("quadratic", False), ("quadratic", True)]
+    assert result.slope_verdicts[0].slope == pytest.approx(1.0)
+    assert not run.passed
+    md = run.markdown()
+    assert "synthetic: quadratic scaling exponent 2.00 (target <= 1.15): FAIL" in md
+    assert "synthetic: quadratic scaling exponent 2.00 (target >= 1.7): PASS" in md
+    record = run.record()["sweeps"][0]["slope_targets"]
+    assert [r["passed"] for r in record] == [True, False, True]
+    with pytest.raises(ValueError, match="set max_slope, min_slope or both"):
+        registry.SlopeTarget(candidate="linear")
+
+
+def test_flops_per_candidate_and_summary():
+    sweep = _synthetic(flops=lambda x: {"linear": 1e6 * x, "dense": 4e6 * x},
+                       summary=lambda rows: {"rows seen": len(rows)})
+    run = _run(sweep)
+    (result,) = run.results
+    by = {(r.x, r.candidate): r for r in result.rows}
+    assert by[64, "linear"].gflops == pytest.approx(1e6 * 64 / (0.001 * 64) / 1e6)
+    assert by[64, "quadratic"].gflops is None
+    assert result.notes["rows seen"] == 3 * len(XS)
+    assert "| 64 | quadratic |" in run.markdown()
+
+
+# Block-sparse attention sweeps (frugal.bench.sparse)
+
+
+@pytest.mark.parametrize("name", ["sparse_attention", "sparse_attention_break_even"])
+def test_sparse_sweeps_run_and_candidates_agree(name, monkeypatch):
+    from frugal.bench import sparse
+
+    monkeypatch.setattr(sparse, "_BE_N", 320)
+    (sweep,) = bench.sweeps([name])
+    xs = (200, 330) if name == "sparse_attention" else (64, 200)
+    sweep = dataclasses.replace(sweep, xs=xs, quick=xs)
+    outputs = {}
+
+    def timer(fn):
+        out = fn()
+        assert torch.isfinite(out).all()
+        outputs.setdefault(out.shape, []).append(out)
+        return 1.0 + len(outputs)
+
+    run = bench.run([sweep], "cpu", quick=True, timer=timer, progress=False)
+    (result,) = run.results
+    names = {r.candidate for r in result.rows}
+    if name == "sparse_attention":
+        assert names == {"sdpa_causal"} | {f"{p}_{m}" for p in ("frugal", "sdpa_mask")
+                                             for m in ("window512", "window1024", "causal",
+                                                       "bigbird")}
+        # Each frugal candidate equals SDPA with its mask as a dense bool mask.
+        for n in xs:
+            cands = sparse._setup(n, torch.device("cpu"))
+            for m in ("window512", "window1024", "causal", "bigbird"):
+                torch.testing.assert_close(cands[f"frugal_{m}"](), cands[f"sdpa_mask_{m}"](),
+                                           atol=2e-5, rtol=2e-5)
+            torch.testing.assert_close(cands["frugal_causal"](), cands["sdpa_causal"](),
+                                       atol=2e-5, rtol=2e-5)
+        assert all(r.gflops > 0 for r in result.rows)
+        assert len(result.slope_verdicts) == 3
+    else:
+        assert names == {"frugal", "sdpa_dense"}
+        assert "break-even density" in result.notes

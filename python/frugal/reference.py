@@ -156,7 +156,7 @@ def sparse_attention(q, k, v, mask, scale=None):
     to [B, Hq, Nq, Nk] (True: attend) or an object with ``to_dense()`` -> (out [B, Hq, Nq, D],
     lse [B, Hq, Nq]), computed in q's dtype (pass float64 for a reference). A row with no
     allowed key gives out 0 and lse -inf."""
-    if hasattr(mask, "to_dense"):
+    if not isinstance(mask, torch.Tensor):
         mask = mask.to_dense(q.device)
     hq, hkv = q.shape[1], k.shape[1]
     if hq != hkv:

@@ -37,13 +37,17 @@ log-log plot per sweep.
 
 from . import builtin  # noqa: F401  (registers the built-in sweeps)
 from . import paged  # noqa: F401  (registers the paged decode attention sweeps)
-from .registry import Sweep, Target, register, sweep, sweeps
-from .runner import BenchRun, Row, SweepResult, Verdict, environment, fit_slope, run
+from . import sparse  # noqa: F401  (registers the block-sparse attention sweeps)
+from .registry import SlopeTarget, Sweep, Target, register, sweep, sweeps
+from .runner import (BenchRun, Row, SlopeVerdict, SweepResult, Verdict, environment, fit_slope,
+                     run)
 from .timing import copy_bandwidth, default_timer, time_cpu, time_cuda
 
 __all__ = [
     "BenchRun",
     "Row",
+    "SlopeTarget",
+    "SlopeVerdict",
     "Sweep",
     "SweepResult",
     "Target",

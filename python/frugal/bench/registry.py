@@ -29,6 +29,23 @@ class Target:
                              f"min_copy_fraction or both; got neither")
 
 
+@dataclasses.dataclass(frozen=True)
+class SlopeTarget:
+    """A bound on ``candidate``'s scaling exponent (the fitted slope of log time against log x)
+    on ``device``: at most ``max_slope`` (cost that grows slowly, e.g. windowed attention
+    <= 1.15) and/or at least ``min_slope`` (a baseline that is as costly as claimed)."""
+
+    candidate: str
+    max_slope: Optional[float] = None
+    min_slope: Optional[float] = None
+    device: str = "cpu"
+
+    def __post_init__(self):
+        if self.max_slope is None and self.min_slope is None:
+            raise ValueError(f"SlopeTarget({self.candidate!r}): set max_slope, min_slope or "
+                             f"both; got neither")
+
+
 @dataclasses.dataclass
 class Sweep:
     """One op's candidates timed over a range of token counts.
@@ -61,6 +78,10 @@ class Sweep:
         Facts worth recording with the results (which backend ``auto`` picked, ...).
     targets : sequence of Target
         Speedups the run checks and prints a PASS/FAIL line for.
+    slope_targets : sequence of SlopeTarget
+        Bounds on scaling exponents the run checks likewise.
+    summary : callable ``rows -> dict``, optional
+        Facts derived from the measured rows (a break-even point, ...), added to the notes.
     description : str
         One line for ``frugal bench --list``.
     """
@@ -79,6 +100,8 @@ class Sweep:
     params: Mapping[str, object] = dataclasses.field(default_factory=dict)
     notes: Optional[Callable] = None
     targets: Tuple[Target, ...] = ()
+    slope_targets: Tuple[SlopeTarget, ...] = ()
+    summary: Optional[Callable] = None
     description: str = ""
 
     def __post_init__(self):
@@ -91,6 +114,7 @@ class Sweep:
         if self.memory_bound and self.nbytes is None:
             raise ValueError(f"Sweep {self.name!r}: memory_bound=True needs nbytes; got None")
         self.targets = tuple(self.targets)
+        self.slope_targets = tuple(self.slope_targets)
         for t in self.targets:
             if t.min_copy_fraction is not None and not self.memory_bound:
                 raise ValueError(f"Sweep {self.name!r}: a target with min_copy_fraction needs "

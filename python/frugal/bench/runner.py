@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 from tqdm import tqdm
 
-from .registry import Sweep, Target
+from .registry import SlopeTarget, Sweep, Target
 from .timing import copy_bandwidth, default_timer
 
 
@@ -58,12 +58,30 @@ class Verdict:
 
 
 @dataclasses.dataclass
+class SlopeVerdict:
+    """A slope target and the candidate's fitted scaling exponent (None: fewer than two x)."""
+
+    target: SlopeTarget
+    slope: Optional[float]
+
+    @property
+    def passed(self):
+        t, s = self.target, self.slope
+        if s is None:
+            return False
+        if t.max_slope is not None and not s <= t.max_slope:
+            return False
+        return t.min_slope is None or s >= t.min_slope
+
+
+@dataclasses.dataclass
 class SweepResult:
     sweep: Sweep
     rows: List[Row]
     slopes: Dict[str, Optional[float]]
     notes: dict
     verdicts: List[Verdict]
+    slope_verdicts: List[SlopeVerdict] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -77,7 +95,7 @@ class BenchRun:
     @property
     def passed(self):
         """Whether every target checked in this run was met."""
-        return all(v.passed for r in self.results for v in r.verdicts)
+        return all(v.passed for r in self.results for v in r.verdicts + r.slope_verdicts)
 
     def markdown(self):
         """The results as Markdown: per sweep a table, the scaling exponents, the verdicts."""
@@ -197,8 +215,12 @@ def _run_sweep(sweep, device, quick, timer, copy_gbps, bar):
                 for t in sweep.targets
                 if t.device == device.type and (t.x, t.candidate) in times
                 and _versus(sweep, t) in times]
+    slope_verdicts = [SlopeVerdict(t, slopes[t.candidate]) for t in sweep.slope_targets
+                      if t.device == device.type and t.candidate in slopes]
     notes = sweep.notes(device) if sweep.notes else {}
-    return SweepResult(sweep, rows, slopes, notes, verdicts)
+    if sweep.summary:
+        notes.update(sweep.summary(rows))
+    return SweepResult(sweep, rows, slopes, notes, verdicts, slope_verdicts)
 
 
 def _versus(sweep, target):
@@ -229,7 +251,10 @@ def _count(fn, x, device):
 
 def _row(sweep, x, name, ms, times, copy_gbps, device):
     gbps = _count(sweep.nbytes, x, device) / ms / 1e6 if sweep.nbytes else None
-    gflops = _count(sweep.flops, x, device) / ms / 1e6 if sweep.flops else None
+    flops = _count(sweep.flops, x, device) if sweep.flops else None
+    if isinstance(flops, dict):
+        flops = flops.get(name)
+    gflops = flops / ms / 1e6 if flops is not None else None
     fraction = gbps / copy_gbps if sweep.memory_bound and copy_gbps else None
     versus = {other: times[x, other] / ms for other in sweep.compare if (x, other) in times}
     return Row(x, name, ms, times[x, sweep.baseline] / ms, gbps, gflops, fraction, versus)
@@ -251,7 +276,7 @@ def _verdict_line(sweep, v):
         claims.append(f"is {v.speedup:.{digits}f}x the {versus} "
                       f"(target >= {t.min_speedup:.3g}x)")
     if t.min_copy_fraction is not None:
-        got = "n/a" if v.copy_fraction is None else f"{100 * v.copy_fraction:.0f}%"
+        got = "n/a" if v.copy_fraction is None else f"{100 * v.copy_fraction:.1f}%"
         claims.append(f"reaches {got} of copy bandwidth "
                       f"(target >= {100 * t.min_copy_fraction:g}%)")
     return (f"{sweep.name} {where}: {t.candidate} {' and '.join(claims)}: "
@@ -282,13 +307,23 @@ def _sweep_markdown(result, env, copy_gbps):
         if sweep.memory_bound:
             cells.append(f"{100 * row.copy_fraction:.0f}%")
         if sweep.flops:
-            cells.append(f"{row.gflops:.1f}")
+            cells.append("-" if row.gflops is None else f"{row.gflops:.1f}")
         cells += [f"{row.versus[o]:.2f}x" if o in row.versus else "-" for o in sweep.compare]
         lines.append("| " + " | ".join(cells) + " |")
     slopes = ", ".join(f"{name} {_fmt_slope(s)}" for name, s in result.slopes.items())
     lines += ["", f"Scaling exponent (slope of log time vs log {sweep.x_name}): {slopes}"]
     lines += [_verdict_line(sweep, v) for v in result.verdicts]
+    lines += [_slope_line(sweep, v) for v in result.slope_verdicts]
     return "\n".join(lines)
+
+
+def _slope_line(sweep, v):
+    t = v.target
+    bounds = " and ".join(filter(None, [
+        f">= {t.min_slope:g}" if t.min_slope is not None else "",
+        f"<= {t.max_slope:g}" if t.max_slope is not None else ""]))
+    return (f"{sweep.name}: {t.candidate} scaling exponent {_fmt_slope(v.slope)} (target "
+            f"{bounds}): {'PASS' if v.passed else 'FAIL'}")
 
 
 def _fmt_slope(slope):
@@ -312,6 +347,8 @@ def _sweep_record(result):
         "targets": [{**dataclasses.asdict(v.target), "speedup": v.speedup,
                      "copy_fraction": v.copy_fraction, "passed": v.passed}
                     for v in result.verdicts],
+        "slope_targets": [{**dataclasses.asdict(v.target), "slope": v.slope,
+                           "passed": v.passed} for v in result.slope_verdicts],
     }
 
 
