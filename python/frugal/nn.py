@@ -9,7 +9,8 @@ once by :meth:`Int8Linear.from_float`. Two modes:
   registers, so only 1 byte per weight is read: best for decode (few tokens, memory-bound).
 
 On CPU the weight is also repacked once into the C++ kernel's layout (kept beside the module,
-not in its state_dict, and rebuilt if the weight changes).
+not in its state_dict, and rebuilt if the weight changes), and the dynamic forward is a single
+op that quantizes each row of x as the GEMM packs it (``int8_dynamic_linear_packed``).
 """
 
 import dataclasses
