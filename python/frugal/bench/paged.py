@@ -259,9 +259,9 @@ _decode_sweep("paged_attention", 8, _CONTEXTS, (512, 4096), memory=True, targets
     Target(x=4096, candidate="paged", min_speedup=2.0, versus="gather_sdpa"),
     Target(x=4096, candidate="paged", min_copy_fraction=0.5),
 ))
-_decode_sweep("paged_attention_b1", 1, _CONTEXTS, (512, 32768))
+_decode_sweep("paged_attention_b1", 1, _CONTEXTS, (512, 8192))
 # At 16k the B=32 caches alone are 4.3 GB and the contiguous copy as much again.
-_decode_sweep("paged_attention_b32", 32, _CONTEXTS[:5], (512, 2048))
+_decode_sweep("paged_attention_b32", 32, _CONTEXTS[:5], (512, 1024))
 # Windowed: the paged cache holds the window's blocks only; the baseline is SDPA over a
 # contiguous cache of the window's positions. Cost per token is bounded: 32k within 1.2x of 4k.
 _decode_sweep("paged_attention_window", 8, (4096, 8192, 16384, 32768), (4096, 32768),
