@@ -427,3 +427,21 @@ def test_sparse_sweeps_run_and_candidates_agree(name, monkeypatch):
     else:
         assert names == {"frugal", "sdpa_dense"}
         assert "break-even density" in result.notes
+
+
+def test_rounds_interleave_and_keep_the_best():
+    order = []
+
+    def setup(x, device):
+        calls = {"a": iter([5.0, 3.0, 4.0]), "base": iter([2.0, 6.0, 1.0])}
+        return {name: (lambda name=name, it=it: (order.append(name), next(it))[1])
+                for name, it in calls.items()}
+
+    sweep = _synthetic(setup=setup, baseline="base", xs=(8,), quick=(8,), targets=(),
+                       nbytes=None, memory_bound=False, flops=None)
+    run = bench.run([sweep], "cpu", timer=fake_timer, progress=False, rounds=3)
+    assert order == ["a", "base"] * 3
+    ms = {r.candidate: r.ms for r in run.results[0].rows}
+    assert ms == {"a": 3.0, "base": 1.0}
+    with pytest.raises(ValueError, match="rounds must be a positive int; got 0"):
+        bench.run([sweep], "cpu", timer=fake_timer, progress=False, rounds=0)

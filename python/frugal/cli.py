@@ -40,6 +40,9 @@ def _parser():
     bench.add_argument("--out", default="bench-results", metavar="DIR",
                        help="where results are written (default: %(default)s)")
     bench.add_argument("--list", action="store_true", help="list the sweeps and exit")
+    bench.add_argument("--rounds", type=int, default=None, metavar="R",
+                       help="time each x's candidates R times, interleaved, keeping each one's "
+                            "best (default 2 on CPU, 1 on CUDA)")
     bench.set_defaults(func=_bench)
 
     commands.add_parser("check", help="run frugal.check (arguments are passed on to it)",
@@ -87,7 +90,7 @@ def _bench(args):
         print("frugal bench: --device cuda, but torch.cuda.is_available() is False",
               file=sys.stderr)
         return 2
-    result = bench.run(sweeps, args.device, quick=args.quick)
+    result = bench.run(sweeps, args.device, quick=args.quick, rounds=args.rounds)
     print(result.markdown())
     for path in result.save(args.out):
         print(f"wrote {path}", file=sys.stderr)

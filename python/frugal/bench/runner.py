@@ -166,7 +166,8 @@ def _cpu_model():
     return platform.processor() or platform.machine()
 
 
-def run(sweeps, device=None, *, quick=False, timer=None, copy_gbps=None, progress=True):
+def run(sweeps, device=None, *, quick=False, timer=None, copy_gbps=None, progress=True,
+        rounds=None):
     """Time every candidate of every sweep at each of its token counts.
 
     Parameters
@@ -182,6 +183,12 @@ def run(sweeps, device=None, *, quick=False, timer=None, copy_gbps=None, progres
         The device's copy bandwidth; measured when a sweep is memory-bound and this is None.
     progress : bool
         Show a progress bar on stderr.
+    rounds : int, optional
+        Time the candidates of each x this many times, interleaved (a, b, c, a, b, c, ...),
+        and keep each one's fastest round: a burst of load from another process then slows
+        one round of every candidate rather than one candidate. Default 2 on CPU (a shared
+        machine), 1 on CUDA. The copy bandwidth is likewise the best of one measurement per
+        memory-bound sweep.
 
     Returns
     -------
@@ -189,20 +196,34 @@ def run(sweeps, device=None, *, quick=False, timer=None, copy_gbps=None, progres
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     timer = timer or default_timer(device)
-    if copy_gbps is None and any(s.memory_bound for s in sweeps):
-        copy_gbps = copy_bandwidth(device, timer=timer)
+    if rounds is None:
+        rounds = 2 if device.type == "cpu" else 1
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"run: rounds must be a positive int; got {rounds!r}")
     env = environment(device)
     total = sum(len(s.quick if quick else s.xs) for s in sweeps)
+    measured = copy_gbps is None
+    timed = []
     with tqdm(total=total, file=sys.stderr, disable=not progress, leave=False) as bar:
-        results = [_run_sweep(s, device, quick, timer, copy_gbps, bar) for s in sweeps]
+        for s in sweeps:
+            if measured and s.memory_bound:
+                bar.set_postfix_str("copy bandwidth")
+                copy_gbps = max(copy_gbps or 0.0, copy_bandwidth(device, timer=timer))
+            timed.append((s, _time_sweep(s, device, quick, timer, bar, rounds)))
+    # Fractions of copy bandwidth are against the best measurement of the run.
+    results = [_result(s, times, copy_gbps, device) for s, times in timed]
     return BenchRun(env, copy_gbps, results)
 
 
-def _run_sweep(sweep, device, quick, timer, copy_gbps, bar):
+def _time_sweep(sweep, device, quick, timer, bar, rounds=1):
     times = {}
     for x in sweep.quick if quick else sweep.xs:
-        times.update(_time_candidates(sweep, x, device, timer, bar))
+        times.update(_time_candidates(sweep, x, device, timer, bar, rounds))
         bar.update()
+    return times
+
+
+def _result(sweep, times, copy_gbps, device):
     rows = [_row(sweep, x, name, ms, times, copy_gbps, device)
             for (x, name), ms in times.items()]
     curves = {}
@@ -229,16 +250,19 @@ def _versus(sweep, target):
     return x, target.versus or sweep.baseline
 
 
-def _time_candidates(sweep, x, device, timer, bar):
+def _time_candidates(sweep, x, device, timer, bar, rounds=1):
     # A function of its own so that x's inputs are freed before the next, larger ones exist.
     candidates = sweep.setup(x, device)
     if sweep.baseline not in candidates:
         raise ValueError(f"sweep {sweep.name!r}: setup({x}, {device}) must return the "
                          f"baseline {sweep.baseline!r}; got {', '.join(candidates)}")
     times = {}
-    for name, fn in candidates.items():
-        bar.set_postfix_str(f"{sweep.name} {sweep.x_name}={x} {name}")
-        times[x, name] = timer(fn)
+    for r in range(rounds):
+        for name, fn in candidates.items():
+            bar.set_postfix_str(f"{sweep.name} {sweep.x_name}={x} {name}"
+                                + (f" (round {r + 1}/{rounds})" if rounds > 1 else ""))
+            ms = timer(fn)
+            times[x, name] = min(ms, times.get((x, name), ms))
     return times
 
 
