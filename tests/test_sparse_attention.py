@@ -220,3 +220,22 @@ def test_zero_batch():
     out, lse = frugal.sparse_attention(q, q, q, masks.causal(64, block_size=64),
                                        return_lse=True)
     assert out.shape == q.shape and lse.shape == (0, 2, 64)
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    mask = masks.sliding_window(300, 100, block_size=64) & masks.document(
+        torch.arange(300) // 120, block_size=64)
+    q, k, v = make_qkv(1, 4, 2, 300, 300, 64, torch.float32, "cpu", seed=11)
+    backend = sparse_backends("cpu")[0]
+
+    def loss(q, k, v):
+        return (frugal.sparse_attention(q, k, v, mask, backend=backend) ** 2).sum()
+
+    grads = []
+    for fn in (loss, torch.compile(loss, fullgraph=True)):
+        qs, ks, vs = (t.clone().requires_grad_(True) for t in (q, k, v))
+        value = fn(qs, ks, vs)
+        value.backward()
+        grads.append((value.detach(), qs.grad, ks.grad, vs.grad))
+    for eager, compiled in zip(*grads):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
