@@ -7,4 +7,4 @@ Kernels never import the public API (``frugal.*`` outside this package).
 """
 
 # Modules whose check_specs() `frugal check` compiles.
-KERNEL_MODULES = ("quantize", "int8_matmul", "paged_attention")
+KERNEL_MODULES = ("quantize", "int8_matmul", "paged_attention", "sparse_attention")

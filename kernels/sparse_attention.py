@@ -1,0 +1,884 @@
+"""Block-sparse attention kernels (flash-attention-2 style) over a ``frugal.BlockMask`` layout:
+``forward`` (out, lse) and ``backward`` (dq, dk, dv). The mask format is described in
+docs/block_mask_format.md; the launchers take its ``SparseLayout`` (tensors already broadcast to
+[B, Hq, ...], broadcast dims with stride 0, which the kernels honour).
+
+Forward
+-------
+Grid (cdiv(Nq, BLOCK_M), B * Hq). A program owns BLOCK_M query rows of one q-block (the tile may
+be smaller than the mask block: BLOCK_M divides BQ and BLOCK_N divides BK) and walks that
+q-block's lists, each kv-block as BK / BLOCK_N sub-tiles in one flat loop (so the loop
+pipelines):
+
+1. the *full* blocks with no element test at all -- except the ragged last kv-block (Nk not a
+   multiple of BK), which, being the highest index, is the list's last entry and is walked
+   apart with the ``k < Nk`` bound only;
+2. the *partial* blocks with the element rule: bounds, then the constexpr flags HAS_BAND
+   (``lo <= k - q <= hi``, or ``k < prefix`` with HAS_PREFIX), HAS_DOC (``q_doc == kv_doc``)
+   and HAS_BITS (bit ``(q % BQ, k % BK)`` of the block's packed bitmask, arithmetic shift then
+   ``& 1``). The values are runtime arguments: a new mask never compiles anything.
+
+Scores are ``q @ k^T`` with ``scale * log2(e)`` folded into one multiply, softmax online in fp32
+with exp2 (running max m, sum l, rescaled fp32 accumulator). A row that has seen no allowed key
+keeps m = -inf; the exponent offset is then 0 instead of m, so ``exp2(-inf - (-inf))`` never
+runs and nothing becomes NaN. At the end a row with l = 0 stores out = 0 and lse = -inf;
+otherwise lse = (m + log2 l) * ln 2 (natural log, as the API documents).
+
+Dots: fp16/bf16 operands on tensor cores with an fp32 accumulator (P is rounded to the input
+dtype for the P @ V dot, as FlashAttention does). fp32 inputs run IEEE fp32 dots
+(``input_precision="ieee"``, CUDA cores): TF32 (10-bit mantissa) would miss the accuracy rule
+(error <= 2x that of plain fp32 PyTorch). tf32x3 (fp32-accurate on tensor cores) is the
+candidate for a faster fp32 path, not taken: the interpreter does not emulate it, so its
+accuracy could not be checked here. The IEEE dots keep their operands in registers, so the
+fp32 configs use small tiles (16-32 rows) to stay free of spills.
+
+Bitmask: a tile's bits are read as one vector of words per 32-key column (over the tile's rows)
+and selected per element; a per-element gather would hold a 64-bit address per element and
+made the dk/dv kernel spill.
+
+The three kernels repeat their prologues and list walks rather than share helpers: ptxas's
+register allocation of these kernels proved sensitive to such restructuring (small spills
+appeared in configs that had none), and ``frugal check`` fails on any spill.
+
+Backward
+--------
+``delta = rowsum(dout * out)`` (fp32) by a small preprocess kernel, then two kernels with no
+atomics (deterministic):
+
+- dk/dv: grid (cdiv(Nk, BLOCK_N), B * Hkv). A program owns BLOCK_N keys of one kv-block, keeps
+  K, V and the dk, dv accumulators (fp32) in registers, and for each of the G = Hq / Hkv query
+  heads of its kv head (GQA: the sum over the group happens in registers) walks that head's
+  transposed lists -- ``full_q_idx`` (ragged last q-block apart), then ``q_idx`` with the
+  element rule (``q_bits`` for the bitmask) -- in BQ / BLOCK_M sub-tiles, computing the
+  transposed products ``k @ q^T`` so that P^T and dS^T feed the dots directly:
+  ``p = exp2(s - lse2)``, ``dv += p^T @ dout``, ``ds = p * (dout @ v^T - delta)``,
+  ``dk += ds^T @ q``; dk is scaled by ``scale`` at the end. Rows past Nq read lse = +inf
+  (p = 0), and an empty row's lse of -inf is also read as +inf: it contributes nothing.
+- dq: grid (cdiv(Nq, BLOCK_M), B * Hq), the forward's walk: ``dq += ds @ k``, times ``scale``.
+
+Layouts and limits: q, k, v, out and dout need unit stride in D and their other strides
+multiples of 16 elements (the kernels state it to the compiler for 16-byte vector loads); an
+input that breaks this is copied (a transpose of [B, N, H, D] does not). The list tensors need
+contiguous inner dims (a copy otherwise; ``layout()`` expands, which keeps them). Integer
+arguments are ``do_not_specialize`` so the JIT builds what ``frugal check`` compiles. Configs are
+data (``configs/default.json``, bucketed on D): ``sparse_attention_fwd`` / ``_bwd_dkdv`` /
+``_bwd_dq`` for fp16/bf16, the same names with ``_fp32`` for fp32, and ``sparse_attention_bwd_pre``.
+A config's tile larger than the mask block is clamped to it; ``check_specs()`` lists every
+compilation the launchers may ask for.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from . import configs
+from .paged_attention import _aligned, _device_files, _device_name, head_block
+
+HEAD_DIMS = (32, 64, 96, 128, 256)
+BLOCK_SIZES = (64, 128)  # mask block sizes the launchers accept (BQ and BK)
+FLAG_BAND, FLAG_PREFIX, FLAG_DOC, FLAG_BITS = 1, 2, 4, 8
+_LOG2E = 1.4426950408889634
+
+# Runtime integer arguments (all do_not_specialize). The list strides are (batch, head) for the
+# counts and (batch, head, row) for the index lists, whose inner dim has unit stride.
+_LIST_INTS = ["s_pnum_b", "s_pnum_h", "s_pidx_b", "s_pidx_h", "s_pidx_r", "s_pbits_b",
+              "s_pbits_h", "s_pbits_r", "s_fnum_b", "s_fnum_h", "s_fidx_b", "s_fidx_h",
+              "s_fidx_r", "s_qdoc_b", "s_kdoc_b", "s_bits_i", "s_bits_r"]
+_QKV_INTS = ["stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh", "stride_kn",
+             "stride_vb", "stride_vh", "stride_vn"]
+_FWD_INTS = ["Nq", "Nk", "BQ", "BK", "Hq", "G", "D", "lo", "hi", "prefix", *_QKV_INTS,
+             *_LIST_INTS]
+_DQ_INTS = [*_FWD_INTS, "stride_dob", "stride_doh", "stride_dom"]
+_DKDV_INTS = ["Nq", "Nk", "BQ", "BK", "Hkv", "G", "D", "lo", "hi", "prefix", *_QKV_INTS,
+              "stride_dob", "stride_doh", "stride_dom", *_LIST_INTS]
+_PRE_INTS = ["Nq", "D", "stride_ob", "stride_oh", "stride_om", "stride_dob", "stride_doh",
+             "stride_dom", "Hq"]
+
+
+# ----------------------------------------------------------------------------- device helpers
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    # fp32 operands: IEEE fp32 (no TF32, see the module docstring); acc None starts at zero.
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _allowed(qpos, kpos, Nq, Nk, lo, hi, prefix, qd, kd, bit,
+             HAS_BAND: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_DOC: tl.constexpr,
+             HAS_BITS: tl.constexpr):
+    # The element rule of docs/block_mask_format.md on broadcastable position tensors (qpos
+    # [M, 1] and kpos [1, N], or transposed), bounds included. qd / kd: the document ids at
+    # those positions (HAS_DOC); bit: the bitmask bits at those positions (HAS_BITS).
+    ok = (qpos < Nq) & (kpos < Nk)
+    if HAS_BAND:
+        delta = kpos - qpos
+        band = (delta >= lo) & (delta <= hi)
+        if HAS_PREFIX:
+            band = band | (kpos < prefix)
+        ok = ok & band
+    if HAS_DOC:
+        ok = ok & (qd == kd)
+    if HAS_BITS:
+        ok = ok & (bit != 0)
+    return ok
+
+
+@triton.jit
+def _bits(bits_blk, s_bits_r, qrow, kcol, kofs, NW: tl.constexpr):
+    # Bits of a block's bitmask [BQ, BK // 32] (int32 words) at broadcastable in-block positions
+    # qrow (rows) and kcol (columns; the tile's columns start at kofs and span NW words), as
+    # 0/1 of the broadcast shape. Each word column is loaded as one vector over the rows and
+    # selected per element: no gather, no reshape (both cost registers in the MMA layouts).
+    first = kofs >> 5
+    row_ptr = bits_blk + qrow * s_bits_r + first
+    word = tl.load(row_ptr)
+    for i in tl.static_range(1, NW):
+        word = tl.where((kcol >> 5) == first + i, tl.load(row_ptr + i), word)
+    return (word >> (kcol & 31)) & 1  # arithmetic shift, then & 1
+
+
+@triton.jit
+def _walk(num_ptr, idx_ptr, N, B_):
+    # (count, count without the ragged last block, its index) of one block list: a list entry
+    # equal to the ragged last block of a length-N axis cut in blocks of B_ (always the last
+    # entry, the lists being ascending) is walked apart with bounds.
+    n = tl.load(num_ptr)
+    last = tl.load(idx_ptr + tl.maximum(n - 1, 0))
+    ragged = ((N % B_) != 0) & (n > 0) & (last == (N - 1) // B_)
+    return n, n - ragged.to(tl.int32), last
+
+
+# ----------------------------------------------------------------------------- forward
+
+@triton.jit
+def _fwd_tile(acc, l, m, q, rows, qd, k_head, v_head, n0, kb, offs_n, offs_d, d_mask,
+              stride_kn, stride_vn, qk_scale, Nq, Nk, BK, lo, hi, prefix, kdoc_row,
+              bits_blk, s_bits_r, q0,
+              MASKED: tl.constexpr, HAS_BAND: tl.constexpr, HAS_PREFIX: tl.constexpr,
+              HAS_DOC: tl.constexpr, HAS_BITS: tl.constexpr, IEEE: tl.constexpr):
+    # One [BLOCK_M, BLOCK_N] step of the online softmax over keys n0 + offs_n. MASKED: the
+    # key bound and the element rule (flags) apply; otherwise no element test at all.
+    cols = n0 + offs_n
+    k_ptrs = k_head + n0.to(tl.int64) * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = v_head + n0.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
+    if MASKED:
+        kv_mask = (cols < Nk)[:, None] & d_mask[None, :]
+    else:
+        kv_mask = d_mask[None, :]
+    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    s = _dot(q, tl.trans(k), None, IEEE) * qk_scale
+    if MASKED:
+        kd = 0
+        if HAS_DOC:
+            kd = tl.load(kdoc_row + cols, mask=cols < Nk, other=-1)[None, :]
+        bit = 0
+        if HAS_BITS:
+            bit = _bits(bits_blk, s_bits_r, (rows - q0)[:, None], (cols - kb * BK)[None, :],
+                        n0 - kb * BK, (k.shape[0] + 31) // 32)
+        ok = _allowed(rows[:, None], cols[None, :], Nq, Nk, lo, hi, prefix, qd, kd, bit,
+                      HAS_BAND, HAS_PREFIX, HAS_DOC, HAS_BITS)
+        s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no allowed key yet: exp2(-inf) = 0
+    alpha = tl.exp2(m - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
+    return acc, l, m_new
+
+
+@triton.jit(do_not_specialize=_FWD_INTS)
+def _sparse_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
+    pnum_ptr, pidx_ptr, pbits_ptr, fnum_ptr, fidx_ptr, qdoc_ptr, kdoc_ptr, bits_ptr,
+    qk_scale, Nq, Nk, BQ, BK, Hq, G, D, lo, hi, prefix,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    s_pnum_b, s_pnum_h, s_pidx_b, s_pidx_h, s_pidx_r, s_pbits_b, s_pbits_h, s_pbits_r,
+    s_fnum_b, s_fnum_h, s_fidx_b, s_fidx_h, s_fidx_r, s_qdoc_b, s_kdoc_b, s_bits_i, s_bits_r,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BAND: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_DOC: tl.constexpr,
+    HAS_BITS: tl.constexpr,
+):
+    IEEE: tl.constexpr = q_ptr.dtype.element_ty == tl.float32
+    # Alignment the launcher guarantees, stated so the compiler can see it.
+    D = D // 16 * 16
+    stride_qb = stride_qb // 16 * 16
+    stride_qh = stride_qh // 16 * 16
+    stride_qm = stride_qm // 16 * 16
+    stride_kb = stride_kb // 16 * 16
+    stride_kh = stride_kh // 16 * 16
+    stride_kn = stride_kn // 16 * 16
+    stride_vb = stride_vb // 16 * 16
+    stride_vh = stride_vh // 16 * 16
+    stride_vn = stride_vn // 16 * 16
+
+    m0 = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // G
+    qb = m0 // BQ
+    q0 = qb * BQ
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    rows = m0 + offs_m
+    r_mask = rows < Nq
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + m0.to(tl.int64) * stride_qm
+                + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=r_mask[:, None] & d_mask[None, :], other=0.0)
+    k_head = k_ptr + b * stride_kb + hk * stride_kh
+    v_head = v_ptr + b * stride_vb + hk * stride_vh
+    kdoc_row = kdoc_ptr + b * s_kdoc_b
+    qd = 0
+    if HAS_DOC:
+        qd = tl.load(qdoc_ptr + b * s_qdoc_b + rows, mask=r_mask, other=-1)[:, None]
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    SUB = BK // BLOCK_N  # sub-tiles per kv-block
+
+    # Full blocks: no element test; the ragged last kv-block apart, with the key bound only.
+    fidx_row = fidx_ptr + b * s_fidx_b + h * s_fidx_h + qb * s_fidx_r
+    n_full, n_even, last = _walk(fnum_ptr + b * s_fnum_b + h * s_fnum_h + qb, fidx_row, Nk, BK)
+    for j in range(0, n_even * SUB):
+        kb = tl.load(fidx_row + j // SUB)
+        acc, l, m = _fwd_tile(acc, l, m, q, rows, qd, k_head, v_head,
+                              kb * BK + (j % SUB) * BLOCK_N, kb, offs_n, offs_d, d_mask,
+                              stride_kn, stride_vn, qk_scale, Nq, Nk, BK, lo, hi, prefix,
+                              kdoc_row, bits_ptr, s_bits_r, q0,
+                              False, False, False, False, False, IEEE)
+    if n_even < n_full:
+        for t in range(0, tl.cdiv(Nk - last * BK, BLOCK_N)):
+            acc, l, m = _fwd_tile(acc, l, m, q, rows, qd, k_head, v_head,
+                                  last * BK + t * BLOCK_N, last, offs_n,
+                                  offs_d, d_mask, stride_kn, stride_vn, qk_scale, Nq, Nk, BK,
+                                  lo, hi, prefix, kdoc_row, bits_ptr, s_bits_r, q0,
+                                  True, False, False, False, False, IEEE)
+
+    # Partial blocks: bounds and the element rule.
+    pidx_row = pidx_ptr + b * s_pidx_b + h * s_pidx_h + qb * s_pidx_r
+    pbits_row = pbits_ptr + b * s_pbits_b + h * s_pbits_h + qb * s_pbits_r
+    n_part = tl.load(pnum_ptr + b * s_pnum_b + h * s_pnum_h + qb)
+    for j in range(0, n_part * SUB):
+        kb = tl.load(pidx_row + j // SUB)
+        bits_blk = bits_ptr
+        if HAS_BITS:
+            bits_blk = bits_ptr + tl.load(pbits_row + j // SUB).to(tl.int64) * s_bits_i
+        acc, l, m = _fwd_tile(acc, l, m, q, rows, qd, k_head, v_head,
+                              kb * BK + (j % SUB) * BLOCK_N, kb, offs_n, offs_d, d_mask,
+                              stride_kn, stride_vn, qk_scale, Nq, Nk, BK, lo, hi, prefix,
+                              kdoc_row, bits_blk, s_bits_r, q0,
+                              True, HAS_BAND, HAS_PREFIX, HAS_DOC, HAS_BITS, IEEE)
+
+    empty = l == 0.0  # no allowed key: out 0, lse -inf
+    l_safe = tl.where(empty, 1.0, l)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m + tl.log2(l_safe)) * 0.6931471805599453)
+    out_rows = bh * Nq + rows
+    tl.store(out_ptr + out_rows[:, None] * D + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=r_mask[:, None] & d_mask[None, :])
+    tl.store(lse_ptr + out_rows, lse, mask=r_mask)
+
+
+# ----------------------------------------------------------------------------- backward
+
+@triton.jit(do_not_specialize=_PRE_INTS)
+def _sparse_bwd_pre_kernel(out_ptr, do_ptr, delta_ptr, Nq, D, stride_ob, stride_oh, stride_om,
+                           stride_dob, stride_doh, stride_dom, Hq,
+                           BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    # delta[b, h, q] = sum_d dout * out in fp32, D in chunks of BLOCK_D (one build for all D).
+    D = D // 16 * 16
+    stride_ob = stride_ob // 16 * 16
+    stride_oh = stride_oh // 16 * 16
+    stride_om = stride_om // 16 * 16
+    stride_dob = stride_dob // 16 * 16
+    stride_doh = stride_doh // 16 * 16
+    stride_dom = stride_dom // 16 * 16
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // Hq
+    h = bh % Hq
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_mask = rows < Nq
+    offs_d = tl.arange(0, BLOCK_D)
+    o_rows = out_ptr + b * stride_ob + h * stride_oh + rows[:, None].to(tl.int64) * stride_om
+    do_rows = do_ptr + b * stride_dob + h * stride_doh + rows[:, None].to(tl.int64) * stride_dom
+    acc = tl.zeros([BLOCK_M], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + offs_d
+        mask = r_mask[:, None] & (cols < D)[None, :]
+        o = tl.load(o_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        do = tl.load(do_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc += tl.sum(o * do, 1)
+    tl.store(delta_ptr + bh * Nq + rows, acc, mask=r_mask)
+
+
+@triton.jit
+def _lse2(lse):
+    # Natural-log lse to base 2; an empty row's -inf becomes +inf so that its p is 0.
+    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, cols, kd, q_head, do_head, lse_row, delta_row, m0, offs_m, offs_d,
+               d_mask, stride_qm, stride_dom, qk_scale, Nq, Nk, lo, hi, prefix, qdoc_row,
+               bits_blk, s_bits_r, q0, kofs, kcol,
+               MASKED: tl.constexpr, HAS_BAND: tl.constexpr, HAS_PREFIX: tl.constexpr,
+               HAS_DOC: tl.constexpr, HAS_BITS: tl.constexpr, IEEE: tl.constexpr):
+    # Queries m0 + offs_m against this program's keys, transposed ([BLOCK_N, BLOCK_M]).
+    rows = m0 + offs_m
+    q_ptrs = q_head + m0.to(tl.int64) * stride_qm + offs_m[:, None] * stride_qm + offs_d[None, :]
+    do_ptrs = (do_head + m0.to(tl.int64) * stride_dom + offs_m[:, None] * stride_dom
+               + offs_d[None, :])
+    if MASKED:
+        r_mask = rows < Nq
+        ld_mask = r_mask[:, None] & d_mask[None, :]
+        lse2 = _lse2(tl.load(lse_row + rows, mask=r_mask, other=float("inf")))
+        delta = tl.load(delta_row + rows, mask=r_mask, other=0.0)
+    else:
+        ld_mask = d_mask[None, :]
+        lse2 = _lse2(tl.load(lse_row + rows))
+        delta = tl.load(delta_row + rows)
+    q = tl.load(q_ptrs, mask=ld_mask, other=0.0)
+    do = tl.load(do_ptrs, mask=ld_mask, other=0.0)
+    s = _dot(k, tl.trans(q), None, IEEE) * qk_scale
+    if MASKED:
+        qd = 0
+        if HAS_DOC:
+            qd = tl.load(qdoc_row + rows, mask=rows < Nq, other=-1)[None, :]
+        bit = 0
+        if HAS_BITS:
+            bit = _bits(bits_blk, s_bits_r, (rows - q0)[None, :], kcol, kofs,
+                        (k.shape[0] + 31) // 32)
+        ok = _allowed(rows[None, :], cols[:, None], Nq, Nk, lo, hi, prefix, qd, kd, bit,
+                      HAS_BAND, HAS_PREFIX, HAS_DOC, HAS_BITS)
+        s = tl.where(ok, s, float("-inf"))
+    p = tl.exp2(s - lse2[None, :])
+    dv = _dot(p.to(do.dtype), do, dv, IEEE)
+    dp = _dot(v, tl.trans(do), None, IEEE)
+    ds = p * (dp - delta[None, :])
+    dk = _dot(ds.to(q.dtype), q, dk, IEEE)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=_DKDV_INTS)
+def _sparse_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    pnum_ptr, pidx_ptr, pbits_ptr, fnum_ptr, fidx_ptr, qdoc_ptr, kdoc_ptr, bits_ptr,
+    qk_scale, scale, Nq, Nk, BQ, BK, Hkv, G, D, lo, hi, prefix,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+    s_pnum_b, s_pnum_h, s_pidx_b, s_pidx_h, s_pidx_r, s_pbits_b, s_pbits_h, s_pbits_r,
+    s_fnum_b, s_fnum_h, s_fidx_b, s_fidx_h, s_fidx_r, s_qdoc_b, s_kdoc_b, s_bits_i, s_bits_r,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BAND: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_DOC: tl.constexpr,
+    HAS_BITS: tl.constexpr,
+):
+    # The lists read here are the transposed ones (q-blocks per kv-block): pnum/pidx/pbits are
+    # q_num/q_idx/q_bits, fnum/fidx are full_q_num/full_q_idx.
+    IEEE: tl.constexpr = q_ptr.dtype.element_ty == tl.float32
+    D = D // 16 * 16
+    stride_qb = stride_qb // 16 * 16
+    stride_qh = stride_qh // 16 * 16
+    stride_qm = stride_qm // 16 * 16
+    stride_kb = stride_kb // 16 * 16
+    stride_kh = stride_kh // 16 * 16
+    stride_kn = stride_kn // 16 * 16
+    stride_vb = stride_vb // 16 * 16
+    stride_vh = stride_vh // 16 * 16
+    stride_vn = stride_vn // 16 * 16
+    stride_dob = stride_dob // 16 * 16
+    stride_doh = stride_doh // 16 * 16
+    stride_dom = stride_dom // 16 * 16
+
+    n0 = tl.program_id(0) * BLOCK_N
+    bhk = tl.program_id(1).to(tl.int64)
+    b = bhk // Hkv
+    hk = bhk % Hkv
+    Hq = Hkv * G
+    kb = n0 // BK
+    k0 = kb * BK
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    cols = n0 + offs_n
+    kcol = (cols - k0)[:, None]  # in-block key offsets, for the bitmask
+    c_mask = cols < Nk
+    kv_mask = c_mask[:, None] & d_mask[None, :]
+    k = tl.load(k_ptr + b * stride_kb + hk * stride_kh + n0.to(tl.int64) * stride_kn
+                + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + b * stride_vb + hk * stride_vh + n0.to(tl.int64) * stride_vn
+                + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    kd = 0
+    if HAS_DOC:
+        kd = tl.load(kdoc_ptr + b * s_kdoc_b + cols, mask=c_mask, other=-1)[:, None]
+    qdoc_row = qdoc_ptr + b * s_qdoc_b
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    SUB = BQ // BLOCK_M  # sub-tiles per q-block
+
+    for g in range(0, G):  # the query heads of this kv head, each with its own lists
+        h = hk * G + g
+        q_head = q_ptr + b * stride_qb + h * stride_qh
+        do_head = do_ptr + b * stride_dob + h * stride_doh
+        lse_row = lse_ptr + (b * Hq + h) * Nq
+        delta_row = delta_ptr + (b * Hq + h) * Nq
+
+        fidx_row = fidx_ptr + b * s_fidx_b + h * s_fidx_h + kb * s_fidx_r
+        n_full, n_even, last = _walk(fnum_ptr + b * s_fnum_b + h * s_fnum_h + kb, fidx_row,
+                                     Nq, BQ)
+        for j in range(0, n_even * SUB):
+            qb = tl.load(fidx_row + j // SUB)
+            dk, dv = _dkdv_tile(dk, dv, k, v, cols, kd, q_head, do_head, lse_row, delta_row,
+                                qb * BQ + (j % SUB) * BLOCK_M, offs_m, offs_d, d_mask,
+                                stride_qm, stride_dom, qk_scale, Nq, Nk, lo, hi, prefix,
+                                qdoc_row, bits_ptr, s_bits_r, qb * BQ, n0 - k0, kcol,
+                                False, False, False, False, False, IEEE)
+        if n_even < n_full:
+            for t in range(0, tl.cdiv(Nq - last * BQ, BLOCK_M)):
+                dk, dv = _dkdv_tile(dk, dv, k, v, cols, kd, q_head, do_head, lse_row,
+                                    delta_row, last * BQ + t * BLOCK_M, offs_m, offs_d, d_mask,
+                                    stride_qm, stride_dom, qk_scale, Nq, Nk, lo, hi, prefix,
+                                    qdoc_row, bits_ptr, s_bits_r, last * BQ, n0 - k0, kcol,
+                                    True, False, False, False, False, IEEE)
+
+        pidx_row = pidx_ptr + b * s_pidx_b + h * s_pidx_h + kb * s_pidx_r
+        pbits_row = pbits_ptr + b * s_pbits_b + h * s_pbits_h + kb * s_pbits_r
+        n_part = tl.load(pnum_ptr + b * s_pnum_b + h * s_pnum_h + kb)
+        for j in range(0, n_part * SUB):
+            qb = tl.load(pidx_row + j // SUB)
+            bits_blk = bits_ptr
+            if HAS_BITS:
+                bits_blk = bits_ptr + tl.load(pbits_row + j // SUB).to(tl.int64) * s_bits_i
+            dk, dv = _dkdv_tile(dk, dv, k, v, cols, kd, q_head, do_head, lse_row, delta_row,
+                                qb * BQ + (j % SUB) * BLOCK_M, offs_m, offs_d, d_mask,
+                                stride_qm, stride_dom, qk_scale, Nq, Nk, lo, hi, prefix,
+                                qdoc_row, bits_blk, s_bits_r, qb * BQ, n0 - k0, kcol,
+                                True, HAS_BAND, HAS_PREFIX, HAS_DOC, HAS_BITS, IEEE)
+
+    out_rows = bhk * Nk + cols
+    offs = out_rows[:, None] * D + offs_d[None, :]
+    tl.store(dk_ptr + offs, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptr + offs, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse2, delta, rows, qd, k_head, v_head, n0, kb, offs_n, offs_d, d_mask,
+             stride_kn, stride_vn, qk_scale, Nq, Nk, BK, lo, hi, prefix, kdoc_row, bits_blk,
+             s_bits_r, q0,
+             MASKED: tl.constexpr, HAS_BAND: tl.constexpr, HAS_PREFIX: tl.constexpr,
+             HAS_DOC: tl.constexpr, HAS_BITS: tl.constexpr, IEEE: tl.constexpr):
+    cols = n0 + offs_n
+    k_ptrs = k_head + n0.to(tl.int64) * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = v_head + n0.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
+    if MASKED:
+        kv_mask = (cols < Nk)[:, None] & d_mask[None, :]
+    else:
+        kv_mask = d_mask[None, :]
+    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    s = _dot(q, tl.trans(k), None, IEEE) * qk_scale
+    if MASKED:
+        kd = 0
+        if HAS_DOC:
+            kd = tl.load(kdoc_row + cols, mask=cols < Nk, other=-1)[None, :]
+        bit = 0
+        if HAS_BITS:
+            bit = _bits(bits_blk, s_bits_r, (rows - q0)[:, None], (cols - kb * BK)[None, :],
+                        n0 - kb * BK, (k.shape[0] + 31) // 32)
+        ok = _allowed(rows[:, None], cols[None, :], Nq, Nk, lo, hi, prefix, qd, kd, bit,
+                      HAS_BAND, HAS_PREFIX, HAS_DOC, HAS_BITS)
+        s = tl.where(ok, s, float("-inf"))
+    p = tl.exp2(s - lse2[:, None])
+    dp = _dot(do, tl.trans(v), None, IEEE)
+    ds = p * (dp - delta[:, None])
+    return _dot(ds.to(k.dtype), k, dq, IEEE)
+
+
+@triton.jit(do_not_specialize=_DQ_INTS)
+def _sparse_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    pnum_ptr, pidx_ptr, pbits_ptr, fnum_ptr, fidx_ptr, qdoc_ptr, kdoc_ptr, bits_ptr,
+    qk_scale, scale, Nq, Nk, BQ, BK, Hq, G, D, lo, hi, prefix,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    s_pnum_b, s_pnum_h, s_pidx_b, s_pidx_h, s_pidx_r, s_pbits_b, s_pbits_h, s_pbits_r,
+    s_fnum_b, s_fnum_h, s_fidx_b, s_fidx_h, s_fidx_r, s_qdoc_b, s_kdoc_b, s_bits_i, s_bits_r,
+    stride_dob, stride_doh, stride_dom,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BAND: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_DOC: tl.constexpr,
+    HAS_BITS: tl.constexpr,
+):
+    IEEE: tl.constexpr = q_ptr.dtype.element_ty == tl.float32
+    D = D // 16 * 16
+    stride_qb = stride_qb // 16 * 16
+    stride_qh = stride_qh // 16 * 16
+    stride_qm = stride_qm // 16 * 16
+    stride_kb = stride_kb // 16 * 16
+    stride_kh = stride_kh // 16 * 16
+    stride_kn = stride_kn // 16 * 16
+    stride_vb = stride_vb // 16 * 16
+    stride_vh = stride_vh // 16 * 16
+    stride_vn = stride_vn // 16 * 16
+    stride_dob = stride_dob // 16 * 16
+    stride_doh = stride_doh // 16 * 16
+    stride_dom = stride_dom // 16 * 16
+
+    m0 = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // G
+    qb = m0 // BQ
+    q0 = qb * BQ
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    rows = m0 + offs_m
+    r_mask = rows < Nq
+    ld_mask = r_mask[:, None] & d_mask[None, :]
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + m0.to(tl.int64) * stride_qm
+                + offs_m[:, None] * stride_qm + offs_d[None, :], mask=ld_mask, other=0.0)
+    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + m0.to(tl.int64) * stride_dom
+                 + offs_m[:, None] * stride_dom + offs_d[None, :], mask=ld_mask, other=0.0)
+    lse2 = _lse2(tl.load(lse_ptr + bh * Nq + rows, mask=r_mask, other=float("inf")))
+    delta = tl.load(delta_ptr + bh * Nq + rows, mask=r_mask, other=0.0)
+    k_head = k_ptr + b * stride_kb + hk * stride_kh
+    v_head = v_ptr + b * stride_vb + hk * stride_vh
+    kdoc_row = kdoc_ptr + b * s_kdoc_b
+    qd = 0
+    if HAS_DOC:
+        qd = tl.load(qdoc_ptr + b * s_qdoc_b + rows, mask=r_mask, other=-1)[:, None]
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    SUB = BK // BLOCK_N
+
+    fidx_row = fidx_ptr + b * s_fidx_b + h * s_fidx_h + qb * s_fidx_r
+    n_full, n_even, last = _walk(fnum_ptr + b * s_fnum_b + h * s_fnum_h + qb, fidx_row, Nk, BK)
+    for j in range(0, n_even * SUB):
+        kb = tl.load(fidx_row + j // SUB)
+        dq = _dq_tile(dq, q, do, lse2, delta, rows, qd, k_head, v_head,
+                      kb * BK + (j % SUB) * BLOCK_N, kb, offs_n, offs_d, d_mask, stride_kn,
+                      stride_vn, qk_scale, Nq, Nk, BK, lo, hi, prefix, kdoc_row, bits_ptr,
+                      s_bits_r, q0, False, False, False, False, False, IEEE)
+    if n_even < n_full:
+        for t in range(0, tl.cdiv(Nk - last * BK, BLOCK_N)):
+            dq = _dq_tile(dq, q, do, lse2, delta, rows, qd, k_head, v_head,
+                          last * BK + t * BLOCK_N, last, offs_n,
+                          offs_d, d_mask, stride_kn, stride_vn, qk_scale, Nq, Nk, BK, lo, hi,
+                          prefix, kdoc_row, bits_ptr, s_bits_r, q0,
+                          True, False, False, False, False, IEEE)
+
+    pidx_row = pidx_ptr + b * s_pidx_b + h * s_pidx_h + qb * s_pidx_r
+    pbits_row = pbits_ptr + b * s_pbits_b + h * s_pbits_h + qb * s_pbits_r
+    n_part = tl.load(pnum_ptr + b * s_pnum_b + h * s_pnum_h + qb)
+    for j in range(0, n_part * SUB):
+        kb = tl.load(pidx_row + j // SUB)
+        bits_blk = bits_ptr
+        if HAS_BITS:
+            bits_blk = bits_ptr + tl.load(pbits_row + j // SUB).to(tl.int64) * s_bits_i
+        dq = _dq_tile(dq, q, do, lse2, delta, rows, qd, k_head, v_head,
+                      kb * BK + (j % SUB) * BLOCK_N, kb, offs_n, offs_d, d_mask, stride_kn,
+                      stride_vn, qk_scale, Nq, Nk, BK, lo, hi, prefix, kdoc_row, bits_blk,
+                      s_bits_r, q0, True, HAS_BAND, HAS_PREFIX, HAS_DOC, HAS_BITS, IEEE)
+
+    tl.store(dq_ptr + (bh * Nq + rows)[:, None] * D + offs_d[None, :],
+             (dq * scale).to(dq_ptr.dtype.element_ty), mask=ld_mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def table(kind, dtype):
+    """Config table of ``kind`` ("fwd", "bwd_dkdv", "bwd_dq") for inputs of ``dtype``."""
+    name = "sparse_attention_" + kind
+    return name + "_fp32" if dtype == torch.float32 else name
+
+
+def clamp(cfg, BQ, BK):
+    """``cfg`` with its tiles clamped to the mask block (BLOCK_M <= BQ, BLOCK_N <= BK)."""
+    cfg = dict(cfg)
+    if "BLOCK_M" in cfg:
+        cfg["BLOCK_M"] = min(cfg["BLOCK_M"], BQ)
+    if "BLOCK_N" in cfg:
+        cfg["BLOCK_N"] = min(cfg["BLOCK_N"], BK)
+    return cfg
+
+
+def pick_config(kind, dtype, D, BQ, BK, device=None):
+    """The launch config of ``kind`` for this dtype, head dim and mask block size."""
+    cfg = configs.pick(table(kind, dtype), "D", D,
+                       None if device is None else _device_name(torch.device(device)))
+    return clamp(cfg, BQ, BK)
+
+
+def flags_of(layout):
+    """(HAS_BAND, HAS_PREFIX, HAS_DOC, HAS_BITS) of a layout; a prefix only widens a band."""
+    f = int(layout.flags)
+    band = bool(f & FLAG_BAND)
+    return band, band and bool(f & FLAG_PREFIX), bool(f & FLAG_DOC), bool(f & FLAG_BITS)
+
+
+def _unit_inner(t, used):
+    # Unit stride in the last dim (a copy when not; never for a size-1 dim).
+    if used and t.shape[-1] > 1 and t.stride(-1) != 1:
+        return t.contiguous()
+    return t
+
+
+def _strides(t, n, used):
+    return [t.stride(i) for i in range(n)] if used else [0] * n
+
+
+def _list_args(layout, transposed):
+    """(tensors, strides) of the lists a kernel walks: forward lists (per q-block) or the
+    transposed ones (per kv-block), then q_doc, kv_doc and bits; strides in _LIST_INTS order."""
+    _, _, has_doc, has_bits = flags_of(layout)
+    if transposed:
+        lists = (layout.q_num, layout.q_idx, layout.q_bits, layout.full_q_num, layout.full_q_idx)
+    else:
+        lists = (layout.kv_num, layout.kv_idx, layout.kv_bits, layout.full_num, layout.full_idx)
+    pnum, pidx, pbits, fnum, fidx = (_unit_inner(t, True) for t in lists)
+    pbits = _unit_inner(pbits, has_bits)
+    qdoc = _unit_inner(layout.q_doc, has_doc)
+    kdoc = _unit_inner(layout.kv_doc, has_doc)
+    bits = _unit_inner(layout.bits, has_bits)
+    strides = (_strides(pnum, 2, True) + _strides(pidx, 3, True) + _strides(pbits, 3, has_bits)
+               + _strides(fnum, 2, True) + _strides(fidx, 3, True) + _strides(qdoc, 1, has_doc)
+               + _strides(kdoc, 1, has_doc) + _strides(bits, 2, has_bits))
+    return (pnum, pidx, pbits, fnum, fidx, qdoc, kdoc, bits), strides
+
+
+def _check(layout, q, k, cfg_m, cfg_n):
+    B, Hq, Nq, _ = q.shape
+    Nk = k.shape[2]
+    if (layout.Nq, layout.Nk) != (Nq, Nk):
+        raise ValueError(f"layout: built for Nq={layout.Nq}, Nk={layout.Nk}; "
+                         f"the inputs have Nq={Nq}, Nk={Nk}")
+    if tuple(layout.kv_num.shape[:2]) != (B, Hq):
+        raise ValueError(f"layout: expanded to [B, Hq] = {list(layout.kv_num.shape[:2])}; "
+                         f"q has [B, Hq] = [{B}, {Hq}]")
+    if layout.BQ % cfg_m or layout.BK % cfg_n:
+        raise ValueError(f"layout: block size ({layout.BQ}, {layout.BK}) is not a multiple of "
+                         f"the kernel tile ({cfg_m}, {cfg_n}); supported: {BLOCK_SIZES}")
+
+
+def _flag_kwargs(layout):
+    band, prefix, doc, bits = flags_of(layout)
+    return {"HAS_BAND": band, "HAS_PREFIX": prefix, "HAS_DOC": doc, "HAS_BITS": bits}
+
+
+def _qkv_strides(q, k, v):
+    return [q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2)]
+
+
+def forward(q, k, v, layout, scale, *, config=None):
+    """Block-sparse attention forward.
+
+    Parameters
+    ----------
+    q : Tensor [B, Hq, Nq, D]; k, v : Tensor [B, Hkv, Nk, D]
+        fp16, bf16 or fp32, one dtype, Hq % Hkv == 0, D in HEAD_DIMS (already validated).
+    layout : SparseLayout
+        ``mask.layout(B, Hq, device)``.
+    scale : float
+        Softmax scale.
+    config : dict, optional
+        Overrides the picked launch config (tests, tuning).
+
+    Returns
+    -------
+    out : Tensor [B, Hq, Nq, D] in q's dtype (0 on a row with no allowed key)
+    lse : Tensor [B, Hq, Nq] fp32, natural log (-inf on such a row)
+    """
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    cfg = config or pick_config("fwd", q.dtype, D, layout.BQ, layout.BK, q.device)
+    _check(layout, q, k, cfg["BLOCK_M"], cfg["BLOCK_N"])
+    out = torch.empty((B, Hq, Nq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or Nk == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    q, k, v = _aligned(q), _aligned(k), _aligned(v)
+    tensors, list_strides = _list_args(layout, transposed=False)
+    grid = (triton.cdiv(Nq, cfg["BLOCK_M"]), B * Hq)
+    wrap_triton(_sparse_fwd_kernel)[grid](
+        q, k, v, out, lse, *tensors,
+        float(scale) * _LOG2E, Nq, Nk, layout.BQ, layout.BK, Hq, Hq // Hkv, D,
+        int(layout.lo), int(layout.hi), int(layout.prefix), *_qkv_strides(q, k, v),
+        *list_strides,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=head_block(D),
+        **_flag_kwargs(layout), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out, lse
+
+
+def backward(dout, q, k, v, out, lse, layout, scale, *, configs_=None):
+    """Block-sparse attention backward: (dq, dk, dv) in the inputs' dtype, computed in fp32;
+    dk / dv sum over the query heads of each kv head (GQA). A row with lse = -inf contributes
+    nothing. ``configs_`` ({"pre", "bwd_dkdv", "bwd_dq": config}) overrides picked configs."""
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    over = configs_ or {}
+    c_dkdv = over.get("bwd_dkdv") or pick_config("bwd_dkdv", q.dtype, D, layout.BQ, layout.BK,
+                                                  q.device)
+    c_dq = over.get("bwd_dq") or pick_config("bwd_dq", q.dtype, D, layout.BQ, layout.BK,
+                                              q.device)
+    c_pre = over.get("pre") or configs.pick("sparse_attention_bwd_pre", "D", D,
+                                            _device_name(q.device))
+    _check(layout, q, k, c_dkdv["BLOCK_M"], c_dkdv["BLOCK_N"])
+    _check(layout, q, k, c_dq["BLOCK_M"], c_dq["BLOCK_N"])
+    dq = torch.empty((B, Hq, Nq, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, Hkv, Nk, D), dtype=k.dtype, device=q.device)
+    dv = torch.empty((B, Hkv, Nk, D), dtype=v.dtype, device=q.device)
+    if dq.numel() == 0 or dk.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    q, k, v = _aligned(q), _aligned(k), _aligned(v)
+    dout, out = _aligned(dout), _aligned(out)
+    lse = lse.to(torch.float32).contiguous()
+    delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
+    block_d = head_block(D)
+    wrap_triton(_sparse_bwd_pre_kernel)[(triton.cdiv(Nq, c_pre["BLOCK_M"]), B * Hq)](
+        out, dout, delta, Nq, D, out.stride(0), out.stride(1), out.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2), Hq,
+        BLOCK_M=c_pre["BLOCK_M"], BLOCK_D=c_pre["BLOCK_D"], num_warps=c_pre["num_warps"],
+    )
+    qk_scale = float(scale) * _LOG2E
+    common = (Nq, Nk, layout.BQ, layout.BK)
+    band = (int(layout.lo), int(layout.hi), int(layout.prefix))
+    do_strides = [dout.stride(0), dout.stride(1), dout.stride(2)]
+    flags = _flag_kwargs(layout)
+
+    tensors, list_strides = _list_args(layout, transposed=True)
+    wrap_triton(_sparse_bwd_dkdv_kernel)[(triton.cdiv(Nk, c_dkdv["BLOCK_N"]), B * Hkv)](
+        q, k, v, dout, lse, delta, dk, dv, *tensors, qk_scale, float(scale), *common, Hkv,
+        Hq // Hkv, D, *band, *_qkv_strides(q, k, v), *do_strides, *list_strides,
+        BLOCK_M=c_dkdv["BLOCK_M"], BLOCK_N=c_dkdv["BLOCK_N"], BLOCK_D=block_d, **flags,
+        num_warps=c_dkdv["num_warps"], num_stages=c_dkdv["num_stages"],
+    )
+    tensors, list_strides = _list_args(layout, transposed=False)
+    wrap_triton(_sparse_bwd_dq_kernel)[(triton.cdiv(Nq, c_dq["BLOCK_M"]), B * Hq)](
+        q, k, v, dout, lse, delta, dq, *tensors, qk_scale, float(scale), *common, Hq,
+        Hq // Hkv, D, *band, *_qkv_strides(q, k, v), *list_strides, *do_strides,
+        BLOCK_M=c_dq["BLOCK_M"], BLOCK_N=c_dq["BLOCK_N"], BLOCK_D=block_d, **flags,
+        num_warps=c_dq["num_warps"], num_stages=c_dq["num_stages"],
+    )
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- check specs
+
+_PTR = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
+_DATA_PTRS = {"q_ptr", "k_ptr", "v_ptr", "out_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
+_FP32_PTRS = {"lse_ptr", "delta_ptr"}
+_FLAG_NAMES = ("HAS_BAND", "HAS_PREFIX", "HAS_DOC", "HAS_BITS")
+# Flag combinations compiled for every config; all 12 (a prefix only with a band) are compiled
+# for the fp16 D = 128 picks. The values never change the code, only these four constexprs.
+_ALL_FLAGS = [(band, prefix, doc, bits) for band in (False, True)
+              for prefix in ((False, True) if band else (False,))
+              for doc in (False, True) for bits in (False, True)]
+_KERNELS = {  # kind: (kernel name, fn, integer arguments)
+    "fwd": ("sparse_attention_fwd", _sparse_fwd_kernel, _FWD_INTS),
+    "bwd_dkdv": ("sparse_attention_bwd_dkdv", _sparse_bwd_dkdv_kernel, _DKDV_INTS),
+    "bwd_dq": ("sparse_attention_bwd_dq", _sparse_bwd_dq_kernel, _DQ_INTS),
+}
+
+
+def _signature(fn, ints, dtype):
+    sig = {}
+    for name in fn.arg_names:
+        if name in _DATA_PTRS:
+            sig[name] = _PTR[dtype]
+        elif name in _FP32_PTRS:
+            sig[name] = "*fp32"
+        elif name.endswith("_ptr"):
+            sig[name] = "*i32"
+        elif name in ints:
+            sig[name] = "i32"
+        elif name in ("qk_scale", "scale"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "constexpr"
+    return sig
+
+
+def _picks(kind, dtype):
+    """Every distinct (config after clamping, BLOCK_D) the launcher may use for ``kind`` and
+    ``dtype``: each head dim, mask block size and config file."""
+    seen = []
+    name = table(kind, torch.float32 if dtype == "fp32" else torch.float16)
+    for device in _device_files():
+        for D in HEAD_DIMS:
+            try:
+                cfg = configs.pick(name, "D", D, device)
+            except KeyError:
+                continue
+            for BQ in BLOCK_SIZES:
+                for BK in BLOCK_SIZES:
+                    item = (clamp(cfg, BQ, BK), head_block(D))
+                    if item not in seen:
+                        seen.append(item)
+    return seen
+
+
+def _attention_spec(kind, cfg, block_d, dtype, flags):
+    name, fn, ints = _KERNELS[kind]
+    constexprs = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": block_d,
+                  **dict(zip(_FLAG_NAMES, flags))}
+    tag = "".join(c for c, on in zip("PpDb", flags) if on) or "-"
+    return {
+        "kernel": name,
+        "fn": fn,
+        "signature": _signature(fn, ints, dtype),
+        "constexprs": constexprs,
+        "num_warps": cfg["num_warps"],
+        "num_stages": cfg["num_stages"],
+        "dtype": dtype,
+        "config": f"M{cfg['BLOCK_M']}xN{cfg['BLOCK_N']}xD{block_d},w{cfg['num_warps']},"
+                  f"s{cfg['num_stages']},flags={tag}",
+        # fp32 runs IEEE fp32 dots on CUDA cores by design (no TF32: the accuracy rule).
+        "tensor_cores": dtype != "fp32",
+    }
+
+
+def check_specs():
+    """Every compilation the launchers may ask for: per kernel, each picked (config, BLOCK_D)
+    x dtype with the band flag (the common masks), plus every flag combination for the fp16
+    D = 128 config of 128 x 128 mask blocks; and the delta preprocess per dtype.
+    Flag letters in the config column: P band, p prefix, D document, b bitmask."""
+    band_only = (True, False, False, False)
+    for kind in _KERNELS:
+        for dtype in ("fp16", "bf16", "fp32"):
+            for cfg, block_d in _picks(kind, dtype):
+                yield _attention_spec(kind, cfg, block_d, dtype, band_only)
+        wide = clamp(configs.pick(table(kind, torch.float16), "D", 128), 128, 128)
+        for flags in _ALL_FLAGS:
+            if flags != band_only:
+                yield _attention_spec(kind, wide, 128, "fp16", flags)
+    pres = []
+    for device in _device_files():
+        cfg = configs.pick("sparse_attention_bwd_pre", "D", max(HEAD_DIMS), device)
+        if cfg not in pres:
+            pres.append(cfg)
+    for cfg in pres:
+        for dtype in ("fp16", "bf16", "fp32"):
+            yield {
+                "kernel": "sparse_attention_bwd_pre",
+                "fn": _sparse_bwd_pre_kernel,
+                "signature": _signature(_sparse_bwd_pre_kernel, _PRE_INTS, dtype),
+                "constexprs": {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": cfg["BLOCK_D"]},
+                "num_warps": cfg["num_warps"],
+                "num_stages": cfg.get("num_stages", 3),
+                "dtype": dtype,
+                "config": f"M{cfg['BLOCK_M']}xD{cfg['BLOCK_D']},w{cfg['num_warps']}",
+                "tensor_cores": False,
+            }
