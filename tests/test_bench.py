@@ -360,18 +360,21 @@ def test_slope_targets_pass_and_fail():
         registry.SlopeTarget(candidate="linear", max_slope=1.15),
         registry.SlopeTarget(candidate="quadratic", max_slope=1.15),
         registry.SlopeTarget(candidate="quadratic", min_slope=1.7),
-        registry.SlopeTarget(candidate="linear", min_slope=1.7, device="cuda")))
+        registry.SlopeTarget(candidate="linear", min_slope=1.7, device="cuda"),
+        registry.SlopeTarget(candidate="quadratic", max_slope=1.15, min_x=XS[-1])))
     run = _run(sweep)
     (result,) = run.results
     assert [(v.target.candidate, v.passed) for v in result.slope_verdicts] == [
-        ("linear", True), ("quadratic", False), ("quadratic", True)]
+        ("linear", True), ("quadratic", False), ("quadratic", True), ("quadratic", False)]
+    assert result.slope_verdicts[-1].slope is None  # one x left: no fit, so it fails
     assert result.slope_verdicts[0].slope == pytest.approx(1.0)
     assert not run.passed
     md = run.markdown()
     assert "synthetic: quadratic scaling exponent 2.00 (target <= 1.15): FAIL" in md
     assert "synthetic: quadratic scaling exponent 2.00 (target >= 1.7): PASS" in md
     record = run.record()["sweeps"][0]["slope_targets"]
-    assert [r["passed"] for r in record] == [True, False, True]
+    assert [r["passed"] for r in record] == [True, False, True, False]
+    assert f"exponent over tokens >= {XS[-1]} n/a" in md
     with pytest.raises(ValueError, match="set max_slope, min_slope or both"):
         registry.SlopeTarget(candidate="linear")
 

@@ -16,6 +16,8 @@
 #include <c10/util/FunctionRef.h>
 #include <torch/library.h>
 
+
+
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -26,6 +28,7 @@
 #include <vector>
 
 #include "cpu/isa.h"
+#include "cpu/memory.h"
 #include "cpu/int8_matmul_kernels.h"
 #include "cpu/quantize.h"
 
@@ -304,25 +307,10 @@ uint8_t* a_scratch(int64_t bytes, Buffer& one_call) {
   return kept.get();
 }
 
-// A fresh [M, N] output. From kHugeOutputBytes on, its 2 MiB-aligned interior is marked for
-// transparent huge pages (honoured when the kernel's THP mode is "madvise" or "always"): the
-// epilogue's first touch then takes one page fault per 2 MiB instead of one per 4 KiB, which
-// for a 32 MiB output saves milliseconds per call. The hint changes no value.
-constexpr int64_t kHugeOutputBytes = int64_t{8} << 20;
-
+// A fresh [M, N] output, marked for huge pages when large (csrc/cpu/memory.h): for a 32 MiB
+// output that saves milliseconds of first-touch page faults per call.
 at::Tensor empty_output(int64_t M, int64_t N, const at::TensorOptions& options) {
-  at::Tensor out = at::empty({M, N}, options);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const int64_t bytes = out.numel() * static_cast<int64_t>(out.element_size());
-  if (bytes >= kHugeOutputBytes) {
-    constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-    const auto p = reinterpret_cast<uintptr_t>(out.data_ptr());
-    const uintptr_t begin = (p + kHuge - 1) & ~(kHuge - 1);
-    const uintptr_t end = (p + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
-    if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-  }
-#endif
-  return out;
+  return empty_hinted({M, N}, options);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -57,6 +57,7 @@
 #include <vector>
 
 #include "cpu/isa.h"
+#include "cpu/memory.h"
 
 #if FRUGAL_X86
 #include <immintrin.h>
@@ -808,8 +809,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cpu(
                              nullptr, 0);
   const auto np = check_list(op, g, false, "kv_num", "kv_idx", "kv_bits", kv_num, kv_idx,
                              has_bits ? &kv_bits : nullptr, nbits);
-  at::Tensor out = at::empty({g.B, g.Hq, g.Nq, g.D}, q.options());
-  at::Tensor lse = at::empty({g.B, g.Hq, g.Nq}, q.options().dtype(at::kFloat));
+  at::Tensor out = empty_hinted({g.B, g.Hq, g.Nq, g.D}, q.options());
+  at::Tensor lse = empty_hinted({g.B, g.Hq, g.Nq}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) {
     lse.fill_(-kInf);
     return {out, lse};
@@ -909,9 +910,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpu(
   const auto npq = check_list(op, g, true, "q_num", "q_idx", "q_bits", q_num, q_idx,
                               has_bits ? &q_bits : nullptr, nbits);
 
-  at::Tensor dq = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor dk = at::empty(k.sizes(), k.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor dv = at::empty(v.sizes(), v.options().memory_format(at::MemoryFormat::Contiguous));
+  const auto contiguous_like = [](const at::Tensor& t) {
+    return empty_hinted(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous));
+  };
+  at::Tensor dq = contiguous_like(q);
+  at::Tensor dk = contiguous_like(k);
+  at::Tensor dv = contiguous_like(v);
   if (q.numel() == 0 || k.numel() == 0) {
     dq.zero_();
     dk.zero_();

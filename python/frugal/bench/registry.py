@@ -33,12 +33,15 @@ class Target:
 class SlopeTarget:
     """A bound on ``candidate``'s scaling exponent (the fitted slope of log time against log x)
     on ``device``: at most ``max_slope`` (cost that grows slowly, e.g. windowed attention
-    <= 1.15) and/or at least ``min_slope`` (a baseline that is as costly as claimed)."""
+    <= 1.15) and/or at least ``min_slope`` (a baseline that is as costly as claimed). With
+    ``min_x`` the slope is fitted over the x >= min_x only (e.g. a window of w tokens, whose
+    cost is quadratic until N exceeds w)."""
 
     candidate: str
     max_slope: Optional[float] = None
     min_slope: Optional[float] = None
     device: str = "cpu"
+    min_x: Optional[int] = None
 
     def __post_init__(self):
         if self.max_slope is None and self.min_slope is None:

@@ -236,12 +236,18 @@ def _result(sweep, times, copy_gbps, device):
                 for t in sweep.targets
                 if t.device == device.type and (t.x, t.candidate) in times
                 and _versus(sweep, t) in times]
-    slope_verdicts = [SlopeVerdict(t, slopes[t.candidate]) for t in sweep.slope_targets
+    slope_verdicts = [SlopeVerdict(t, _target_slope(t, curves[t.candidate]))
+                      for t in sweep.slope_targets
                       if t.device == device.type and t.candidate in slopes]
     notes = sweep.notes(device) if sweep.notes else {}
     if sweep.summary:
         notes.update(sweep.summary(rows))
     return SweepResult(sweep, rows, slopes, notes, verdicts, slope_verdicts)
+
+
+def _target_slope(target, rows):
+    rows = [r for r in rows if target.min_x is None or r.x >= target.min_x]
+    return fit_slope([r.x for r in rows], [r.ms for r in rows])
 
 
 def _versus(sweep, target):
@@ -346,7 +352,8 @@ def _slope_line(sweep, v):
     bounds = " and ".join(filter(None, [
         f">= {t.min_slope:g}" if t.min_slope is not None else "",
         f"<= {t.max_slope:g}" if t.max_slope is not None else ""]))
-    return (f"{sweep.name}: {t.candidate} scaling exponent {_fmt_slope(v.slope)} (target "
+    over = f" over {sweep.x_name} >= {t.min_x}" if t.min_x is not None else ""
+    return (f"{sweep.name}: {t.candidate} scaling exponent{over} {_fmt_slope(v.slope)} (target "
             f"{bounds}): {'PASS' if v.passed else 'FAIL'}")
 
 
