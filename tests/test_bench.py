@@ -448,3 +448,15 @@ def test_rounds_interleave_and_keep_the_best():
     assert ms == {"a": 3.0, "base": 1.0}
     with pytest.raises(ValueError, match="rounds must be a positive int; got 0"):
         bench.run([sweep], "cpu", timer=fake_timer, progress=False, rounds=0)
+
+
+def test_read_bandwidth_counts_the_bytes_read():
+    gbps = bench.read_bandwidth("cpu", nbytes=1 << 20, timer=lambda fn: (fn(), 1.0)[1])
+    assert gbps == pytest.approx((1 << 20) / 1.0 / 1e6)
+
+
+def test_summary_may_take_the_device():
+    seen = []
+    sweep = _synthetic(summary=lambda rows, device: seen.append(device) or {"n": len(rows)})
+    (result,) = _run(sweep).results
+    assert seen == [torch.device("cpu")] and result.notes["n"] == 3 * len(XS)

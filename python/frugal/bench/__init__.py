@@ -41,7 +41,7 @@ from . import sparse  # noqa: F401  (registers the block-sparse attention sweeps
 from .registry import SlopeTarget, Sweep, Target, register, sweep, sweeps
 from .runner import (BenchRun, Row, SlopeVerdict, SweepResult, Verdict, environment, fit_slope,
                      run)
-from .timing import copy_bandwidth, default_timer, time_cpu, time_cuda
+from .timing import copy_bandwidth, default_timer, read_bandwidth, time_cpu, time_cuda
 
 __all__ = [
     "BenchRun",
@@ -53,6 +53,7 @@ __all__ = [
     "Target",
     "Verdict",
     "copy_bandwidth",
+    "read_bandwidth",
     "default_timer",
     "environment",
     "fit_slope",

@@ -39,6 +39,7 @@ from frugal.paged_kv_cache import kv_footprint
 
 from .builtin import _rotating
 from .registry import Target, sweep
+from .timing import read_bandwidth
 
 HQ, HKV, D, BLOCK_SIZE = 32, 8, 128, 16
 WINDOW = 4096
@@ -222,6 +223,16 @@ def _notes(batch, xs, window, names, memory):
     return notes
 
 
+def _read_fraction(rows, device):
+    """The paged rows' GB/s against the machine's pure read bandwidth, measured now: the copy
+    bandwidth the targets use counts reads and writes, and swings with the host's load."""
+    gbps = read_bandwidth(device)
+    paged = ", ".join(f"{r.x}: {100 * r.gbps / gbps:.0f}%" for r in rows
+                      if r.candidate == "paged" and r.gbps)
+    return {"read bandwidth": f"{gbps:.1f} GB/s (float32 sum over 256 MiB, measured after the "
+                              f"timings); paged reaches, by context, {paged} of it"}
+
+
 def _decode_sweep(name, batch, xs, quick, targets=(), window=None, names=CANDIDATES,
                   memory=False):
     params = {"B": batch, "Hq": HQ, "Hkv": HKV, "D": D, "block_size": BLOCK_SIZE}
@@ -240,6 +251,7 @@ def _decode_sweep(name, batch, xs, quick, targets=(), window=None, names=CANDIDA
         memory_bound=True,
         params=params,
         notes=_notes(batch, xs, window, names, memory),
+        summary=_read_fraction if memory else None,
         targets=tuple(targets),
         description=f"Paged decode attention, B={batch} {what}(Hq=32 Hkv=8 D=128), vs SDPA on "
                     "a contiguous cache" + (" and gather-then-SDPA" if "gather_sdpa" in names

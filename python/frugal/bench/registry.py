@@ -83,7 +83,7 @@ class Sweep:
         Speedups the run checks and prints a PASS/FAIL line for.
     slope_targets : sequence of SlopeTarget
         Bounds on scaling exponents the run checks likewise.
-    summary : callable ``rows -> dict``, optional
+    summary : callable ``rows -> dict`` or ``(rows, device) -> dict``, optional
         Facts derived from the measured rows (a break-even point, ...), added to the notes.
     description : str
         One line for ``frugal bench --list``.

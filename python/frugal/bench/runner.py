@@ -241,7 +241,7 @@ def _result(sweep, times, copy_gbps, device):
                       if t.device == device.type and t.candidate in slopes]
     notes = sweep.notes(device) if sweep.notes else {}
     if sweep.summary:
-        notes.update(sweep.summary(rows))
+        notes.update(_count(sweep.summary, rows, device))
     return SweepResult(sweep, rows, slopes, notes, verdicts, slope_verdicts)
 
 
@@ -273,7 +273,8 @@ def _time_candidates(sweep, x, device, timer, bar, rounds=1):
 
 
 def _count(fn, x, device):
-    """A sweep's nbytes or flops at x: ``fn(x)``, or ``fn(x, device)`` when fn takes two."""
+    """A sweep's nbytes, flops (or summary of rows) at x: ``fn(x)``, or ``fn(x, device)`` when
+    fn takes two."""
     params = inspect.signature(fn).parameters.values()
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return fn(x, device) if len(positional) >= 2 else fn(x)

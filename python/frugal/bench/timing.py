@@ -66,3 +66,14 @@ def copy_bandwidth(device, *, nbytes=256 << 20, timer=None):
     dst = torch.empty_like(src)
     ms = timer(lambda: dst.copy_(src))
     return 2 * nbytes / ms / 1e6
+
+
+def read_bandwidth(device, *, nbytes=256 << 20, timer=None):
+    """Memory bandwidth of a pure read (``src.sum()`` over ``nbytes`` of float32) on ``device``
+    in GB/s: the ceiling of a kernel that only reads, such as decode attention over a KV-cache.
+    """
+    device = torch.device(device)
+    timer = timer or default_timer(device)
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    ms = timer(lambda: src.sum())
+    return nbytes / ms / 1e6
