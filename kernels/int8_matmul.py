@@ -55,7 +55,6 @@ aligned or not) and ``int8_mm_unaligned`` (int8 or fp16/bf16 A when not ALIGNED)
 ``split_k`` > 1 may split K. ``check_specs()`` lists every compilation the launchers may pick.
 """
 
-import functools
 
 import torch
 import triton
@@ -63,10 +62,11 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import configs
+from ._launch import device_name as _device_name
+from ._launch import num_sms as _num_sms
 
 INT8_MAX_K = 131071  # 128 * 128 * K < 2**31: int32 accumulation of int8 products is exact
 _PROGRAMS_PER_SM = 2  # split-K aims at this many programs per SM
-_DEFAULT_SMS = 132  # H100 SXM: the split heuristic's SM count off a GPU (the interpreter)
 _ALIGN = 16  # elements (K, row strides) and bytes (base addresses)
 
 
@@ -178,21 +178,6 @@ def _mm_kernel(
 
 
 # ----------------------------------------------------------------------------- launchers
-
-def _device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else None
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_sms(index):
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _num_sms(device):
-    if device.type == "cuda":
-        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
-    return _DEFAULT_SMS
-
 
 def _k_contiguous(t):
     return t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous()

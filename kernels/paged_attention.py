@@ -96,15 +96,19 @@ Configs are data (``configs/default.json``, bucketed on D): ``paged_attention`` 
 every compilation the launchers may ask for.
 """
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
 from . import configs
+from ._launch import ALIGN as _ALIGN
+from ._launch import aligned as _aligned
+from ._launch import aligned_strides as _aligned_strides
+from ._launch import device_files as _device_files
+from ._launch import device_name as _device_name
+from ._launch import head_block
+from ._launch import num_sms as _num_sms
 from .quantize import _FLT_MAX, _round_half_even
 
 BLOCK_G = 16  # query rows per program: the smallest tensor-core tile M
@@ -113,8 +117,6 @@ MAX_HEAD_DIM = 256
 # fp32 q runs the prefill dots as tf32x3, whose split operands spill registers past this.
 PREFILL_FP32_MAX_HEAD_DIM = 128
 _LOG2E = 1.4426950408889634
-_DEFAULT_SMS = 132  # H100 SXM: the split heuristic's SM count off a GPU (the interpreter)
-_ALIGN = 16
 
 _ATTN_INTS = ["window", "partition", "num_splits", "Hkv", "G", "D", "page_size", "stride_tb",
               "stride_qb", "stride_qh", "stride_kb", "stride_ko", "stride_kh", "stride_vb",
@@ -434,38 +436,6 @@ def _paged_append_kernel(
 
 # ----------------------------------------------------------------------------- launchers
 
-def _device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else None
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_sms(index):
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _num_sms(device):
-    if device.type == "cuda":
-        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
-    return _DEFAULT_SMS
-
-
-def head_block(D):
-    """BLOCK_D of head dim D: a power of two >= 32 (D = 96 runs in a masked 128)."""
-    return max(32, triton.next_power_of_2(D))
-
-
-def _aligned_strides(t, dims):
-    return all(t.stride(i) % _ALIGN == 0 for i in dims if t.shape[i] > 1)
-
-
-def _aligned(t):
-    """t [..., D] with unit stride in D and every other stride a multiple of 16 elements (a
-    copy when it is not); D itself is a multiple of 16."""
-    if (t.shape[-1] <= 1 or t.stride(-1) == 1) and _aligned_strides(t, range(t.dim() - 1)):
-        return t
-    return t.contiguous()
-
-
 def unsupported(k_cache, v_cache, k_scale=None, v_scale=None):
     """Why these caches cannot go through the Triton kernels (None when they can)."""
     D = k_cache.shape[3]
@@ -629,13 +599,6 @@ def paged_append(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=Non
 # ----------------------------------------------------------------------------- check specs
 
 _PTR = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32", "i8": "*i8"}
-
-
-def _device_files():
-    """None (default.json) and the device name of every GPU-specific config file."""
-    names = sorted(f[:-5] for f in os.listdir(os.path.dirname(configs.__file__))
-                   if f.endswith(".json") and f != "default.json")
-    return [None, *names]
 
 
 def _picks(table):

@@ -11,6 +11,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import configs
+from ._launch import device_name as _device_name
 
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
@@ -60,10 +61,6 @@ def _quantize_per_token_kernel(
             r = tl.minimum(tl.maximum(tl.div_rn(x, divisor), -127.0), 127.0)
             q = tl.where(zero, 0.0, _round_half_even(r)).to(tl.int8)
             tl.store(q_row + k0 + offs, q, mask=m)
-
-
-def _device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else None
 
 
 def pick_config(K, device):

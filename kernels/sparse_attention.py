@@ -73,7 +73,10 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import configs
-from .paged_attention import _aligned, _device_files, _device_name, head_block
+from ._launch import aligned as _aligned
+from ._launch import device_files as _device_files
+from ._launch import device_name as _device_name
+from ._launch import head_block
 
 HEAD_DIMS = (32, 64, 96, 128, 256)
 BLOCK_SIZES = (64, 128)  # mask block sizes the launchers accept (BQ and BK)
