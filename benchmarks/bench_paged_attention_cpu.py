@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import frugal
+from frugal.paged_kv_cache import empty_cache
 
 MiB = 1 << 20
 ROTATE_BYTES = 128 * MiB
@@ -62,8 +63,11 @@ class Case:
         self.paged, self.dense = [], []
         for _ in range(copies):
             nb = B * per_seq
-            k = torch.randn(nb, bs, Hkv, D, generator=gen).to(dtype)
-            v = torch.randn(nb, bs, Hkv, D, generator=gen).to(dtype)
+            # Allocated as PagedKVCache allocates its storage (huge pages where the OS allows).
+            k = empty_cache((nb, bs, Hkv, D), dtype, "cpu")
+            k.copy_(torch.randn(nb, bs, Hkv, D, generator=gen))
+            v = empty_cache((nb, bs, Hkv, D), dtype, "cpu")
+            v.copy_(torch.randn(nb, bs, Hkv, D, generator=gen))
             tables = torch.full((B, first + per_seq), -1, dtype=torch.int32)
             tables[:, first:] = torch.randperm(nb, generator=gen).reshape(B, per_seq).int()
             q = torch.randn(B, Hq, D, generator=gen).to(dtype)
@@ -71,8 +75,11 @@ class Case:
             self.paged.append((q, k, v, tables, lens))
             if dense:
                 idx = tables.long().clamp(min=0)
-                kd = k[idx].reshape(B, -1, Hkv, D)[:, :L].transpose(1, 2).contiguous()
-                vd = v[idx].reshape(B, -1, Hkv, D)[:, :L].transpose(1, 2).contiguous()
+                # The contiguous baselines get the same kind of pages.
+                kd = empty_cache((B, Hkv, L, D), dtype, "cpu")
+                kd.copy_(k[idx].reshape(B, -1, Hkv, D)[:, :L].transpose(1, 2))
+                vd = empty_cache((B, Hkv, L, D), dtype, "cpu")
+                vd.copy_(v[idx].reshape(B, -1, Hkv, D)[:, :L].transpose(1, 2))
                 self.dense.append((q[:, :, None], kd, vd))
         self.scale = D**-0.5
 
@@ -89,8 +96,11 @@ class Case:
             return F.scaled_dot_product_attention(q, k, v, scale=self.scale, enable_gqa=True)
 
         if repeat:
-            dense = [(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1))
-                     for q, k, v in self.dense]
+            def repeated(x):
+                out = empty_cache((x.shape[0], x.shape[1] * g, *x.shape[2:]), x.dtype, "cpu")
+                return out.copy_(x.repeat_interleave(g, 1))
+
+            dense = [(q, repeated(k), repeated(v)) for q, k, v in self.dense]
         else:
             dense = self.dense
         return [lambda a=a: call(*a) for a in dense]

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "cpu/isa.h"
+#include "cpu/memory.h"
 
 TORCH_LIBRARY(frugal, m) {
   // Symmetric per-row int8 quantization over the last dim: scale = absmax / 127,
@@ -100,11 +101,28 @@ PyObject* set_cpu_isa(PyObject*, PyObject* arg) {
   return PyUnicode_FromString(frugal::cpu::isa_name(frugal::cpu::set_isa(isa)));
 }
 
+// advise_huge_pages(address, nbytes) -> bool: see frugal::cpu::advise_huge_pages.
+PyObject* advise_huge_pages(PyObject*, PyObject* args) {
+  unsigned long long address = 0;
+  long long nbytes = 0;
+  if (!PyArg_ParseTuple(args, "KL", &address, &nbytes)) return nullptr;
+  if (nbytes < 0) {
+    PyErr_Format(PyExc_ValueError, "advise_huge_pages: nbytes must be >= 0; got %lld", nbytes);
+    return nullptr;
+  }
+  const bool done = frugal::cpu::advise_huge_pages(
+      reinterpret_cast<void*>(static_cast<uintptr_t>(address)), static_cast<int64_t>(nbytes));
+  return PyBool_FromLong(done);
+}
+
 PyMethodDef methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS, "CPU instruction set the C++ kernels use now."},
     {"detected_cpu_isa", detected_cpu_isa, METH_NOARGS, "Widest instruction set this CPU has."},
     {"set_cpu_isa", set_cpu_isa, METH_O,
      "Use a narrower instruction set (clamped to the CPU's); returns the one in force."},
+    {"advise_huge_pages", advise_huge_pages, METH_VARARGS,
+     "advise_huge_pages(address, nbytes) -> bool: mark the 2 MiB-aligned interior of a CPU "
+     "buffer of at least 8 MiB for transparent huge pages (Linux madvise); True if marked."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "frugal's compiled kernels", -1, methods};

@@ -983,3 +983,40 @@ CacheMachine.TestCase.settings = settings(
     max_examples=200, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 test_cache_machine = CacheMachine.TestCase
+
+
+# -- cache storage ---------------------------------------------------------------------------
+
+def _thp_mode():
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return None
+
+
+def test_advise_huge_pages_marks_large_buffers_only():
+    from frugal import _ext
+
+    ext = _ext.ext()
+    big = torch.empty(16 << 20, dtype=torch.uint8)
+    small = torch.empty(4 << 20, dtype=torch.uint8)
+    assert ext.advise_huge_pages(small.data_ptr(), small.numel()) is False
+    assert ext.advise_huge_pages(big.data_ptr(), 0) is False
+    # madvise(MADV_HUGEPAGE) succeeds wherever the kernel has transparent huge pages at all.
+    if _thp_mode() in ("madvise", "always"):
+        assert ext.advise_huge_pages(big.data_ptr(), big.numel()) is True
+    with pytest.raises(ValueError, match=r"advise_huge_pages: nbytes must be >= 0; got -1"):
+        ext.advise_huge_pages(big.data_ptr(), -1)
+    with pytest.raises(TypeError):
+        ext.advise_huge_pages("not an address", 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
+def test_cache_storage_is_zeroed_and_shaped(dtype):
+    # 2 * 9 MiB or more per cache: past the huge-page threshold, so the hinted path runs.
+    cache = PagedKVCache(2, 1152, 16, 4, 128, dtype=dtype)
+    for t in (cache.k_cache, cache.v_cache):
+        assert t.shape == (2, 1152, 16, 4, 128) and t.dtype == dtype and t.is_contiguous()
+        assert t.numel() * t.element_size() >= 8 << 20
+        assert int(t.count_nonzero()) == 0

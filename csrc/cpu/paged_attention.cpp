@@ -220,25 +220,36 @@ FRUGAL_TARGET_AVX512 inline __m128 hsum4(__m512 a0, __m512 a1, __m512 a2, __m512
 
 // Scores of query heads [g0, g0 + GN) for tokens [i0, i0 + TN) of the tile: each K chunk and
 // each q chunk is loaded once for the TN x GN independent dot products.
+// One 16-wide chunk of the scores block at d, its K loads masked to m.
+template <int GN, int TN, typename T>
+FRUGAL_TARGET_AVX512 inline void scores_chunk_avx512(__m512* a, const T* const* kr, const float* q,
+                                                     int64_t Dp, int64_t d, __mmask16 m) {
+  __m512 kv[TN];
+#pragma GCC unroll 4
+  for (int i = 0; i < TN; ++i) kv[i] = load16(kr[i] + d, m);
+#pragma GCC unroll 4
+  for (int j = 0; j < GN; ++j) {
+    const __m512 qv = _mm512_loadu_ps(q + j * Dp + d);
+#pragma GCC unroll 4
+    for (int i = 0; i < TN; ++i) a[i * GN + j] = _mm512_fmadd_ps(qv, kv[i], a[i * GN + j]);
+  }
+}
+
 template <int GN, int TN, typename T>
 FRUGAL_TARGET_AVX512 inline void scores_block_avx512(State& st, const Tile<T>& t, int64_t g0,
                                                      int i0) {
   const float* q = st.q + g0 * st.Dp;
+  const int64_t Dp = st.Dp, full = st.D & ~int64_t{15};
+  // Row pointers in locals, full chunks unmasked: the loop body is loads and FMAs only.
+  const T* kr[TN];
+#pragma GCC unroll 4
+  for (int i = 0; i < TN; ++i) kr[i] = t.k[i0 + i];
   __m512 a[TN * GN];
 #pragma GCC unroll 16
   for (int x = 0; x < TN * GN; ++x) a[x] = _mm512_setzero_ps();
-  for (int64_t d = 0; d < st.D; d += 16) {
-    const __mmask16 m = lanes16(st.D - d);
-    __m512 kv[TN];
-#pragma GCC unroll 4
-    for (int i = 0; i < TN; ++i) kv[i] = load16(t.k[i0 + i] + d, m);
-#pragma GCC unroll 4
-    for (int j = 0; j < GN; ++j) {
-      const __m512 qv = _mm512_loadu_ps(q + j * st.Dp + d);
-#pragma GCC unroll 4
-      for (int i = 0; i < TN; ++i) a[i * GN + j] = _mm512_fmadd_ps(qv, kv[i], a[i * GN + j]);
-    }
-  }
+  for (int64_t d = 0; d < full; d += 16)
+    scores_chunk_avx512<GN, TN>(a, kr, q, Dp, d, __mmask16(0xFFFF));
+  if (full < st.D) scores_chunk_avx512<GN, TN>(a, kr, q, Dp, full, lanes16(st.D - full));
 #pragma GCC unroll 4
   for (int j = 0; j < GN; ++j) {
     float* s = st.s + (g0 + j) * kTile + i0;
@@ -273,13 +284,17 @@ FRUGAL_TARGET_AVX512 inline void accumulate_block_avx512(State& st, const Tile<T
 #pragma GCC unroll 8
     for (int c = 0; c < DB; ++c) a[j * DB + c] = _mm512_loadu_ps(acc + j * st.Dp + 16 * c);
   }
-  for (int i = 0; i < t.n; ++i) {
+  // Masks only where a chunk runs past D (its tail); full chunks load unmasked.
+  const bool full = m[DB - 1] == 0xFFFF;
+  const int n = t.n;
+  for (int i = 0; i < n; ++i) {
+    const T* vr = t.v[i] + 16 * c0;
     __m512 pv[GN];
 #pragma GCC unroll 8
     for (int j = 0; j < GN; ++j) pv[j] = _mm512_set1_ps(p[j * kTile + i]);
 #pragma GCC unroll 8
     for (int c = 0; c < DB; ++c) {
-      const __m512 vv = load16(t.v[i] + 16 * (c0 + c), m[c]);
+      const __m512 vv = full ? load16(vr + 16 * c, __mmask16(0xFFFF)) : load16(vr + 16 * c, m[c]);
 #pragma GCC unroll 8
       for (int j = 0; j < GN; ++j) a[j * DB + c] = _mm512_fmadd_ps(pv[j], vv, a[j * DB + c]);
     }

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import frugal
-from frugal.paged_kv_cache import kv_footprint
+from frugal.paged_kv_cache import empty_cache, kv_footprint
 
 from .builtin import _rotating
 from .registry import Target, sweep
@@ -102,8 +102,9 @@ class DecodeProblem:
         per_seq = width - first
         num_blocks = batch * per_seq
         shape = (num_blocks, block_size, hkv, d)
-        self.k_cache = torch.randn(shape, generator=gen, device=device, dtype=dtype)
-        self.v_cache = torch.randn(shape, generator=gen, device=device, dtype=dtype)
+        # Allocated as PagedKVCache allocates its storage (huge pages on the CPU).
+        self.k_cache = empty_cache(shape, dtype, device).normal_(generator=gen)
+        self.v_cache = empty_cache(shape, dtype, device).normal_(generator=gen)
         perm = torch.randperm(num_blocks, generator=gen, device=device)
         self.tables = torch.full((batch, width), -1, dtype=torch.int32, device=device)
         self.tables[:, first:] = perm.reshape(batch, per_seq).int()
@@ -120,7 +121,8 @@ class DecodeProblem:
     def _contiguous(self, cache):
         # One sequence at a time: the temporary is one sequence's blocks, not the whole cache.
         n = self.context - self.lo
-        out = torch.empty(self.batch, self.hkv, n, self.d, dtype=cache.dtype, device=cache.device)
+        # The same allocation as the paged cache, so the baselines read the same kind of pages.
+        out = empty_cache((self.batch, self.hkv, n, self.d), cache.dtype, cache.device)
         blocks = self._blocks.reshape(self.batch, -1).long()
         for b in range(self.batch):
             rows = cache[blocks[b]].reshape(-1, self.hkv, self.d)[self._start:self._start + n]
