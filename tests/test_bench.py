@@ -460,3 +460,37 @@ def test_summary_may_take_the_device():
     sweep = _synthetic(summary=lambda rows, device: seen.append(device) or {"n": len(rows)})
     (result,) = _run(sweep).results
     assert seen == [torch.device("cpu")] and result.notes["n"] == 3 * len(XS)
+
+
+def test_copy_is_timed_with_each_x_and_fractions_use_it(monkeypatch):
+    # With no copy_gbps the copy runs in every round of every x, after the candidates, and each
+    # x's fractions are against the best copy of that x.
+    order = []
+    copy_ms = {64: [4.0, 2.0], 128: [1.0, 8.0]}  # per x, per round: best 2.0 and 1.0 ms
+    state = {"x": None}
+
+    def setup(x, device):
+        state["x"] = x
+        return {name: (lambda n=name, f=fn: (order.append((x, n)), f())[1])
+                for name, fn in _synthetic_setup(x, device).items()}
+
+    def fake_copy(device, nbytes=256 << 20):
+        def fn():
+            x = state["x"]
+            order.append((x, "copy"))
+            return copy_ms[x][sum(1 for o in order if o == (x, "copy")) - 1]
+        return fn, 2e6  # 2e6 bytes counted: 1 GB/s at 2 ms, 2 GB/s at 1 ms
+
+    monkeypatch.setattr(bench.runner, "copy_fn", fake_copy)
+    run = bench.run([_synthetic(setup=setup, targets=())], "cpu", quick=True, timer=fake_timer,
+                    progress=False, rounds=2)
+    (result,) = run.results
+    assert order == [(x, n) for x in (64, 128) for _ in range(2)
+                     for n in ("linear", "quadratic", "dense", "copy")]
+    assert result.copy_by_x == pytest.approx({64: 1.0, 128: 2.0})
+    assert run.copy_gbps == pytest.approx(2.0)  # the best of the run
+    rows = {(r.x, r.candidate): r for r in result.rows}
+    assert rows[64, "linear"].copy_fraction == pytest.approx(rows[64, "linear"].gbps / 1.0)
+    assert rows[128, "linear"].copy_fraction == pytest.approx(rows[128, "linear"].gbps / 2.0)
+    assert "timed at each tokens in the same rounds as the candidates" in run.markdown()
+    assert run.record()["sweeps"][0]["copy_gbps_by_x"] == pytest.approx({"64": 1.0, "128": 2.0})

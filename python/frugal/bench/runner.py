@@ -19,14 +19,14 @@ from matplotlib.ticker import NullLocator
 from tqdm import tqdm
 
 from .registry import SlopeTarget, Sweep, Target
-from .timing import copy_bandwidth, default_timer
+from .timing import copy_fn, default_timer
 
 
 @dataclasses.dataclass
 class Row:
     """One candidate at one x. ``speedup`` is baseline time / time; the throughputs are None
     when the sweep gives no byte (or FLOP) count; ``copy_fraction`` is GB/s over the device's
-    copy bandwidth, for memory-bound sweeps."""
+    copy bandwidth at the same x (see :func:`run`), for memory-bound sweeps."""
 
     x: int
     candidate: str
@@ -82,6 +82,8 @@ class SweepResult:
     notes: dict
     verdicts: List[Verdict]
     slope_verdicts: List[SlopeVerdict] = dataclasses.field(default_factory=list)
+    # Memory-bound sweeps: the copy bandwidth each x's copy fractions are against (GB/s).
+    copy_by_x: Dict[int, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -180,15 +182,20 @@ def run(sweeps, device=None, *, quick=False, timer=None, copy_gbps=None, progres
     timer : callable ``fn -> milliseconds``, optional
         Defaults to :func:`~frugal.bench.timing.default_timer` for the device.
     copy_gbps : float, optional
-        The device's copy bandwidth; measured when a sweep is memory-bound and this is None.
+        The device's copy bandwidth, for every x of every memory-bound sweep. When None it is
+        measured: at each x of a memory-bound sweep a 256 MiB ``dst.copy_(src)`` is timed in
+        the same interleaved rounds as the candidates, and that x's copy fractions are against
+        it. On a shared machine whose memory bandwidth swings from minute to minute (cloud
+        VMs), a kernel and the copy it is compared with then see the same conditions, rather
+        than a kernel timed in a slow minute being held to a copy timed in a fast one, or the
+        reverse. ``BenchRun.copy_gbps`` is the best copy of the run.
     progress : bool
         Show a progress bar on stderr.
     rounds : int, optional
         Time the candidates of each x this many times, interleaved (a, b, c, a, b, c, ...),
         and keep each one's fastest round: a burst of load from another process then slows
         one round of every candidate rather than one candidate. Default 2 on CPU (a shared
-        machine), 1 on CUDA. The copy bandwidth is likewise the best of one measurement per
-        memory-bound sweep.
+        machine), 1 on CUDA. The copy is timed the same way.
 
     Returns
     -------
@@ -206,25 +213,34 @@ def run(sweeps, device=None, *, quick=False, timer=None, copy_gbps=None, progres
     timed = []
     with tqdm(total=total, file=sys.stderr, disable=not progress, leave=False) as bar:
         for s in sweeps:
-            if measured and s.memory_bound:
-                bar.set_postfix_str("copy bandwidth")
-                copy_gbps = max(copy_gbps or 0.0, copy_bandwidth(device, timer=timer))
-            timed.append((s, _time_sweep(s, device, quick, timer, bar, rounds)))
-    # Fractions of copy bandwidth are against the best measurement of the run.
-    results = [_result(s, times, copy_gbps, device) for s, times in timed]
+            xs = s.quick if quick else s.xs
+            copy = None
+            if s.memory_bound:
+                copy = copy_fn(device) if measured else (None, copy_gbps)
+            times, copies = _time_sweep(s, xs, device, timer, bar, rounds, copy)
+            timed.append((s, times, copies))
+    if measured:
+        copy_gbps = max((g for _, _, c in timed for g in c.values()), default=None)
+    results = [_result(s, times, copies, device) for s, times, copies in timed]
     return BenchRun(env, copy_gbps, results)
 
 
-def _time_sweep(sweep, device, quick, timer, bar, rounds=1):
-    times = {}
-    for x in sweep.quick if quick else sweep.xs:
-        times.update(_time_candidates(sweep, x, device, timer, bar, rounds))
+def _time_sweep(sweep, xs, device, timer, bar, rounds=1, copy=None):
+    """Times and, with ``copy`` = (fn, counted bytes), the copy GB/s at each x; ``copy`` =
+    (None, gbps) gives every x that bandwidth."""
+    times, copies = {}, {}
+    for x in xs:
+        t, copy_ms = _time_candidates(sweep, x, device, timer, bar, rounds,
+                                      copy[0] if copy else None)
+        times.update(t)
+        if copy is not None:
+            copies[x] = copy[1] / copy_ms / 1e6 if copy[0] is not None else copy[1]
         bar.update()
-    return times
+    return times, copies
 
 
-def _result(sweep, times, copy_gbps, device):
-    rows = [_row(sweep, x, name, ms, times, copy_gbps, device)
+def _result(sweep, times, copies, device):
+    rows = [_row(sweep, x, name, ms, times, copies.get(x), device)
             for (x, name), ms in times.items()]
     curves = {}
     for row in rows:
@@ -242,7 +258,7 @@ def _result(sweep, times, copy_gbps, device):
     notes = sweep.notes(device) if sweep.notes else {}
     if sweep.summary:
         notes.update(_count(sweep.summary, rows, device))
-    return SweepResult(sweep, rows, slopes, notes, verdicts, slope_verdicts)
+    return SweepResult(sweep, rows, slopes, notes, verdicts, slope_verdicts, dict(copies))
 
 
 def _target_slope(target, rows):
@@ -256,20 +272,26 @@ def _versus(sweep, target):
     return x, target.versus or sweep.baseline
 
 
-def _time_candidates(sweep, x, device, timer, bar, rounds=1):
+def _time_candidates(sweep, x, device, timer, bar, rounds=1, copy=None):
+    """({(x, name): best ms}, best ms of ``copy`` or None): every candidate, then the copy (if
+    given), in each of ``rounds`` interleaved rounds."""
     # A function of its own so that x's inputs are freed before the next, larger ones exist.
     candidates = sweep.setup(x, device)
     if sweep.baseline not in candidates:
         raise ValueError(f"sweep {sweep.name!r}: setup({x}, {device}) must return the "
                          f"baseline {sweep.baseline!r}; got {', '.join(candidates)}")
-    times = {}
+    times, copy_ms = {}, None
     for r in range(rounds):
-        for name, fn in candidates.items():
-            bar.set_postfix_str(f"{sweep.name} {sweep.x_name}={x} {name}"
+        steps = list(candidates.items()) + ([(None, copy)] if copy is not None else [])
+        for name, fn in steps:
+            bar.set_postfix_str(f"{sweep.name} {sweep.x_name}={x} {name or 'copy bandwidth'}"
                                 + (f" (round {r + 1}/{rounds})" if rounds > 1 else ""))
             ms = timer(fn)
-            times[x, name] = min(ms, times.get((x, name), ms))
-    return times
+            if name is None:
+                copy_ms = ms if copy_ms is None else min(ms, copy_ms)
+            else:
+                times[x, name] = min(ms, times.get((x, name), ms))
+    return times, copy_ms
 
 
 def _count(fn, x, device):
@@ -319,7 +341,18 @@ def _sweep_markdown(result, env, copy_gbps):
     title = f"### {sweep.name} on {env['device']} ({env['device_name']})"
     lines = [title + (f": {_params(sweep)}" if sweep.params else "")]
     if sweep.memory_bound:
-        lines.append(f"Memory-bound; copy bandwidth {copy_gbps:.1f} GB/s (read + write).")
+        by_x = result.copy_by_x
+        lo, hi = (min(by_x.values()), max(by_x.values())) if by_x else (copy_gbps, copy_gbps)
+        if lo is None:
+            lines.append("Memory-bound.")
+        elif lo == hi:
+            lines.append(f"Memory-bound; copy bandwidth {hi:.1f} GB/s (read + write).")
+        else:
+            each = ", ".join(f"{x}: {g:.1f}" for x, g in sorted(by_x.items()))
+            lines.append(f"Memory-bound; copy bandwidth (read + write) timed at each "
+                         f"{sweep.x_name} in the same rounds as the candidates, % copy bw "
+                         f"against the copy at the same {sweep.x_name}: {lo:.1f} to {hi:.1f} "
+                         f"GB/s ({each}).")
     lines += [f"- {k}: {v}" for k, v in result.notes.items()]
     columns = [sweep.x_name, "candidate", "ms", "speedup"]
     if sweep.nbytes:
@@ -381,6 +414,7 @@ def _sweep_record(result):
                     for v in result.verdicts],
         "slope_targets": [{**dataclasses.asdict(v.target), "slope": v.slope,
                            "passed": v.passed} for v in result.slope_verdicts],
+        "copy_gbps_by_x": {str(x): g for x, g in sorted(result.copy_by_x.items())},
     }
 
 

@@ -48,6 +48,15 @@ def default_timer(device):
     return time_cuda if torch.device(device).type == "cuda" else time_cpu
 
 
+def copy_fn(device, *, nbytes=256 << 20):
+    """``(fn, counted)``: a callable doing ``dst.copy_(src)`` of ``nbytes`` on ``device`` and the
+    bytes it counts (read + written, ``2 * nbytes``): time it, and counted / time is the copy
+    bandwidth."""
+    src = torch.ones(nbytes, dtype=torch.uint8, device=torch.device(device))
+    dst = torch.empty_like(src)
+    return (lambda: dst.copy_(src)), 2 * nbytes
+
+
 def copy_bandwidth(device, *, nbytes=256 << 20, timer=None):
     """Memory bandwidth of ``dst.copy_(src)`` on ``device`` in GB/s, counting the bytes read
     and the bytes written.
@@ -62,10 +71,8 @@ def copy_bandwidth(device, *, nbytes=256 << 20, timer=None):
     """
     device = torch.device(device)
     timer = timer or default_timer(device)
-    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    ms = timer(lambda: dst.copy_(src))
-    return 2 * nbytes / ms / 1e6
+    fn, counted = copy_fn(device, nbytes=nbytes)
+    return counted / timer(fn) / 1e6
 
 
 def read_bandwidth(device, *, nbytes=256 << 20, timer=None):
