@@ -52,6 +52,7 @@
 #include <vector>
 
 #include "cpu/isa.h"
+#include "cpu/vec_math.h"
 
 #if FRUGAL_X86
 #include <immintrin.h>
@@ -161,31 +162,7 @@ void tile_scalar(State& st, const Tile<T>& t) {
 
 #if FRUGAL_X86
 
-// exp(x) for x <= 0 (NaN stays NaN): 2^n * exp(r) with n = round(x log2 e) and r = x - n ln 2
-// (ln 2 in two parts, Cody-Waite), exp(r) by the Cephes expf polynomial. Checked against a
-// correctly rounded exp on every float in [-87, 0]: at most 1 ulp off, in both versions. Inputs
-// below -87 give exp(-87) ~ 1.6e-38: only ever a weight beside the weight 1 of the running max, or
-// a factor of a zero accumulator.
-constexpr float kExpMin = -87.0f;
-constexpr float kLog2e = 1.44269504088896341f;
-constexpr float kLn2Hi = 0.693359375f;
-constexpr float kLn2Lo = -2.12194440e-4f;
-constexpr float kExpP[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
-                            4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
-
 // --- AVX-512 ---
-
-FRUGAL_TARGET_AVX512 inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(kExpMin), x);  // operand order keeps NaN
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
-  __m512 p = _mm512_set1_ps(kExpP[0]);
-  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP[i]));
-  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(y, n);
-}
 
 FRUGAL_TARGET_AVX512 inline __m512 load16(const float* p, __mmask16 m) {
   return m == 0xFFFF ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p);
@@ -335,9 +312,9 @@ FRUGAL_TARGET_AVX512 void softmax_avx512(State& st, const Tile<T>& t) {
     x = _mm512_mask_mov_ps(_mm512_set1_ps(-kInf), live, x);
     const float m_old = st.m[g];
     const float m_new = std::max(m_old, _mm512_reduce_max_ps(x));
-    __m512 p = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(x, _mm512_set1_ps(m_new))));
+    __m512 p = _mm512_maskz_mov_ps(live, exp16_clamped(_mm512_sub_ps(x, _mm512_set1_ps(m_new))));
     const float alpha =
-        m_new == m_old ? 1.0f : _mm512_cvtss_f32(exp16(_mm512_set1_ps(m_old - m_new)));
+        m_new == m_old ? 1.0f : _mm512_cvtss_f32(exp16_clamped(_mm512_set1_ps(m_old - m_new)));
     st.l[g] = st.l[g] * alpha + _mm512_reduce_add_ps(p);
     st.m[g] = m_new;
     if (kInt8) p = _mm512_maskz_mul_ps(live, p, _mm512_loadu_ps(t.v_scale));
@@ -384,21 +361,6 @@ FRUGAL_TARGET_AVX512 void tile_avx512(State& st, const Tile<T>& t) {
 }
 
 // --- AVX2 ---
-
-FRUGAL_TARGET_AVX2 inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(_mm256_set1_ps(kExpMin), x);  // operand order keeps NaN
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
-  __m256 p = _mm256_set1_ps(kExpP[0]);
-  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP[i]));
-  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
-  // n >= -126 (x >= -87): 2^n is a normal float built from its exponent bits.
-  const __m256i e =
-      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
 
 FRUGAL_TARGET_AVX2 inline float hsum8(__m256 x) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
@@ -499,9 +461,9 @@ FRUGAL_TARGET_AVX2 void softmax_avx2(State& st, const Tile<T>& t) {
     const float m_new = std::max(m_old, hmax8(_mm256_max_ps(x[0], x[1])));
     __m256 p[2];
     for (int h = 0; h < 2; ++h)
-      p[h] = _mm256_and_ps(live[h], exp8(_mm256_sub_ps(x[h], _mm256_set1_ps(m_new))));
+      p[h] = _mm256_and_ps(live[h], exp8_clamped(_mm256_sub_ps(x[h], _mm256_set1_ps(m_new))));
     const float alpha =
-        m_new == m_old ? 1.0f : _mm256_cvtss_f32(exp8(_mm256_set1_ps(m_old - m_new)));
+        m_new == m_old ? 1.0f : _mm256_cvtss_f32(exp8_clamped(_mm256_set1_ps(m_old - m_new)));
     st.l[g] = st.l[g] * alpha + hsum8(_mm256_add_ps(p[0], p[1]));
     st.m[g] = m_new;
     for (int h = 0; h < 2; ++h) {

@@ -57,6 +57,7 @@
 #include <vector>
 
 #include "cpu/isa.h"
+#include "cpu/vec_math.h"
 #include "cpu/memory.h"
 
 #if FRUGAL_X86
@@ -70,30 +71,6 @@ namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr int kFlagBand = 1, kFlagPrefix = 2, kFlagDoc = 4, kFlagBits = 8;
-
-// exp(x) for x <= 0 (and -inf): 2^n * p(r), n = round(x log2 e), r = x - n ln 2 (Cody-Waite), p
-// the Cephes expf polynomial (<= 1 ulp on [-87, 0]); exactly 0 below -87 (so exp(-inf) = 0).
-constexpr float kExpMin = -87.0f;
-constexpr float kLog2e = 1.44269504088896341f;
-constexpr float kLn2Hi = 0.693359375f;
-constexpr float kLn2Lo = -2.12194440e-4f;
-constexpr float kExpP[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
-                            4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
-
-// Scalar form, written so that compilers vectorize loops over it.
-inline float exp_neg(float x) {
-  const float xc = x < kExpMin ? kExpMin : x;
-  const float n = std::floor(xc * kLog2e + 0.5f);
-  float r = xc - n * kLn2Hi;
-  r = r - n * kLn2Lo;
-  float p = kExpP[0];
-  for (int i = 1; i < 6; ++i) p = p * r + kExpP[i];
-  const float y = p * (r * r) + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(two_n));
-  return x < kExpMin ? 0.0f : y * two_n;
-}
 
 template <typename T>
 inline float to_float(T x) {
@@ -453,19 +430,6 @@ FRUGAL_TARGET_AVX2 FRUGAL_FLATTEN void probs_grad_avx2(float* st, const float* d
 
 // --- AVX-512 ---
 
-FRUGAL_TARGET_AVX512 inline __m512 exp16(__m512 x) {
-  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpMin), _CMP_GE_OQ);
-  x = _mm512_max_ps(_mm512_set1_ps(kExpMin), x);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
-  __m512 p = _mm512_set1_ps(kExpP[0]);
-  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP[i]));
-  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
-  return _mm512_maskz_scalef_ps(live, y, n);
-}
-
 FRUGAL_TARGET_AVX512 FRUGAL_FLATTEN void rule_avx512(const Rule& r, int64_t b, float* st,
                                                      int64_t ld, int64_t k0, int64_t kn,
                                                      int64_t q0, int64_t qn, const int32_t* qdoc,
@@ -488,13 +452,13 @@ FRUGAL_TARGET_AVX512 void softmax_avx512(float* st, int64_t ld, int64_t kn, floa
     const __m512 mx = _mm512_max_ps(mx0, mx1);
     const __m512 mu =
         _mm512_mask_mov_ps(mx, _mm512_cmp_ps_mask(mx, neg_inf, _CMP_EQ_OQ), _mm512_setzero_ps());
-    const __m512 al = exp16(_mm512_sub_ps(m_old, mu));
+    const __m512 al = exp16_flush(_mm512_sub_ps(m_old, mu));
     __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
     for (k = 0; k + 2 <= kn; k += 2) {
       float* r0 = st + k * ld + c;
       float* r1 = r0 + ld;
-      const __m512 p0 = exp16(_mm512_sub_ps(_mm512_loadu_ps(r0), mu));
-      const __m512 p1 = exp16(_mm512_sub_ps(_mm512_loadu_ps(r1), mu));
+      const __m512 p0 = exp16_flush(_mm512_sub_ps(_mm512_loadu_ps(r0), mu));
+      const __m512 p1 = exp16_flush(_mm512_sub_ps(_mm512_loadu_ps(r1), mu));
       _mm512_storeu_ps(r0, p0);
       _mm512_storeu_ps(r1, p1);
       s0 = _mm512_add_ps(s0, p0);
@@ -502,7 +466,7 @@ FRUGAL_TARGET_AVX512 void softmax_avx512(float* st, int64_t ld, int64_t kn, floa
     }
     if (k < kn) {
       float* r0 = st + k * ld + c;
-      const __m512 p0 = exp16(_mm512_sub_ps(_mm512_loadu_ps(r0), mu));
+      const __m512 p0 = exp16_flush(_mm512_sub_ps(_mm512_loadu_ps(r0), mu));
       _mm512_storeu_ps(r0, p0);
       s0 = _mm512_add_ps(s0, p0);
     }
@@ -517,7 +481,8 @@ FRUGAL_TARGET_AVX512 void probs_grad_avx512(float* st, const float* dpt, float* 
   for (int64_t k = 0; k < kn; ++k) {
     for (int64_t c = 0; c < ld; c += 16) {
       const int64_t o = k * ld + c;
-      const __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(st + o), _mm512_loadu_ps(lse + c)));
+      const __m512 p =
+          exp16_flush(_mm512_sub_ps(_mm512_loadu_ps(st + o), _mm512_loadu_ps(lse + c)));
       _mm512_storeu_ps(pt + o, p);
       const __m512 dp = _mm512_sub_ps(_mm512_loadu_ps(dpt + o), _mm512_loadu_ps(delta + c));
       _mm512_storeu_ps(st + o, _mm512_mul_ps(p, dp));
