@@ -1,10 +1,11 @@
 """Triton kernels of frugal, importable as ``frugal.kernels``.
 
 Each module holds one op: private ``@triton.jit`` kernels, then plain launchers (check, allocate,
-launch), then ``check_specs()``, which lists every (kernel, launch config, dtype) the launchers
-may compile so that ``frugal check`` can build them all for real GPU targets without a GPU.
-Kernels never import the public API (``frugal.*`` outside this package).
+launch), and ``CHECK_KERNELS`` (a label per kernel and whether it must use tensor cores) for
+``frugal check``, which compiles what the JIT builds for the launches of a declared matrix of
+public calls (``frugal.check_calls``). Kernels never import the public API (``frugal.*`` outside
+this package).
 """
 
-# Modules whose check_specs() `frugal check` compiles.
+# Modules whose kernels `frugal check` labels (CHECK_KERNELS).
 KERNEL_MODULES = ("quantize", "int8_matmul", "paged_attention", "sparse_attention")

@@ -52,7 +52,7 @@ past that limit the sum would saturate, not wrap.)
 Configs are data (``configs/default.json``, bucketed on M): ``int8_mm`` (int8_mm and
 int8_scaled_mm), ``int8_weight_only_mm`` (fp16/bf16 x), ``int8_weight_only_mm_fp32`` (fp32 x,
 aligned or not) and ``int8_mm_unaligned`` (int8 or fp16/bf16 A when not ALIGNED). A bucket with
-``split_k`` > 1 may split K. ``check_specs()`` lists every compilation the launchers may pick.
+``split_k`` > 1 may split K. ``frugal check`` compiles every launch the call matrix makes.
 """
 
 
@@ -177,6 +177,11 @@ def _mm_kernel(
                   M, N, stride_cm, stride_as, stride_bs, A_SCALE, B_SCALE, HAS_BIAS)
 
 
+# frugal check: {kernel: (label, tensor cores expected for these pointer dtypes)}. The fp32
+# weight-only dot is IEEE fp32 on CUDA cores by design (no TF32).
+CHECK_KERNELS = {"_mm_kernel": ("int8_mm", lambda dtypes: dtypes["a_ptr"] != "float32")}
+
+
 # ----------------------------------------------------------------------------- launchers
 
 def _k_contiguous(t):
@@ -289,85 +294,3 @@ def int8_weight_only_mm(x, b, b_scale, bias=None, *, config=None):
     """
     c = torch.empty((x.shape[0], b.shape[0]), dtype=x.dtype, device=x.device)
     return _launch(x, b, c, None, b_scale.reshape(-1), bias, config)
-
-
-# ----------------------------------------------------------------------------- check specs
-
-_TRITON_DTYPE = {"i8": "*i8", "i32": "*i32", "fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
-
-
-def _variants(table):
-    """(A dtype, output dtype, has a_scale, bias dtype or None) the launchers pair with a table."""
-    if table == "int8_mm":
-        a_dtypes = ["i8"]
-    elif table == "int8_weight_only_mm":
-        a_dtypes = ["fp16", "bf16"]
-    elif table == "int8_weight_only_mm_fp32":
-        a_dtypes = ["fp32"]
-    else:  # int8_mm_unaligned
-        a_dtypes = ["i8", "fp16", "bf16"]
-    for a_dtype in a_dtypes:
-        if a_dtype == "i8":
-            yield a_dtype, "i32", False, None  # int8_mm: no epilogue
-            outs = ["fp16", "bf16", "fp32"]
-        else:
-            outs = [a_dtype]
-        for out in outs:
-            for bias in dict.fromkeys([None, out, "fp32"]):
-                yield a_dtype, out, a_dtype == "i8", bias
-
-
-def _spec(table, cfg, a_dtype, out, has_a_scale, bias, split, aligned):
-    acc = "i32" if a_dtype == "i8" else "fp32"
-    scaled = out != "i32"
-    signature = {
-        "a_ptr": _TRITON_DTYPE[a_dtype], "b_ptr": "*i8", "c_ptr": _TRITON_DTYPE[out],
-        "a_scale_ptr": "*fp32" if has_a_scale else "constexpr",
-        "b_scale_ptr": "*fp32" if scaled else "constexpr",
-        "bias_ptr": _TRITON_DTYPE[bias] if bias else "constexpr",
-        "ws_ptr": _TRITON_DTYPE[acc] if split else "constexpr",
-        "count_ptr": "*i32" if split else "constexpr",
-        "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32", "stride_bn": "i32",
-        "stride_cm": "i32", "stride_as": "i32", "stride_bs": "i32", "k_slice_blocks": "i32",
-    }
-    constexprs = {name: None for name, ty in signature.items() if ty == "constexpr"}
-    constexprs.update(
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        GROUP_M=cfg["GROUP_M"], A_SCALE=has_a_scale, B_SCALE=scaled, HAS_BIAS=bias is not None,
-        SPLIT_K=split, ALIGNED=aligned,
-    )
-    for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "A_SCALE", "B_SCALE", "HAS_BIAS",
-                 "SPLIT_K", "ALIGNED"):
-        signature[name] = "constexpr"
-    kernel = {"int8_mm": "int8_mm", "int8_mm_unaligned": "int8_mm_unaligned"}.get(
-        table, "int8_weight_only_mm")
-    if table == "int8_mm_unaligned" and a_dtype != "i8":
-        kernel = "int8_weight_only_mm_unaligned"
-    dtype = a_dtype if out == "i32" or a_dtype != "i8" else f"i8->{out}"
-    return {
-        "kernel": kernel,
-        "fn": _mm_kernel,
-        "signature": signature,
-        "constexprs": constexprs,
-        "num_warps": cfg["num_warps"],
-        "num_stages": cfg["num_stages"],
-        "dtype": dtype + (f",bias={bias}" if bias else ""),
-        "config": (f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']},w{cfg['num_warps']},"
-                   f"s{cfg['num_stages']},g{cfg['GROUP_M']}" + (",splitk" if split else "")
-                   + ("" if aligned else ",unaligned")),
-        # The fp32 weight-only dot is IEEE fp32 on CUDA cores by design (no TF32).
-        "tensor_cores": a_dtype != "fp32",
-    }
-
-
-def check_specs():
-    """Every compilation the launchers may ask for: table x config x split x dtypes x bias."""
-    tables = [("int8_mm", (True,)), ("int8_weight_only_mm", (True,)),
-              ("int8_weight_only_mm_fp32", (True, False)), ("int8_mm_unaligned", (False,))]
-    for table, alignments in tables:
-        for cfg in configs.all_configs(table):
-            splits = (False, True) if cfg.get("split_k", 1) > 1 else (False,)
-            for aligned in alignments:
-                for split in splits:
-                    for a_dtype, out, has_a_scale, bias in _variants(table):
-                        yield _spec(table, cfg, a_dtype, out, has_a_scale, bias, split, aligned)

@@ -11,7 +11,7 @@ stride in D and their other strides multiples of 16 elements (always so for cont
 with such D). q, k and v that break the alignment are copied (they are small); the caches never
 are. The kernels restate the alignment to the compiler (``x // 16 * 16``, like the int8 GEMM's
 ``ALIGNED``), so K/V rows load as 16-byte vectors; every integer argument is
-``do_not_specialize`` so the JIT builds exactly what ``frugal check`` compiles.
+``do_not_specialize``: a value of 1 or a multiple of 16 compiles nothing new.
 
 paged_append
 ------------
@@ -85,15 +85,15 @@ the most); a tile past its sequence's chunk exits at once. The loop walks positi
 window start of the tile's first token to its last token's position, in BLOCK_N tiles gathered
 through the table as in decode; QK^T and PV are ``tl.dot`` (fp16/bf16 on tensor cores; fp32 q
 as ``tf32x3``, fp32-accurate, with BLOCK_M = 32 and head_dim <= 128: its split operands spill
-registers beyond, so fp32 q with larger head dims runs the reference); each row masks positions past its own and, with a window, at or
-before ``pos - window``; online softmax in base 2 as in decode. A row that has seen no position
+registers beyond, so fp32 q with larger head dims runs the reference); each row masks
+positions past its own and, with a window, at or before ``pos - window``; online softmax in base 2 as in decode. A row that has seen no position
 yet keeps m = -inf and takes weights exp2(-inf) = 0 (never exp2(nan)). int8 caches apply
 k_scale and v_scale as in decode. No split-KV: chunks give B * Hkv * tiles programs already.
 
 Configs are data (``configs/default.json``, bucketed on D): ``paged_attention`` (fp16/bf16 q),
 ``paged_attention_fp32`` (fp32 q), ``paged_attention_merge``, ``paged_append``,
-``paged_prefill`` (fp16/bf16 q) and ``paged_prefill_fp32`` (fp32 q). ``check_specs()`` lists
-every compilation the launchers may ask for.
+``paged_prefill`` (fp16/bf16 q) and ``paged_prefill_fp32`` (fp32 q). ``frugal check``
+compiles every launch the call matrix makes.
 """
 
 import torch
@@ -105,7 +105,6 @@ from . import configs
 from ._launch import ALIGN as _ALIGN
 from ._launch import aligned as _aligned
 from ._launch import aligned_strides as _aligned_strides
-from ._launch import device_files as _device_files
 from ._launch import device_name as _device_name
 from ._launch import head_block
 from ._launch import num_sms as _num_sms
@@ -434,6 +433,17 @@ def _paged_append_kernel(
                  h_mask)
 
 
+# frugal check: {kernel: (label, tensor cores expected for these pointer dtypes)}. fp32 q over
+# an fp32 cache runs IEEE fp32 dots on CUDA cores by design; over int8, tf32x3 on tensor cores.
+CHECK_KERNELS = {
+    "_paged_attention_kernel": (
+        "paged_attention", lambda d: d["q_ptr"] != "float32" or d["k_ptr"] == "int8"),
+    "_paged_attention_merge_kernel": ("paged_attention_merge", lambda d: False),
+    "_paged_prefill_kernel": ("paged_prefill", lambda d: True),
+    "_paged_append_kernel": ("paged_append", lambda d: False),
+}
+
+
 # ----------------------------------------------------------------------------- launchers
 
 def unsupported(k_cache, v_cache, k_scale=None, v_scale=None):
@@ -594,154 +604,3 @@ def paged_append(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=Non
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         BLOCK_H=cfg["BLOCK_H"], BLOCK_D=head_block(D), num_warps=cfg["num_warps"],
     )
-
-
-# ----------------------------------------------------------------------------- check specs
-
-_PTR = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32", "i8": "*i8"}
-
-
-def _picks(table):
-    """Every distinct (config, BLOCK_D) a launcher may use with ``table``: each supported head
-    dim on each config file."""
-    seen = []
-    for device in _device_files():
-        for D in range(MIN_HEAD_DIM, MAX_HEAD_DIM + 1, _ALIGN):
-            try:
-                cfg = configs.pick(table, "D", D, device)
-            except KeyError:  # a device file without this table falls back to the default
-                continue
-            item = (cfg, head_block(D))
-            if item not in seen:
-                seen.append(item)
-    return seen
-
-
-def _attention_spec(table, cfg, block_d, q_dtype, cache_dtype):
-    int8 = cache_dtype == "i8"
-    signature = {
-        "q_ptr": _PTR[q_dtype], "k_ptr": _PTR[cache_dtype], "v_ptr": _PTR[cache_dtype],
-        "ks_ptr": "*fp32" if int8 else "constexpr", "vs_ptr": "*fp32" if int8 else "constexpr",
-        "table_ptr": "*i32", "lens_ptr": "*i32", "out_ptr": _PTR[q_dtype],
-        "ws_o_ptr": "*fp32", "ws_lse_ptr": "*fp32", "qk_scale": "fp32",
-        **{name: "i32" for name in _ATTN_INTS},
-        "BLOCK_G": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr",
-    }
-    constexprs = {name: None for name, ty in signature.items() if ty == "constexpr"}
-    constexprs.update(BLOCK_G=BLOCK_G, BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d)
-    return {
-        "kernel": "paged_attention",
-        "fn": _paged_attention_kernel,
-        "signature": signature,
-        "constexprs": constexprs,
-        "num_warps": cfg["num_warps"],
-        "num_stages": cfg["num_stages"],
-        "dtype": q_dtype if not int8 else f"i8->{q_dtype}",
-        "config": f"G{BLOCK_G}xN{cfg['BLOCK_N']}xD{block_d},w{cfg['num_warps']},"
-                  f"s{cfg['num_stages']}" + (",fp32" if table.endswith("fp32") else ""),
-        # fp32 x fp32 runs IEEE fp32 dots on CUDA cores by design (no TF32); fp32 x int8 tf32x3.
-        "tensor_cores": q_dtype != "fp32" or int8,
-    }
-
-
-def _prefill_spec(table, cfg, block_d, q_dtype, cache_dtype):
-    int8 = cache_dtype == "i8"
-    signature = {
-        "q_ptr": _PTR[q_dtype], "k_ptr": _PTR[cache_dtype], "v_ptr": _PTR[cache_dtype],
-        "ks_ptr": "*fp32" if int8 else "constexpr", "vs_ptr": "*fp32" if int8 else "constexpr",
-        "table_ptr": "*i32", "lens_ptr": "*i32", "cu_ptr": "*i32", "out_ptr": _PTR[q_dtype],
-        "qk_scale": "fp32", **{name: "i32" for name in _PREFILL_INTS},
-        "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr",
-    }
-    constexprs = {name: None for name, ty in signature.items() if ty == "constexpr"}
-    constexprs.update(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d)
-    return {
-        "kernel": "paged_prefill",
-        "fn": _paged_prefill_kernel,
-        "signature": signature,
-        "constexprs": constexprs,
-        "num_warps": cfg["num_warps"],
-        "num_stages": cfg["num_stages"],
-        "dtype": q_dtype if not int8 else f"i8->{q_dtype}",
-        "config": f"M{cfg['BLOCK_M']}xN{cfg['BLOCK_N']}xD{block_d},w{cfg['num_warps']},"
-                  f"s{cfg['num_stages']}" + (",fp32" if table.endswith("fp32") else ""),
-        "tensor_cores": True,  # fp32 q runs tf32x3 dots on tensor cores
-    }
-
-
-def _merge_spec(cfg, block_d, out_dtype):
-    signature = {"ws_o_ptr": "*fp32", "ws_lse_ptr": "*fp32", "lens_ptr": "*i32",
-                 "out_ptr": _PTR[out_dtype], **{name: "i32" for name in _MERGE_INTS},
-                 "BLOCK_S": "constexpr", "BLOCK_D": "constexpr"}
-    return {
-        "kernel": "paged_attention_merge",
-        "fn": _paged_attention_merge_kernel,
-        "signature": signature,
-        "constexprs": {"BLOCK_S": cfg["BLOCK_S"], "BLOCK_D": block_d},
-        "num_warps": cfg["num_warps"],
-        "num_stages": cfg.get("num_stages", 3),
-        "dtype": out_dtype,
-        "config": f"S{cfg['BLOCK_S']}xD{block_d},w{cfg['num_warps']}",
-        "tensor_cores": False,
-    }
-
-
-def _append_spec(cfg, block_d, x_dtype, cache_dtype):
-    int8 = cache_dtype == "i8"
-    signature = {
-        "k_ptr": _PTR[x_dtype], "v_ptr": _PTR[x_dtype], "kc_ptr": _PTR[cache_dtype],
-        "vc_ptr": _PTR[cache_dtype], "ks_ptr": "*fp32" if int8 else "constexpr",
-        "vs_ptr": "*fp32" if int8 else "constexpr", "slot_ptr": "*i32",
-        **{name: "i32" for name in _APPEND_INTS},
-        "BLOCK_H": "constexpr", "BLOCK_D": "constexpr",
-    }
-    constexprs = {name: None for name, ty in signature.items() if ty == "constexpr"}
-    constexprs.update(BLOCK_H=cfg["BLOCK_H"], BLOCK_D=block_d)
-    return {
-        "kernel": "paged_append",
-        "fn": _paged_append_kernel,
-        "signature": signature,
-        "constexprs": constexprs,
-        "num_warps": cfg["num_warps"],
-        "num_stages": cfg.get("num_stages", 3),
-        "dtype": x_dtype if not int8 else f"{x_dtype}->i8",
-        "config": f"H{cfg['BLOCK_H']}xD{block_d},w{cfg['num_warps']}",
-        "tensor_cores": False,
-    }
-
-
-def _stage1_key(cfg):
-    return tuple(cfg.get(k) for k in ("BLOCK_N", "num_warps", "num_stages"))
-
-
-def check_specs():
-    """Every compilation the launchers may ask for: per table (decode and prefill), each
-    (config, BLOCK_D) x dtype (fp16/bf16 q: fp16/bf16 caches or int8; fp32 q: fp32 or int8
-    caches), the merge kernel per output dtype, and the append kernel per (k dtype, cache
-    dtype)."""
-    for table, q_dtypes in (("paged_attention", ("fp16", "bf16")),
-                            ("paged_attention_fp32", ("fp32",))):
-        seen = set()
-        for cfg, block_d in _picks(table):
-            key = (_stage1_key(cfg), block_d)  # the split rule's keys do not change the code
-            if key in seen:
-                continue
-            seen.add(key)
-            for q_dtype in q_dtypes:
-                for cache_dtype in (q_dtype, "i8"):
-                    yield _attention_spec(table, cfg, block_d, q_dtype, cache_dtype)
-    for table, q_dtypes in (("paged_prefill", ("fp16", "bf16")),
-                            ("paged_prefill_fp32", ("fp32",))):
-        for cfg, block_d in _picks(table):
-            if q_dtypes == ("fp32",) and block_d > PREFILL_FP32_MAX_HEAD_DIM:
-                continue  # refused by prefill_unsupported
-            for q_dtype in q_dtypes:
-                for cache_dtype in (q_dtype, "i8"):
-                    yield _prefill_spec(table, cfg, block_d, q_dtype, cache_dtype)
-    for cfg, block_d in _picks("paged_attention_merge"):
-        for out_dtype in ("fp16", "bf16", "fp32"):
-            yield _merge_spec(cfg, block_d, out_dtype)
-    for cfg, block_d in _picks("paged_append"):
-        for x_dtype in ("fp16", "bf16", "fp32"):
-            for cache_dtype in (x_dtype, "i8"):
-                yield _append_spec(cfg, block_d, x_dtype, cache_dtype)

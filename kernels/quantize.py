@@ -63,6 +63,10 @@ def _quantize_per_token_kernel(
             tl.store(q_row + k0 + offs, q, mask=m)
 
 
+# frugal check: {kernel: (label, tensor cores expected for these pointer dtypes)}
+CHECK_KERNELS = {"_quantize_per_token_kernel": ("quantize_per_token", lambda dtypes: False)}
+
+
 def pick_config(K, device):
     return configs.pick("quantize_per_token", "K", K, _device_name(device))
 
@@ -87,26 +91,3 @@ def quantize_per_token(x):
         BLOCK_K=block_k, ONE_BLOCK=K <= block_k, num_warps=cfg["num_warps"],
     )
     return q, scale
-
-
-def check_specs():
-    """Every compilation the launcher may ask for: each config x dtype x block shape."""
-    for cfg in configs.all_configs("quantize_per_token"):
-        for dtype in ("fp32", "fp16", "bf16"):
-            for one_block in (True, False):
-                yield {
-                    "kernel": "quantize_per_token",
-                    "fn": _quantize_per_token_kernel,
-                    "signature": {
-                        "x_ptr": "*" + dtype, "q_ptr": "*i8", "s_ptr": "*fp32",
-                        "K": "i32", "stride_xm": "i32",
-                        "BLOCK_K": "constexpr", "ONE_BLOCK": "constexpr",
-                    },
-                    "constexprs": {"BLOCK_K": cfg["BLOCK_K"], "ONE_BLOCK": one_block},
-                    "num_warps": cfg["num_warps"],
-                    "num_stages": cfg.get("num_stages", 3),
-                    "dtype": dtype,
-                    "config": f"BLOCK_K={cfg['BLOCK_K']},warps={cfg['num_warps']},"
-                              f"one_block={int(one_block)}",
-                    "tensor_cores": False,
-                }

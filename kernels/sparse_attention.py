@@ -60,11 +60,12 @@ Layouts and limits: q, k, v, out and dout need unit stride in D and their other 
 multiples of 16 elements (the kernels state it to the compiler for 16-byte vector loads); an
 input that breaks this is copied (a transpose of [B, N, H, D] does not). The list tensors need
 contiguous inner dims (a copy otherwise; ``layout()`` expands, which keeps them). Integer
-arguments are ``do_not_specialize`` so the JIT builds what ``frugal check`` compiles. Configs are
-data (``configs/default.json``, bucketed on D): ``sparse_attention_fwd`` / ``_bwd_dkdv`` /
-``_bwd_dq`` for fp16/bf16, the same names with ``_fp32`` for fp32, and ``sparse_attention_bwd_pre``.
-A config's tile larger than the mask block is clamped to it; ``check_specs()`` lists every
-compilation the launchers may ask for.
+arguments are ``do_not_specialize``: a value of 1 or a multiple of 16 compiles nothing new.
+Configs are data (``configs/default.json``, bucketed on D): ``sparse_attention_fwd`` /
+``_bwd_dkdv`` / ``_bwd_dq`` for fp16/bf16, the same names with ``_fp32`` for fp32, and
+``sparse_attention_bwd_pre``.
+A config's tile larger than the mask block is clamped to it; ``frugal check`` compiles every
+launch the call matrix makes.
 """
 
 import torch
@@ -74,7 +75,6 @@ from torch.library import wrap_triton
 
 from . import configs
 from ._launch import aligned as _aligned
-from ._launch import device_files as _device_files
 from ._launch import device_name as _device_name
 from ._launch import head_block
 
@@ -598,6 +598,16 @@ def _sparse_bwd_dq_kernel(
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=ld_mask)
 
 
+# frugal check: {kernel: (label, tensor cores expected for these pointer dtypes)}. fp32 runs
+# IEEE fp32 dots on CUDA cores by design (no TF32: the accuracy rule).
+CHECK_KERNELS = {
+    "_sparse_fwd_kernel": ("sparse_attention_fwd", lambda d: d["q_ptr"] != "float32"),
+    "_sparse_bwd_pre_kernel": ("sparse_attention_bwd_pre", lambda d: False),
+    "_sparse_bwd_dkdv_kernel": ("sparse_attention_bwd_dkdv", lambda d: d["q_ptr"] != "float32"),
+    "_sparse_bwd_dq_kernel": ("sparse_attention_bwd_dq", lambda d: d["q_ptr"] != "float32"),
+}
+
+
 # ----------------------------------------------------------------------------- launchers
 
 def table(kind, dtype):
@@ -776,112 +786,3 @@ def backward(dout, q, k, v, out, lse, layout, scale, *, configs_=None):
         num_warps=c_dq["num_warps"], num_stages=c_dq["num_stages"],
     )
     return dq, dk, dv
-
-
-# ----------------------------------------------------------------------------- check specs
-
-_PTR = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
-_DATA_PTRS = {"q_ptr", "k_ptr", "v_ptr", "out_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
-_FP32_PTRS = {"lse_ptr", "delta_ptr"}
-_FLAG_NAMES = ("HAS_BAND", "HAS_PREFIX", "HAS_DOC", "HAS_BITS")
-# Flag combinations compiled for every config; all 12 (a prefix only with a band) are compiled
-# for the fp16 D = 128 picks. The values never change the code, only these four constexprs.
-_ALL_FLAGS = [(band, prefix, doc, bits) for band in (False, True)
-              for prefix in ((False, True) if band else (False,))
-              for doc in (False, True) for bits in (False, True)]
-_KERNELS = {  # kind: (kernel name, fn, integer arguments)
-    "fwd": ("sparse_attention_fwd", _sparse_fwd_kernel, _FWD_INTS),
-    "bwd_dkdv": ("sparse_attention_bwd_dkdv", _sparse_bwd_dkdv_kernel, _DKDV_INTS),
-    "bwd_dq": ("sparse_attention_bwd_dq", _sparse_bwd_dq_kernel, _DQ_INTS),
-}
-
-
-def _signature(fn, ints, dtype):
-    sig = {}
-    for name in fn.arg_names:
-        if name in _DATA_PTRS:
-            sig[name] = _PTR[dtype]
-        elif name in _FP32_PTRS:
-            sig[name] = "*fp32"
-        elif name.endswith("_ptr"):
-            sig[name] = "*i32"
-        elif name in ints:
-            sig[name] = "i32"
-        elif name in ("qk_scale", "scale"):
-            sig[name] = "fp32"
-        else:
-            sig[name] = "constexpr"
-    return sig
-
-
-def _picks(kind, dtype):
-    """Every distinct (config after clamping, BLOCK_D) the launcher may use for ``kind`` and
-    ``dtype``: each head dim, mask block size and config file."""
-    seen = []
-    name = table(kind, torch.float32 if dtype == "fp32" else torch.float16)
-    for device in _device_files():
-        for D in HEAD_DIMS:
-            try:
-                cfg = configs.pick(name, "D", D, device)
-            except KeyError:
-                continue
-            for BQ in BLOCK_SIZES:
-                for BK in BLOCK_SIZES:
-                    item = (clamp(cfg, BQ, BK), head_block(D))
-                    if item not in seen:
-                        seen.append(item)
-    return seen
-
-
-def _attention_spec(kind, cfg, block_d, dtype, flags):
-    name, fn, ints = _KERNELS[kind]
-    constexprs = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": block_d,
-                  **dict(zip(_FLAG_NAMES, flags))}
-    tag = "".join(c for c, on in zip("PpDb", flags) if on) or "-"
-    return {
-        "kernel": name,
-        "fn": fn,
-        "signature": _signature(fn, ints, dtype),
-        "constexprs": constexprs,
-        "num_warps": cfg["num_warps"],
-        "num_stages": cfg["num_stages"],
-        "dtype": dtype,
-        "config": f"M{cfg['BLOCK_M']}xN{cfg['BLOCK_N']}xD{block_d},w{cfg['num_warps']},"
-                  f"s{cfg['num_stages']},flags={tag}",
-        # fp32 runs IEEE fp32 dots on CUDA cores by design (no TF32: the accuracy rule).
-        "tensor_cores": dtype != "fp32",
-    }
-
-
-def check_specs():
-    """Every compilation the launchers may ask for: per kernel, each picked (config, BLOCK_D)
-    x dtype with the band flag (the common masks), plus every flag combination for the fp16
-    D = 128 config of 128 x 128 mask blocks; and the delta preprocess per dtype.
-    Flag letters in the config column: P band, p prefix, D document, b bitmask."""
-    band_only = (True, False, False, False)
-    for kind in _KERNELS:
-        for dtype in ("fp16", "bf16", "fp32"):
-            for cfg, block_d in _picks(kind, dtype):
-                yield _attention_spec(kind, cfg, block_d, dtype, band_only)
-        wide = clamp(configs.pick(table(kind, torch.float16), "D", 128), 128, 128)
-        for flags in _ALL_FLAGS:
-            if flags != band_only:
-                yield _attention_spec(kind, wide, 128, "fp16", flags)
-    pres = []
-    for device in _device_files():
-        cfg = configs.pick("sparse_attention_bwd_pre", "D", max(HEAD_DIMS), device)
-        if cfg not in pres:
-            pres.append(cfg)
-    for cfg in pres:
-        for dtype in ("fp16", "bf16", "fp32"):
-            yield {
-                "kernel": "sparse_attention_bwd_pre",
-                "fn": _sparse_bwd_pre_kernel,
-                "signature": _signature(_sparse_bwd_pre_kernel, _PRE_INTS, dtype),
-                "constexprs": {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": cfg["BLOCK_D"]},
-                "num_warps": cfg["num_warps"],
-                "num_stages": cfg.get("num_stages", 3),
-                "dtype": dtype,
-                "config": f"M{cfg['BLOCK_M']}xD{cfg['BLOCK_D']},w{cfg['num_warps']}",
-                "tensor_cores": False,
-            }

@@ -1,22 +1,24 @@
-"""``frugal check``: the rules on synthetic rows, real compiles of kernels made to break them, and
-the full check of every kernel config for sm_80 and sm_90.
+"""``frugal check``: the rules on synthetic rows, real compiles of kernels made to break them,
+the launch capture, and the full check of every launch the call matrix makes, for sm_80 and
+sm_90.
 
 Compiling needs ``@triton.jit`` kernels, not the interpreted ones that TRITON_INTERPRET=1 (set
 by conftest without a GPU) makes, so real compiles run in a subprocess without it; running this
-file as a script compiles its own kernels and prints the rows as JSON.
+file as a script compiles its own kernels and prints the rows as JSON. Capturing launches works
+under the interpreter, in-process.
 """
 
-import importlib
 import json
 import os
 import subprocess
 import sys
 
+import frugal
 import pytest
+import torch
 import triton
 import triton.language as tl
-
-from frugal import check
+from frugal import check, check_calls, jit_capture
 
 _ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
@@ -55,35 +57,26 @@ def _row_norm_kernel(x_ptr, y_ptr, N, BLOCK: tl.constexpr):
     tl.store(y_ptr + offs, x / tl.sum(x * x), mask=offs < N)
 
 
-def _matmul_spec(name, fn, tiles, num_warps, num_stages):
-    return {
-        "kernel": name, "fn": fn,
-        "signature": {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp32", "K": "i32",
-                      "BM": "constexpr", "BN": "constexpr", "BK": "constexpr"},
-        "constexprs": dict(zip(("BM", "BN", "BK"), tiles)),
-        "num_warps": num_warps, "num_stages": num_stages, "dtype": "fp16",
-        "config": f"tiles={tiles}", "tensor_cores": True,
-    }
-
-
-def _real_specs():
-    return [
-        _matmul_spec("dot", _dot_kernel, (64, 64, 32), 4, 3),
-        _matmul_spec("outer_product", _outer_product_kernel, (64, 64, 32), 4, 3),
+def _real_launches():
+    """(name, launch, tensor cores expected) of kernels made to pass or break the rules."""
+    a = torch.empty(64, 64, dtype=torch.float16)
+    c = torch.empty(64, 64, dtype=torch.float32)
+    x = torch.empty(8192, dtype=torch.float32)
+    with jit_capture.capture() as launches:
+        _dot_kernel[(1,)](a, a, c, 64, BM=64, BN=64, BK=32, num_warps=4, num_stages=3)
+        _outer_product_kernel[(1,)](a, a, c, 64, BM=64, BN=64, BK=32, num_warps=4,
+                                    num_stages=3)
         # 64x256 and 256x64 fp16 tiles, 6 stages: 196608 B of shared memory > sm_80's 166912.
-        _matmul_spec("deep_pipeline", _dot_kernel, (64, 64, 256), 4, 6),
-        {  # 8192 fp32 per warp: 256 live values per thread, more than 255 registers
-            "kernel": "row_norm", "fn": _row_norm_kernel,
-            "signature": {"x_ptr": "*fp32", "y_ptr": "*fp32", "N": "i32", "BLOCK": "constexpr"},
-            "constexprs": {"BLOCK": 8192}, "num_warps": 1, "num_stages": 1, "dtype": "fp32",
-            "config": "BLOCK=8192,warps=1", "tensor_cores": False,
-        },
-    ]
+        _dot_kernel[(1,)](a, a, c, 64, BM=64, BN=64, BK=256, num_warps=4, num_stages=6)
+        # 8192 fp32 per warp: 256 live values per thread, more than 255 registers
+        _row_norm_kernel[(1,)](x, x, 8192, BLOCK=8192, num_warps=1, num_stages=1)
+    names = ("dot", "outer_product", "deep_pipeline", "row_norm")
+    return list(zip(names, launches, (True, True, True, False)))
 
 
 def _row(**overrides):
-    row = {"error": None, "shared": 16384, "regs": 64, "spill_stores": 0, "spill_loads": 0,
-           "stack": 0, "num_warps": 4, "tensor_cores": False, "tc_instructions": []}
+    row = {"error": None, "shared": 16384, "regs": 64, "stack": 0, "local": 0, "num_warps": 4,
+           "tensor_cores": False, "tc_instructions": []}
     return {**row, **overrides}
 
 
@@ -100,9 +93,17 @@ def test_shared_memory_limit_is_per_target():
 
 
 def test_spills_fail():
-    failures, _ = check.evaluate(_row(spill_stores=8, spill_loads=4), "sm_90")
-    assert failures == ["spills 8 B stores + 4 B loads"]
-    assert check.evaluate(_row(spill_loads=4), "sm_80")[0]
+    failures, _ = check.evaluate(_row(stack=8, local=8), "sm_90")
+    assert failures == ["stack frame 8 B, local memory 8 B (register spills)"]
+    assert check.evaluate(_row(local=4), "sm_80")[0]
+
+
+def test_floor_rows_fail_only_on_compile_errors():
+    row = _row(stack=8, shared=200000, tensor_cores=True)
+    failures, notes = check.evaluate(row, "sm_80", floor=True)
+    assert failures == [] and len(notes) == 3
+    row = _row(error="CompilationError: at 1:2:\nboom")
+    assert check.evaluate(row, "sm_80", floor=True) == (["compile error: boom"], [])
 
 
 def test_register_limits_per_thread_and_per_sm():
@@ -128,15 +129,16 @@ def test_mma_on_sm_90_passes_but_is_reported():
 
 def test_compile_error_fails_with_its_last_line():
     row = _row(error="CompilationError: at 3:4:\n    x = y\n    ^\nNameError('y')\n",
-               shared=None, regs=None, spill_stores=None, spill_loads=None)
+               shared=None, regs=None, stack=None, local=None)
     assert check.evaluate(row, "sm_80") == (["compile error: NameError('y')"], [])
 
 
 def test_table_aligns_columns_and_shows_failures():
     ok = {**_row(), "kernel": "k", "config": "c", "target": "sm_80", "dtype": "fp16",
           "compile_s": 0.5, "failures": [], "notes": [], "ok": True}
-    bad = {**ok, "kernel": "longer_kernel", "shared": None, "regs": None, "spill_stores": None,
-           "spill_loads": None, "error": "boom", "failures": ["compile error: boom"], "ok": False}
+    ok["spec"] = "M=1"
+    bad = {**ok, "kernel": "longer_kernel", "shared": None, "regs": None, "stack": None,
+           "local": None, "error": "boom", "failures": ["compile error: boom"], "ok": False}
     lines = check.format_table([ok, bad]).splitlines()
     assert lines[0].split()[:4] == ["kernel", "config", "target", "dtype"]
     assert len({line.index("sm_80") for line in lines[1:]}) == 1
@@ -153,11 +155,87 @@ def test_unknown_arch_is_a_clear_usage_error(capsys):
         check.run(archs=("sm_70",))
 
 
-def test_unknown_kernel_is_a_clear_usage_error(capsys):
+def test_unknown_kernel_is_a_clear_usage_error(capfd):
     with pytest.raises(SystemExit):
         check.main(["--kernel", "no_such_kernel"])
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert "no_such_kernel" in err and "quantize_per_token" in err
+
+
+def test_floor_needs_its_triton(capfd, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        check.main(["--floor"])
+    assert exit_info.value.code == 2
+    assert f"triton=={check.FLOOR_TRITON}" in capfd.readouterr().err
+
+
+# ----------------------------------------------------------------------------- launch capture
+
+def _keys(launches):
+    return {launch.spec_key() for launch in launches}
+
+
+def test_capture_records_the_jits_specialization_and_runs_nothing():
+    a = torch.randint(-9, 9, (1, 4096), dtype=torch.int8)
+    b = torch.randint(-9, 9, (4096, 4096), dtype=torch.int8)
+    with jit_capture.capture() as launches:
+        out = frugal.int8_mm(a, b, backend="triton")
+        frugal.int8_mm(a[:, 3:], b[:, 3:], backend="triton")
+    assert len(launches) == 2
+    one, sliced = (dict(launch.spec_key()[1]) for launch in launches)
+    # M = 1: a constant to the JIT unless the kernel opts out; N, K % 16 and aligned pointers.
+    assert one["N"] == ("i", "i32", True) and one["K"] == ("i", "i32", True)
+    assert one["a_ptr"] == ("t", "torch.int8", True)
+    # The sliced inputs: K = 4093 is off 16 and the base address too.
+    assert sliced["K"] == ("i", "i32", False) and sliced["a_ptr"] == ("t", "torch.int8", False)
+    assert launches[0].call == "" and launches[0].grid[0] >= 1
+    del out  # allocated, never written: capture launches nothing
+
+
+def test_capture_labels_launches_and_round_trips_json(tmp_path):
+    x = torch.randn(3, 100)
+    with jit_capture.capture() as launches, jit_capture.label("q"):
+        frugal.quantize_per_token(x, backend="triton")
+    jit_capture.dump(launches, tmp_path / "l.json")
+    back = jit_capture.load(tmp_path / "l.json")
+    assert back == launches and back[0].call == "q"
+    assert _keys(back) == _keys(launches)
+
+
+def test_capture_enforces_cuda_grid_limits():
+    @triton.jit
+    def _noop(x_ptr):
+        pass
+
+    x = torch.empty(1)
+    with jit_capture.capture():
+        _noop[(2**31 - 1, 65535, 65535)](x)
+        with pytest.raises(jit_capture.GridError, match="axis y has 65536 programs"):
+            _noop[(1, 65536)](x)
+        with pytest.raises(jit_capture.GridError, match="axis x"):
+            _noop[(2**31,)](x)
+
+
+def test_sparse_attention_many_heads_fits_the_grid():
+    # B * Hq = 70000 query heads of one token each: more than grid axis y's 65535.
+    q = torch.randn(700, 100, 1, 32, dtype=torch.float16)
+    k = torch.randn(700, 100, 1, 32, dtype=torch.float16)
+    with jit_capture.capture() as launches:
+        frugal.sparse_attention(q, k, k, frugal.masks.causal(1), backend="triton")
+    for launch in launches:
+        assert all(size <= limit for size, limit in zip(launch.grid, jit_capture.MAX_GRID))
+
+
+def test_every_constexpr_variant_users_reach_is_in_the_matrix():
+    with jit_capture.capture() as matrix:
+        check_calls.run()
+    declared = {launch.constexpr_key() for launch in matrix}
+    with jit_capture.capture() as drawn:
+        check_calls.reachable(seed=0, n=40)
+    missing = {launch.constexpr_key(): launch.call for launch in drawn} .items()
+    missing = [(call, key) for key, call in missing if key not in declared]
+    assert not missing, f"{len(missing)} variants reachable but not in frugal.check_calls: " \
+        f"{missing[:3]}"
 
 
 @pytest.mark.slow
@@ -173,38 +251,36 @@ def test_real_compiles_find_tensor_cores_shared_memory_and_spills():
     for arch in ("sm_80", "sm_90"):
         assert rows["outer_product", arch]["tc_instructions"] == []
         assert any("tensor-core" in f for f in rows["outer_product", arch]["failures"])
-        assert rows["row_norm", arch]["spill_stores"] > 0
-        assert any(f.startswith("spills") for f in rows["row_norm", arch]["failures"])
+        assert rows["row_norm", arch]["stack"] > 0
+        assert any("register spills" in f for f in rows["row_norm", arch]["failures"])
     deep = rows["deep_pipeline", "sm_80"]
     assert deep["shared"] > 166912
     assert any(f.startswith("shared memory") for f in deep["failures"])
 
 
 @pytest.mark.slow
-def test_every_kernel_config_compiles_for_sm_80_and_sm_90(tmp_path):
+def test_every_launch_of_the_matrix_compiles_for_sm_80_and_sm_90(tmp_path):
     out = tmp_path / "rows.json"
     done = subprocess.run(
         [sys.executable, "-m", "frugal.check", "--arch", "sm_80,sm_90", "--json", str(out)],
-        env=_ENV, capture_output=True, text=True, timeout=600,
+        env=_ENV, capture_output=True, text=True, timeout=1200,
     )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    rows = json.loads(out.read_text())
-    assert done.stdout.rstrip().endswith(f"{len(rows)} configs compiled, 0 failed")
+    rows = json.loads(out.read_text()) if out.exists() else []
+    failed = [f"{r['kernel']} {r['config']} {r['dtype']} {r['spec']} {r['target']} "
+              f"(from {r['call']}): {r['failures']}" for r in rows if not r["ok"]]
+    assert done.returncode == 0, "\n".join(failed[:10]) or done.stderr[-2000:]
+    assert done.stdout.rstrip().endswith(f"{len(rows)} launches compiled with Triton, 0 failed")
 
-    from frugal.kernels import KERNEL_MODULES
-
-    expected = {
-        (spec["kernel"], spec["config"], spec["dtype"], arch)
-        for module in KERNEL_MODULES
-        for spec in importlib.import_module(f"frugal.kernels.{module}").check_specs()
-        for arch in ("sm_80", "sm_90")
-    }
-    assert expected
-    assert {(r["kernel"], r["config"], r["dtype"], r["target"]) for r in rows} == expected
+    with jit_capture.capture() as launches:
+        check_calls.run()
+    unique = jit_capture.unique(launches)
+    assert len(rows) == 2 * len(unique)
+    assert {(r["call"], r["target"]) for r in rows} == {
+        (launch.call, arch) for launch, _ in unique for arch in ("sm_80", "sm_90")}
     for r in rows:
         assert r["regs"] > 0 and r["shared"] >= 0 and r["compile_s"] > 0, r
 
 
 if __name__ == "__main__":
-    print(json.dumps([check.compile_spec(spec, arch)
-                      for spec in _real_specs() for arch in ("sm_80", "sm_90")]))
+    print(json.dumps([{**check.compile_launch(launch, arch, tensor_cores=tc), "kernel": name}
+                      for name, launch, tc in _real_launches() for arch in ("sm_80", "sm_90")]))

@@ -17,6 +17,8 @@ import sys
 import pytest
 import torch
 
+import frugal
+
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 U32 = 2.0**-24  # fp32 unit roundoff
@@ -224,12 +226,12 @@ def test_int8_weight_only_mm(poison, dtype, M, N, K):
 # ---------------------------------------------------------------------------- compilation
 
 _ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-_PICKS = {  # (table, bucket index, A dtype, output dtype, split): one spec per tl.dot path
-    "int8 tiled": ("int8_mm", -1, "i8", "fp16", False),
-    "int8 small-M split-K": ("int8_mm", 0, "i8", "bf16", True),
-    "int8 raw int32": ("int8_mm", 1, "i8", "i32", False),
-    "weight-only bf16 tiled": ("int8_weight_only_mm", -1, "bf16", "bf16", False),
-    "weight-only fp16 split-K": ("int8_weight_only_mm", 0, "fp16", "fp16", True),
+_PICKS = {  # name: (M, N, K, A dtype, output dtype): one launch per tl.dot path
+    "int8 tiled": (4096, 4096, 4096, "i8", "fp16"),
+    "int8 small-M split-K": (2, 4096, 4096, "i8", "bf16"),
+    "int8 raw int32": (64, 16384, 256, "i8", "i32"),
+    "weight-only bf16 tiled": (4096, 4096, 4096, "bf16", "bf16"),
+    "weight-only fp16 split-K": (2, 4096, 4096, "fp16", "fp16"),
 }
 _TC = {  # the s8 / f16 / bf16 tensor-core instruction each path must contain
     ("i8", "sm_80"): r"mma\.sync\.aligned\.m16n8k32\.row\.col(\.satfinite)?\.s32\.s8\.s8\.s32",
@@ -243,32 +245,44 @@ _TC = {  # the s8 / f16 / bf16 tensor-core instruction each path must contain
 _TC_ANY = r"(wgmma\.mma_async\.sync|(?<![\w.])mma\.sync)\.aligned\.[\w.]+"
 
 
-def _compile_picks():
-    """Script mode: compile the picked specs and report their PTX's tensor-core instructions."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+def _pick_launch(M, N, K, a_dtype, out):
+    """The launch the public op makes for these shapes (captured, not run)."""
+    from frugal import jit_capture
 
-    from frugal.kernels import configs
-    from frugal.kernels import int8_matmul as km
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
+    b = torch.randint(-9, 9, (N, K), dtype=torch.int8)
+    with jit_capture.capture() as launches:
+        if a_dtype == "i8":
+            a = torch.randint(-9, 9, (M, K), dtype=torch.int8)
+            if out == "i32":
+                frugal.int8_mm(a, b, backend="triton")
+            else:
+                frugal.int8_matmul(a, b, torch.rand(M), torch.rand(N), torch.randn(N),
+                                   dtypes[out], backend="triton")
+        else:
+            x = torch.randn(M, K, dtype=dtypes[a_dtype])
+            frugal.int8_weight_only_matmul(x, b, torch.rand(N), torch.randn(N),
+                                           backend="triton")
+    (launch,) = launches
+    return launch
+
+
+def _compile_picks():
+    """Script mode: compile the picked launches and report their PTX's tensor-core
+    instructions."""
+    from frugal import jit_capture
 
     rows = []
-    for name, (table, index, a_dtype, out, split) in _PICKS.items():
-        cfg = {k: v for k, v in configs.buckets(table)[index].items() if not k.startswith("max_")}
-        bias = None if out == "i32" else out
-        spec = km._spec(table, cfg, a_dtype, out, a_dtype == "i8" and out != "i32", bias, split,
-                        True)
-        attrs = {(i,): [["tt.divisibility", 16]]
-                 for i, ty in enumerate(spec["signature"].values()) if ty.startswith("*")}
+    for name, (M, N, K, a_dtype, out) in _PICKS.items():
+        launch = _pick_launch(M, N, K, a_dtype, out)
+        constexprs = dict(launch.kwargs)
         for arch, cap in (("sm_80", 80), ("sm_90", 90)):
-            k = triton.compile(ASTSource(spec["fn"], spec["signature"], spec["constexprs"], attrs),
-                               target=GPUTarget("cuda", cap, 32),
-                               options={"num_warps": spec["num_warps"],
-                                        "num_stages": spec["num_stages"]})
+            k = jit_capture.compile_launch(launch, cap)
             ptx = k.asm["ptx"]
             found = re.finditer(_TC_ANY, ptx)
             rows.append({"name": name, "arch": arch, "a_dtype": a_dtype,
-                         "block_m": cfg["BLOCK_M"], "shared": k.metadata.shared,
+                         "block_m": constexprs["BLOCK_M"][1],
+                         "split": bool(constexprs["SPLIT_K"][1]), "shared": k.metadata.shared,
                          "cp_async": "cp.async" in ptx,
                          "tc": sorted({m.group(0) for m in found})})
     return rows
@@ -282,6 +296,7 @@ def test_tensor_core_instructions_in_ptx():
     rows = json.loads(done.stdout)
     assert len(rows) == 2 * len(_PICKS)
     for row in rows:
+        assert row["split"] == ("split-K" in row["name"]), row
         tc = " ".join(row["tc"])
         arch = row["arch"]
         if arch == "sm_90" and row["block_m"] < 64:

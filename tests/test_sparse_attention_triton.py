@@ -380,29 +380,32 @@ def test_tile_larger_than_block_is_refused(sa):
 
 # ----------------------------------------------------------------------------- configs, specs
 
-def test_configs_pick_and_check_specs_cover_them(sa):
-    """Every config a launcher may pick (dtype x head dim x block size) is in check_specs(),
-    with the band flag; the flag combinations are compiled for the fp16 D = 128 pick; fp32
-    tables exist apart (IEEE dots); the whole module stays under 150 compiles for 2 targets."""
-    specs = list(sa.check_specs())
-    assert 2 * len(specs) <= 150, len(specs)
-    seen = {(s["kernel"], s["dtype"], s["config"]) for s in specs}
-    for kind in ("fwd", "bwd_dkdv", "bwd_dq"):
-        for dtype, name in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"),
-                            (torch.float32, "fp32")):
+def test_configs_pick_and_the_check_matrix_reaches_them(sa):
+    """Every config a launcher may pick (dtype x head dim x block size) is launched by the
+    call matrix that ``frugal check`` compiles; tensor cores are expected of fp16/bf16 and not
+    of fp32 (IEEE dots); the module stays under 200 distinct launches (compiles per target)."""
+    from frugal import check, check_calls, jit_capture
+
+    with jit_capture.capture() as launches:
+        check_calls.sparse()
+    unique = [launch for launch, _ in jit_capture.unique(launches)]
+    assert len(unique) <= 200, len(unique)
+    tiles = {(check.kernel_info(launch)[0], check.pointer_dtypes(launch).get("q_ptr"),
+              dict(launch.kwargs)["BLOCK_M"][1], dict(launch.kwargs).get("BLOCK_N", (0, 0))[1])
+             for launch in unique}
+    names = {"fwd": "sparse_attention_fwd", "bwd_dkdv": "sparse_attention_bwd_dkdv",
+             "bwd_dq": "sparse_attention_bwd_dq"}
+    for kind, label in names.items():
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
             for d in sa.HEAD_DIMS:
                 for bq in sa.BLOCK_SIZES:
                     for bk in sa.BLOCK_SIZES:
                         cfg = sa.pick_config(kind, dtype, d, bq, bk)
                         assert bq % cfg["BLOCK_M"] == 0 and bk % cfg["BLOCK_N"] == 0
-                        spec = sa._attention_spec(kind, cfg, sa.head_block(d), name,
-                                                  (True, False, False, False))
-                        assert (spec["kernel"], name, spec["config"]) in seen, spec["config"]
-        wide = sa.pick_config(kind, torch.float16, 128, 128, 128)
-        for flags in sa._ALL_FLAGS:
-            spec = sa._attention_spec(kind, wide, 128, "fp16", flags)
-            assert (spec["kernel"], "fp16", spec["config"]) in seen
-    fp32 = [s for s in specs if s["dtype"] == "fp32" and s["kernel"] != "sparse_attention_bwd_pre"]
-    assert fp32 and not any(s["tensor_cores"] for s in fp32)
-    assert all(s["tensor_cores"] for s in specs
-               if s["dtype"] != "fp32" and s["kernel"] != "sparse_attention_bwd_pre")
+                        name = str(dtype).replace("torch.", "")
+                        assert (label, name, cfg["BLOCK_M"], cfg["BLOCK_N"]) in tiles
+    for launch in unique:
+        label, tensor_cores = check.kernel_info(launch)
+        dtypes = check.pointer_dtypes(launch)
+        fp32 = dtypes.get("q_ptr", dtypes.get("out_ptr")) == "float32"
+        assert tensor_cores == (label != "sparse_attention_bwd_pre" and not fp32), label

@@ -1,17 +1,24 @@
-"""``frugal check``: compile every Triton kernel for real GPU targets, with no GPU present.
+"""``frugal check``: compile what the Triton JIT really builds, for real GPU targets, with no GPU.
 
-Each module in ``frugal.kernels.KERNEL_MODULES`` lists, through ``check_specs()``, every
-(kernel, launch config, dtype) its launchers may compile. Each one is compiled for each target
-with ``triton.compile``; its PTX goes through ptxas for registers and spills. A config fails when
-it does not compile, cannot launch on the target (shared memory per block, registers per thread
-or per SM), spills registers, or is matmul-shaped but has no tensor-core instructions.
+The kernels are not listed by hand. ``frugal check`` drives the real launch code over the
+declared matrix of public calls in :mod:`frugal.check_calls` with the launches captured
+(:mod:`frugal.jit_capture`): each distinct launch -- kernel, constexprs, pointer dtypes, and
+the JIT's own specialization of its integer and pointer arguments (value 1, divisibility by 16)
+-- is compiled for each target by the installed Triton's JIT, exactly as that call would compile
+on that GPU. The cubin's resource usage is read back with cuobjdump. A launch fails when it does
+not compile, cannot launch on the target (shared memory per block, registers per thread or per
+SM), has a stack frame or local memory (register spills), or is matmul-shaped but has no
+tensor-core instructions.
 
-Run as ``frugal check [--arch sm_80,sm_90] [--kernel NAME] [--json PATH]`` or
+``--floor`` compiles the same captured launches with the oldest Triton frugal supports
+(:data:`FLOOR_TRITON`, installed apart from the environment's own, see ``--floor-path``); there
+a launch fails only when it does not compile.
+
+Run as ``frugal check [--arch sm_80,sm_90] [--kernel NAME] [--json PATH] [--floor]`` or
 ``python -m frugal.check ...``; ``run()`` returns the rows for programmatic use.
 """
 
 import argparse
-import functools
 import importlib
 import json
 import multiprocessing
@@ -40,6 +47,8 @@ ARCHS = {
     "sm_120": (120, 101376),
 }
 DEFAULT_ARCHS = ("sm_80", "sm_90")
+FLOOR_TRITON = "3.2.0"  # the oldest Triton frugal supports (pyproject.toml, README)
+FLOOR_ARCHS = ("sm_80",)
 MAX_REGS_PER_THREAD = 255
 REGS_PER_SM = 65536
 WORKERS = 2
@@ -53,12 +62,10 @@ _TC_PATTERNS = {
     "mma": re.compile(r"(?<![\w.])mma\.sync\b"),
 }
 _STATUS_WIDTH = 100  # compile errors are printed whole below the table
-_SPEC_KEYS = ("kernel", "fn", "signature", "constexprs", "num_warps", "num_stages", "dtype",
-              "config", "tensor_cores")
 _COLUMNS = (  # (header, row key, right-aligned)
     ("kernel", "kernel", False), ("config", "config", False), ("target", "target", False),
-    ("dtype", "dtype", False), ("smem", "shared", True), ("regs", "regs", True),
-    ("spills", "spills", True), ("stack", "stack", True), ("tc", "tc", False),
+    ("dtype", "dtype", False), ("spec", "spec", False), ("smem", "shared", True),
+    ("regs", "regs", True), ("stack", "stack", True), ("tc", "tc", False),
     ("time_s", "compile_s", True), ("status", "status", False),
 )
 
@@ -73,123 +80,134 @@ def _parse_archs(archs):
     return tuple(dict.fromkeys(names))
 
 
-@functools.lru_cache(maxsize=None)
-def _specs(module):
-    specs = list(importlib.import_module(f"frugal.kernels.{module}").check_specs())
-    for spec in specs:
-        missing = [k for k in _SPEC_KEYS if k not in spec]
-        if missing:
-            raise ValueError(f"frugal.kernels.{module}.check_specs(): expected keys "
-                             f"{', '.join(_SPEC_KEYS)}; spec {spec.get('kernel')!r} lacks "
-                             f"{', '.join(missing)}")
-    return specs
+def kernel_info(launch):
+    """(label, tensor cores expected) of a captured launch, from its kernel module's
+    ``CHECK_KERNELS`` declaration ({fn name: (label, predicate over pointer dtypes)})."""
+    table = getattr(importlib.import_module(launch.module), "CHECK_KERNELS", {})
+    if launch.name not in table:
+        return launch.name, False
+    label, tensor_cores = table[launch.name]
+    return label, bool(tensor_cores(pointer_dtypes(launch)))
 
 
-def _jobs(archs, kernels):
-    from frugal.kernels import KERNEL_MODULES
-
-    jobs = [(module, index, arch)
-            for module in KERNEL_MODULES
-            for index, spec in enumerate(_specs(module))
-            if kernels is None or spec["kernel"] in kernels
-            for arch in archs]
-    if kernels is not None:
-        known = {spec["kernel"] for module in KERNEL_MODULES for spec in _specs(module)}
-        unknown = sorted(set(kernels) - known)
-        if unknown:
-            raise ValueError(f"kernel: expected names among {', '.join(sorted(known))}; "
-                             f"got {', '.join(unknown)}")
-    return jobs
+def pointer_dtypes(launch):
+    """{parameter: dtype name} of a launch's tensor arguments."""
+    names = list(launch.fn().arg_names)
+    values = dict(zip(names, launch.args))
+    values.update(launch.kwargs)
+    return {n: v[1].replace("torch.", "") for n, v in values.items()
+            if isinstance(v, tuple) and v and v[0] == "t"}
 
 
-def _interpreting():
-    import triton
+def _describe(launch):
+    """(config, dtype, spec) columns: constexprs and launch options; pointer dtypes; the
+    integer/pointer specializations (=1 a constant, %16 divisible, ~16 an unaligned pointer)."""
+    _, parts, options = launch.spec_key()
+    config, spec = [], []
+    for name, s in parts:
+        if s[0] == "c" and s[1] is not None:
+            value = s[1]
+            config.append(f"{name}={int(value) if isinstance(value, bool) else value}")
+        elif s[0] == "one":
+            spec.append(f"{name}=1")
+        elif s[0] == "i" and len(s) == 3 and s[2]:
+            spec.append(f"{name}%16")
+        elif s[0] == "t" and not s[2]:
+            spec.append(f"{name}~16")
+    opts = dict(options)
+    config.append(f"w{opts.get('num_warps', 4)},s{opts.get('num_stages', 3)}")
+    dtypes = ",".join(f"{n.removesuffix('_ptr')}={d}" for n, d in pointer_dtypes(launch).items())
+    return ",".join(config), dtypes, ",".join(spec) or "-"
 
-    return triton.knobs.runtime.interpret
+
+def capture_matrix(families=None, device_names=None):
+    """The distinct launches of the declared call matrix (:mod:`frugal.check_calls`), for the
+    default config file and each GPU-specific one. Returns [(Launch, calls asking for it)]."""
+    from frugal import check_calls, jit_capture
+    from frugal.kernels import _launch
+
+    families = families or check_calls.FAMILIES
+    launches = []
+    for device in device_names if device_names is not None else _launch.device_files():
+        with jit_capture.capture(device_name=device) as recorded:
+            check_calls.run(families)
+        launches += recorded
+    return jit_capture.unique(launches)
 
 
-def _labels(spec, arch):
+def _labels(launch, calls, arch, tensor_cores=None):
+    label, expected = kernel_info(launch)
+    config, dtype, spec = _describe(launch)
+    options = dict(launch.spec_key()[2])
     return {
-        "kernel": spec["kernel"], "config": spec["config"], "dtype": spec["dtype"],
-        "target": arch, "num_warps": spec["num_warps"], "num_stages": spec["num_stages"],
-        "tensor_cores": bool(spec["tensor_cores"]),
-        "shared": None, "regs": None, "spill_stores": None, "spill_loads": None, "stack": None,
+        "kernel": label, "config": config, "dtype": dtype, "spec": spec, "target": arch,
+        "call": launch.call, "calls": calls,
+        "num_warps": options.get("num_warps", 4), "num_stages": options.get("num_stages", 3),
+        "tensor_cores": expected if tensor_cores is None else tensor_cores,
+        "shared": None, "regs": None, "stack": None, "local": None,
         "tc_instructions": [], "compile_s": None, "error": None,
     }
 
 
-def _ptxas_usage(ptx, capability, metadata):
-    from triton.backends.nvidia.compiler import get_ptxas
+def _resources(cubin):
+    """Registers, stack frame and local memory of the one kernel in ``cubin`` (cuobjdump)."""
+    from frugal import build_info
 
-    gpu_name = re.search(r"^\.target\s+(\w+)", ptx, re.M).group(1)
-    # The flags of Triton's own ptxas run, so the counts are those of the cubin it built.
-    flags = ["--regAllocOptLevel=2"] + ([] if metadata.enable_fp_fusion else ["--fmad=false"])
+    tool = build_info.cuobjdump()
+    if tool is None:
+        raise RuntimeError("cuobjdump not found: pip install nvidia-cuda-cuobjdump")
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
-        out = subprocess.run(
-            [get_ptxas(capability).path, "-v", *flags, f"--gpu-name={gpu_name}", path,
-             "-o", os.devnull],
-            capture_output=True, text=True,
-        )
-    if out.returncode != 0:
-        raise RuntimeError(f"ptxas --gpu-name={gpu_name} failed ({out.returncode}):\n{out.stderr}")
-    regs = re.search(r"Used (\d+) registers", out.stderr)
-    frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads",
-                      out.stderr)
-    if regs is None or frame is None:
-        raise RuntimeError(f"ptxas -v: expected register and stack-frame lines; got:\n{out.stderr}")
-    return {"regs": int(regs.group(1)), "stack": int(frame.group(1)),
-            "spill_stores": int(frame.group(2)), "spill_loads": int(frame.group(3))}
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        out = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True,
+                             text=True, check=True).stdout
+    usage = re.findall(r"Function \S+:\s*\n\s*(.+)", out)
+    if len(usage) != 1:
+        raise RuntimeError(f"cuobjdump: expected one kernel in the cubin; got:\n{out}")
+    fields = dict(re.findall(r"(\w+):(\d+)", usage[0]))
+    return {"regs": int(fields["REG"]), "stack": int(fields["STACK"]),
+            "local": int(fields["LOCAL"])}
 
 
-def _measure(spec, arch):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+def _measure(launch, arch):
+    from frugal import jit_capture
 
-    signature = spec["signature"]
-    # What the JIT specializes for a 16-byte-aligned tensor argument.
-    attrs = {(i,): [["tt.divisibility", 16]]
-             for i, ty in enumerate(signature.values()) if ty.startswith("*")}
     capability = ARCHS[arch][0]
     start = time.perf_counter()
     try:
-        kernel = triton.compile(
-            ASTSource(spec["fn"], signature, spec["constexprs"], attrs),
-            target=GPUTarget("cuda", capability, 32),
-            options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]},
-        )
+        kernel = jit_capture.compile_launch(launch, capability)
         compile_s = time.perf_counter() - start
         ptx = kernel.asm["ptx"]
         found = [name for name, pattern in _TC_PATTERNS.items() if pattern.search(ptx)]
         return {"shared": kernel.metadata.shared, "tc_instructions": found,
-                "compile_s": round(compile_s, 3),
-                **_ptxas_usage(ptx, capability, kernel.metadata)}
+                "compile_s": round(compile_s, 3), **_resources(kernel.asm["cubin"])}
     except Exception as exc:  # any failure to build is a result: the row reports it
         return {"error": f"{type(exc).__name__}: {exc}",
                 "compile_s": round(time.perf_counter() - start, 3)}
 
 
-def evaluate(row, arch):
+def evaluate(row, arch, floor=False):
     """Apply the launch rules of ``arch`` to one measured row.
 
     Parameters
     ----------
     row : dict
-        A row as built by ``compile_spec``: ``error``, ``shared``, ``regs``, ``spill_stores``,
-        ``spill_loads``, ``num_warps``, ``tensor_cores`` (the spec expects tensor cores) and
+        A row as built by ``compile_launch``: ``error``, ``shared``, ``regs``, ``stack``,
+        ``local``, ``num_warps``, ``tensor_cores`` (the kernel expects tensor cores) and
         ``tc_instructions`` (tensor-core instruction families found in the PTX).
     arch : str
         A key of ``ARCHS``, e.g. ``"sm_80"``.
+    floor : bool
+        The row was compiled by the floor Triton: only a compile error fails (resources and
+        instruction choice are tuned for the current Triton); the rest become notes.
 
     Returns
     -------
     failures : list of str
-        Why the config cannot ship on ``arch``; empty when it passes.
+        Why the launch cannot ship on ``arch``; empty when it passes.
     notes : list of str
-        Remarks that do not fail the config (e.g. ``mma`` where ``wgmma`` was expected).
+        Remarks that do not fail it (e.g. ``mma`` where ``wgmma`` was expected).
     """
     if row["error"]:
         lines = [line for line in row["error"].splitlines() if line.strip()]
@@ -198,8 +216,9 @@ def evaluate(row, arch):
     max_shared = ARCHS[arch][1]
     if row["shared"] > max_shared:
         failures.append(f"shared memory {row['shared']} B > {max_shared} B per block on {arch}")
-    if row["spill_stores"] or row["spill_loads"]:
-        failures.append(f"spills {row['spill_stores']} B stores + {row['spill_loads']} B loads")
+    if row["stack"] or row["local"]:
+        failures.append(f"stack frame {row['stack']} B, local memory {row['local']} B "
+                        f"(register spills)")
     if row["regs"] > MAX_REGS_PER_THREAD:
         failures.append(f"{row['regs']} registers > {MAX_REGS_PER_THREAD} per thread")
     threads = 32 * row["num_warps"]
@@ -212,39 +231,47 @@ def evaluate(row, arch):
             failures.append(f"matmul-shaped but no tensor-core instructions ({expected} expected)")
         elif expected not in found:
             notes.append(f"{'+'.join(found)}, not {expected}")
+    if floor:
+        return [], failures + notes
     return failures, notes
 
 
-def _finish(row):
-    failures, notes = evaluate(row, row["target"])
+def _finish(row, floor=False):
+    failures, notes = evaluate(row, row["target"], floor)
     row["failures"], row["notes"], row["ok"] = failures, notes, not failures
     return row
 
 
-def compile_spec(spec, arch):
-    """Compile one ``check_specs()`` entry for ``arch`` and evaluate it.
+def compile_launch(launch, arch, calls=1, tensor_cores=None, floor=False):
+    """Compile one captured launch for ``arch`` with the installed Triton and evaluate it.
 
     Parameters
     ----------
-    spec : dict
-        Keys ``kernel``, ``fn`` (a ``triton.JITFunction``; not an interpreted one),
-        ``signature``, ``constexprs``, ``num_warps``, ``num_stages``, ``dtype``, ``config``,
-        ``tensor_cores``.
+    launch : frugal.jit_capture.Launch
     arch : str
         A key of ``ARCHS``.
+    calls : int
+        How many calls of the matrix asked for this launch (reported).
+    tensor_cores : bool, optional
+        Whether tensor-core instructions are expected; default from the kernel module's
+        ``CHECK_KERNELS``.
+    floor : bool
+        Evaluate as a floor-Triton row (only compile errors fail).
 
     Returns
     -------
     dict
-        The row: labels, ``shared`` (bytes), ``regs``, ``spill_stores``, ``spill_loads``,
-        ``stack`` (bytes), ``tc_instructions``, ``compile_s``, ``error``, ``failures``, ``notes``
-        and ``ok``.
+        The row: labels, ``shared`` (bytes), ``regs``, ``stack``, ``local`` (bytes),
+        ``tc_instructions``, ``compile_s``, ``error``, ``failures``, ``notes`` and ``ok``.
     """
-    return _finish({**_labels(spec, arch), **_measure(spec, arch)})
+    return _finish({**_labels(launch, calls, arch, tensor_cores), **_measure(launch, arch)},
+                   floor)
 
 
-def _compile_job(module, index, arch):
-    return compile_spec(_specs(module)[index], arch)
+def _compile_job(launch_json, calls, arch, floor):
+    from frugal.jit_capture import Launch
+
+    return compile_launch(Launch.from_json(launch_json), arch, calls, floor=floor)
 
 
 def _init_worker(cache_dir):
@@ -252,33 +279,56 @@ def _init_worker(cache_dir):
     os.environ["TRITON_CACHE_DIR"] = cache_dir
 
 
-def _compile_all(jobs):
+def _compile_all(jobs, floor=False, floor_path=None):
+    """Compile (Launch, calls, arch) jobs in worker processes; with ``floor_path`` the workers
+    import Triton from there."""
     if not jobs:
         return []
     rows = [None] * len(jobs)
-    bar = None if tqdm is None else tqdm(total=len(jobs), desc="frugal check", unit="config",
+    bar = None if tqdm is None else tqdm(total=len(jobs), desc="frugal check", unit="launch",
                                          file=sys.stderr)
-    # spawn: a forked child would inherit the parent's threads (torch, tqdm) mid-state.
+    # spawn: a forked child would inherit the parent's threads (torch, tqdm) mid-state. The
+    # workers inherit os.environ at spawn, so PYTHONPATH selects their Triton.
     context = multiprocessing.get_context("spawn")
-    with tempfile.TemporaryDirectory() as cache_dir, ProcessPoolExecutor(
-        max_workers=min(WORKERS, len(jobs)), mp_context=context,
-        initializer=_init_worker, initargs=(cache_dir,),
-    ) as pool:
-        futures = {pool.submit(_compile_job, *job): i for i, job in enumerate(jobs)}
-        for future in as_completed(futures):
-            i = futures[future]
-            try:
-                rows[i] = future.result()
-            except BrokenProcessPool as exc:
-                module, index, arch = jobs[i]
-                row = _labels(_specs(module)[index], arch)
-                row["error"] = f"compiler process died: {exc}"
-                rows[i] = _finish(row)
-            if bar:
-                bar.update()
+    saved = os.environ.get("PYTHONPATH")
+    if floor_path:
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (floor_path, saved) if p)
+    try:
+        with tempfile.TemporaryDirectory() as cache_dir, ProcessPoolExecutor(
+            max_workers=min(WORKERS, len(jobs)), mp_context=context,
+            initializer=_init_worker, initargs=(cache_dir,),
+        ) as pool:
+            futures = {pool.submit(_compile_job, launch.to_json(), calls, arch, floor): i
+                       for i, (launch, calls, arch) in enumerate(jobs)}
+            for future in as_completed(futures):
+                i = futures[future]
+                try:
+                    rows[i] = future.result()
+                except BrokenProcessPool as exc:
+                    launch, calls, arch = jobs[i]
+                    row = _labels(launch, calls, arch)
+                    row["error"] = f"compiler process died: {exc}"
+                    rows[i] = _finish(row, floor)
+                if bar:
+                    bar.update()
+    finally:
+        if floor_path:
+            if saved is None:
+                os.environ.pop("PYTHONPATH", None)
+            else:
+                os.environ["PYTHONPATH"] = saved
         if bar:
             bar.close()
     return rows
+
+
+def floor_triton_version(path):
+    """The Triton version installed under ``path`` (a ``pip install --target`` folder)."""
+    out = subprocess.run([sys.executable, "-c", "import triton; print(triton.__version__)"],
+                         env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"floor Triton under {path} does not import:\n{out.stderr}")
+    return out.stdout.strip()
 
 
 def _run_in_subprocess(argv, stdout=None):
@@ -288,20 +338,48 @@ def _run_in_subprocess(argv, stdout=None):
                           stdout=stdout).returncode
 
 
-def run(archs=DEFAULT_ARCHS, kernels=None):
-    """Compile every kernel config for each target and evaluate it.
+def kernel_labels():
+    """Every kernel label the check knows (``CHECK_KERNELS`` of each kernel module)."""
+    from frugal.kernels import KERNEL_MODULES
+
+    return sorted(label for module in KERNEL_MODULES
+                  for label, _ in importlib.import_module(
+                      f"frugal.kernels.{module}").CHECK_KERNELS.values())
+
+
+def _check_kernels(kernels):
+    if kernels is None:
+        return None
+    unknown = sorted(set(kernels) - set(kernel_labels()))
+    if unknown:
+        raise ValueError(f"kernel: expected names among {', '.join(kernel_labels())}; got "
+                         f"{', '.join(unknown)}")
+    return tuple(kernels)
+
+
+def _jobs(archs, kernels):
+    launches = capture_matrix()
+    if kernels is not None:
+        launches = [(launch, n) for launch, n in launches if kernel_info(launch)[0] in kernels]
+    return [(launch, calls, arch) for launch, calls in launches for arch in archs]
+
+
+def run(archs=DEFAULT_ARCHS, kernels=None, floor_path=None):
+    """Capture the call matrix's launches and compile each for each target.
 
     Parameters
     ----------
     archs : str or sequence of str
         Targets, keys of ``ARCHS`` (a comma-separated string is accepted).
     kernels : sequence of str, optional
-        Only the specs whose ``kernel`` is listed; all when None.
+        Only the launches of these kernels (labels as in the table); all when None.
+    floor_path : str, optional
+        Compile with the Triton installed under this folder (the floor check).
 
     Returns
     -------
     list of dict
-        One row per (spec, target), as ``compile_spec`` returns it.
+        One row per (launch, target), as ``compile_launch`` returns it.
 
     Raises
     ------
@@ -309,15 +387,16 @@ def run(archs=DEFAULT_ARCHS, kernels=None):
         On an unknown target or kernel name.
     """
     archs = _parse_archs(archs)
-    kernels = None if kernels is None else tuple(kernels)
-    jobs = _jobs(archs, kernels)
+    kernels = _check_kernels(kernels)
     if not _interpreting():
-        return _compile_all(jobs)
+        return _compile_all(_jobs(archs, kernels), floor_path is not None, floor_path)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "rows.json")
         argv = ["--arch", ",".join(archs), "--json", path]
         if kernels is not None:
             argv += ["--kernel", ",".join(kernels)]
+        if floor_path is not None:
+            argv += ["--floor-path", floor_path]
         code = _run_in_subprocess(argv, stdout=subprocess.DEVNULL)
         if not os.path.exists(path):
             raise RuntimeError(f"python -m frugal.check exited {code} without writing rows")
@@ -325,10 +404,14 @@ def run(archs=DEFAULT_ARCHS, kernels=None):
             return json.load(f)
 
 
+def _interpreting():
+    import triton
+
+    return triton.knobs.runtime.interpret
+
+
 def _cell(row, key):
-    if key == "spills":
-        value = None if row["spill_stores"] is None else row["spill_stores"] + row["spill_loads"]
-    elif key == "tc":
+    if key == "tc":
         value = "+".join(row["tc_instructions"]) or "-"
     elif key == "status":
         value = ("ok" + "".join(f" ({n})" for n in row["notes"]) if row["ok"]
@@ -356,48 +439,65 @@ def format_table(rows):
 def _parser():
     parser = argparse.ArgumentParser(
         prog="frugal check",
-        description="Compile every Triton kernel config for GPU targets (no GPU needed) and "
-                    "fail on one that cannot launch, spills, or misses tensor cores.",
+        description="Compile what the Triton JIT builds for the declared matrix of public "
+                    "calls, for GPU targets (no GPU needed), and fail on a launch that does "
+                    "not compile, cannot launch, spills, or misses tensor cores.",
     )
-    parser.add_argument("--arch", default=",".join(DEFAULT_ARCHS),
-                        help=f"comma-separated targets among {', '.join(ARCHS)} "
-                             f"(default: %(default)s)")
+    parser.add_argument("--arch", default=None,
+                        help=f"comma-separated targets among {', '.join(ARCHS)} (default: "
+                             f"{','.join(DEFAULT_ARCHS)}; with --floor {','.join(FLOOR_ARCHS)})")
     parser.add_argument("--kernel", help="comma-separated kernel names (default: all)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as a JSON list")
+    parser.add_argument("--floor", action="store_true",
+                        help=f"compile with the floor Triton ({FLOOR_TRITON}) from --floor-path "
+                             f"instead: only compile errors fail")
+    parser.add_argument("--floor-path", metavar="DIR",
+                        default=os.environ.get("FRUGAL_FLOOR_TRITON"),
+                        help="folder holding the floor Triton (pip install --target DIR "
+                             f"triton=={FLOOR_TRITON}); default $FRUGAL_FLOOR_TRITON")
     return parser
 
 
 def main(argv=None):
-    """Command line entry: ``frugal check [--arch ...] [--kernel ...] [--json PATH]``.
+    """Command line entry: ``frugal check [--arch ...] [--kernel ...] [--json PATH] [--floor]``.
 
     Returns
     -------
     int
-        0 when every config passes, 1 when any fails.
+        0 when every launch passes, 1 when any fails.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = _parser()
     args = parser.parse_args(argv)
+    floor = args.floor
     try:
-        archs = _parse_archs(args.arch)
-        kernels = None if args.kernel is None else tuple(
-            k.strip() for k in args.kernel.split(",") if k.strip())
-        jobs = _jobs(archs, kernels)
+        archs = _parse_archs(args.arch or (FLOOR_ARCHS if floor else DEFAULT_ARCHS))
+        kernels = _check_kernels(None if args.kernel is None else tuple(
+            k.strip() for k in args.kernel.split(",") if k.strip()))
     except ValueError as exc:
         parser.error(str(exc))
+    if floor:
+        if not args.floor_path:
+            parser.error(f"--floor needs the floor Triton: pip install --target DIR "
+                         f"triton=={FLOOR_TRITON}, then --floor-path DIR")
+        version = floor_triton_version(args.floor_path)
+        if version != FLOOR_TRITON:
+            parser.error(f"--floor-path: expected Triton {FLOOR_TRITON}; {args.floor_path} "
+                         f"holds {version}")
     if _interpreting():
         return _run_in_subprocess(argv)
-    rows = _compile_all(jobs)
+    rows = _compile_all(_jobs(archs, kernels), floor, args.floor_path if floor else None)
     failed = [row for row in rows if not row["ok"]]
     print(format_table(rows))
     for row in failed:
         if row["error"]:
-            print(f"\n{row['kernel']} [{row['config']}] {row['target']} {row['dtype']}:\n"
-                  f"{row['error']}")
+            print(f"\n{row['kernel']} [{row['config']}] {row['target']} {row['dtype']} "
+                  f"{row['spec']} (from: {row['call']}):\n{row['error']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
-    print(f"{len(rows)} configs compiled, {len(failed)} failed")
+    which = f"Triton {FLOOR_TRITON} (floor)" if floor else "Triton"
+    print(f"{len(rows)} launches compiled with {which}, {len(failed)} failed")
     return 1 if failed else 0
 
 

@@ -7,6 +7,7 @@ returns the Choice an op would make for given arguments, and ``frugal.set_debug(
 each choice on the ``frugal`` logger.
 """
 
+import contextvars
 import dataclasses
 import importlib.util
 import logging
@@ -21,6 +22,10 @@ BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 
 # Fastest first, per device type. Ops may pass their own.
 DEFAULT_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+
+# True while frugal.jit_capture records launches: Triton kernels "run" on CPU tensors then
+# (the launch is recorded, never executed).
+TRITON_ON_CPU = contextvars.ContextVar("frugal_triton_on_cpu", default=False)
 
 logger = logging.getLogger("frugal")
 _debug = False
@@ -90,7 +95,7 @@ def unavailable(backend, device):
             return "backend='triton' needs triton, which is not installed"
         if dev == "cuda":
             return None
-        if dev == "cpu" and triton_interpreting():
+        if dev == "cpu" and (triton_interpreting() or TRITON_ON_CPU.get()):
             return None
         return (f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); "
                 f"got device {device}")
