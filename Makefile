@@ -12,7 +12,10 @@ SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup
 REQUIREMENTS := torch==2.14.1 numpy ninja pybind11 "setuptools>=64" wheel pytest \
 	pytest-benchmark hypothesis matplotlib tqdm nvidia-cuda-cuobjdump
 
-.PHONY: test bench check install clean
+FLOOR_TRITON := $(shell sed -n 's/^FLOOR_TRITON = "\(.*\)".*/\1/p' python/frugal/check.py)
+FLOOR_DIR := build/floor-triton-$(FLOOR_TRITON)
+
+.PHONY: test bench bench-strict check check-floor gpu-check install clean
 
 test: $(BUILT)
 	$(PY) -m pytest -q tests
@@ -20,8 +23,25 @@ test: $(BUILT)
 bench: $(BUILT)
 	$(VENV)/bin/frugal bench
 
+bench-strict: $(BUILT)
+	$(VENV)/bin/frugal bench --strict
+
 check: $(BUILT)
 	$(VENV)/bin/frugal check
+
+# The launches of `frugal check`, compiled by the oldest Triton frugal supports (installed apart
+# from the venv's own, in build/).
+check-floor: $(BUILT) $(FLOOR_DIR)/.installed
+	$(VENV)/bin/frugal check --floor --floor-path $(FLOOR_DIR)
+
+$(FLOOR_DIR)/.installed:
+	$(PY) -m pip install -q --no-deps --target $(FLOOR_DIR) triton==$(FLOOR_TRITON)
+	touch $@
+
+# On a machine with a GPU: the whole suite on CUDA tensors and a short GPU bench; JSON and
+# Markdown in gpu-check-results/. Without a GPU it says so and exits 0.
+gpu-check: $(BUILT)
+	$(VENV)/bin/frugal gpu-check
 
 install: $(BUILT)
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import frugal
-from frugal.paged_kv_cache import empty_cache
+from frugal.paged_ops import empty_cache
 
 MiB = 1 << 20
 ROTATE_BYTES = 128 * MiB

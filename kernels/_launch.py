@@ -1,11 +1,12 @@
-"""Host-side helpers the Triton launchers share: the device's config-file name and SM count,
-every config file the launchers may read, head-dim blocks and stride alignment."""
+"""Host-side helpers the Triton launchers share: the device's config-file key and SM count,
+every device file the launchers may read, head-dim blocks and stride alignment."""
 
+import contextlib
 import functools
-import os
 
 import torch
 import triton
+from torch.library import wrap_triton
 
 from . import configs
 
@@ -13,9 +14,13 @@ DEFAULT_SMS = 132  # H100 SXM: the SM count split heuristics assume off a GPU (t
 ALIGN = 16  # elements: strides the kernels' vectorized loads assume
 
 
-def device_name(device):
-    """The name configs are filed under for ``device`` (None off a GPU: default.json)."""
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else None
+def device_key(device):
+    """(GPU name, arch) the launch configs of ``device`` are filed under (``configs.pick``):
+    e.g. ("NVIDIA H100 80GB HBM3", "sm_90"); (None, None) off a GPU (default.json)."""
+    if device.type != "cuda":
+        return None, None
+    major, minor = torch.cuda.get_device_capability(device)
+    return torch.cuda.get_device_name(device), f"sm_{major}{minor}"
 
 
 @functools.lru_cache(maxsize=None)
@@ -31,10 +36,8 @@ def num_sms(device):
 
 
 def device_files():
-    """None (default.json) and the device name of every GPU-specific config file."""
-    names = sorted(f[:-5] for f in os.listdir(os.path.dirname(configs.__file__))
-                   if f.endswith(".json") and f != "default.json")
-    return [None, *names]
+    """None (no GPU-specific file) and the device name of every GPU-specific config file."""
+    return [None, *configs.device_names()]
 
 
 def head_block(D):
@@ -52,3 +55,18 @@ def aligned(t):
     if (t.shape[-1] <= 1 or t.stride(-1) == 1) and aligned_strides(t, range(t.dim() - 1)):
         return t
     return t.contiguous()
+
+
+def launch(kernel, grid, device):
+    """``kernel[grid]`` as the launchers call it: through ``wrap_triton`` (so torch.compile sees
+    into the kernel) and on ``device``'s GPU and current stream, whatever device is current
+    (Triton launches on the current device: tensors on cuda:1 while cuda:0 is current would
+    run on the wrong GPU and stream)."""
+    run = wrap_triton(kernel)[grid]
+
+    def call(*args, **kwargs):
+        guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+        with guard:
+            return run(*args, **kwargs)
+
+    return call

@@ -11,20 +11,18 @@ get fp32 accuracy). Programs go in groups of GROUP_M tile rows so the tiles in f
 Edges. Rows past M (N) are clamped onto the last row for the loads, so A and B loads need no
 row masks; stores are masked; the K tail is masked. ``ALIGNED`` (K, both row strides and both
 base addresses multiples of 16 elements / 16 bytes) is shown to the compiler, so the loads
-become 16-byte ``cp.async`` copies into a ``num_stages`` shared-memory pipeline. The JIT
-specializes on the same facts by itself; the flag exists so that ``frugal check`` (which cannot
-pass integer divisibility) compiles the variant real shapes run, and so that unaligned shapes
-(odd K, sliced inputs: byte loads, no async pipeline) get their own small configs, which do not
-spill. The K dim must have stride 1: the launchers copy an input that does not (rare; a
-weight is contiguous).
+become 16-byte ``cp.async`` copies into a ``num_stages`` shared-memory pipeline. No integer
+argument is specialized by the JIT (one variant per flag value, not one per divisibility
+pattern or value of 1), and unaligned shapes (odd K, sliced inputs: byte loads, no async
+pipeline) get their own small configs, which do not spill. The K dim must have stride 1: the
+launchers copy an input that does not (rare; a weight is contiguous).
 
 Epilogue, in fp32 and in this order: ``acc.to(fp32) * a_scale[m] * b_scale[n] + bias[n]``, then
 the cast to the output dtype; the accumulator never goes to memory. A_SCALE / B_SCALE / HAS_BIAS
 are constexpr presence flags; without any, the accumulator is stored as is (int8_mm's int32).
 A scale holding one value is read through a stride of 0 (one broadcast load per tile), not a
 third constexpr case: that would quadruple the compiled variants for no measurable gain.
-A bias whose dtype is neither the output's nor fp32 is converted to fp32 (exact) first, so the
-bias pointer is one of two dtypes per output dtype.
+A bias is converted to fp32 (exact) first, so the bias pointer has one dtype.
 
 Small M (decode): split-K. A 16-row tile covers every token, so one program per BLOCK_N outputs
 gives N / BLOCK_N programs -- 64 at N = 4096, BLOCK_N = 64, for 132 SMs on H100 -- each
@@ -59,11 +57,8 @@ aligned or not) and ``int8_mm_unaligned`` (int8 or fp16/bf16 A when not ALIGNED)
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from . import configs
-from ._launch import device_name as _device_name
-from ._launch import num_sms as _num_sms
+from . import _launch, configs
 
 INT8_MAX_K = 131071  # 128 * 128 * K < 2**31: int32 accumulation of int8 products is exact
 _PROGRAMS_PER_SM = 2  # split-K aims at this many programs per SM
@@ -76,24 +71,30 @@ def _epilogue(acc, offs_m, offs_n, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
               A_SCALE: tl.constexpr, B_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
     mask_m = offs_m < M
     mask_n = offs_n < N
-    if A_SCALE or B_SCALE or HAS_BIAS:
-        out = acc.to(tl.float32)
-        if A_SCALE:
-            a_s = tl.load(a_scale_ptr + offs_m * stride_as, mask=mask_m, other=0.0)
-            out = out * a_s[:, None]
-        if B_SCALE:
-            b_s = tl.load(b_scale_ptr + offs_n * stride_bs, mask=mask_n, other=0.0)
-            out = out * b_s[None, :]
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            out = out + bias[None, :]
-    else:
-        out = acc
+    # Each step converts to fp32 (a no-op after the first); without any, the accumulator is
+    # stored as is. (Nested flags, not `A_SCALE or B_SCALE or ...`: Triton 3.2 rejects boolean
+    # operators on constexprs.)
+    out = acc
+    if A_SCALE:
+        a_s = tl.load(a_scale_ptr + offs_m * stride_as, mask=mask_m, other=0.0)
+        out = out.to(tl.float32) * a_s[:, None]
+    if B_SCALE:
+        b_s = tl.load(b_scale_ptr + offs_n * stride_bs, mask=mask_n, other=0.0)
+        out = out.to(tl.float32) * b_s[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        out = out.to(tl.float32) + bias[None, :]
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.jit(do_not_specialize=["stride_as", "stride_bs"])
+# No integer argument is specialized by the JIT: M = 1 (decode) would become a constexpr (which
+# M.to() rejects) for no gain, and N = 1, K = 1 or a stride of 1 would each be a variant of its
+# own for every other choice. ALIGNED states the divisibility that matters: that of the loads.
+# C's stores go without (the epilogue writes M * N values once; the main loop reads K times
+# more), which halves the compiled variants.
+@triton.jit(do_not_specialize=["M", "N", "K", "stride_am", "stride_bn", "stride_cm", "stride_as",
+                               "stride_bs", "k_slice_blocks"])
 def _mm_kernel(
     a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, ws_ptr, count_ptr,
     M, N, K, stride_am, stride_bn, stride_cm, stride_as, stride_bs, k_slice_blocks,
@@ -216,7 +217,7 @@ def pick_config(a, b):
     """(table, config) of a launch with A operand ``a`` [M, K] and weight ``b`` [N, K], both
     with K stride 1 (the launchers copy an operand that is not)."""
     table = _table(a, _is_aligned(a, b))
-    return table, configs.pick(table, "M", a.shape[0], _device_name(a.device))
+    return table, configs.pick(table, "M", a.shape[0], _launch.device_key(a.device))
 
 
 def _split(cfg, M, N, K, device):
@@ -224,7 +225,7 @@ def _split(cfg, M, N, K, device):
     k_blocks = triton.cdiv(K, cfg["BLOCK_K"])
     split_max = min(cfg.get("split_k", 1), k_blocks)
     tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
-    sms = _num_sms(device)
+    sms = _launch.num_sms(device)
     if split_max <= 1 or tiles >= sms:  # a full wave already: no workspace traffic
         return 1, k_blocks
     want = triton.cdiv(_PROGRAMS_PER_SM * sms, tiles)
@@ -233,7 +234,7 @@ def _split(cfg, M, N, K, device):
     return triton.cdiv(k_blocks, per_slice), per_slice  # no empty slice
 
 
-def _launch(a, b, c, a_scale, b_scale, bias, config=None):
+def _run(a, b, c, a_scale, b_scale, bias, config=None):
     M, K = a.shape
     N = b.shape[0]
     assert K <= INT8_MAX_K, f"K={K} > {INT8_MAX_K}: int32 accumulation could overflow"
@@ -241,7 +242,7 @@ def _launch(a, b, c, a_scale, b_scale, bias, config=None):
         return c
     a, b = _k_contiguous(a), _k_contiguous(b)
     aligned = _is_aligned(a, b)
-    cfg = config or configs.pick(_table(a, aligned), "M", M, _device_name(a.device))
+    cfg = config or configs.pick(_table(a, aligned), "M", M, _launch.device_key(a.device))
     split, per_slice = _split(cfg, M, N, K, a.device)
     tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
     if split > 1:
@@ -251,10 +252,10 @@ def _launch(a, b, c, a_scale, b_scale, bias, config=None):
     else:
         ws = count = None
     if bias is not None:
-        if bias.dtype not in (c.dtype, torch.float32):
-            bias = bias.float()  # exact; keeps the bias pointer to two dtypes per output
-        bias = bias.contiguous()
-    wrap_triton(_mm_kernel)[(tiles, split)](
+        # fp32 (exact from any float dtype): one bias dtype, not one per output dtype, halves
+        # the epilogue variants compiled (a conversion of N values when it is not fp32).
+        bias = bias.to(torch.float32).contiguous()
+    _launch.launch(_mm_kernel, (tiles, split), a.device)(
         a, b, c, a_scale, b_scale, bias, ws, count,
         M, N, K, _row_stride(a), _row_stride(b), c.stride(0),
         0 if a_scale is None or a_scale.numel() == 1 else a_scale.stride(0),
@@ -274,7 +275,7 @@ def int8_mm(a, b, *, config=None):
     ``config`` overrides the picked launch config (tests, tuning).
     """
     c = torch.empty((a.shape[0], b.shape[0]), dtype=torch.int32, device=a.device)
-    return _launch(a, b, c, None, None, None, config)
+    return _run(a, b, c, None, None, None, config)
 
 
 def int8_scaled_mm(a, b, a_scale, b_scale, bias=None, out_dtype=torch.float16, *, config=None):
@@ -284,7 +285,7 @@ def int8_scaled_mm(a, b, a_scale, b_scale, bias=None, out_dtype=torch.float16, *
     bias [N] float16/bfloat16/float32 or None; out_dtype float16/bfloat16/float32.
     """
     c = torch.empty((a.shape[0], b.shape[0]), dtype=out_dtype, device=a.device)
-    return _launch(a, b, c, a_scale.reshape(-1), b_scale.reshape(-1), bias, config)
+    return _run(a, b, c, a_scale.reshape(-1), b_scale.reshape(-1), bias, config)
 
 
 def int8_weight_only_mm(x, b, b_scale, bias=None, *, config=None):
@@ -293,4 +294,4 @@ def int8_weight_only_mm(x, b, b_scale, bias=None, *, config=None):
     b_scale float32 numel N or 1; bias [N] float or None. fp32 x uses an IEEE fp32 dot.
     """
     c = torch.empty((x.shape[0], b.shape[0]), dtype=x.dtype, device=x.device)
-    return _launch(x, b, c, None, b_scale.reshape(-1), bias, config)
+    return _run(x, b, c, None, b_scale.reshape(-1), bias, config)

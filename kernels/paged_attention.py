@@ -86,9 +86,10 @@ window start of the tile's first token to its last token's position, in BLOCK_N 
 through the table as in decode; QK^T and PV are ``tl.dot`` (fp16/bf16 on tensor cores; fp32 q
 as ``tf32x3``, fp32-accurate, with BLOCK_M = 32 and head_dim <= 128: its split operands spill
 registers beyond, so fp32 q with larger head dims runs the reference); each row masks
-positions past its own and, with a window, at or before ``pos - window``; online softmax in base 2 as in decode. A row that has seen no position
-yet keeps m = -inf and takes weights exp2(-inf) = 0 (never exp2(nan)). int8 caches apply
-k_scale and v_scale as in decode. No split-KV: chunks give B * Hkv * tiles programs already.
+positions past its own and, with a window, at or before ``pos - window``; online softmax in
+base 2 as in decode. A row that has seen no position yet keeps m = -inf and takes weights
+exp2(-inf) = 0 (never exp2(nan)). int8 caches apply k_scale and v_scale as in decode. No
+split-KV: chunks give B * Hkv * tiles programs already.
 
 Configs are data (``configs/default.json``, bucketed on D): ``paged_attention`` (fp16/bf16 q),
 ``paged_attention_fp32`` (fp32 q), ``paged_attention_merge``, ``paged_append``,
@@ -96,18 +97,17 @@ Configs are data (``configs/default.json``, bucketed on D): ``paged_attention`` 
 compiles every launch the call matrix makes.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from . import configs
+from . import _launch, configs
 from ._launch import ALIGN as _ALIGN
 from ._launch import aligned as _aligned
 from ._launch import aligned_strides as _aligned_strides
-from ._launch import device_name as _device_name
 from ._launch import head_block
-from ._launch import num_sms as _num_sms
 from .quantize import _FLT_MAX, _round_half_even
 
 BLOCK_G = 16  # query rows per program: the smallest tensor-core tile M
@@ -177,10 +177,17 @@ def _paged_attention_kernel(
     table_row = table_ptr + b64 * stride_tb
     k_head = k_ptr + h * stride_kh
     v_head = v_ptr + h * stride_vh
+    # Each tile's pages are loaded one iteration ahead: K/V addresses that hang on a table load
+    # of the same iteration keep the pipeliner from multi-buffering them (one stage only).
+    pos = start + offs_n
+    page = tl.load(table_row + pos // page_size, mask=(pos >= lo) & (pos < end),
+                   other=0).to(tl.int64)
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + offs_n
         valid = (pos >= lo) & (pos < end)
-        page = tl.load(table_row + pos // page_size, mask=valid, other=0).to(tl.int64)
+        ahead = pos + BLOCK_N
+        page_ahead = tl.load(table_row + ahead // page_size, mask=ahead < end,
+                             other=0).to(tl.int64)
         in_page = pos % page_size
         kv_mask = valid[:, None] & d_mask[None, :]
         k = tl.load(k_head + (page * stride_kb + in_page * stride_ko)[:, None] + offs_d[None, :],
@@ -211,6 +218,7 @@ def _paged_attention_kernel(
         else:
             acc = tl.dot(p.to(q_ptr.dtype.element_ty), v.to(q_ptr.dtype.element_ty), acc)
         m = m_new
+        page = page_ahead
 
     rows = b64 * Hkv * G + heads  # rows of out [B * Hq, D]
     mask = g_mask[:, None] & d_mask[None, :]
@@ -322,10 +330,16 @@ def _paged_prefill_kernel(
     table_row = table_ptr + b.to(tl.int64) * stride_tb
     k_head = k_ptr + h * stride_kh
     v_head = v_ptr + h * stride_vh
-    for n0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
+    first_tile = lo // BLOCK_N * BLOCK_N
+    pos = first_tile + offs_n  # pages one iteration ahead, as in decode
+    page = tl.load(table_row + pos // page_size, mask=(pos >= lo) & (pos < hi),
+                   other=0).to(tl.int64)
+    for n0 in range(first_tile, hi, BLOCK_N):
         pos = n0 + offs_n
         valid = (pos >= lo) & (pos < hi)
-        page = tl.load(table_row + pos // page_size, mask=valid, other=0).to(tl.int64)
+        ahead = pos + BLOCK_N
+        page_ahead = tl.load(table_row + ahead // page_size, mask=ahead < hi,
+                             other=0).to(tl.int64)
         in_page = pos % page_size
         kv_mask = valid[:, None] & d_mask[None, :]
         k = tl.load(k_head + (page * stride_kb + in_page * stride_ko)[:, None] + offs_d[None, :],
@@ -359,6 +373,7 @@ def _paged_prefill_kernel(
         else:
             acc = tl.dot(p.to(q_ptr.dtype.element_ty), v.to(q_ptr.dtype.element_ty), acc)
         m = m_new
+        page = page_ahead
 
     o = acc / tl.where(l == 0.0, 1.0, l)[:, None]  # l > 0 for every stored row
     out_rows = q_rows * (Hkv * G) + heads  # rows of out [N * Hq, D]
@@ -446,8 +461,17 @@ CHECK_KERNELS = {
 
 # ----------------------------------------------------------------------------- launchers
 
-def unsupported(k_cache, v_cache, k_scale=None, v_scale=None):
-    """Why these caches cannot go through the Triton kernels (None when they can)."""
+# Triton 3.2 crashes compiling these (fixed in 3.3): the tf32x3 dots of float32 q over an int8
+# cache (decode and prefill), and the prefill of fp16/bf16 q over an int8 cache at head_dim > 128.
+_TRITON_3_2 = tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 3)
+
+
+def unsupported(k_cache, v_cache, k_scale=None, v_scale=None, q_dtype=None):
+    """Why these caches (and q of ``q_dtype``, when given) cannot go through the Triton kernels
+    (None when they can)."""
+    if _TRITON_3_2 and q_dtype == torch.float32 and k_cache.dtype == torch.int8:
+        return (f"Triton {triton.__version__} cannot compile float32 q over an int8 cache "
+                f"(Triton >= 3.3 can)")
     D = k_cache.shape[3]
     if not (MIN_HEAD_DIM <= D <= MAX_HEAD_DIM and D % _ALIGN == 0):
         return (f"the Triton kernels need head_dim a multiple of 16 from {MIN_HEAD_DIM} to "
@@ -468,7 +492,7 @@ def attention_table(q_dtype):
 
 def pick_config(q, D):
     """The stage-1 config for q's dtype and head dim D."""
-    return configs.pick(attention_table(q.dtype), "D", D, _device_name(q.device))
+    return configs.pick(attention_table(q.dtype), "D", D, _launch.device_key(q.device))
 
 
 def split_plan(cfg, units, span, sms):
@@ -487,11 +511,46 @@ def split_plan(cfg, units, span, sms):
     return (1, whole) if splits <= 1 else (splits, part)
 
 
+@functools.lru_cache(maxsize=None)
+def _unused_fp32(device):
+    # An fp32 pointer for the workspace arguments of a launch without split (one per device,
+    # not an allocation per call; fp32 so that both launches share one compiled variant).
+    return torch.empty(1, dtype=torch.float32, device=device)
+
+
+def _decode_split(cfg, B, Hq, Hkv, capacity, window, max_seq_len, sms):
+    """(splits, partition) of a decode launch: the attended span is bounded by the table's
+    capacity, the window, and the host-known max_seq_len when given (>= 0)."""
+    span = capacity if window == 0 else min(capacity, window + cfg["BLOCK_N"] - 1)
+    if max_seq_len >= 0:  # a partition starts at or after 0 and ends before seq_len
+        span = min(span, max_seq_len)
+    units = B * Hkv * triton.cdiv(Hq // Hkv, BLOCK_G)
+    return split_plan(cfg, units, span, sms)
+
+
+def workspace_numel(q, k_cache, width, window=0, max_seq_len=-1):
+    """(ws_o, ws_lse) element counts a decode launch of q [B, Hq, D] over tables of ``width``
+    blocks needs (0, 0 without split-KV): what a plan allocates once for all its layers."""
+    B, Hq, D = q.shape
+    _, page_size, Hkv, _ = k_cache.shape
+    capacity = width * page_size
+    window = int(window) if window is not None and 0 < window < capacity else 0
+    cfg = pick_config(q, D)
+    splits, _ = _decode_split(cfg, B, Hq, Hkv, capacity, window, max_seq_len,
+                              _launch.num_sms(q.device))
+    return (B * Hq * splits * D, B * Hq * splits) if splits > 1 else (0, 0)
+
+
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, window=0, k_scale=None,
-                    v_scale=None, *, config=None, merge_config=None, num_sms=None):
+                    v_scale=None, *, max_seq_len=-1, workspace=None, config=None,
+                    merge_config=None, num_sms=None):
     """Decode attention over a paged cache; arguments as ``frugal.paged_attention`` (already
     checked), ``window`` <= 0 for none. Returns [B, Hq, D] in q's dtype.
 
+    ``max_seq_len`` >= 0 is a bound of seq_lens the caller knows on the host (the cache manager
+    does): the split plan then follows the real lengths instead of the table width.
+    ``workspace`` (ws_o, ws_lse) are fp32 buffers of at least :func:`workspace_numel` elements
+    to use for split-KV instead of allocating (a plan reuses them for every layer).
     ``config`` / ``merge_config`` override the picked launch configs and ``num_sms`` the SM
     count of the split rule (tests, tuning).
     """
@@ -512,16 +571,19 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, window=0
     G = Hq // Hkv
     cfg = config or pick_config(q, D)
     bn = cfg["BLOCK_N"]
-    span = capacity if window == 0 else min(capacity, window + bn - 1)
     units = B * Hkv * triton.cdiv(G, BLOCK_G)
-    splits, partition = split_plan(cfg, units, span, num_sms or _num_sms(q.device))
-    if splits > 1:
+    splits, partition = _decode_split(cfg, B, Hq, Hkv, capacity, window, max_seq_len,
+                                      num_sms or _launch.num_sms(q.device))
+    if splits > 1 and workspace is not None:
+        ws_o = workspace[0].view(-1)[:B * Hq * splits * D].view(B, Hq, splits, D)
+        ws_lse = workspace[1].view(-1)[:B * Hq * splits].view(B, Hq, splits)
+    elif splits > 1:
         ws_o = torch.empty((B, Hq, splits, D), dtype=torch.float32, device=q.device)
         ws_lse = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)
     else:
-        ws_o = ws_lse = torch.empty(1, dtype=torch.float32, device=q.device)  # unused
+        ws_o = ws_lse = _unused_fp32(q.device)  # the kernel takes the no-split branch
     block_d = head_block(D)
-    wrap_triton(_paged_attention_kernel)[(units, splits)](
+    _launch.launch(_paged_attention_kernel, (units, splits), q.device)(
         q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens, out, ws_o, ws_lse,
         float(scale) * _LOG2E, window, partition, splits, Hkv, G, D, page_size,
         block_tables.stride(0), q.stride(0), q.stride(1),
@@ -532,17 +594,20 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, window=0
     )
     if splits > 1:
         mcfg = merge_config or configs.pick("paged_attention_merge", "D", D,
-                                            _device_name(q.device))
-        wrap_triton(_paged_attention_merge_kernel)[(B * Hq,)](
+                                            _launch.device_key(q.device))
+        _launch.launch(_paged_attention_merge_kernel, (B * Hq,), q.device)(
             ws_o, ws_lse, seq_lens, out, window, partition, splits, bn, Hq, D,
             BLOCK_S=mcfg["BLOCK_S"], BLOCK_D=block_d, num_warps=mcfg["num_warps"],
         )
     return out
 
 
-def prefill_unsupported(q_dtype, D):
-    """Why the prefill kernel cannot take q of this dtype and head dim D beyond
-    :func:`unsupported` (None when it can)."""
+def prefill_unsupported(q_dtype, D, cache_dtype=None):
+    """Why the prefill kernel cannot take q of this dtype and head dim D (over a cache of
+    ``cache_dtype``) beyond :func:`unsupported` (None when it can)."""
+    if _TRITON_3_2 and cache_dtype == torch.int8 and D > 128:
+        return (f"Triton {triton.__version__} cannot compile the prefill over an int8 cache at "
+                f"head_dim > 128 (Triton >= 3.3 can); got {D}")
     if q_dtype == torch.float32 and D > PREFILL_FP32_MAX_HEAD_DIM:
         return (f"the Triton prefill kernel needs head_dim <= {PREFILL_FP32_MAX_HEAD_DIM} for "
                 f"float32 q (its tf32x3 dots spill beyond); got {D}")
@@ -572,9 +637,9 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, cu_seql
         block_tables = block_tables.contiguous()
     seq_lens, cu_seqlens_q = seq_lens.contiguous(), cu_seqlens_q.contiguous()
     G = Hq // Hkv
-    cfg = config or configs.pick(prefill_table(q.dtype), "D", D, _device_name(q.device))
+    cfg = config or configs.pick(prefill_table(q.dtype), "D", D, _launch.device_key(q.device))
     num_tiles = triton.cdiv(max_q_len * G, cfg["BLOCK_M"])
-    wrap_triton(_paged_prefill_kernel)[(B * Hkv * num_tiles,)](
+    _launch.launch(_paged_prefill_kernel, (B * Hkv * num_tiles,), q.device)(
         q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens, cu_seqlens_q, out,
         float(scale) * _LOG2E, window, num_tiles, Hkv, G, D, page_size, block_tables.stride(0),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -596,8 +661,9 @@ def paged_append(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=Non
     if slot_mapping.dtype != torch.int32:
         slot_mapping = slot_mapping.to(torch.int32)  # slots < num_blocks * page_size < 2**31
     slot_mapping = slot_mapping.contiguous()
-    cfg = config or configs.pick("paged_append", "D", D, _device_name(k.device))
-    wrap_triton(_paged_append_kernel)[(N, triton.cdiv(Hkv, cfg["BLOCK_H"]))](
+    cfg = config or configs.pick("paged_append", "D", D, _launch.device_key(k.device))
+    _launch.launch(_paged_append_kernel, (N, triton.cdiv(Hkv, cfg["BLOCK_H"])),
+                   k.device)(
         k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping, Hkv, D, k_cache.shape[1],
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

@@ -8,12 +8,11 @@ A row of zeros gives scale 0 and zeros; a row holding inf or NaN gives scale NaN
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from . import configs
-from ._launch import device_name as _device_name
+from . import _launch, configs
 
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
+_MIN_BLOCK_K = 128
 
 
 @triton.jit
@@ -25,11 +24,16 @@ def _round_half_even(r):
     return tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
 
 
-@triton.jit
+# K and stride_xm are not specialized (K = 1 would be a variant of its own for every other
+# choice); ALIGNED states their divisibility by 16 instead, for vector loads and stores.
+@triton.jit(do_not_specialize=["K", "stride_xm"])
 def _quantize_per_token_kernel(
     x_ptr, q_ptr, s_ptr, K, stride_xm,
-    BLOCK_K: tl.constexpr, ONE_BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr, ONE_BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
 ):
+    if ALIGNED:
+        K = K // 16 * 16
+        stride_xm = stride_xm // 16 * 16
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     q_row = q_ptr + row * K
@@ -68,7 +72,7 @@ CHECK_KERNELS = {"_quantize_per_token_kernel": ("quantize_per_token", lambda dty
 
 
 def pick_config(K, device):
-    return configs.pick("quantize_per_token", "K", K, _device_name(device))
+    return configs.pick("quantize_per_token", "K", K, _launch.device_key(device))
 
 
 def quantize_per_token(x):
@@ -85,9 +89,12 @@ def quantize_per_token(x):
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     cfg = pick_config(K, x.device)
-    block_k = min(cfg["BLOCK_K"], triton.next_power_of_2(K))
-    wrap_triton(_quantize_per_token_kernel)[(M,)](
+    # Short rows take a smaller block, but not below _MIN_BLOCK_K: every power of two down to 1
+    # would be a compiled variant of its own, for rows that cost nothing either way.
+    block_k = min(cfg["BLOCK_K"], max(_MIN_BLOCK_K, triton.next_power_of_2(K)))
+    _launch.launch(_quantize_per_token_kernel, (M,), x.device)(
         x2, q, scale, K, x2.stride(0),
-        BLOCK_K=block_k, ONE_BLOCK=K <= block_k, num_warps=cfg["num_warps"],
+        BLOCK_K=block_k, ONE_BLOCK=K <= block_k,
+        ALIGNED=K % 16 == 0 and (M == 1 or x2.stride(0) % 16 == 0), num_warps=cfg["num_warps"],
     )
     return q, scale

@@ -5,7 +5,8 @@ docs/block_mask_format.md; the launchers take its ``SparseLayout`` (tensors alre
 
 Forward
 -------
-Grid (cdiv(Nq, BLOCK_M), B * Hq). A program owns BLOCK_M query rows of one q-block (the tile may
+Grid (cdiv(Nq, BLOCK_M) * B * Hq,), the q tiles of a head adjacent (one axis: y would cap B * Hq
+at 65535). A program owns BLOCK_M query rows of one q-block (the tile may
 be smaller than the mask block: BLOCK_M divides BQ and BLOCK_N divides BK) and walks that
 q-block's lists, each kv-block as BK / BLOCK_N sub-tiles in one flat loop (so the loop
 pipelines):
@@ -16,7 +17,9 @@ pipelines):
 2. the *partial* blocks with the element rule: bounds, then the constexpr flags HAS_BAND
    (``lo <= k - q <= hi``, or ``k < prefix`` with HAS_PREFIX), HAS_DOC (``q_doc == kv_doc``)
    and HAS_BITS (bit ``(q % BQ, k % BK)`` of the block's packed bitmask, arithmetic shift then
-   ``& 1``). The values are runtime arguments: a new mask never compiles anything.
+   ``& 1``). The values are runtime arguments: a new mask never compiles anything. The
+   launchers compile two variants only (``_generic``): the band rule, and the generic rule
+   (band, document ids and bitmask together, missing parts read as allow-all).
 
 Scores are ``q @ k^T`` with ``scale * log2(e)`` folded into one multiply, softmax online in fp32
 with exp2 (running max m, sum l, rescaled fp32 accumulator). A row that has seen no allowed key
@@ -45,7 +48,7 @@ Backward
 ``delta = rowsum(dout * out)`` (fp32) by a small preprocess kernel, then two kernels with no
 atomics (deterministic):
 
-- dk/dv: grid (cdiv(Nk, BLOCK_N), B * Hkv). A program owns BLOCK_N keys of one kv-block, keeps
+- dk/dv: grid (cdiv(Nk, BLOCK_N) * B * Hkv,). A program owns BLOCK_N keys of one kv-block, keeps
   K, V and the dk, dv accumulators (fp32) in registers, and for each of the G = Hq / Hkv query
   heads of its kv head (GQA: the sum over the group happens in registers) walks that head's
   transposed lists -- ``full_q_idx`` (ragged last q-block apart), then ``q_idx`` with the
@@ -54,7 +57,7 @@ atomics (deterministic):
   ``p = exp2(s - lse2)``, ``dv += p^T @ dout``, ``ds = p * (dout @ v^T - delta)``,
   ``dk += ds^T @ q``; dk is scaled by ``scale`` at the end. Rows past Nq read lse = +inf
   (p = 0), and an empty row's lse of -inf is also read as +inf: it contributes nothing.
-- dq: grid (cdiv(Nq, BLOCK_M), B * Hq), the forward's walk: ``dq += ds @ k``, times ``scale``.
+- dq: grid (cdiv(Nq, BLOCK_M) * B * Hq,), the forward's walk: ``dq += ds @ k``, times ``scale``.
 
 Layouts and limits: q, k, v, out and dout need unit stride in D and their other strides
 multiples of 16 elements (the kernels state it to the compiler for 16-byte vector loads); an
@@ -68,20 +71,21 @@ A config's tile larger than the mask block is clamped to it; ``frugal check`` co
 launch the call matrix makes.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from . import configs
+from . import _launch, configs
 from ._launch import aligned as _aligned
-from ._launch import device_name as _device_name
 from ._launch import head_block
 
 HEAD_DIMS = (32, 64, 96, 128, 256)
 BLOCK_SIZES = (64, 128)  # mask block sizes the launchers accept (BQ and BK)
 FLAG_BAND, FLAG_PREFIX, FLAG_DOC, FLAG_BITS = 1, 2, 4, 8
 _LOG2E = 1.4426950408889634
+_INF = 1 << 30  # an unbounded band side: |k - q| never reaches it (block_mask.INF)
 
 # Runtime integer arguments (all do_not_specialize). The list strides are (batch, head) for the
 # counts and (batch, head, row) for the index lists, whose inner dim has unit stride.
@@ -102,8 +106,17 @@ _PRE_INTS = ["Nq", "D", "stride_ob", "stride_oh", "stride_om", "stride_dob", "st
 # ----------------------------------------------------------------------------- device helpers
 
 @triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr):
-    # fp32 operands: IEEE fp32 (no TF32, see the module docstring); acc None starts at zero.
+def _dot(a, b, IEEE: tl.constexpr):
+    # fp32 operands: IEEE fp32 (no TF32, see the module docstring). Two helpers, not one with
+    # a None accumulator: Triton 3.2 cannot pass None through a jit function.
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _dot_acc(a, b, acc, IEEE: tl.constexpr):
     if IEEE:
         return tl.dot(a, b, acc, input_precision="ieee")
     else:
@@ -174,7 +187,7 @@ def _fwd_tile(acc, l, m, q, rows, qd, k_head, v_head, n0, kb, offs_n, offs_d, d_
     else:
         kv_mask = d_mask[None, :]
     k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-    s = _dot(q, tl.trans(k), None, IEEE) * qk_scale
+    s = _dot(q, tl.trans(k), IEEE) * qk_scale
     if MASKED:
         kd = 0
         if HAS_DOC:
@@ -192,7 +205,7 @@ def _fwd_tile(acc, l, m, q, rows, qd, k_head, v_head, n0, kb, offs_n, offs_d, d_
     p = tl.exp2(s - m_use[:, None])
     l = l * alpha + tl.sum(p, 1)
     v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
+    acc = _dot_acc(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
     return acc, l, m_new
 
 
@@ -222,8 +235,11 @@ def _sparse_fwd_kernel(
     stride_vh = stride_vh // 16 * 16
     stride_vn = stride_vn // 16 * 16
 
-    m0 = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
+    # One grid axis (x allows 2**31 - 1 programs; y only 65535): the q tiles of a head are
+    # adjacent, so neighbouring programs share K/V blocks in L2.
+    tiles = tl.cdiv(Nq, BLOCK_M)
+    m0 = tl.program_id(0) % tiles * BLOCK_M
+    bh = (tl.program_id(0) // tiles).to(tl.int64)
     b = bh // Hq
     h = bh % Hq
     hk = h // G
@@ -306,10 +322,11 @@ def _sparse_bwd_pre_kernel(out_ptr, do_ptr, delta_ptr, Nq, D, stride_ob, stride_
     stride_dob = stride_dob // 16 * 16
     stride_doh = stride_doh // 16 * 16
     stride_dom = stride_dom // 16 * 16
-    bh = tl.program_id(1).to(tl.int64)
+    tiles = tl.cdiv(Nq, BLOCK_M)
+    bh = (tl.program_id(0) // tiles).to(tl.int64)
     b = bh // Hq
     h = bh % Hq
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0) % tiles * BLOCK_M + tl.arange(0, BLOCK_M)
     r_mask = rows < Nq
     offs_d = tl.arange(0, BLOCK_D)
     o_rows = out_ptr + b * stride_ob + h * stride_oh + rows[:, None].to(tl.int64) * stride_om
@@ -352,7 +369,7 @@ def _dkdv_tile(dk, dv, k, v, cols, kd, q_head, do_head, lse_row, delta_row, m0, 
         delta = tl.load(delta_row + rows)
     q = tl.load(q_ptrs, mask=ld_mask, other=0.0)
     do = tl.load(do_ptrs, mask=ld_mask, other=0.0)
-    s = _dot(k, tl.trans(q), None, IEEE) * qk_scale
+    s = _dot(k, tl.trans(q), IEEE) * qk_scale
     if MASKED:
         qd = 0
         if HAS_DOC:
@@ -365,10 +382,10 @@ def _dkdv_tile(dk, dv, k, v, cols, kd, q_head, do_head, lse_row, delta_row, m0, 
                       HAS_BAND, HAS_PREFIX, HAS_DOC, HAS_BITS)
         s = tl.where(ok, s, float("-inf"))
     p = tl.exp2(s - lse2[None, :])
-    dv = _dot(p.to(do.dtype), do, dv, IEEE)
-    dp = _dot(v, tl.trans(do), None, IEEE)
+    dv = _dot_acc(p.to(do.dtype), do, dv, IEEE)
+    dp = _dot(v, tl.trans(do), IEEE)
     ds = p * (dp - delta[None, :])
-    dk = _dot(ds.to(q.dtype), q, dk, IEEE)
+    dk = _dot_acc(ds.to(q.dtype), q, dk, IEEE)
     return dk, dv
 
 
@@ -402,8 +419,9 @@ def _sparse_bwd_dkdv_kernel(
     stride_doh = stride_doh // 16 * 16
     stride_dom = stride_dom // 16 * 16
 
-    n0 = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1).to(tl.int64)
+    tiles = tl.cdiv(Nk, BLOCK_N)
+    n0 = tl.program_id(0) % tiles * BLOCK_N
+    bhk = (tl.program_id(0) // tiles).to(tl.int64)
     b = bhk // Hkv
     hk = bhk % Hkv
     Hq = Hkv * G
@@ -489,7 +507,7 @@ def _dq_tile(dq, q, do, lse2, delta, rows, qd, k_head, v_head, n0, kb, offs_n, o
         kv_mask = d_mask[None, :]
     k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
     v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-    s = _dot(q, tl.trans(k), None, IEEE) * qk_scale
+    s = _dot(q, tl.trans(k), IEEE) * qk_scale
     if MASKED:
         kd = 0
         if HAS_DOC:
@@ -502,9 +520,9 @@ def _dq_tile(dq, q, do, lse2, delta, rows, qd, k_head, v_head, n0, kb, offs_n, o
                       HAS_BAND, HAS_PREFIX, HAS_DOC, HAS_BITS)
         s = tl.where(ok, s, float("-inf"))
     p = tl.exp2(s - lse2[:, None])
-    dp = _dot(do, tl.trans(v), None, IEEE)
+    dp = _dot(do, tl.trans(v), IEEE)
     ds = p * (dp - delta[:, None])
-    return _dot(ds.to(k.dtype), k, dq, IEEE)
+    return _dot_acc(ds.to(k.dtype), k, dq, IEEE)
 
 
 @triton.jit(do_not_specialize=_DQ_INTS)
@@ -536,8 +554,11 @@ def _sparse_bwd_dq_kernel(
     stride_doh = stride_doh // 16 * 16
     stride_dom = stride_dom // 16 * 16
 
-    m0 = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
+    # One grid axis (x allows 2**31 - 1 programs; y only 65535): the q tiles of a head are
+    # adjacent, so neighbouring programs share K/V blocks in L2.
+    tiles = tl.cdiv(Nq, BLOCK_M)
+    m0 = tl.program_id(0) % tiles * BLOCK_M
+    bh = (tl.program_id(0) // tiles).to(tl.int64)
     b = bh // Hq
     h = bh % Hq
     hk = h // G
@@ -610,6 +631,19 @@ CHECK_KERNELS = {
 
 # ----------------------------------------------------------------------------- launchers
 
+# Triton 3.2's pipeline fails on the IEEE fp32 dots of these kernels (3.3 compiles them).
+_TRITON_3_2 = tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 3)
+
+
+def unsupported(dtype):
+    """Why the kernels cannot take inputs of ``dtype`` with the installed Triton (None when they
+    can)."""
+    if _TRITON_3_2 and dtype == torch.float32:
+        return (f"Triton {triton.__version__} cannot compile the float32 kernels (Triton >= 3.3 "
+                f"can; fp16/bf16 run)")
+    return None
+
+
 def table(kind, dtype):
     """Config table of ``kind`` ("fwd", "bwd_dkdv", "bwd_dq") for inputs of ``dtype``."""
     name = "sparse_attention_" + kind
@@ -629,7 +663,7 @@ def clamp(cfg, BQ, BK):
 def pick_config(kind, dtype, D, BQ, BK, device=None):
     """The launch config of ``kind`` for this dtype, head dim and mask block size."""
     cfg = configs.pick(table(kind, dtype), "D", D,
-                       None if device is None else _device_name(torch.device(device)))
+                       None if device is None else _launch.device_key(torch.device(device)))
     return clamp(cfg, BQ, BK)
 
 
@@ -651,6 +685,26 @@ def _strides(t, n, used):
     return [t.stride(i) for i in range(n)] if used else [0] * n
 
 
+def _generic(layout):
+    """Whether a layout runs the kernels' generic element rule (document ids and bitmask) or
+    the band rule. Either way the band test (with its prefix) runs: a layout without one passes
+    lo = -INF, hi = INF, prefix = 0, which allow every element. So only two variants of each
+    kernel exist per (dtype, config) instead of the twelve flag combinations -- half as many
+    compiles for users and for ``frugal check`` -- at the cost of a few integer ops per element
+    of partial blocks (the diagonal and boundary blocks only)."""
+    _, _, has_doc, has_bits = flags_of(layout)
+    return has_doc or has_bits
+
+
+@functools.lru_cache(maxsize=64)
+def _allow_all(device, Nq, Nk, words):
+    """Dummies of the generic rule's missing parts: document ids of zeros (every pair in one
+    document) and one bitmask row of set bits, read through zero strides."""
+    zeros = torch.zeros(1, max(Nq, Nk), dtype=torch.int32, device=device)
+    ones = torch.full((1, 1, words), -1, dtype=torch.int32, device=device)
+    return zeros, ones
+
+
 def _list_args(layout, transposed):
     """(tensors, strides) of the lists a kernel walks: forward lists (per q-block) or the
     transposed ones (per kv-block), then q_doc, kv_doc and bits; strides in _LIST_INTS order."""
@@ -664,6 +718,11 @@ def _list_args(layout, transposed):
     qdoc = _unit_inner(layout.q_doc, has_doc)
     kdoc = _unit_inner(layout.kv_doc, has_doc)
     bits = _unit_inner(layout.bits, has_bits)
+    if _generic(layout) and not (has_doc and has_bits):
+        zeros, ones = _allow_all(layout.kv_num.device, layout.Nq, layout.Nk,
+                                 triton.cdiv(layout.BK, 32))
+        qdoc, kdoc = (qdoc, kdoc) if has_doc else (zeros, zeros)
+        bits = bits if has_bits else ones
     strides = (_strides(pnum, 2, True) + _strides(pidx, 3, True) + _strides(pbits, 3, has_bits)
                + _strides(fnum, 2, True) + _strides(fidx, 3, True) + _strides(qdoc, 1, has_doc)
                + _strides(kdoc, 1, has_doc) + _strides(bits, 2, has_bits))
@@ -684,9 +743,17 @@ def _check(layout, q, k, cfg_m, cfg_n):
                          f"the kernel tile ({cfg_m}, {cfg_n}); supported: {BLOCK_SIZES}")
 
 
+def _band(layout):
+    """(lo, hi, prefix) the kernels test: the layout's where its flags have them, else values
+    that allow everything (the band test always runs, see ``_generic``)."""
+    band, prefix, _, _ = flags_of(layout)
+    lo, hi = (int(layout.lo), int(layout.hi)) if band else (-_INF, _INF)
+    return lo, hi, int(layout.prefix) if prefix else 0
+
+
 def _flag_kwargs(layout):
-    band, prefix, doc, bits = flags_of(layout)
-    return {"HAS_BAND": band, "HAS_PREFIX": prefix, "HAS_DOC": doc, "HAS_BITS": bits}
+    generic = _generic(layout)
+    return {"HAS_BAND": True, "HAS_PREFIX": True, "HAS_DOC": generic, "HAS_BITS": generic}
 
 
 def _qkv_strides(q, k, v):
@@ -723,11 +790,11 @@ def forward(q, k, v, layout, scale, *, config=None):
         return out.zero_(), lse.fill_(float("-inf"))
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     tensors, list_strides = _list_args(layout, transposed=False)
-    grid = (triton.cdiv(Nq, cfg["BLOCK_M"]), B * Hq)
-    wrap_triton(_sparse_fwd_kernel)[grid](
+    grid = (triton.cdiv(Nq, cfg["BLOCK_M"]) * B * Hq,)
+    _launch.launch(_sparse_fwd_kernel, grid, q.device)(
         q, k, v, out, lse, *tensors,
         float(scale) * _LOG2E, Nq, Nk, layout.BQ, layout.BK, Hq, Hq // Hkv, D,
-        int(layout.lo), int(layout.hi), int(layout.prefix), *_qkv_strides(q, k, v),
+        *_band(layout), *_qkv_strides(q, k, v),
         *list_strides,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=head_block(D),
         **_flag_kwargs(layout), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -747,7 +814,7 @@ def backward(dout, q, k, v, out, lse, layout, scale, *, configs_=None):
     c_dq = over.get("bwd_dq") or pick_config("bwd_dq", q.dtype, D, layout.BQ, layout.BK,
                                               q.device)
     c_pre = over.get("pre") or configs.pick("sparse_attention_bwd_pre", "D", D,
-                                            _device_name(q.device))
+                                            _launch.device_key(q.device))
     _check(layout, q, k, c_dkdv["BLOCK_M"], c_dkdv["BLOCK_N"])
     _check(layout, q, k, c_dq["BLOCK_M"], c_dq["BLOCK_N"])
     dq = torch.empty((B, Hq, Nq, D), dtype=q.dtype, device=q.device)
@@ -760,26 +827,29 @@ def backward(dout, q, k, v, out, lse, layout, scale, *, configs_=None):
     lse = lse.to(torch.float32).contiguous()
     delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
     block_d = head_block(D)
-    wrap_triton(_sparse_bwd_pre_kernel)[(triton.cdiv(Nq, c_pre["BLOCK_M"]), B * Hq)](
+    _launch.launch(_sparse_bwd_pre_kernel, (triton.cdiv(Nq, c_pre["BLOCK_M"]) * B * Hq,),
+                   q.device)(
         out, dout, delta, Nq, D, out.stride(0), out.stride(1), out.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2), Hq,
         BLOCK_M=c_pre["BLOCK_M"], BLOCK_D=c_pre["BLOCK_D"], num_warps=c_pre["num_warps"],
     )
     qk_scale = float(scale) * _LOG2E
     common = (Nq, Nk, layout.BQ, layout.BK)
-    band = (int(layout.lo), int(layout.hi), int(layout.prefix))
+    band = _band(layout)
     do_strides = [dout.stride(0), dout.stride(1), dout.stride(2)]
     flags = _flag_kwargs(layout)
 
     tensors, list_strides = _list_args(layout, transposed=True)
-    wrap_triton(_sparse_bwd_dkdv_kernel)[(triton.cdiv(Nk, c_dkdv["BLOCK_N"]), B * Hkv)](
+    _launch.launch(_sparse_bwd_dkdv_kernel, (triton.cdiv(Nk, c_dkdv["BLOCK_N"]) * B * Hkv,),
+                   q.device)(
         q, k, v, dout, lse, delta, dk, dv, *tensors, qk_scale, float(scale), *common, Hkv,
         Hq // Hkv, D, *band, *_qkv_strides(q, k, v), *do_strides, *list_strides,
         BLOCK_M=c_dkdv["BLOCK_M"], BLOCK_N=c_dkdv["BLOCK_N"], BLOCK_D=block_d, **flags,
         num_warps=c_dkdv["num_warps"], num_stages=c_dkdv["num_stages"],
     )
     tensors, list_strides = _list_args(layout, transposed=False)
-    wrap_triton(_sparse_bwd_dq_kernel)[(triton.cdiv(Nq, c_dq["BLOCK_M"]), B * Hq)](
+    _launch.launch(_sparse_bwd_dq_kernel, (triton.cdiv(Nq, c_dq["BLOCK_M"]) * B * Hq,),
+                   q.device)(
         q, k, v, dout, lse, delta, dq, *tensors, qk_scale, float(scale), *common, Hq,
         Hq // Hkv, D, *band, *_qkv_strides(q, k, v), *list_strides, *do_strides,
         BLOCK_M=c_dq["BLOCK_M"], BLOCK_N=c_dq["BLOCK_N"], BLOCK_D=block_d, **flags,

@@ -125,7 +125,7 @@ def test_default_configs_take_both_paths():
     # Decode at N = 4096: the small-M config splits K to fill the SMs (132 off a GPU).
     cfg = configs.pick("int8_mm", "M", 1)
     split, _ = km._split(cfg, 1, 4096, 4096, dev)
-    tiles, sms = 4096 // cfg["BLOCK_N"], km._num_sms(dev)
+    tiles, sms = 4096 // cfg["BLOCK_N"], km._launch.num_sms(dev)
     assert (split > 1 and tiles * split >= sms) if tiles < sms else split == 1
 
 

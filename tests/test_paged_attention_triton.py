@@ -15,7 +15,11 @@ import os
 
 import pytest
 import torch
-from test_paged_kv_cache import (
+from frugal import reference
+from frugal.errors import BackendError
+from frugal.paged_kv_cache import PagedKVCache
+from frugal.paged_ops import paged_append, paged_attention
+from paged_cases import (
     INT8_ATOL,
     MIXED_LENS,
     TOL,
@@ -24,10 +28,6 @@ from test_paged_kv_cache import (
     random_kv,
     rounded,
 )
-
-from frugal import reference
-from frugal.errors import BackendError
-from frugal.paged_kv_cache import PagedKVCache, paged_append, paged_attention
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -396,7 +396,12 @@ def test_custom_ops_opcheck(pa):
             k_scale, v_scale = k_scale.nan_to_num(0), v_scale.nan_to_num(0)
         q = torch.randn(2, 4, 32, generator=gen).to(DEVICE)
         torch.library.opcheck(torch.ops.frugal.paged_attention_triton.default,
-                              (q, k_cache, v_cache, tables, lens, 0.2, 3, k_scale, v_scale))
+                              (q, k_cache, v_cache, tables, lens, 0.2, 3, k_scale, v_scale, -1,
+                               None, None))
+        ws = (torch.zeros(64, device=DEVICE), torch.zeros(8, device=DEVICE))  # a plan's buffers
+        torch.library.opcheck(torch.ops.frugal.paged_attention_triton.default,
+                              (q, k_cache, v_cache, tables, lens, 0.2, 0, k_scale, v_scale, 18,
+                               *ws))
         k = torch.randn(3, 2, 32, generator=gen).to(DEVICE)
         slots = torch.tensor([7, -1, 30], dtype=torch.int32, device=DEVICE)
         torch.library.opcheck(torch.ops.frugal.paged_append_triton.default,
@@ -407,7 +412,7 @@ def test_cpu_backend_needs_its_kernel(monkeypatch):
     """Until frugal._C has the CPU kernels (the schemas exist first), auto on CPU tensors skips
     "cpu" with the reason and an explicit backend="cpu" raises it."""
     import frugal
-    from frugal import paged_kv_cache
+    from frugal import paged_ops
 
     if frugal._ext.ext() is None:
         pytest.skip("frugal._C is not built")
@@ -427,4 +432,53 @@ def test_cpu_backend_needs_its_kernel(monkeypatch):
     cache.add_sequence(0)
     cache.append(0, [0], q[:, :2], q[:, :2])  # auto: the reference
     assert torch.equal(cache.k_cache[0, cache.block_tables([0])[0, 0], 0], q[0, :2])
-    assert paged_kv_cache._cpu_kernel_missing("paged_append") is not None
+    assert paged_ops._cpu_kernel_missing("paged_append") is not None
+
+
+_PIPELINE_SCRIPT = """
+import json, re, torch, frugal
+from frugal import jit_capture
+from paged_cases import build_paged, random_kv
+
+gen = torch.Generator().manual_seed(0)
+ks, vs = random_kv([3000] * 8, 2, 128, gen)
+caches = build_paged(ks, vs, 16, torch.float16, "cpu", gen)
+kc, vc, _, _, tables, lens = caches
+q = torch.randn(8, 8, 128, dtype=torch.float16)
+with jit_capture.capture() as launches:
+    frugal.paged_attention(q, kc, vc, tables, lens, backend="triton")
+    frugal.paged_prefill_attention(q[:, None].expand(8, 64, 8, 128).contiguous(), kc, vc,
+                                   tables, lens, backend="triton")
+rows = []
+for launch in launches:
+    if launch.name == "_paged_attention_merge_kernel":
+        continue
+    for cap in (80, 90):
+        ttgir = jit_capture.compile_launch(launch, cap).asm["ttgir"]
+        tiles = re.findall(r"ttg.local_alloc.*?: \\(\\) -> !ttg.memdesc<(\\d+)x\\d+x128xf16", ttgir)
+        rows.append([launch.name, cap, [int(t) for t in tiles]])
+print(json.dumps(rows))
+"""
+
+
+@pytest.mark.slow
+def test_kv_tiles_are_multi_buffered():
+    """The K/V tiles of decode and prefill go through at least two shared-memory buffers on
+    sm_80 and sm_90 (the page indices are loaded a tile ahead; loaded in the same iteration,
+    they left the pipeliner one buffer)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _PIPELINE_SCRIPT], env=env, text=True,
+                          capture_output=True, timeout=600,
+                          cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout)
+    assert {(name, cap) for name, cap, _ in rows} == {
+        (name, cap) for name in ("_paged_attention_kernel", "_paged_prefill_kernel")
+        for cap in (80, 90)}
+    for name, cap, buffers in rows:
+        assert len(buffers) >= 2 and min(buffers) >= 2, (name, cap, buffers)

@@ -1,126 +1,42 @@
 """Paged KV cache: the ops against a float64 dense computation on permuted, NaN-poisoned caches,
 and the manager's invariants under long random operation sequences (hypothesis)."""
 
-import collections
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
-from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
-
 from frugal import reference
 from frugal.errors import DTypeError, ShapeError
-from frugal.paged_kv_cache import (
+from frugal.paged_kv_cache import CacheFullError, PagedKVCache, SequenceError, kv_footprint
+from frugal.paged_ops import (
     BlockTableError,
-    CacheFullError,
-    PagedKVCache,
-    SequenceError,
-    kv_footprint,
     paged_append,
     paged_attention,
     paged_prefill_attention,
 )
-
-NAN = float("nan")
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=1e-3, atol=1e-3),
-       torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}
-# int8 KV (per-token, per-head absmax / 127) against float64 on the unquantized values, for
-# unit-normal q, k, v and head_dim 64 or 128: the stated tolerance of the int8 mode.
-INT8_ATOL = 0.03
-
-
-def dense_attention(q, k, v, scale=None, window=None):
-    """q [n, Hq, D] at the last n positions of k, v [L, Hkv, D], in float64: causal, and each
-    query sees the last ``window`` keys up to itself."""
-    n, hq, d = q.shape
-    length, hkv = k.shape[:2]
-    k64 = k.double().repeat_interleave(hq // hkv, dim=1)
-    v64 = v.double().repeat_interleave(hq // hkv, dim=1)
-    s = torch.einsum("nhd,lhd->hnl", q.double(), k64) * (d**-0.5 if scale is None else scale)
-    q_pos = torch.arange(length - n, length)[:, None]
-    k_pos = torch.arange(length)[None, :]
-    visible = k_pos <= q_pos
-    if window is not None:
-        visible &= k_pos > q_pos - window
-    p = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1)
-    return torch.einsum("hnl,lhd->nhd", p, v64)
-
-
-def build_paged(ks, vs, block_size, dtype, device, gen, pad="neg", window=None, extra=3):
-    """Caches holding sequence b's keys and values ks[b], vs[b] [L_b, Hkv, D] in randomly
-    permuted blocks. Every other slot is NaN (for int8, its scale is), so a read past seq_len
-    or outside the window shows. ``pad``: table padding -1 ("neg") or a poisoned block
-    ("poison"). With a window, entries wholly before L - window are -1 and their blocks NaN.
-    Returns k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens."""
-    hkv, d = ks[0].shape[1:]
-    lens = [k.shape[0] for k in ks]
-    counts = [-(-n // block_size) for n in lens]
-    total = sum(counts) + extra
-    perm = torch.randperm(total, generator=gen).tolist()
-    shape = (total, block_size, hkv, d)
-    int8 = dtype == torch.int8
-    caches = [torch.zeros(shape, dtype=dtype) if int8 else torch.full(shape, NAN, dtype=dtype)
-              for _ in range(2)]
-    scales = [torch.full(shape[:3], NAN) for _ in range(2)] if int8 else [None, None]
-    poison_blocks = perm[sum(counts):]
-    width = max(counts) + 1
-    tables = torch.full((len(ks), width), -1, dtype=torch.int32)
-    if pad == "poison":
-        tables = torch.tensor(poison_blocks, dtype=torch.int32)[
-            torch.randint(len(poison_blocks), (len(ks), width), generator=gen)]
-    taken = 0
-    for b, (k, v, n) in enumerate(zip(ks, vs, counts)):
-        blocks = perm[taken:taken + n]
-        taken += n
-        tables[b, :n] = torch.tensor(blocks, dtype=torch.int32)
-        for cache, scale, x in ((caches[0], scales[0], k), (caches[1], scales[1], v)):
-            for j, block in enumerate(blocks):
-                rows = x[j * block_size:(j + 1) * block_size]
-                if int8:
-                    rq, rs = reference.quantize_per_token(rows)
-                    cache[block, :len(rows)] = rq
-                    scale[block, :len(rows)] = rs
-                else:
-                    cache[block, :len(rows)] = rows.to(dtype)
-        if window is not None:
-            for j in range(max(0, lens[b] - window) // block_size):
-                for t in caches + scales:
-                    if t is not None:
-                        t[blocks[j]] = 0 if t.dtype == torch.int8 else NAN
-                tables[b, j] = -1
-    seq_lens = torch.tensor(lens, dtype=torch.int32)
-
-    def move(t):
-        return None if t is None else t.to(device)
-
-    return (*map(move, caches), *map(move, scales), tables.to(device), seq_lens.to(device))
-
-
-def random_kv(lens, hkv, d, gen):
-    ks = [torch.randn(n, hkv, d, generator=gen) for n in lens]
-    vs = [torch.randn(n, hkv, d, generator=gen) for n in lens]
-    return ks, vs
-
-
-def expected_decode(q, ks, vs, scale=None, window=None):
-    return torch.stack([dense_attention(q[b:b + 1].float(), k, v, scale, window)[0]
-                        for b, (k, v) in enumerate(zip(ks, vs))])
-
-
-def assert_close(got, want, dtype=torch.float32):
-    torch.testing.assert_close(got.cpu().double(), want, **TOL[dtype])
-
-
-def rounded(xs, dtype):
-    return [x.to(dtype).float() for x in xs]
-
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from paged_cases import (
+    INT8_ATOL,
+    MIXED_LENS,
+    TOL,
+    assert_close,
+    assert_unchanged,
+    build_paged,
+    check_invariants,
+    dense_attention,
+    expected_decode,
+    fill_nan,
+    gather,
+    random_kv,
+    rounded,
+    snapshot,
+)
 
 # ---------------------------------------------------------------------------------------------
 # paged_attention
 
 
-MIXED_LENS = [1, 16, 32, 37, 5, 100]  # 1, multiples of block_size 16, and neither
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -393,69 +309,6 @@ def test_append_errors_leave_caches_unchanged(device):
 
 # ---------------------------------------------------------------------------------------------
 # The manager
-
-
-def gather(cache, seq_id, layer):
-    """A sequence's keys and values in ``layer`` as float [L, Hkv, D]; NaN where the window gave
-    the block back."""
-    table = cache.block_tables([seq_id])[0].tolist()
-    length = int(cache.seq_lens([seq_id], layer)[0])
-    out = []
-    for cache_t, scale in ((cache.k_cache, cache.k_scale), (cache.v_cache, cache.v_scale)):
-        x = torch.full((length, cache.num_kv_heads, cache.head_dim), NAN)
-        for p in range(length):
-            block = table[p // cache.block_size]
-            if block >= 0:
-                row = cache_t[layer, block, p % cache.block_size].float().cpu()
-                if scale is not None:
-                    row = row * scale[layer, block, p % cache.block_size].cpu()[:, None]
-                x[p] = row
-        out.append(x)
-    return out
-
-
-def snapshot(cache):
-    seqs = {sid: (list(s.blocks), list(s.lens), list(s.token_ids), list(s.hashes))
-            for sid, s in cache._seqs.items()}
-    tensors = [t.clone() for t in (cache.k_cache, cache.v_cache, cache.k_scale, cache.v_scale)
-               if t is not None]
-    return (seqs, list(cache._ref), list(cache._free), list(cache._cached),
-            dict(cache._block_hash), dict(cache._hash_block)), tensors
-
-
-def assert_unchanged(cache, snap):
-    state, tensors = snapshot(cache)
-    assert state == snap[0]
-    for t, b in zip(tensors, snap[1]):
-        torch.testing.assert_close(t, b, rtol=0, atol=0, equal_nan=True)
-
-
-def check_invariants(cache):
-    bs = cache.block_size
-    held = collections.Counter()
-    for seq in cache._seqs.values():
-        live = [b for b in seq.blocks if b >= 0]
-        assert len(set(live)) == len(live), "a block twice in one table"
-        held.update(live)
-        assert len(seq.blocks) == -(-max(seq.lens) // bs)
-    free, cached = list(cache._free), list(cache._cached)
-    assert len(set(free)) == len(free), "duplicate in the free list"
-    assert not set(free) & set(cached)
-    for b in range(cache.num_blocks):
-        assert cache._ref[b] == held[b], f"block {b}: count {cache._ref[b]}, held {held[b]}"
-    assert not (set(free) | set(cached)) & set(held), "a block both free and referenced"
-    assert len(free) + len(cached) + len(held) == cache.num_blocks
-    assert set(cached) <= set(cache._block_hash) and not set(free) & set(cache._block_hash)
-    assert {h: b for b, h in cache._block_hash.items()} == cache._hash_block
-    usage = cache.usage()
-    assert usage.blocks_used == len(held)
-    assert usage.blocks_used + usage.blocks_free == cache.num_blocks
-    assert usage.blocks_cached == len(cached)
-
-
-def fill_nan(cache):
-    cache.k_cache.fill_(NAN)
-    cache.v_cache.fill_(NAN)
 
 
 def test_append_per_layer_and_attention(device, poison):

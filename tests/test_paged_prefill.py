@@ -13,15 +13,15 @@ should not make, or an output it forgets to write, fails. bf16 runs on the C++ k
 interpreter's bf16 arithmetic is wrong; ``frugal check`` compiles the Triton bf16 variants).
 """
 
+import frugal
 import pytest
 import torch
 from conftest import backends_for
-from test_paged_kv_cache import INT8_ATOL, TOL, dense_attention
-
-import frugal
 from frugal import _ext, reference
 from frugal.errors import BackendError, ShapeError
-from frugal.paged_kv_cache import BlockTableError, PagedKVCache, paged_prefill_attention
+from frugal.paged_kv_cache import PagedKVCache
+from frugal.paged_ops import BlockTableError, paged_prefill_attention
+from paged_cases import INT8_ATOL, TOL, dense_attention
 
 NAN = float("nan")
 BACKENDS = backends_for("cpu")

@@ -207,8 +207,11 @@ def test_bad_input():
                                             block_size=64)
     with pytest.raises(ShapeError, match="mask batch dim must be 1 or B=2; got 3"):
         sa(q, k, v, per_batch)
-    with pytest.raises(ValueError, match="scale must be a finite float"):
-        sa(q, k, v, mask, scale=float("nan"))
+    for bad in (float("nan"), float("inf"), -float("inf"), 1e300):
+        with pytest.raises(ValueError, match="scale must be a finite number"):
+            sa(q, k, v, mask, scale=bad)
+    with pytest.raises(TypeError, match="scale must be None or a number"):
+        sa(q, k, v, mask, scale="0.1")
     with pytest.raises(BackendError, match="backend must be one of"):
         sa(q, k, v, mask, backend="flash")
     with pytest.raises(BackendError):

@@ -1,9 +1,11 @@
-"""Launch configs as data: one JSON file per GPU name, plus ``default.json``.
+"""Launch configs as data: ``default.json``, one file per GPU architecture (``sm_90.json``:
+every GPU of compute capability 9.0) and one per GPU name.
 
 A file maps a kernel name to a list of buckets ``{"max_<dim>": int | null, ...config}`` sorted by
 the bucket bound; the first bucket whose bound admits the shape wins (null admits everything).
-A GPU's own file (``NVIDIA_H100_80GB_HBM3.json``: the device name with spaces as underscores)
-overrides ``default.json`` kernel by kernel.
+For a device keyed (name, arch) -- see ``frugal.kernels._launch.device_key`` -- a table is read
+from the GPU's own file (``NVIDIA_H100_80GB_HBM3.json``: the name with spaces as underscores),
+else its architecture's file, else ``default.json``, kernel by kernel.
 """
 
 import functools
@@ -23,33 +25,33 @@ def _read(path):
         return json.load(f)
 
 
-def buckets(kernel, device_name=None):
-    """The buckets of ``kernel`` for a device (its own file when present, else the default)."""
-    if device_name is not None and os.path.exists(file_for(device_name)):
-        table = _read(file_for(device_name))
-        if kernel in table:
-            return table[kernel]
+def _is_arch(name):
+    return name.startswith("sm_") and name[3:].isdigit()
+
+
+def device_names():
+    """The GPU names that have a file of their own."""
+    return sorted(f[:-5] for f in os.listdir(_DIR)
+                  if f.endswith(".json") and f != "default.json" and not _is_arch(f[:-5]))
+
+
+def buckets(kernel, key=None):
+    """The buckets of ``kernel`` for a device ``key`` = (GPU name, arch) (or None): its own file
+    when it has the table, else its arch's file, else the default."""
+    name, arch = key if key is not None else (None, None)
+    for filed in (name, arch):
+        if filed is not None and os.path.exists(file_for(filed)):
+            table = _read(file_for(filed))
+            if kernel in table:
+                return table[kernel]
     return _read(os.path.join(_DIR, "default.json"))[kernel]
 
 
-def pick(kernel, dim, value, device_name=None):
+def pick(kernel, dim, value, key=None):
     """The config of the first bucket whose ``max_<dim>`` bound admits ``value``."""
-    key = "max_" + dim
-    for bucket in buckets(kernel, device_name):
-        bound = bucket.get(key)
+    bound_key = "max_" + dim
+    for bucket in buckets(kernel, key):
+        bound = bucket.get(bound_key)
         if bound is None or value <= bound:
-            return {k: v for k, v in bucket.items() if k != key}
+            return {k: v for k, v in bucket.items() if k != bound_key}
     raise LookupError(f"configs for {kernel}: no bucket admits {dim}={value}")
-
-
-def all_configs(kernel):
-    """Every distinct config of ``kernel`` in every file: what the launcher may ever pick."""
-    seen = []
-    for name in sorted(os.listdir(_DIR)):
-        if not name.endswith(".json"):
-            continue
-        for bucket in _read(os.path.join(_DIR, name)).get(kernel, []):
-            cfg = {k: v for k, v in bucket.items() if not k.startswith("max_")}
-            if cfg not in seen:
-                seen.append(cfg)
-    return seen

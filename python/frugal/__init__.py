@@ -15,17 +15,15 @@ from .int8_matmul import (
 )
 from .nn import Int8Linear, QuantizeReport, quantize_model
 from .paged_kv_cache import (
-    BlockTableError,
     CacheFullError,
     CacheUsage,
     KVFootprint,
     PagedKVCache,
     SequenceError,
+    StepPlan,
     kv_footprint,
-    paged_append,
-    paged_attention,
-    paged_prefill_attention,
 )
+from .paged_ops import BlockTableError, paged_append, paged_attention, paged_prefill_attention
 from .quantize import dequantize, quantize_per_token
 from .sparse_attention import HEAD_DIMS, sparse_attention
 
@@ -44,6 +42,7 @@ __all__ = [
     "KVFootprint",
     "PagedKVCache",
     "SequenceError",
+    "StepPlan",
     "kv_footprint",
     "paged_append",
     "paged_attention",

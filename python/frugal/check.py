@@ -120,16 +120,17 @@ def _describe(launch):
     return ",".join(config), dtypes, ",".join(spec) or "-"
 
 
-def capture_matrix(families=None, device_names=None):
-    """The distinct launches of the declared call matrix (:mod:`frugal.check_calls`), for the
-    default config file and each GPU-specific one. Returns [(Launch, calls asking for it)]."""
+def capture_matrix(arch, families=None):
+    """The distinct launches of the declared call matrix (:mod:`frugal.check_calls`) on a GPU
+    of ``arch`` ("sm_90"): with that arch's config file, and with each GPU-specific file.
+    Returns [(Launch, calls asking for it)]."""
     from frugal import check_calls, jit_capture
     from frugal.kernels import _launch
 
     families = families or check_calls.FAMILIES
     launches = []
-    for device in device_names if device_names is not None else _launch.device_files():
-        with jit_capture.capture(device_name=device) as recorded:
+    for name in _launch.device_files():
+        with jit_capture.capture(device_key=(name, arch)) as recorded:
             check_calls.run(families)
         launches += recorded
     return jit_capture.unique(launches)
@@ -145,7 +146,7 @@ def _labels(launch, calls, arch, tensor_cores=None):
         "num_warps": options.get("num_warps", 4), "num_stages": options.get("num_stages", 3),
         "tensor_cores": expected if tensor_cores is None else tensor_cores,
         "shared": None, "regs": None, "stack": None, "local": None,
-        "tc_instructions": [], "compile_s": None, "error": None,
+        "tc_instructions": [], "compile_s": None, "error": None, "triton": None,
     }
 
 
@@ -171,6 +172,8 @@ def _resources(cubin):
 
 
 def _measure(launch, arch):
+    import triton
+
     from frugal import jit_capture
 
     capability = ARCHS[arch][0]
@@ -181,9 +184,10 @@ def _measure(launch, arch):
         ptx = kernel.asm["ptx"]
         found = [name for name, pattern in _TC_PATTERNS.items() if pattern.search(ptx)]
         return {"shared": kernel.metadata.shared, "tc_instructions": found,
-                "compile_s": round(compile_s, 3), **_resources(kernel.asm["cubin"])}
+                "compile_s": round(compile_s, 3), "triton": triton.__version__,
+                **_resources(kernel.asm["cubin"])}
     except Exception as exc:  # any failure to build is a result: the row reports it
-        return {"error": f"{type(exc).__name__}: {exc}",
+        return {"error": f"{type(exc).__name__}: {exc}", "triton": triton.__version__,
                 "compile_s": round(time.perf_counter() - start, 3)}
 
 
@@ -279,47 +283,64 @@ def _init_worker(cache_dir):
     os.environ["TRITON_CACHE_DIR"] = cache_dir
 
 
-def _compile_all(jobs, floor=False, floor_path=None):
-    """Compile (Launch, calls, arch) jobs in worker processes; with ``floor_path`` the workers
-    import Triton from there."""
+def _compile_all(jobs, floor=False):
+    """Compile (Launch, calls, arch) jobs in worker processes with the Triton this process
+    imports (each row records its version); ``floor`` evaluates the rows as floor rows.
+
+    A compiler crash (a segfault kills its worker, and the pool with it) fails only the launch
+    that caused it: the jobs the broken pool left run again in order in a single-worker pool,
+    where the first one that kills it is the culprit; the rest go back to parallel."""
     if not jobs:
         return []
     rows = [None] * len(jobs)
     bar = None if tqdm is None else tqdm(total=len(jobs), desc="frugal check", unit="launch",
                                          file=sys.stderr)
-    # spawn: a forked child would inherit the parent's threads (torch, tqdm) mid-state. The
-    # workers inherit os.environ at spawn, so PYTHONPATH selects their Triton.
-    context = multiprocessing.get_context("spawn")
-    saved = os.environ.get("PYTHONPATH")
-    if floor_path:
-        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (floor_path, saved) if p)
+    todo, isolate = list(range(len(jobs))), False
     try:
-        with tempfile.TemporaryDirectory() as cache_dir, ProcessPoolExecutor(
-            max_workers=min(WORKERS, len(jobs)), mp_context=context,
-            initializer=_init_worker, initargs=(cache_dir,),
-        ) as pool:
-            futures = {pool.submit(_compile_job, launch.to_json(), calls, arch, floor): i
-                       for i, (launch, calls, arch) in enumerate(jobs)}
-            for future in as_completed(futures):
-                i = futures[future]
-                try:
-                    rows[i] = future.result()
-                except BrokenProcessPool as exc:
-                    launch, calls, arch = jobs[i]
+        with tempfile.TemporaryDirectory() as cache_dir:
+            while todo:
+                broken = _compile_round(jobs, todo, rows, cache_dir, floor,
+                                        1 if isolate else WORKERS, bar)
+                if broken and isolate:  # one worker, in order: the first undone one crashed
+                    culprit = broken.pop(0)
+                    launch, calls, arch = jobs[culprit]
                     row = _labels(launch, calls, arch)
-                    row["error"] = f"compiler process died: {exc}"
-                    rows[i] = _finish(row, floor)
-                if bar:
-                    bar.update()
+                    row["error"] = "compiler process died (a crash of Triton or ptxas)"
+                    rows[culprit] = _finish(row, floor)
+                    if bar:
+                        bar.update()
+                    isolate = False  # the rest in parallel again, until the next crash
+                elif broken:
+                    isolate = True
+                todo = broken
     finally:
-        if floor_path:
-            if saved is None:
-                os.environ.pop("PYTHONPATH", None)
-            else:
-                os.environ["PYTHONPATH"] = saved
         if bar:
             bar.close()
     return rows
+
+
+def _compile_round(jobs, todo, rows, cache_dir, floor, workers, bar):
+    """One pool over the jobs ``todo``; fills ``rows``; returns the jobs a crash left undone,
+    in submission order."""
+    # spawn: a forked child would inherit the parent's threads (torch, tqdm) mid-state.
+    context = multiprocessing.get_context("spawn")
+    broken = []
+    with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=context,
+                             initializer=_init_worker, initargs=(cache_dir,)) as pool:
+        futures = {}
+        for i in todo:
+            launch, calls, arch = jobs[i]
+            futures[pool.submit(_compile_job, launch.to_json(), calls, arch, floor)] = i
+        for future in as_completed(futures):
+            i = futures[future]
+            try:
+                rows[i] = future.result()
+            except BrokenProcessPool:
+                broken.append(i)
+                continue
+            if bar:
+                bar.update()
+    return sorted(broken)
 
 
 def floor_triton_version(path):
@@ -331,9 +352,13 @@ def floor_triton_version(path):
     return out.stdout.strip()
 
 
-def _run_in_subprocess(argv, stdout=None):
+def _run_in_subprocess(argv, stdout=None, floor_path=None):
     # Kernels were defined as interpreted functions, which cannot be compiled: start afresh.
+    # With floor_path, that Triton comes first on the new process's path (and on its compile
+    # workers', which start with their parent's sys.path): it captures and compiles.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if floor_path:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (floor_path, env.get("PYTHONPATH")) if p)
     return subprocess.run([sys.executable, "-m", "frugal.check", *argv], env=env,
                           stdout=stdout).returncode
 
@@ -358,10 +383,12 @@ def _check_kernels(kernels):
 
 
 def _jobs(archs, kernels):
-    launches = capture_matrix()
-    if kernels is not None:
-        launches = [(launch, n) for launch, n in launches if kernel_info(launch)[0] in kernels]
-    return [(launch, calls, arch) for launch, calls in launches for arch in archs]
+    jobs = []
+    for arch in archs:
+        for launch, calls in capture_matrix(arch):
+            if kernels is None or kernel_info(launch)[0] in kernels:
+                jobs.append((launch, calls, arch))
+    return jobs
 
 
 def run(archs=DEFAULT_ARCHS, kernels=None, floor_path=None):
@@ -388,16 +415,16 @@ def run(archs=DEFAULT_ARCHS, kernels=None, floor_path=None):
     """
     archs = _parse_archs(archs)
     kernels = _check_kernels(kernels)
-    if not _interpreting():
-        return _compile_all(_jobs(archs, kernels), floor_path is not None, floor_path)
+    if not _interpreting() and floor_path is None:
+        return _compile_all(_jobs(archs, kernels))
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "rows.json")
         argv = ["--arch", ",".join(archs), "--json", path]
         if kernels is not None:
             argv += ["--kernel", ",".join(kernels)]
         if floor_path is not None:
-            argv += ["--floor-path", floor_path]
-        code = _run_in_subprocess(argv, stdout=subprocess.DEVNULL)
+            argv += ["--floor", "--floor-path", floor_path]
+        code = _run_in_subprocess(argv, subprocess.DEVNULL, floor_path)
         if not os.path.exists(path):
             raise RuntimeError(f"python -m frugal.check exited {code} without writing rows")
         with open(path) as f:
@@ -405,9 +432,13 @@ def run(archs=DEFAULT_ARCHS, kernels=None, floor_path=None):
 
 
 def _interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_version():
     import triton
 
-    return triton.knobs.runtime.interpret
+    return triton.__version__
 
 
 def _cell(row, key):
@@ -484,9 +515,11 @@ def main(argv=None):
         if version != FLOOR_TRITON:
             parser.error(f"--floor-path: expected Triton {FLOOR_TRITON}; {args.floor_path} "
                          f"holds {version}")
+    if floor and _triton_version() != FLOOR_TRITON:
+        return _run_in_subprocess(argv, floor_path=args.floor_path)
     if _interpreting():
         return _run_in_subprocess(argv)
-    rows = _compile_all(_jobs(archs, kernels), floor, args.floor_path if floor else None)
+    rows = _compile_all(_jobs(archs, kernels), floor)
     failed = [row for row in rows if not row["ok"]]
     print(format_table(rows))
     for row in failed:

@@ -46,10 +46,11 @@ def _quantize_call(x):
 
 
 def quantize():
-    # K spans every config bucket and every clamped block size, with K = 1 (a constant to the
-    # JIT) and K off multiples of 16; one sliced input (row stride != K, unaligned base).
+    # K spans every config bucket and every clamped block size, each aligned (K % 16 == 0) and
+    # not, one and several blocks per row; one sliced input (row stride != K, unaligned base).
     for dtype in _FLOATS:
-        for K in (1, 7, 100, 128, 200, 512, 700, 1024, 2048, 3000, 4096, 5000):
+        for K in (1, 7, 100, 128, 200, 256, 300, 512, 700, 1024, 1500, 2048, 3000, 4096, 5000,
+                  8192):
             _quantize_call(torch.randn(3, K, dtype=dtype))
         _quantize_call(torch.randn(4, 300, dtype=dtype)[:, 3:203])
 
@@ -86,13 +87,15 @@ def _int8_variants(M, N, K, a, b, full=True):
 
 
 def int8():
-    # Shapes: N = K = 4096 (aligned; split-K at small M), N = 1 (a constant to the JIT), odd N
-    # and K (the unaligned tables), K = 8 (one K block), and a sliced activation (row stride
-    # and base address off 16).
+    # Shapes: N = K = 4096 (aligned; split-K at small M), N = 1, odd N and K (the unaligned
+    # tables), K = 8 (one K block), and a sliced activation (row stride and base address off
+    # 16).
     shapes = ((4096, 4096), (1, 512), (33, 100), (4096, 8))
+    # Small M splits K unless the tiles fill the GPU already: wide layers, N aligned or not.
+    wide = ((16384, 4096), (16383, 100))
     for M in (1, 2, 16, 17, 64, 100, 4096):
         full = M in (1, 17, 100, 4096)  # one M per config bucket gets every dtype variant
-        for N, K in shapes:
+        for N, K in shapes + (wide if M <= 64 else ()):
             _int8_variants(M, N, K, _i8(M, K), _i8(N, K), full)
         big = _i8(M, 4096 + 24)
         _int8_variants(M, 4096, 4096, big[:, 3:4099], _i8(4096, 4096), full)
@@ -155,12 +158,12 @@ def paged():
     gen = torch.Generator().manual_seed(0)
     for q_dtype, cache_dtype in _PAGED_DTYPES:
         for D in (32, 64, 128, 256):
+            # One long sequence (split-KV and the merge kernel) per GQA group size, a short
+            # batch with page size 1 and a window, and a batch that fills the GPU unsplit.
             for hkv, G in ((2, 1), (1, 4), (2, 8)):
-                # One long sequence (split-KV and the merge kernel) and a batch that fills
-                # the GPU without splitting; page sizes 16 and 1.
                 _paged_calls(q_dtype, cache_dtype, D, hkv, G, 16, [2000], None, gen)
-                _paged_calls(q_dtype, cache_dtype, D, hkv, G, 1, [37, 5], 16, gen)
-                _paged_calls(q_dtype, cache_dtype, D, hkv, G, 16, [40] * 140, None, gen)
+            _paged_calls(q_dtype, cache_dtype, D, 2, 4, 1, [37, 5], 16, gen)
+            _paged_calls(q_dtype, cache_dtype, D, 1, 4, 16, [40] * 140, None, gen)
             # int64 slot mappings (cast to int32 by the launcher) and an unaligned k view.
             kc, vc, table, seq_lens, ks, vs = _paged_case(q_dtype, cache_dtype, D, 2, 1, 16,
                                                           [20], None, gen)
@@ -207,12 +210,11 @@ def sparse():
         for mask_name, mask in _masks(n, block).items():
             for dtype in _FLOATS:
                 for D in (32, 64, 96, 128, 256):
-                    for hq, hkv in ((2, 2), (4, 1)):
-                        q = torch.randn(1, hq, n, D, dtype=dtype)
-                        k = torch.randn(1, hkv, n, D, dtype=dtype)
-                        v = torch.randn(1, hkv, n, D, dtype=dtype)
-                        _sparse_call(f"sparse_attention {mask_name} block={block} "
-                                     f"{_name(dtype)} D={D} Hq={hq} Hkv={hkv}", q, k, v, mask)
+                    q = torch.randn(1, 4, n, D, dtype=dtype)  # GQA: 2 query heads per kv head
+                    k = torch.randn(1, 2, n, D, dtype=dtype)
+                    v = torch.randn(1, 2, n, D, dtype=dtype)
+                    _sparse_call(f"sparse_attention {mask_name} block={block} {_name(dtype)} "
+                                 f"D={D}", q, k, v, mask)
 
 
 def run(families=FAMILIES):

@@ -1,4 +1,5 @@
-"""The ``frugal`` command: ``frugal info``, ``frugal bench`` and ``frugal check``."""
+"""The ``frugal`` command: ``frugal info``, ``frugal bench``, ``frugal check`` and
+``frugal gpu-check``."""
 
 import argparse
 import sys
@@ -16,6 +17,10 @@ def main(argv=None):
     # argparse would try to parse check's own options; hand them over untouched.
     if argv[:1] == ["check"]:
         return _check(argv[1:])
+    if argv[:1] == ["gpu-check"]:
+        from frugal import gpu_check
+
+        return gpu_check.main(argv[1:])
     args = _parser().parse_args(argv)
     return args.func(args)
 
@@ -31,7 +36,7 @@ def _parser():
         "bench", help="time ops against dense PyTorch over token counts",
         description="Time each op's candidates against its dense PyTorch baseline over a range "
                     "of token counts; print a table and write JSON, Markdown and PNG plots. "
-                    "Exits 1 when a speedup target is missed.")
+                    "A missed target prints FAIL and is recorded; --strict makes it exit 1.")
     bench.add_argument("--sweep", action="append", metavar="NAME",
                        help="run this sweep (repeatable; default: all; see --list)")
     bench.add_argument("--quick", action="store_true", help="fewer token counts per sweep")
@@ -40,6 +45,8 @@ def _parser():
     bench.add_argument("--out", default="bench-results", metavar="DIR",
                        help="where results are written (default: %(default)s)")
     bench.add_argument("--list", action="store_true", help="list the sweeps and exit")
+    bench.add_argument("--strict", action="store_true",
+                       help="exit 1 when a target is missed (default: report it, exit 0)")
     bench.add_argument("--rounds", type=int, default=None, metavar="R",
                        help="time each x's candidates R times, interleaved, keeping each one's "
                             "best (default 2 on CPU, 1 on CUDA)")
@@ -47,6 +54,9 @@ def _parser():
 
     commands.add_parser("check", help="run frugal.check (arguments are passed on to it)",
                         add_help=False)
+    commands.add_parser("gpu-check", help="verify this GPU: the test suite on CUDA tensors and "
+                        "a short bench against FlashAttention, FlexAttention and cuBLAS "
+                        "(arguments are passed on to frugal.gpu_check)", add_help=False)
     return parser
 
 
@@ -81,20 +91,34 @@ def _bench(args):
             xs = ", ".join(map(str, s.xs))
             print(f"{s.name}  [{s.op}]  {s.x_name} in {xs}  {s.description}")
         return 0
-    try:
-        sweeps = bench.sweeps(args.sweep)
-    except ValueError as e:
-        print(f"frugal bench: --sweep: {e}", file=sys.stderr)
-        return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("frugal bench: --device cuda, but torch.cuda.is_available() is False",
               file=sys.stderr)
         return 2
-    result = bench.run(sweeps, args.device, quick=args.quick, rounds=args.rounds)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        sweeps = bench.sweeps(args.sweep, device)
+    except ValueError as e:
+        print(f"frugal bench: --sweep: {e}", file=sys.stderr)
+        return 2
+    elsewhere = [s.name for s in sweeps if device not in s.devices]
+    if elsewhere:
+        print(f"frugal bench: --sweep {', '.join(elsewhere)} runs on "
+              f"{' or '.join(bench.sweeps(elsewhere)[0].devices)} only; this run is on {device}",
+              file=sys.stderr)
+        return 2
+    result = bench.run(sweeps, device, quick=args.quick, rounds=args.rounds)
     print(result.markdown())
     for path in result.save(args.out):
         print(f"wrote {path}", file=sys.stderr)
-    return 0 if result.passed else 1
+    if not result.passed:
+        failed = "FAIL lines above (and in the JSON record)"
+        if args.strict:
+            print(f"frugal bench: targets missed: {failed}; --strict: exit 1", file=sys.stderr)
+            return 1
+        print(f"frugal bench: targets missed: {failed}; the run completed (--strict to gate "
+              f"on them)", file=sys.stderr)
+    return 0
 
 
 def _check(argv):

@@ -2,7 +2,12 @@
 TypeError, RuntimeError), and every message names the argument, what was expected and what
 was given: ``quantize_per_token: x must be float32, float16 or bfloat16; got torch.int32``."""
 
+import math
+
 import torch
+
+# |scale| * log2(e) must stay a finite float32: the kernels fold log2(e) into the scale.
+MAX_SCALE = 2.0**126
 
 
 class FrugalError(Exception):
@@ -63,3 +68,15 @@ def check_same_device(op, **tensors):
                 f"{op}: {name} must be on the same device as {first_name} ({first.device}); "
                 f"got {t.device}"
             )
+
+
+def check_scale(op, scale):
+    """A softmax scale: None (the op's default) or a finite number of magnitude at most
+    MAX_SCALE, so no kernel sees an inf or NaN scale and returns all-NaN for it."""
+    if scale is None:
+        return
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{op}: scale must be None or a number; got {scale!r}")
+    if not (math.isfinite(scale) and abs(scale) <= MAX_SCALE):
+        raise ValueError(f"{op}: scale must be a finite number with |scale| <= 2**126 (a "
+                         f"float32 after folding in log2(e)); got {scale!r}")

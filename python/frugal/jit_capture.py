@@ -132,7 +132,7 @@ def _params(fn):
 def _specialization(value, param):
     """(kind, ...) of one argument as the JIT specializes it."""
     if param.constexpr:
-        return ("c", value[1] if isinstance(value, list | tuple) else value)
+        return ("c", value[1] if isinstance(value, (list, tuple)) else value)
     if value is None:
         return ("none",)
     kind = value[0]
@@ -214,11 +214,11 @@ def _record(fn, args, grid, kwargs):
 
 
 @contextlib.contextmanager
-def capture(device_name=None, num_sms=None):
-    """Inside, every Triton kernel launch is recorded (see :func:`launches`) instead of run,
-    and ``backend="triton"`` is accepted for CPU tensors. ``device_name`` / ``num_sms`` stand
-    for the GPU whose config file and SM count the launchers consult (default: default.json
-    and the launchers' default SM count)."""
+def capture(device_key=None, num_sms=None):
+    """Inside, every Triton kernel launch is recorded instead of run (the context's value is
+    the list of :class:`Launch`), and ``backend="triton"`` is accepted for CPU tensors.
+    ``device_key`` = (GPU name, arch) and ``num_sms`` stand for the GPU whose config files and
+    SM count the launchers consult (default: default.json and the launchers' SM count)."""
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
@@ -228,9 +228,9 @@ def capture(device_name=None, num_sms=None):
 
     if getattr(_local, "launches", None) is not None:
         raise RuntimeError("jit_capture.capture() does not nest")
-    classes = (JITFunction, InterpretedFunction)
+    classes = [cls for cls in (JITFunction, InterpretedFunction) if hasattr(cls, "run")]
     originals = [cls.run for cls in classes]
-    name_fn, sms_fn = _launch.device_name, _launch.num_sms
+    key_fn, sms_fn = _launch.device_key, _launch.num_sms
 
     def patched(original):
         def run(self, *args, grid, warmup, **kwargs):
@@ -245,8 +245,8 @@ def capture(device_name=None, num_sms=None):
     for cls, original in zip(classes, originals):
         cls.run = patched(original)
     dispatch.TRITON_ON_CPU.set(True)
-    if device_name is not None:
-        _launch.device_name = lambda device: device_name
+    if device_key is not None:
+        _launch.device_key = lambda device: device_key
     if num_sms is not None:
         _launch.num_sms = lambda device: num_sms
     try:
@@ -255,7 +255,7 @@ def capture(device_name=None, num_sms=None):
         for cls, original in zip(classes, originals):
             cls.run = original
         dispatch.TRITON_ON_CPU.set(False)
-        _launch.device_name, _launch.num_sms = name_fn, sms_fn
+        _launch.device_key, _launch.num_sms = key_fn, sms_fn
         _local.launches = None
 
 

@@ -1,125 +1,43 @@
-"""Paged KV cache: the block manager (:class:`PagedKVCache`) and the ops that read and write a
-paged cache through block tables (:func:`paged_append`, :func:`paged_attention`,
-:func:`paged_prefill_attention`).
-
-Layout
-------
-K and V each live in one tensor ``[num_layers, num_blocks, block_size, num_kv_heads, head_dim]``;
-the ops take one layer, ``[num_blocks, block_size, Hkv, D]``. Token position p of a sequence
-lives at offset ``p % block_size`` of block ``table[p // block_size]``, so a table row always
-indexes positions from 0. Tables are int32 ``[num_seqs, max_blocks]``; -1 marks an entry with
-no block: padding past a sequence's end, or a block a sliding window has given back. An op
-refuses a -1 (or any entry outside ``[0, num_blocks)``) among the entries it has to read.
-A flat slot is ``block * block_size + offset``; a negative slot is padding. int8 caches keep
-float32 scales ``[num_layers, num_blocks, block_size, Hkv]`` beside the data: each head vector
-of each token is quantized as :func:`frugal.quantize_per_token` does (absmax / 127, round half
-to even).
-
-Backends: :func:`paged_append`, :func:`paged_attention` and :func:`paged_prefill_attention` (and
-the manager's writes) run the Triton kernels on CUDA tensors (``frugal.kernels.paged_attention``:
-GQA-packed tensor-core decode with split-KV, flash-style chunked prefill) and the C++ kernels
-(``frugal._C``) on CPU tensors, each falling back to the PyTorch reference where it cannot run.
+"""The paged KV-cache manager (:class:`PagedKVCache`): blocks, reference counts, prefix
+sharing, copy-on-write and sliding-window eviction over caches that the ops of
+:mod:`frugal.paged_ops` read and write, and the per-step plan (:class:`StepPlan`) that serving
+code builds once per decode or prefill step and runs in every layer.
 """
 
 import array
 import collections
 import dataclasses
+import functools
 import hashlib
-from typing import Optional
+import threading
 
 import torch
 
-from . import _ext, reference
-from .dispatch import select, triton_custom_op, unavailable
 from .errors import (
-    BackendError,
     DeviceError,
     DTypeError,
     FrugalError,
     ShapeError,
     check_dtype,
-    check_same_device,
+    check_scale,
     check_tensor,
 )
-
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-_CACHE_DTYPES = _FLOATS + (torch.int8,)
-_BACKENDS = ("triton", "cpu", "torch")  # paged_append, paged_attention, paged_prefill_attention
-_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}
-_MAX_WINDOW = 2**31 - 1  # a longer window reads what no window reads
-
-if _ext.ext() is not None and hasattr(torch.ops.frugal, "paged_attention"):
-
-    @torch.library.register_fake("frugal::paged_attention")
-    def _paged_attention_fake(q, k_cache, v_cache, block_tables, seq_lens, scale, window,
-                              k_scale, v_scale):
-        return q.new_empty(q.shape)
-
-
-if _ext.ext() is not None and hasattr(torch.ops.frugal, "paged_append"):
-
-    @torch.library.register_fake("frugal::paged_append")
-    def _paged_append_fake(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale):
-        return None
-
-
-@triton_custom_op("frugal::paged_attention_triton")
-def _paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                            window: int, k_scale: Optional[torch.Tensor],
-                            v_scale: Optional[torch.Tensor]) -> torch.Tensor:
-    from frugal.kernels import paged_attention as kernel
-
-    return kernel.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, window,
-                                  k_scale, v_scale)
-
-
-@_paged_attention_triton.register_fake
-def _(q, k_cache, v_cache, block_tables, seq_lens, scale, window, k_scale, v_scale):
-    return q.new_empty(q.shape)
-
-
-@triton_custom_op("frugal::paged_append_triton",
-                  mutates_args=("k_cache", "v_cache", "k_scale", "v_scale"))
-def _paged_append_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                         v_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                         k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor]) -> None:
-    from frugal.kernels import paged_attention as kernel
-
-    kernel.paged_append(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
-
-
-@_paged_append_triton.register_fake
-def _(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale):
-    return None
-
-
-if _ext.ext() is not None and hasattr(torch.ops.frugal, "paged_prefill_attention"):
-
-    @torch.library.register_fake("frugal::paged_prefill_attention")
-    def _paged_prefill_attention_fake(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q,
-                                      scale, window, k_scale, v_scale):
-        return q.new_empty(q.shape)
-
-
-@triton_custom_op("frugal::paged_prefill_attention_triton")
-def _paged_prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor,
-                                    v_cache: torch.Tensor, block_tables: torch.Tensor,
-                                    seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                                    max_q_len: int, scale: float, window: int,
-                                    k_scale: Optional[torch.Tensor],
-                                    v_scale: Optional[torch.Tensor]) -> torch.Tensor:
-    from frugal.kernels import paged_attention as kernel
-
-    return kernel.paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens,
-                                          cu_seqlens_q, max_q_len, scale, window, k_scale,
-                                          v_scale)
-
-
-@_paged_prefill_attention_triton.register_fake
-def _(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_q_len, scale, window,
-      k_scale, v_scale):
-    return q.new_empty(q.shape)
+from .paged_ops import (
+    CACHE_DTYPES,
+    FLOATS,
+    check_window,
+    empty_cache,
+    is_block_size,
+    is_int,
+    paged_attention,
+    paged_prefill_attention,
+    prefill_why_not,
+    run_append,
+    run_attention,
+    run_prefill,
+    select_backend,
+    why_not,
+)
 
 
 class CacheFullError(FrugalError, RuntimeError):
@@ -131,443 +49,6 @@ class SequenceError(FrugalError, ValueError):
     call, or token ids disagree with the ids already recorded for those positions."""
 
 
-class BlockTableError(FrugalError, ValueError):
-    """A block table, seq_len, q_len or slot points outside the cache or at a missing block."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Argument checks shared by the ops
-
-
-def empty_cache(shape, dtype, device):
-    """An uninitialized tensor for KV-cache storage.
-
-    On the CPU, with the extension built, a cache of 8 MiB or more is marked for transparent
-    huge pages (Linux ``madvise``; honoured when
-    ``/sys/kernel/mm/transparent_hugepage/enabled`` is ``madvise`` or ``always``) before its
-    first touch, so that decode, which reads the cache in scattered blocks, walks 2 MiB pages
-    instead of 4 KiB ones. Elsewhere it is plain :func:`torch.empty`. The hint changes no value.
-    """
-    t = torch.empty(shape, dtype=dtype, device=device)
-    ext = _ext.ext()
-    if t.device.type == "cpu" and ext is not None and hasattr(ext, "advise_huge_pages"):
-        ext.advise_huge_pages(t.data_ptr(), t.numel() * t.element_size())
-    return t
-
-
-def _is_int(x):
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_block_size(bs):
-    return _is_int(bs) and 1 <= bs <= 256 and bs & (bs - 1) == 0
-
-
-def _check_window(op, window):
-    if window is not None and not (_is_int(window) and window >= 1):
-        raise ValueError(f"{op}: window must be None or an int >= 1; got {window!r}")
-
-
-def _check_scale(op, scale):
-    if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool)):
-        raise TypeError(f"{op}: scale must be None or a number; got {scale!r}")
-
-
-def _check_caches(op, k_cache, v_cache, k_scale, v_scale):
-    check_dtype(op, "k_cache", k_cache, _CACHE_DTYPES)
-    check_tensor(op, "v_cache", v_cache)
-    if k_cache.dim() != 4:
-        raise ShapeError(f"{op}: k_cache must be 4-d [num_blocks, block_size, num_kv_heads, "
-                         f"head_dim]; got shape {tuple(k_cache.shape)}")
-    if v_cache.shape != k_cache.shape:
-        raise ShapeError(f"{op}: v_cache must have k_cache's shape {tuple(k_cache.shape)}; got "
-                         f"{tuple(v_cache.shape)}")
-    if v_cache.dtype != k_cache.dtype:
-        raise DTypeError(f"{op}: v_cache must have k_cache's dtype {k_cache.dtype}; got "
-                         f"{v_cache.dtype}")
-    if not _is_block_size(k_cache.shape[1]):
-        raise ShapeError(f"{op}: block_size (k_cache.shape[1]) must be a power of two from 1 to "
-                         f"256; got {k_cache.shape[1]}")
-    tensors = {"k_cache": k_cache, "v_cache": v_cache}
-    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
-        if k_cache.dtype != torch.int8:
-            if s is not None:
-                raise DTypeError(f"{op}: {name} is only for int8 caches; k_cache is "
-                                 f"{k_cache.dtype}")
-            continue
-        if s is None:
-            raise DTypeError(f"{op}: int8 caches need {name} (float32 [num_blocks, block_size, "
-                             f"num_kv_heads]); got None")
-        check_dtype(op, name, s, (torch.float32,))
-        if s.shape != k_cache.shape[:3]:
-            raise ShapeError(f"{op}: {name} must have shape {tuple(k_cache.shape[:3])} "
-                             f"(k_cache.shape[:3]); got {tuple(s.shape)}")
-        tensors[name] = s
-    check_same_device(op, **tensors)
-
-
-def _check_heads(op, name, x, k_cache):
-    hq, d = x.shape[-2:]
-    hkv, d_cache = k_cache.shape[2:]
-    if d != d_cache:
-        raise ShapeError(f"{op}: {name}'s head_dim (last dim) must be k_cache's {d_cache}; got {d}")
-    if hq % hkv != 0:
-        raise ShapeError(f"{op}: {name}'s head count {hq} must be a multiple of k_cache's "
-                         f"num_kv_heads {hkv}")
-
-
-def _check_query(op, q, k_cache, dims, layout):
-    check_dtype(op, "q", q, _FLOATS)
-    if q.dim() not in dims:
-        raise ShapeError(f"{op}: q must be {layout}; got shape {tuple(q.shape)}")
-    if k_cache.dtype != torch.int8 and q.dtype != k_cache.dtype:
-        raise DTypeError(f"{op}: q must have the cache dtype {k_cache.dtype}; got {q.dtype}")
-    _check_heads(op, "q", q, k_cache)
-    if q.device != k_cache.device:
-        raise DeviceError(f"{op}: q must be on k_cache's device ({k_cache.device}); got {q.device}")
-
-
-def _check_int_vector(op, name, t, rows, device):
-    check_dtype(op, name, t, (torch.int32,))
-    if t.shape != (rows,):
-        raise ShapeError(f"{op}: {name} must have shape ({rows},); got {tuple(t.shape)}")
-    if t.device != device:
-        raise DeviceError(f"{op}: {name} must be on k_cache's device ({device}); got {t.device}")
-
-
-def _check_tables(op, block_tables, seq_lens, rows, k_cache):
-    check_dtype(op, "block_tables", block_tables, (torch.int32,))
-    if block_tables.dim() != 2 or block_tables.shape[0] != rows:
-        raise ShapeError(f"{op}: block_tables must be [{rows}, max_blocks] (one row per "
-                         f"sequence); got shape {tuple(block_tables.shape)}")
-    if block_tables.device != k_cache.device:
-        raise DeviceError(f"{op}: block_tables must be on k_cache's device ({k_cache.device}); "
-                          f"got {block_tables.device}")
-    _check_int_vector(op, "seq_lens", seq_lens, rows, k_cache.device)
-
-
-def _check_table_contents(op, block_tables, seq_lens, k_cache, window, q_lens=None, q_rows=None):
-    """Every entry in [-1, num_blocks), every entry the op reads >= 0, seq_lens within the rows,
-    q_lens within seq_lens and summing to q's rows: one reduction, one host sync."""
-    num_blocks, bs = k_cache.shape[:2]
-    width = block_tables.shape[1]
-    lens = seq_lens.long()
-    n = 1 if q_lens is None else q_lens.long()
-    lo = torch.zeros_like(lens) if window is None else (lens - n - window + 1).clamp(min=0)
-    starts = torch.arange(width, device=lens.device) * bs
-    read = (starts < lens[:, None]) & (starts + bs > lo[:, None])
-    bad_entry = (block_tables < -1) | (block_tables >= num_blocks) | (read & (block_tables < 0))
-    bad_len = (lens < 0) | (lens > width * bs)
-    bad_q = torch.zeros((), dtype=torch.bool, device=lens.device)
-    if q_lens is not None:
-        bad_len = bad_len | (n < 0) | (n > lens)
-        bad_q = n.sum() != q_rows
-    if not bool(bad_entry.any() | bad_len.any() | bad_q):
-        return
-    if bad_len.any():
-        b = int(bad_len.nonzero()[0, 0])
-        seq_len = int(lens[b])
-        if q_lens is not None and not 0 <= int(n[b]) <= max(seq_len, 0):
-            raise BlockTableError(f"{op}: q_lens[{b}] must be in [0, seq_lens[{b}]] = "
-                                  f"[0, {seq_len}]; got {int(n[b])}")
-        raise BlockTableError(f"{op}: seq_lens[{b}] must be in [0, {width * bs}] (block_tables "
-                              f"rows hold {width} blocks of {bs} tokens); got {seq_len}")
-    if bool(bad_q):
-        raise ShapeError(f"{op}: q_lens must sum to q's {q_rows} rows; got {int(n.sum())}")
-    b, j = (int(i) for i in bad_entry.nonzero()[0])
-    entry = int(block_tables[b, j])
-    if entry < -1 or entry >= num_blocks:
-        raise BlockTableError(f"{op}: block_tables[{b}, {j}] must be in [0, {num_blocks}) "
-                              f"(num_blocks), or -1 for no block; got {entry}")
-    raise BlockTableError(f"{op}: block_tables[{b}, {j}] is -1 (no block) but sequence {b} reads "
-                          f"positions {j * bs}..{j * bs + bs - 1} (seq_len {int(lens[b])}, "
-                          f"window {window})")
-
-
-# ---------------------------------------------------------------------------------------------
-# Backend selection
-
-
-def _cpu_kernel_missing(cpp_op):
-    """Why frugal._C cannot run ``frugal::<cpp_op>`` on CPU tensors, beyond what
-    :func:`frugal.dispatch.unavailable` says (the schema exists before its CPU kernel does)."""
-    if _ext.ext() is None:
-        return None  # dispatch.unavailable names the missing extension
-    if not (hasattr(torch.ops.frugal, cpp_op)
-            and torch._C._dispatch_has_kernel_for_dispatch_key(f"frugal::{cpp_op}", "CPU")):
-        return (f"backend='cpu': frugal._C has no CPU kernel for frugal::{cpp_op} yet (rebuild "
-                f"the extension: pip install -e .)")
-    return None
-
-
-def _why_not(device, cpp_op, k_cache, v_cache, k_scale, v_scale):
-    """{backend: why it cannot run this call}, for the reasons particular to the paged ops."""
-    why = {}
-    if device.type == "cpu":
-        why["cpu"] = _cpu_kernel_missing(cpp_op)
-    if unavailable("triton", device) is None:
-        from frugal.kernels import paged_attention as kernel
-
-        reason = kernel.unsupported(k_cache, v_cache, k_scale, v_scale)
-        why["triton"] = None if reason is None else f"backend='triton': {reason}"
-    return {name: reason for name, reason in why.items() if reason is not None}
-
-
-def _select_paged(op, device, backend, explain, why):
-    """:func:`frugal.dispatch.select` over _BACKENDS, minus the backends ``why`` rules out for
-    this call: an explicit one raises BackendError with the reason, auto skips it."""
-    if backend in why and unavailable(backend, device) is None:
-        raise BackendError(f"{op}: {why[backend]}")
-    order = {dev: tuple(name for name in names if name not in why)
-             for dev, names in _ORDER.items()}
-    choice = select(op, device, backend, order, _BACKENDS, explain)
-    if explain and backend == "auto":
-        ahead = _ORDER.get(device.type, ())
-        ahead = ahead[:ahead.index(choice.backend)] if choice.backend in ahead else ahead
-        notes = [f"{name}: {why[name]}" for name in ahead if name in why]
-        if notes:
-            choice = dataclasses.replace(choice, reason=f"{choice.reason}; skipped "
-                                                        + "; ".join(notes))
-    return choice
-
-
-def _run_append(name, k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale):
-    if name == "triton":
-        torch.ops.frugal.paged_append_triton(k, v, k_cache, v_cache, slot_mapping, k_scale,
-                                             v_scale)
-    elif name == "cpu":
-        torch.ops.frugal.paged_append(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
-    else:
-        reference.paged_append(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
-
-
-# ---------------------------------------------------------------------------------------------
-# Ops
-
-
-def _check_append(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale):
-    op = "paged_append"
-    _check_caches(op, k_cache, v_cache, k_scale, v_scale)
-    check_dtype(op, "k", k, _FLOATS)
-    check_tensor(op, "v", v)
-    if k.shape != v.shape:
-        raise ShapeError(f"{op}: v must have k's shape {tuple(k.shape)}; got {tuple(v.shape)}")
-    if v.dtype != k.dtype:
-        raise DTypeError(f"{op}: v must have k's dtype {k.dtype}; got {v.dtype}")
-    if k.dim() != 3 or k.shape[1:] != k_cache.shape[2:]:
-        raise ShapeError(f"{op}: k must be [num_tokens, {k_cache.shape[2]}, {k_cache.shape[3]}] "
-                         f"([num_tokens, num_kv_heads, head_dim] of k_cache); got "
-                         f"{tuple(k.shape)}")
-    if k_cache.dtype != torch.int8 and k.dtype != k_cache.dtype:
-        raise DTypeError(f"{op}: k must have the cache dtype {k_cache.dtype}; got {k.dtype}")
-    check_dtype(op, "slot_mapping", slot_mapping, (torch.int32, torch.int64))
-    if slot_mapping.shape != (k.shape[0],):
-        raise ShapeError(f"{op}: slot_mapping must have shape ({k.shape[0]},) (one slot per "
-                         f"token); got {tuple(slot_mapping.shape)}")
-    check_same_device(op, k_cache=k_cache, k=k, v=v, slot_mapping=slot_mapping)
-    num_slots = k_cache.shape[0] * k_cache.shape[1]
-    slots = slot_mapping.long().sort().values
-    out_of_range = slots >= num_slots
-    repeated = (slots[1:] == slots[:-1]) & (slots[1:] >= 0)
-    if not bool(out_of_range.any() | repeated.any()):
-        return
-    if out_of_range.any():
-        raise BlockTableError(f"{op}: slot_mapping entries must be < {num_slots} (num_blocks * "
-                              f"block_size), or negative for padding; got {int(slots[-1])}")
-    raise BlockTableError(f"{op}: slot_mapping must not repeat a slot; slot "
-                          f"{int(slots[1:][repeated][0])} appears more than once")
-
-
-def _select_paged_append(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None, *,
-                         backend="auto", explain=False):
-    _check_append(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
-    why = _why_not(k_cache.device, "paged_append", k_cache, v_cache, k_scale, v_scale)
-    return _select_paged("paged_append", k_cache.device, backend, explain, why)
-
-
-def paged_append(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None, *,
-                 backend="auto"):
-    """Writes new keys and values into a paged cache, in place.
-
-    Parameters
-    ----------
-    k, v : Tensor [N, Hkv, D], the cache dtype (any float dtype for int8 caches), any strides.
-    k_cache, v_cache : Tensor [num_blocks, block_size, Hkv, D], float32, float16, bfloat16 or
-        int8; block_size a power of two from 1 to 256.
-    slot_mapping : Tensor [N] int32 or int64. Token i goes to offset ``slot % block_size`` of
-        block ``slot // block_size``; a negative slot is padding and is skipped. Slots must be
-        below ``num_blocks * block_size`` and must not repeat.
-    k_scale, v_scale : Tensor [num_blocks, block_size, Hkv] float32, for int8 caches only: each
-        head vector is stored as :func:`frugal.quantize_per_token` quantizes it, its scale here.
-    backend : "auto" | "triton" | "cpu" | "torch". auto: Triton on CUDA tensors, C++ on CPU
-        tensors, else PyTorch. Triton needs head_dim a multiple of 16 up to 256 and caches with
-        unit stride in head_dim; every backend writes the same bytes (and int8 scales).
-
-    Raises BlockTableError for slots out of range or repeated, before anything is written.
-    """
-    name = _select_paged_append(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale,
-                                backend=backend)
-    _run_append(name, k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
-
-
-paged_append._frugal_select = _select_paged_append
-
-
-def _check_attention(op, q, k_cache, v_cache, block_tables, seq_lens, scale, window, k_scale,
-                     v_scale, q_lens=None):
-    _check_caches(op, k_cache, v_cache, k_scale, v_scale)
-    _check_scale(op, scale)
-    _check_window(op, window)
-    if op == "paged_attention":
-        _check_query(op, q, k_cache, (3,), "3-d [batch, num_heads, head_dim]")
-        rows = q.shape[0]
-    else:
-        _check_query(op, q, k_cache, (3, 4), "[batch, chunk, num_heads, head_dim] or packed "
-                     "[num_tokens, num_heads, head_dim] with q_lens")
-        if q.dim() == 4:
-            if q_lens is not None:
-                raise ShapeError(f"{op}: q_lens is only for packed 3-d q; q is 4-d "
-                                 f"{tuple(q.shape)}")
-            rows = q.shape[0]
-        else:
-            if q_lens is None:
-                raise ShapeError(f"{op}: packed 3-d q {tuple(q.shape)} needs q_lens (int32 "
-                                 f"[batch])")
-            check_dtype(op, "q_lens", q_lens, (torch.int32,))
-            if q_lens.dim() != 1:
-                raise ShapeError(f"{op}: q_lens must be 1-d [batch]; got shape "
-                                 f"{tuple(q_lens.shape)}")
-            rows = q_lens.shape[0]
-            _check_int_vector(op, "q_lens", q_lens, rows, k_cache.device)
-    _check_tables(op, block_tables, seq_lens, rows, k_cache)
-    if q.dim() == 4:
-        q_lens = torch.full((rows,), q.shape[1], dtype=torch.int32, device=q.device)
-    _check_table_contents(op, block_tables, seq_lens, k_cache, window, q_lens,
-                          q.shape[0] * q.shape[1] if q.dim() == 4 else q.shape[0])
-
-
-def _select_paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=None, window=None,
-                            k_scale=None, v_scale=None, *, backend="auto", explain=False):
-    _check_attention("paged_attention", q, k_cache, v_cache, block_tables, seq_lens, scale,
-                     window, k_scale, v_scale)
-    why = _why_not(q.device, "paged_attention", k_cache, v_cache, k_scale, v_scale)
-    return _select_paged("paged_attention", q.device, backend, explain, why)
-
-
-def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=None, window=None,
-                    k_scale=None, v_scale=None, *, backend="auto"):
-    """Decode attention: one query per sequence over its paged keys and values.
-
-    Parameters
-    ----------
-    q : Tensor [B, Hq, D], float32, float16 or bfloat16 (the cache dtype unless the cache is
-        int8), any strides. Query b sits at position ``seq_lens[b] - 1``.
-    k_cache, v_cache : Tensor [num_blocks, block_size, Hkv, D]; Hq must be a multiple of Hkv
-        (query head h reads kv head ``h // (Hq // Hkv)``).
-    block_tables : Tensor [B, max_blocks] int32. Entries in [0, num_blocks), or -1 for no block;
-        every entry covering a position the query reads must be a block.
-    seq_lens : Tensor [B] int32, each in [0, max_blocks * block_size]. Length 0 gives zeros.
-    scale : float, default ``D ** -0.5``.
-    window : int or None. Query at position p reads keys at positions ``p - window < j <= p``.
-    k_scale, v_scale : Tensor [num_blocks, block_size, Hkv] float32, for int8 caches only.
-    backend : "auto" | "triton" | "cpu" | "torch". auto: Triton on CUDA tensors, C++ on CPU
-        tensors, else PyTorch. Triton needs head_dim a multiple of 16 up to 256 and caches with
-        unit stride in head_dim.
-
-    Returns
-    -------
-    Tensor [B, Hq, D] in q's dtype (softmax and sums in float32).
-
-    Table entries and lengths are checked on the host before anything runs (one sync):
-    BlockTableError, never an out-of-bounds read.
-    """
-    name = _select_paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, window,
-                                   k_scale, v_scale, backend=backend)
-    if name == "torch":
-        return reference.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale,
-                                         window, k_scale, v_scale)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    window = 0 if window is None else min(window, _MAX_WINDOW)
-    op = torch.ops.frugal.paged_attention_triton if name == "triton" else \
-        torch.ops.frugal.paged_attention
-    return op(q, k_cache, v_cache, block_tables, seq_lens, scale, window, k_scale, v_scale)
-
-
-paged_attention._frugal_select = _select_paged_attention
-
-
-def _select_paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, q_lens=None,
-                                    scale=None, window=None, k_scale=None, v_scale=None, *,
-                                    backend="auto", explain=False):
-    _check_attention("paged_prefill_attention", q, k_cache, v_cache, block_tables, seq_lens,
-                     scale, window, k_scale, v_scale, q_lens)
-    why = _why_not(q.device, "paged_prefill_attention", k_cache, v_cache, k_scale, v_scale)
-    if "triton" not in why and unavailable("triton", q.device) is None:
-        from frugal.kernels import paged_attention as kernel
-
-        reason = kernel.prefill_unsupported(q.dtype, q.shape[-1])
-        if reason is not None:
-            why["triton"] = f"backend='triton': {reason}"
-    return _select_paged("paged_prefill_attention", q.device, backend, explain, why)
-
-
-def paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, q_lens=None, scale=None,
-                            window=None, k_scale=None, v_scale=None, *, backend="auto"):
-    """Chunked prefill: each sequence's new chunk of queries attends to its cached prefix
-    (paged) and causally within the chunk. The chunk's keys and values must already be in the
-    cache (append first), and ``seq_lens`` counts them.
-
-    Parameters
-    ----------
-    q : Tensor [B, T, Hq, D] (T queries per sequence), or packed [N, Hq, D] with ``q_lens``;
-        any strides. The n_b queries of sequence b sit at positions
-        ``[seq_lens[b] - n_b, seq_lens[b])``.
-    q_lens : Tensor [B] int32, packed q only: sequence b owns the next q_lens[b] rows of q;
-        each in [0, seq_lens[b]], summing to N.
-    k_cache, v_cache, block_tables, seq_lens, scale, window, k_scale, v_scale, backend :
-        as :func:`paged_attention`. The query at position p reads keys ``p - window < j <= p``.
-        backend auto: the Triton kernel on CUDA tensors (flash-style: q tiles of BLOCK_M
-        (token, query head) rows of one kv head, ``tl.dot`` over the paged blocks up to each
-        tile's causal limit), the C++ kernel on CPU tensors, else PyTorch; Triton has the same
-        head_dim and stride needs as for :func:`paged_attention`, and head_dim <= 128 for
-        float32 q.
-
-    Returns
-    -------
-    Tensor of q's shape and dtype (softmax and sums in float32). Decode is the case of one
-    query per sequence.
-
-    The kernels take q packed as [N, Hq, D] with ``cu_seqlens_q`` int32 [B + 1] (the vLLM /
-    FlashAttention varlen layout); 4-d q is reshaped to it, packed q's q_lens are summed into it.
-    """
-    name = _select_paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, q_lens,
-                                           scale, window, k_scale, v_scale, backend=backend)
-    if name == "torch":
-        return reference.paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens,
-                                                 q_lens, scale, window, k_scale, v_scale)
-    hq, d = q.shape[-2:]
-    if q.dim() == 4:
-        rows = q.reshape(-1, hq, d)
-        cu_seqlens_q = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device) * q.shape[1]
-        max_q_len = q.shape[1]
-    else:
-        rows = q
-        cu_seqlens_q = torch.nn.functional.pad(torch.cumsum(q_lens, 0, dtype=torch.int32), (1, 0))
-        max_q_len = int(q_lens.max()) if q_lens.numel() else 0  # the Triton grid (one sync)
-    scale = d**-0.5 if scale is None else float(scale)
-    window = 0 if window is None else min(window, _MAX_WINDOW)
-    if name == "triton":
-        out = torch.ops.frugal.paged_prefill_attention_triton(
-            rows, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_q_len, scale,
-            window, k_scale, v_scale)
-    else:
-        out = torch.ops.frugal.paged_prefill_attention(rows, k_cache, v_cache, block_tables,
-                                                       seq_lens, cu_seqlens_q, scale, window,
-                                                       k_scale, v_scale)
-    return out.reshape(q.shape)
-
-
-paged_prefill_attention._frugal_select = _select_paged_prefill_attention
 
 
 # ---------------------------------------------------------------------------------------------
@@ -618,7 +99,7 @@ def kv_footprint(lengths, block_size=16):
     lengths = [int(n) for n in lengths]
     if any(n < 0 for n in lengths):
         raise ValueError(f"kv_footprint: lengths must be >= 0; got {lengths}")
-    if not _is_block_size(block_size):
+    if not is_block_size(block_size):
         raise ValueError(f"kv_footprint: block_size must be a power of two from 1 to 256; got "
                          f"{block_size!r}")
     tokens = sum(lengths)
@@ -630,6 +111,22 @@ def kv_footprint(lengths, block_size=16):
 
 # ---------------------------------------------------------------------------------------------
 # The manager
+
+
+def _short(x, limit=80):
+    text = repr(x)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _locked(method):
+    """Runs a PagedKVCache method under the cache's lock (see "Threads" in its docstring)."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return run
 
 
 def _chain_hash(parent, ids):
@@ -649,10 +146,11 @@ class _Sequence:
     is written.
     """
 
-    __slots__ = ("blocks", "lens", "token_ids", "hashes")
+    __slots__ = ("blocks", "lens", "token_ids", "hashes", "version")
 
     def __init__(self, blocks, lens, token_ids, hashes):
         self.blocks, self.lens, self.token_ids, self.hashes = blocks, lens, token_ids, hashes
+        self.version = 0  # bumped by every change of its blocks or lengths: plans check it
 
 
 class PagedKVCache:
@@ -706,15 +204,15 @@ class PagedKVCache:
         op = "PagedKVCache"
         for name, value in (("num_layers", num_layers), ("num_blocks", num_blocks),
                             ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
-            if not (_is_int(value) and value >= 1):
+            if not (is_int(value) and value >= 1):
                 raise ValueError(f"{op}: {name} must be an int >= 1; got {value!r}")
-        if not _is_block_size(block_size):
+        if not is_block_size(block_size):
             raise ValueError(f"{op}: block_size must be a power of two from 1 to 256; got "
                              f"{block_size!r}")
-        if dtype not in _CACHE_DTYPES:
+        if dtype not in CACHE_DTYPES:
             raise DTypeError(f"{op}: dtype must be float32, float16, bfloat16 or int8; got "
                              f"{dtype}")
-        _check_window(op, window)
+        check_window(op, window)
         self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
         self.num_kv_heads, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
         self.window = window
@@ -727,6 +225,7 @@ class PagedKVCache:
             self.k_scale = torch.zeros(shape[:-1], dtype=torch.float32, device=self.device)
             self.v_scale = torch.zeros(shape[:-1], dtype=torch.float32, device=self.device)
         self._seqs = {}
+        self._lock = threading.RLock()
         self._ref = [0] * num_blocks
         self._free = collections.deque(range(num_blocks))
         self._cached = collections.OrderedDict()  # registered blocks with count 0, LRU first
@@ -735,6 +234,7 @@ class PagedKVCache:
 
     # -- sequences --------------------------------------------------------------------------
 
+    @_locked
     def __contains__(self, seq_id):
         return seq_id in self._seqs
 
@@ -765,15 +265,26 @@ class PagedKVCache:
             raise SequenceError(f"{op}: sequence {seq_id!r} is already in the cache")
 
     def _token_list(self, op, token_ids, count):
-        ids = torch.as_tensor(token_ids)
+        """token_ids as a list of ints, each in [-2**63, 2**63) (the prefix hash packs them as
+        int64): checked here, before anything changes."""
+        try:
+            ids = torch.as_tensor(token_ids)
+        except (TypeError, ValueError, OverflowError, RuntimeError):
+            raise ValueError(f"{op}: token_ids must be integers in [-2**63, 2**63); got "
+                             f"{_short(token_ids)}") from None
         if ids.numel() and (ids.dtype.is_floating_point or ids.dtype.is_complex
                             or ids.dtype == torch.bool):
             raise DTypeError(f"{op}: token_ids must be integers; got {ids.dtype}")
         if count is not None and ids.numel() != count:
             raise ShapeError(f"{op}: token_ids must hold {count} ids (one per new token); got "
                              f"{ids.numel()}")
-        return ids.reshape(-1).tolist()
+        values = ids.reshape(-1).tolist()
+        if ids.dtype == torch.uint64 and any(v >= 2**63 for v in values):
+            raise ValueError(f"{op}: token_ids must be integers in [-2**63, 2**63); got "
+                             f"{max(values)}")
+        return values
 
+    @_locked
     def add_sequence(self, seq_id, token_ids=None):
         """Adds an empty sequence, or one that starts with its prompt's cached prefix.
 
@@ -811,6 +322,7 @@ class PagedKVCache:
         self._seqs[seq_id] = _Sequence(blocks, [n] * self.num_layers, ids, hashes)
         return n
 
+    @_locked
     def fork(self, parent, child):
         """Adds sequence ``child`` sharing every block of ``parent`` (its tokens, token ids and
         per-layer lengths). Either may be appended to afterwards; a write into a shared block
@@ -823,7 +335,9 @@ class PagedKVCache:
                 self._ref[block] += 1
         self._seqs[child] = _Sequence(list(p.blocks), list(p.lens), list(p.token_ids),
                                       list(p.hashes))
+        p.version += 1  # its blocks are shared now: a plan's writes would reach the child
 
+    @_locked
     def free(self, seq_id):
         """Removes a sequence and drops its references; blocks no one references are free."""
         seq = self._seq("free", seq_id)
@@ -831,7 +345,9 @@ class PagedKVCache:
             if block >= 0:
                 self._release(block)
         del self._seqs[seq_id]
+        seq.version += 1
 
+    @_locked
     def trim(self, seq_id, window):
         """Gives back the blocks of ``seq_id`` whose every position is before
         ``min(lens) - window``: no query at a written position, attending to its last
@@ -839,11 +355,12 @@ class PagedKVCache:
         entries. Returns the number of entries dropped."""
         op = "trim"
         seq = self._seq(op, seq_id)
-        _check_window(op, window)
+        check_window(op, window)
         dropped = self._trimmable(seq, window)
         for j in dropped:
             self._release(seq.blocks[j])
             seq.blocks[j] = -1
+        seq.version += 1
         return len(dropped)
 
     def _trimmable(self, seq, window):
@@ -872,11 +389,11 @@ class PagedKVCache:
     # -- writing ----------------------------------------------------------------------------
 
     def _parse_append(self, op, layer, seq_ids, k, v, num_tokens, token_ids):
-        if not (_is_int(layer) and 0 <= layer < self.num_layers):
+        if not (is_int(layer) and 0 <= layer < self.num_layers):
             raise ValueError(f"{op}: layer must be an int in [0, {self.num_layers}); got "
                              f"{layer!r}")
         seq_ids, seqs = self._seq_list(op, seq_ids)
-        check_dtype(op, "k", k, _FLOATS)
+        check_dtype(op, "k", k, FLOATS)
         check_tensor(op, "v", v)
         if k.shape != v.shape:
             raise ShapeError(f"{op}: v must have k's shape {tuple(k.shape)}; got "
@@ -895,7 +412,7 @@ class PagedKVCache:
             counts = [k.shape[1]] * s
         elif k.dim() == 3 and k.shape[1:] == heads:
             counts = [1] * s if num_tokens is None else num_tokens
-            if not (isinstance(counts, (list, tuple)) and all(map(_is_int, counts))
+            if not (isinstance(counts, (list, tuple)) and all(map(is_int, counts))
                     and len(counts) == s and sum(counts) == k.shape[0]):
                 raise ShapeError(f"{op}: num_tokens must list one int per sequence ({s}) summing "
                                  f"to k's {k.shape[0]} rows; got {num_tokens!r}")
@@ -921,6 +438,7 @@ class PagedKVCache:
                                     f"{known}")
             offset += t
 
+    @_locked
     def append(self, layer, seq_ids, k, v, num_tokens=None, token_ids=None, *, backend="auto"):
         """Appends keys and values of one layer for one or many sequences.
 
@@ -949,8 +467,17 @@ class PagedKVCache:
         if ids is not None:
             self._check_known_ids(op, layer, seq_ids, seqs, counts, ids)
         name = self._append_backend(backend)
-        trims, copies, grows = self._plan(op, layer, seqs, counts)
+        self._allocate(*self._plan(op, layer, seqs, counts), seqs)
+        starts = [seq.lens[layer] for seq in seqs]
+        heads = (self.num_kv_heads, self.head_dim)
+        run_append(name, k.reshape(-1, *heads), v.reshape(-1, *heads), self.k_cache[layer],
+                   self.v_cache[layer], self._slots(seqs, starts, counts),
+                   *self._scales(layer))
+        self._advance(seqs, starts, counts, ids, (layer,))
 
+    def _allocate(self, trims, copies, grows, seqs):
+        """Carries out a :meth:`_plan`: gives back the trimmed blocks, copies the shared blocks
+        written into (every layer), and takes the new blocks."""
         for seq, dropped in zip(seqs, trims):
             for j in dropped:
                 self._release(seq.blocks[j])
@@ -969,18 +496,22 @@ class PagedKVCache:
             for t in (self.k_cache, self.v_cache, self.k_scale, self.v_scale):
                 if t is not None:
                     t.index_copy_(1, dst_t, t.index_select(1, src_t))
+        for seq in seqs:
+            seq.version += 1
 
-        starts = [seq.lens[layer] for seq in seqs]
-        self._write(layer, seqs, starts, counts, k, v, name)
+    def _advance(self, seqs, starts, counts, ids, layers):
+        """Records ``counts`` tokens written from ``starts`` in ``layers``, and their ids."""
         offset = 0
         for seq, start, t in zip(seqs, starts, counts):
             frontier = max(seq.lens)
-            seq.lens[layer] = start + t
+            for layer in layers:
+                seq.lens[layer] = start + t
             known = len(seq.token_ids)
             if ids is not None and max(start, frontier) <= known < start + t:
                 seq.token_ids.extend(ids[offset + known - start:offset + t])
             offset += t
             self._register(seq)
+            seq.version += 1
 
     def _plan(self, op, layer, seqs, counts):
         """Blocks each sequence gives back (window), copy-on-write copies and new blocks, and
@@ -1020,23 +551,29 @@ class PagedKVCache:
         """The :func:`paged_append` backend of this cache's writes (BackendError if it cannot
         run); the layout is the same for every layer."""
         k_scale, v_scale = self._scales(0)
-        why = _why_not(self.device, "paged_append", self.k_cache[0], self.v_cache[0], k_scale,
+        why = why_not(self.device, "paged_append", self.k_cache[0], self.v_cache[0], k_scale,
                        v_scale)
-        return _select_paged("paged_append", self.device, backend, False, why)
+        return select_backend("paged_append", self.device, backend, False, why)
 
-    def _write(self, layer, seqs, starts, counts, k, v, backend):
+    def _slots(self, seqs, starts, counts):
+        """int32 [sum(counts)] on the cache's device: the slot of each new token, sequence by
+        sequence (positions start, start + 1, ...), from the host-side tables."""
         bs = self.block_size
-        width = max(len(seq.blocks) for seq in seqs)
-        table = torch.tensor([seq.blocks + [-1] * (width - len(seq.blocks)) for seq in seqs],
-                             dtype=torch.int64)
-        counts_t = torch.tensor(counts)
-        row = torch.repeat_interleave(torch.arange(len(seqs)), counts_t)
-        first = torch.cumsum(counts_t, 0) - counts_t
-        pos = torch.tensor(starts)[row] + torch.arange(len(row)) - first[row]
-        slots = (table[row, pos // bs] * bs + pos % bs).to(device=self.device, dtype=torch.int32)
-        heads = (self.num_kv_heads, self.head_dim)
-        _run_append(backend, k.reshape(-1, *heads), v.reshape(-1, *heads), self.k_cache[layer],
-                    self.v_cache[layer], slots, *self._scales(layer))
+        parts, small = [], array.array("i")
+        for seq, start, t in zip(seqs, starts, counts):
+            if t <= 16:  # decode: a few Python ints beat tensor ops
+                small.extend(seq.blocks[p // bs] * bs + p % bs for p in range(start, start + t))
+                continue
+            if small:
+                parts.append(torch.tensor(small, dtype=torch.int32))
+                small = array.array("i")
+            row = torch.tensor(seq.blocks[start // bs:(start + t - 1) // bs + 1],
+                               dtype=torch.int32)
+            offs = torch.arange(start % bs, start % bs + t, dtype=torch.int32)
+            parts.append(row[offs // bs] * bs + offs % bs)
+        if small:
+            parts.append(torch.tensor(small, dtype=torch.int32))
+        return torch.cat(parts).to(self.device)
 
     def _scales(self, layer):
         if self.k_scale is None:
@@ -1057,8 +594,84 @@ class PagedKVCache:
                 self._hash_block[h] = block
                 self._block_hash[block] = h
 
+    # -- per-step plans ---------------------------------------------------------------------
+
+    @_locked
+    def plan(self, seq_ids, num_tokens=1, token_ids=None, *, window=None, backend="auto"):
+        """Plans one decode or prefill step of ``seq_ids`` for every layer: allocates the
+        blocks their ``num_tokens`` new tokens need (copy-on-write and window trims included),
+        records the tokens as written in every layer, and builds on the cache's device, from
+        the host-side tables alone, everything the layers need: slot mapping, block tables,
+        sequence and query lengths. Returns a :class:`StepPlan`; each layer then calls
+        ``plan.run(layer, q, k, v)`` (or ``append`` and ``attention``), which reads no device
+        memory on the host, allocates nothing but its outputs, and can be captured in a CUDA
+        graph or compiled with ``torch.compile(fullgraph=True)``.
+
+        Parameters
+        ----------
+        seq_ids : list of distinct sequence ids in the cache, each with the same length in
+            every layer (per-layer :meth:`append` calls finished).
+        num_tokens : int >= 1 (every sequence) or a list with one int >= 1 per sequence: the
+            tokens of this step (1 for decode).
+        token_ids : ints, one per new token, or None: recorded for prefix caching as
+            :meth:`append` does.
+        window : int or None; default the cache's window.
+        backend : the backend of the plan's appends and attention ("auto" picks per device).
+
+        Raises CacheFullError (nothing changed) when too few blocks are free. The plan is
+        valid until one of its sequences changes (an append, plan, fork, free or trim of it;
+        other sequences may come and go); using a stale plan raises SequenceError. Run every
+        layer of a plan before changing its sequences: the step's tokens count as written
+        once planned (prefix caching may offer their full blocks to a new sequence).
+        """
+        op = "plan"
+        seq_ids, seqs = self._seq_list(op, seq_ids)
+        if not seqs:
+            raise SequenceError(f"{op}: seq_ids must name at least one sequence; got []")
+        if is_int(num_tokens):
+            counts = [num_tokens] * len(seqs)
+        elif isinstance(num_tokens, (list, tuple)) and all(map(is_int, num_tokens)):
+            counts = list(num_tokens)
+        else:
+            raise TypeError(f"{op}: num_tokens must be an int or a list of ints; got "
+                            f"{num_tokens!r}")
+        if len(counts) != len(seqs) or any(t < 1 for t in counts):
+            raise ShapeError(f"{op}: num_tokens must give each of the {len(seqs)} sequences at "
+                             f"least one token; got {counts}")
+        for seq_id, seq in zip(seq_ids, seqs):
+            if len(set(seq.lens)) != 1:
+                raise SequenceError(f"{op}: sequence {seq_id!r} has different lengths per layer "
+                                    f"{seq.lens}; finish its per-layer appends first")
+        ids = None if token_ids is None else self._token_list(op, token_ids, sum(counts))
+        if ids is not None:
+            self._check_known_ids(op, 0, seq_ids, seqs, counts, ids)
+        window = self.window if window is None else window
+        check_window(op, window)
+        name = self._append_backend(backend)
+        self._allocate(*self._plan(op, 0, seqs, counts), seqs)
+        starts = [seq.lens[0] for seq in seqs]
+        slots = self._slots(seqs, starts, counts)
+        self._advance(seqs, starts, counts, ids, range(self.num_layers))
+        lens = [start + t for start, t in zip(starts, counts)]
+        width = max(len(seq.blocks) for seq in seqs)
+        tables = torch.tensor([seq.blocks + [-1] * (width - len(seq.blocks)) for seq in seqs],
+                              dtype=torch.int32)
+        cu = [0]
+        for t in counts:
+            cu.append(cu[-1] + t)
+        return StepPlan(
+            cache=self, seqs=tuple(seqs), versions=tuple(seq.version for seq in seqs),
+            seq_ids=tuple(seq_ids),
+            num_tokens=tuple(counts), window=window or 0, backend=backend, append_backend=name,
+            slot_mapping=slots, block_tables=tables.to(self.device),
+            seq_lens=torch.tensor(lens, dtype=torch.int32).to(self.device),
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32).to(self.device),
+            max_q_len=max(counts), max_seq_len=max(lens), decode=max(counts) == 1,
+        )
+
     # -- reading ----------------------------------------------------------------------------
 
+    @_locked
     def block_tables(self, seq_ids):
         """int32 [len(seq_ids), max_blocks] on the cache's device: the sequences' table rows,
         padded with -1 to the longest (entries a window gave back are -1 too)."""
@@ -1067,25 +680,27 @@ class PagedKVCache:
         rows = [seq.blocks + [-1] * (width - len(seq.blocks)) for seq in seqs]
         return torch.tensor(rows, dtype=torch.int32, device=self.device).reshape(len(seqs), width)
 
+    @_locked
     def seq_lens(self, seq_ids, layer=None):
         """int32 [len(seq_ids)] on the cache's device: tokens written in ``layer``, or in every
         layer (the least per-layer length) when layer is None."""
         op = "seq_lens"
         _, seqs = self._seq_list(op, seq_ids)
-        if layer is not None and not (_is_int(layer) and 0 <= layer < self.num_layers):
+        if layer is not None and not (is_int(layer) and 0 <= layer < self.num_layers):
             raise ValueError(f"{op}: layer must be None or an int in [0, {self.num_layers}); "
                              f"got {layer!r}")
         lens = [min(seq.lens) if layer is None else seq.lens[layer] for seq in seqs]
         return torch.tensor(lens, dtype=torch.int32, device=self.device)
 
     def _layer_args(self, op, layer, seq_ids):
-        if not (_is_int(layer) and 0 <= layer < self.num_layers):
+        if not (is_int(layer) and 0 <= layer < self.num_layers):
             raise ValueError(f"{op}: layer must be an int in [0, {self.num_layers}); got "
                              f"{layer!r}")
         self._seq_list(op, seq_ids)
         return (self.k_cache[layer], self.v_cache[layer], self.block_tables(seq_ids),
                 self.seq_lens(seq_ids, layer), self._scales(layer))
 
+    @_locked
     def attention(self, q, layer, seq_ids, window=None, scale=None, *, backend="auto"):
         """Decode attention of ``q`` [len(seq_ids), Hq, D] over the sequences' tokens in
         ``layer`` (:func:`paged_attention`); window defaults to the cache's window."""
@@ -1093,6 +708,7 @@ class PagedKVCache:
         window = self.window if window is None else window
         return paged_attention(q, k, v, tables, lens, scale, window, ks, vs, backend=backend)
 
+    @_locked
     def prefill_attention(self, q, layer, seq_ids, q_lens=None, window=None, scale=None, *,
                           backend="auto"):
         """Chunked-prefill attention (:func:`paged_prefill_attention`) of the sequences' latest
@@ -1105,6 +721,7 @@ class PagedKVCache:
         return paged_prefill_attention(q, k, v, tables, lens, q_lens, scale, window, ks, vs,
                                        backend=backend)
 
+    @_locked
     def usage(self):
         """A :class:`CacheUsage`: blocks used, free and cached, bytes, tokens held."""
         bs = self.block_size
@@ -1129,3 +746,158 @@ class PagedKVCache:
             token_bytes=tokens * token_bytes,
             utilization=tokens / (used * bs) if used else 1.0,
         )
+
+
+@dataclasses.dataclass(eq=False)
+class StepPlan:
+    """One step of :meth:`PagedKVCache.plan`: what every layer of the step shares, built once.
+
+    Attributes
+    ----------
+    seq_ids, num_tokens : the step's sequences and their new tokens (N = sum(num_tokens)).
+    slot_mapping : int32 [N], block_tables : int32 [B, max_blocks], seq_lens : int32 [B] (after
+        the step), cu_seqlens_q : int32 [B + 1]: on the cache's device.
+    max_q_len, max_seq_len : host ints (the Triton grid and split plan need no device read).
+    decode : every sequence takes one token (decode kernels; otherwise chunked prefill).
+
+    Per layer, :meth:`append` writes the step's keys and values, :meth:`attention` attends the
+    step's queries to everything written, and :meth:`run` does both. They check shapes, dtypes
+    and devices (host metadata), never table contents (built by the manager), and do no host
+    sync.
+
+    Example
+    -------
+    >>> cache = PagedKVCache(2, 64, 16, 2, 64, dtype=torch.float32)
+    >>> cache.add_sequence("a"); cache.add_sequence("b")
+    0
+    0
+    >>> step = cache.plan(["a", "b"], num_tokens=[5, 3])         # prefill 5 and 3 tokens
+    >>> q, k = torch.randn(8, 4, 64), torch.randn(8, 2, 64)
+    >>> [step.run(layer, q, k, k).shape for layer in range(2)]
+    [torch.Size([8, 4, 64]), torch.Size([8, 4, 64])]
+    >>> step = cache.plan(["a", "b"])                              # then decode one token each
+    >>> step.run(0, q[:2], k[:2], k[:2]).shape
+    torch.Size([2, 4, 64])
+    """
+
+    cache: PagedKVCache
+    seqs: tuple
+    versions: tuple
+    seq_ids: tuple
+    num_tokens: tuple
+    window: int
+    backend: str
+    append_backend: str
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    max_q_len: int
+    max_seq_len: int
+    decode: bool
+    _backends: dict = dataclasses.field(default_factory=dict)
+    _workspaces: dict = dataclasses.field(default_factory=dict)
+
+    def _check_layer(self, op, layer):
+        for seq, version in zip(self.seqs, self.versions):
+            if seq.version != version:
+                raise SequenceError(f"{op}: the plan is stale: one of its sequences changed "
+                                    f"after it was made (append, plan, fork, free or trim); "
+                                    f"plan every step anew")
+        if not (is_int(layer) and 0 <= layer < self.cache.num_layers):
+            raise ValueError(f"{op}: layer must be an int in [0, {self.cache.num_layers}); got "
+                             f"{layer!r}")
+
+    def _rows(self, op, name, x, heads, dtypes):
+        """x as [N, heads, D] (from [N, ...] or [B, T, ...] with uniform T), checked."""
+        cache = self.cache
+        check_dtype(op, name, x, dtypes)
+        n, b = sum(self.num_tokens), len(self.num_tokens)
+        uniform = len(set(self.num_tokens)) == 1
+        if x.dim() == 4 and uniform and x.shape[:2] == (b, self.num_tokens[0]):
+            x = x.reshape(n, *x.shape[2:])
+        if x.dim() != 3 or x.shape[0] != n or x.shape[2] != cache.head_dim or (
+                heads is not None and x.shape[1] != heads):
+            want = f"[{n}, {heads if heads is not None else 'H'}, {cache.head_dim}]"
+            raise ShapeError(f"{op}: {name} must be {want} (the plan's {n} new tokens)"
+                             + (f" or [{b}, {self.num_tokens[0]}, ...]" if uniform else "")
+                             + f"; got {tuple(x.shape)}")
+        if x.device != cache.device:
+            raise DeviceError(f"{op}: {name} must be on the cache's device ({cache.device}); got "
+                              f"{x.device}")
+        return x
+
+    def append(self, layer, k, v):
+        """Writes the step's keys and values of ``layer``: k, v [N, Hkv, D] (or [B, T, Hkv, D])
+        in the cache dtype (any float dtype for int8 caches)."""
+        op = "StepPlan.append"
+        self._check_layer(op, layer)
+        cache = self.cache
+        dtypes = FLOATS if cache.dtype == torch.int8 else (cache.dtype,)
+        k = self._rows(op, "k", k, cache.num_kv_heads, dtypes)
+        check_tensor(op, "v", v)
+        v = self._rows(op, "v", v, cache.num_kv_heads, (k.dtype,))
+        run_append(self.append_backend, k, v, cache.k_cache[layer], cache.v_cache[layer],
+                   self.slot_mapping, *cache._scales(layer))
+
+    def __post_init__(self):
+        # Backends chosen once here, per q dtype the cache takes, not per layer: selection
+        # asks the dispatcher which kernels exist, which torch.compile would not trace.
+        cache = self.cache
+        ks, vs = cache._scales(0)
+        op = "paged_attention" if self.decode else "paged_prefill_attention"
+        for dtype in FLOATS if cache.dtype == torch.int8 else (cache.dtype,):
+            reasons = why_not(cache.device, op, cache.k_cache[0], cache.v_cache[0], ks, vs,
+                              dtype)
+            if not self.decode:
+                for name, reason in prefill_why_not(cache.device, dtype, cache.head_dim,
+                                                    cache.dtype).items():
+                    reasons.setdefault(name, reason)
+            self._backends[dtype] = select_backend(op, cache.device, self.backend, False,
+                                                   reasons)
+
+    def attention(self, q, layer, scale=None):
+        """Attention of the step's queries in ``layer`` over everything written (the step's
+        keys included: append first). q [N, Hq, D] (decode: [B, Hq, D]; or [B, T, Hq, D]) in
+        the cache dtype (any float dtype over int8 caches); Hq a multiple of num_kv_heads.
+        Returns q's shape and dtype."""
+        op = "StepPlan.attention"
+        self._check_layer(op, layer)
+        check_scale(op, scale)
+        cache = self.cache
+        dtypes = FLOATS if cache.dtype == torch.int8 else (cache.dtype,)
+        rows = self._rows(op, "q", q, None, dtypes)
+        if rows.shape[1] % cache.num_kv_heads:
+            raise ShapeError(f"{op}: q's head count {rows.shape[1]} must be a multiple of the "
+                             f"cache's num_kv_heads {cache.num_kv_heads}")
+        name = self._backends[rows.dtype]
+        ks, vs = cache._scales(layer)
+        kc, vc = cache.k_cache[layer], cache.v_cache[layer]
+        if self.decode:
+            out = run_attention(name, rows, kc, vc, self.block_tables, self.seq_lens, scale,
+                                self.window, ks, vs, self.max_seq_len, self._workspace(name, rows))
+        else:
+            out = run_prefill(name, rows, kc, vc, self.block_tables, self.seq_lens,
+                              self.cu_seqlens_q, self.max_q_len, scale, self.window, ks, vs)
+        return out.reshape(q.shape)
+
+    def _workspace(self, name, q):
+        """The Triton split-KV buffers for q's shape, allocated by the first layer only."""
+        if name != "triton":
+            return None
+        key = (q.shape[1], q.shape[2])
+        if key not in self._workspaces:
+            from frugal.kernels import paged_attention as kernel
+
+            n_o, n_lse = kernel.workspace_numel(q, self.cache.k_cache[0],
+                                                self.block_tables.shape[1], self.window,
+                                                self.max_seq_len)
+            self._workspaces[key] = None if n_o == 0 else (
+                torch.empty(n_o, dtype=torch.float32, device=q.device),
+                torch.empty(n_lse, dtype=torch.float32, device=q.device))
+        return self._workspaces[key]
+
+    def run(self, layer, q, k, v, scale=None):
+        """:meth:`append` then :meth:`attention`: one layer of the step."""
+        self.append(layer, k, v)
+        return self.attention(q, layer, scale)

@@ -6,7 +6,6 @@ forward and backward that visit only the mask's blocks), the C++ CPU kernels on 
 reference). Gradients flow through every backend via autograd (with respect to q, k and v).
 """
 
-import math
 from typing import Tuple
 
 import torch
@@ -15,7 +14,14 @@ from . import reference
 from ._ext import ext
 from .block_mask import BlockMask, SparseLayout
 from .dispatch import select, triton_custom_op, unavailable
-from .errors import BackendError, ShapeError, check_dtype, check_same_device, check_tensor
+from .errors import (
+    BackendError,
+    ShapeError,
+    check_dtype,
+    check_same_device,
+    check_scale,
+    check_tensor,
+)
 
 __all__ = ["sparse_attention", "HEAD_DIMS"]
 
@@ -168,10 +174,7 @@ def _check(q, k, v, mask, scale):
         raise ShapeError(f"{_OP}: mask batch dim must be 1 or B={B}; got {bm}")
     if hm not in (1, hq):
         raise ShapeError(f"{_OP}: mask head dim must be 1 or Hq={hq}; got {hm}")
-    if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(
-                scale):
-            raise ValueError(f"{_OP}: scale must be a finite float or None; got {scale!r}")
+    check_scale(_OP, scale)
 
 
 def _why_not_cpu():
@@ -188,6 +191,15 @@ def _select(q, k, v, mask, scale=None, return_lse=False, *, backend="auto", expl
             if backend == "cpu":
                 raise BackendError(f"{_OP}: {why}")
             return select(_OP, q.device, backend, {"cpu": ("torch",)}, _SUPPORTED, explain)
+    if backend in ("triton", "auto") and unavailable("triton", q.device) is None:
+        from frugal.kernels import sparse_attention as kernel
+
+        why = kernel.unsupported(q.dtype)
+        if why is not None:
+            if backend == "triton":
+                raise BackendError(f"{_OP}: backend='triton': {why}")
+            order = {dev: tuple(n for n in names if n != "triton") for dev, names in _ORDER.items()}
+            return select(_OP, q.device, backend, order, _SUPPORTED, explain)
     return select(_OP, q.device, backend, _ORDER, _SUPPORTED, explain)
 
 

@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 import frugal
-from frugal.paged_kv_cache import empty_cache, kv_footprint
+from frugal.paged_kv_cache import kv_footprint
+from frugal.paged_ops import empty_cache
 
 from .builtin import _rotating
 from .registry import Target, sweep

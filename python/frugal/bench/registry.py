@@ -87,6 +87,8 @@ class Sweep:
         Facts derived from the measured rows (a break-even point, ...), added to the notes.
     description : str
         One line for ``frugal bench --list``.
+    devices : tuple of str
+        Device types the sweep runs on (a plain ``frugal bench`` skips it elsewhere).
     """
 
     name: str
@@ -106,6 +108,7 @@ class Sweep:
     slope_targets: Tuple[SlopeTarget, ...] = ()
     summary: Optional[Callable] = None
     description: str = ""
+    devices: Tuple[str, ...] = ("cpu", "cuda")
 
     def __post_init__(self):
         for field in ("xs", "quick"):
@@ -148,8 +151,9 @@ def sweep(name, **fields):
     return decorate
 
 
-def sweeps(names=None):
-    """The registered sweeps in registration order, or the ones named in ``names``.
+def sweeps(names=None, device=None):
+    """The registered sweeps in registration order, or the ones named in ``names``; without
+    names and with a ``device`` type, only the sweeps that run on it.
 
     Raises
     ------
@@ -157,7 +161,7 @@ def sweeps(names=None):
         A name in ``names`` is not registered.
     """
     if not names:
-        return list(_SWEEPS.values())
+        return [s for s in _SWEEPS.values() if device is None or device in s.devices]
     unknown = [n for n in names if n not in _SWEEPS]
     if unknown:
         raise ValueError(f"unknown sweep {unknown[0]!r}; registered sweeps: "

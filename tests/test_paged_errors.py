@@ -1,0 +1,92 @@
+"""Regression tests of the fuzzing findings on the paged KV-cache: each bad input gets a clear
+frugal error naming the argument (never an OverflowError, ZeroDivisionError or an all-NaN
+result), and a refused call changes nothing."""
+
+import pytest
+import torch
+from paged_cases import assert_unchanged, snapshot
+
+import frugal
+from frugal import PagedKVCache
+from frugal.errors import DeviceError, ShapeError
+
+BAD_SCALES = [float("nan"), float("inf"), -float("inf"), 1e300]
+
+
+def _case():
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(4, 16, 2, 32, generator=g)
+    v = torch.randn(4, 16, 2, 32, generator=g)
+    tables = torch.tensor([[2, 0]], dtype=torch.int32)
+    lens = torch.tensor([20], dtype=torch.int32)
+    return torch.randn(1, 4, 32, generator=g), k, v, tables, lens
+
+
+@pytest.mark.parametrize("scale", BAD_SCALES)
+def test_non_finite_or_huge_scales_are_refused_everywhere(scale):
+    q, k, v, tables, lens = _case()
+    with pytest.raises(ValueError, match="paged_attention: scale must be a finite number"):
+        frugal.paged_attention(q, k, v, tables, lens, scale=scale)
+    with pytest.raises(ValueError, match="paged_prefill_attention: scale must be a finite"):
+        frugal.paged_prefill_attention(q[:, None], k, v, tables, lens, scale=scale)
+    cache = PagedKVCache(1, 8, 4, 2, 32, dtype=torch.float32)
+    cache.add_sequence(0)
+    cache.append(0, [0], k[:1, :3], v[:1, :3])
+    snap = snapshot(cache)
+    with pytest.raises(ValueError, match="attention: scale must be a finite number"):
+        cache.attention(q, 0, [0], scale=scale)
+    with pytest.raises(ValueError, match="sparse_attention: scale must be a finite number"):
+        x = torch.randn(1, 1, 8, 32)
+        frugal.sparse_attention(x, x, x, frugal.masks.causal(8), scale=scale)
+    assert_unchanged(cache, snap)
+
+
+def test_token_ids_beyond_int64_are_refused_before_anything_changes():
+    cache = PagedKVCache(1, 8, 4, 1, 16, dtype=torch.float32)
+    cache.add_sequence(0)
+    x = torch.randn(1, 4, 1, 16)
+    snap = snapshot(cache)
+    for ids in (torch.tensor([1, 2, 3, 2**63], dtype=torch.uint64), [1, 2, 3, 2**64],
+                [1, 2, 3, -2**63 - 1]):
+        with pytest.raises(ValueError, match=r"token_ids must be integers in \[-2\*\*63"):
+            cache.append(0, [0], x, x, token_ids=ids)
+        with pytest.raises(ValueError, match=r"token_ids must be integers in \[-2\*\*63"):
+            cache.plan([0], 4, token_ids=ids)
+        assert_unchanged(cache, snap)
+    with pytest.raises(ValueError, match=r"token_ids must be integers in \[-2\*\*63"):
+        cache.add_sequence(1, token_ids=[2**70])
+    assert 1 not in cache
+    # The largest ids that fit are fine (and hash).
+    cache.append(0, [0], x, x, token_ids=torch.tensor([2**63 - 1, 0, 1, 2], dtype=torch.uint64))
+    assert cache.seq_lens([0]).tolist() == [4]
+
+
+def test_no_kv_heads_or_empty_head_dim_is_a_shape_error():
+    q, k, v, tables, lens = _case()
+    for shape in ((4, 16, 0, 32), (4, 16, 2, 0)):
+        empty = torch.empty(shape)
+        with pytest.raises(ShapeError, match="at least one kv head and head_dim >= 1"):
+            frugal.paged_attention(q[..., :shape[3]], empty, empty, tables, lens)
+        with pytest.raises(ShapeError, match="at least one kv head and head_dim >= 1"):
+            frugal.paged_append(q[:, :0, :shape[3]], q[:, :0, :shape[3]], empty, empty,
+                                torch.zeros(1, dtype=torch.int32))
+
+
+def test_windows_beyond_any_length_mean_no_window():
+    q, k, v, tables, lens = _case()
+    want = frugal.paged_attention(q, k, v, tables, lens)
+    for window in (2**31, 2**64, 10**30):
+        torch.testing.assert_close(frugal.paged_attention(q, k, v, tables, lens, window=window),
+                                   want, rtol=0, atol=0)
+        torch.testing.assert_close(
+            frugal.paged_prefill_attention(q[:, None], k, v, tables, lens, window=window),
+            want[:, None], rtol=0, atol=0)
+
+
+def test_meta_tables_cannot_be_validated():
+    q, k, v, tables, lens = _case()
+    meta = [t.to("meta") for t in (q, k, v, tables, lens)]
+    with pytest.raises(DeviceError, match="meta device hold no entries to check"):
+        frugal.paged_attention(*meta)
+    with pytest.raises(DeviceError, match="block_tables must be on k_cache's device"):
+        frugal.paged_attention(q, k, v, tables.to("meta"), lens)
