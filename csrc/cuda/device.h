@@ -22,6 +22,10 @@
 
 #include <cstdint>
 #include <utility>
+#if !defined(FRUGAL_CUDA_EMU)
+#include <mutex>
+#include <vector>
+#endif
 
 namespace frugal::cuda::dev {
 
@@ -139,7 +143,8 @@ cudaError_t launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cud
 }
 
 // Resident blocks per SM for a launch of kernel with this block size and dynamic shared
-// memory: the occupancy calculator on a GPU, the emulator's configured value on the host.
+// memory: the occupancy calculator on a GPU (asked once per kernel, device and configuration:
+// a plan per layer must not cost driver calls), the emulator's configured value on the host.
 template <typename... P>
 int blocks_per_sm(void (*kernel)(P...), int threads, size_t smem) {
 #if defined(FRUGAL_CUDA_EMU)
@@ -148,17 +153,38 @@ int blocks_per_sm(void (*kernel)(P...), int threads, size_t smem) {
   (void)smem;
   return ::frugal::emu::blocks_per_sm();
 #else
+  struct Entry {
+    const void* kernel;
+    int device, threads;
+    size_t smem;
+    int blocks;
+  };
+  static std::mutex mu;
+  static std::vector<Entry> cache;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 1;
+  const void* key = reinterpret_cast<const void*>(kernel);
+  {
+    const std::lock_guard<std::mutex> lock(mu);
+    for (const Entry& e : cache) {
+      if (e.kernel == key && e.device == device && e.threads == threads && e.smem == smem) {
+        return e.blocks;
+      }
+    }
+  }
+  int n = 0;
   if (smem > 48 * 1024 &&
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            static_cast<int>(smem)) != cudaSuccess) {
-    return 1;
-  }
-  int n = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem) != cudaSuccess) {
     (void)cudaGetLastError();
-    return 1;
+  } else if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem) !=
+             cudaSuccess) {
+    (void)cudaGetLastError();
   }
-  return n > 0 ? n : 1;
+  n = n > 0 ? n : 1;
+  const std::lock_guard<std::mutex> lock(mu);
+  cache.push_back({key, device, threads, smem, n});
+  return n;
 #endif
 }
 

@@ -49,12 +49,13 @@
 // Split plan (plan_paged_attention, host, no device value read: CUDA graph friendly). units =
 // B * Hkv * cdiv(G, 8) blocks; target = resident blocks per SM (occupancy calculator) * SMs:
 // one full wave. Nothing is split when units >= target or the longest span fits min_partition
-// (512, vLLM v2's partition); else partition = max(min_partition, ceil(span / cdiv(target,
+// (512, vLLM v2's partition); else partition = max(min_partition, ceil(span / floor(target /
 // units))) rounded up to the tile and splits = cdiv(span, partition), where span is the table
-// capacity (width * block_size) or, with a window, window + 7 when smaller. As the Triton kernel
-// (kernels/paged_attention.py) and FlashInfer's split-KV, partitions start at the window start
-// rounded down to the tile; one past a sequence's end exits at once and the merge never reads
-// it (it derives the count from seq_len with the same formula).
+// capacity (width * block_size) or, with a window, window + 7 when smaller. The Triton kernel
+// (kernels/paged_attention.py) rounds target / units up instead, which can start a second
+// wave that is mostly empty. As there and in FlashInfer's split-KV, partitions start at the
+// window start rounded down to the tile; one past a sequence's end exits at once and the merge
+// never reads it (it derives the count from seq_len with the same formula).
 //
 // paged_prefill_attention. A block is 32 rows (4 warps x 8) of one sequence and kv head; all
 // warps read the same K/V tiles (2 tiles of 8 positions per stage, 2 stages, copied
@@ -718,8 +719,10 @@ __global__ void __launch_bounds__(64) paged_merge_kernel(const AttnParams p) {
 
 // ------------------------------------------------------------------ prefill
 
+// minBlocks 1: without it ptxas 13 caps the sm_90a build at 168 registers and spills 16 bytes
+// at D = 256 (it takes 176 when allowed; sm_80 took 174 either way).
 template <typename QT, typename KT, int DB>
-__global__ void __launch_bounds__(kThreads) paged_prefill_kernel(const AttnParams p) {
+__global__ void __launch_bounds__(kThreads, 1) paged_prefill_kernel(const AttnParams p) {
   using L = TileLayout<KT, DB>;
   constexpr int kStageBytes = kPrefillSub * L::kBytes;
   unsigned char* smem = dev::dynamic_smem<unsigned char>();
@@ -1040,7 +1043,11 @@ PagedAttentionPlan plan_paged_attention(const PagedAttentionArgs& args, const Pl
   plan.splits = 1;
   plan.partition = whole;
   if (plan.units > 0 && plan.units < target && span > min_part) {
-    const int64_t want = cdiv(target, plan.units);
+    // Rounded down: blocks do equal work, so a second, partial wave would double the time of
+    // the tail (576 blocks on 528 slots run as long as 1056), while one wave of at least half
+    // the slots still has every SM stream from >= half its resident warps, each with a tile or
+    // two in flight: more than the bytes in flight HBM latency asks for (docs/cuda_kernels.md).
+    const int64_t want = std::max<int64_t>(1, target / plan.units);
     const int64_t part = std::max(min_part, cdiv(cdiv(span, want), kTile) * kTile);
     const int64_t splits = cdiv(span, part);
     if (splits > 1) {
