@@ -352,6 +352,17 @@ def test_decode_zero_lengths_and_empty(poison):
     assert case.decode(case.q[:, :0]).shape == (2, 0, 64)
 
 
+def test_nan_in_what_a_query_reads_gives_nan():
+    # As the reference: a NaN scale of an attended position poisons every head of its kv head,
+    # and only those.
+    case = Case([20, 30], 8, 2, 64, 8, torch.float16, torch.int8, seed=4)
+    blk, off = int(case.tables[1, 1]), 3  # position 11 of sequence 1
+    case.k_scale[blk, off, 0] = float("nan")
+    out = case.decode()
+    assert torch.isnan(out[1, :4]).all() and torch.isfinite(out[1, 4:]).all()
+    assert torch.isfinite(out[0]).all()
+
+
 # ------------------------------------------------------------------------ prefill
 
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2), (16, 2), (18, 2)], ids=["G1", "G4", "G8", "G9"])
@@ -444,6 +455,19 @@ def test_append_strides(layout, cache_dtype):
     reference.paged_append(k, v, *want[:2], slots, *(want[2:] or [None, None]))
     ops.paged_append(k, v, kc, vc, slots, ks, vs)
     for g, w in zip([kc, vc] + ([ks, vs] if ks is not None else []), want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
+
+
+def test_append_skips_slots_outside_the_cache():
+    # The glue reads no slot on the host (frugal.paged_append checks them with one sync); the
+    # kernel must still not write past the cache.
+    k, v, kc, vc, slots, _ = append_case(6, 2, 16, 4, torch.float32, torch.float32, seed=2)
+    slots = torch.tensor([0, kc.shape[0] * 4, 5, 1 << 40, -3, 7])
+    want = [kc.clone(), vc.clone()]
+    keep = torch.tensor([True, False, True, False, True, True])
+    reference.paged_append(k[keep], v[keep], *want, slots[keep])
+    ops.paged_append(k, v, kc, vc, slots, None, None)
+    for g, w in zip((kc, vc), want):
         torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
 
 
