@@ -174,7 +174,8 @@ class Case:
     def __init__(self, lens, hq, hkv, d, bs, q_dtype, cache_dtype, window=0, q_lens=None,
                  layout="contiguous", seed=0):
         gen = torch.Generator().manual_seed(seed)
-        self.lens, self.window, self.hq, self.hkv, self.d, self.bs = list(lens), window, hq, hkv, d, bs
+        self.lens, self.window, self.bs = list(lens), window, bs
+        self.hq, self.hkv, self.d = hq, hkv, d
         self.q_lens = list(q_lens) if q_lens is not None else [1] * len(lens)
         # First position any query of sequence b reads.
         self.lo = [max(0, n - q - window + 1) if window > 0 else 0
@@ -207,7 +208,8 @@ class Case:
         rows = len(self.lens) if q_lens is None else sum(self.q_lens)
         self.q = torch.randn(rows, hq, d, generator=gen).to(q_dtype)
         self.seq_lens = torch.tensor(self.lens, dtype=torch.int32)
-        self.cu = torch.tensor([0] + torch.tensor(self.q_lens).cumsum(0).tolist(), dtype=torch.int32)
+        self.cu = torch.tensor([0] + torch.tensor(self.q_lens).cumsum(0).tolist(),
+                               dtype=torch.int32)
         self.scale = d**-0.5
 
     def _cache(self, num_blocks, dtype, layout):
@@ -504,8 +506,9 @@ def test_errors_name_op_argument_expectation_and_value():
     cases = [
         (dict(q=case.q[0]), r"paged_attention: q must be 3-d \[batch, num_heads, head_dim\]; "
                             r"got shape \[8, 64\]"),
-        (dict(q=case.q.to(torch.bfloat16)), "paged_attention: q must have k_cache's dtype Half "
-                                            r"\(any float q only over an int8 cache\); got BFloat16"),
+        (dict(q=case.q.to(torch.bfloat16)),
+         r"paged_attention: q must have k_cache's dtype Half \(any float q only over an int8 "
+         r"cache\); got BFloat16"),
         (dict(q=case.q[:, :7]), "q's head count 7 must be a multiple of k_cache's num_kv_heads 2"),
         (dict(k_cache=case.k_cache[..., :60], v_cache=case.v_cache[..., :60], q=case.q[..., :60]),
          r"head_dim \(k_cache.size\(3\)\) a multiple of 8 from 8 to 256; got 60"),
@@ -519,7 +522,8 @@ def test_errors_name_op_argument_expectation_and_value():
         (dict(tables=case.tables.long()), "block_tables must be int32; got Long"),
         (dict(tables=case.tables[:1]), r"block_tables must be \[2, max_blocks\]"),
         (dict(lens=case.seq_lens.float()), "seq_lens must be int32; got Float"),
-        (dict(lens=torch.zeros(3, dtype=torch.int32)), r"seq_lens must have shape \(2,\); got \[3\]"),
+        (dict(lens=torch.zeros(3, dtype=torch.int32)),
+         r"seq_lens must have shape \(2,\); got \[3\]"),
     ]
     for kw, message in cases:
         with pytest.raises(RuntimeError, match=message):
@@ -528,7 +532,8 @@ def test_errors_name_op_argument_expectation_and_value():
     with pytest.raises(RuntimeError, match=r"int8 caches need v_scale \(float32"):
         ops.paged_attention(i8.q, i8.k_cache, i8.v_cache, i8.tables, i8.seq_lens, 0.1, 0,
                             i8.k_scale, None)
-    with pytest.raises(RuntimeError, match=r"k_scale must have shape \[.*\] \(k_cache.shape\[:3\]\)"):
+    with pytest.raises(RuntimeError,
+                       match=r"k_scale must have shape \[.*\] \(k_cache.shape\[:3\]\)"):
         ops.paged_attention(i8.q, i8.k_cache, i8.v_cache, i8.tables, i8.seq_lens, 0.1, 0,
                             i8.k_scale[:, :1], i8.v_scale)
     with pytest.raises(RuntimeError, match="paged_prefill_attention: cu_seqlens_q must be int32"):

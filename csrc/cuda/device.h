@@ -9,7 +9,8 @@
 //   A (16 x K, row-major):  a[0] = A[g][2t..2t+1], a[1] = A[g+8][2t..2t+1],
 //                           a[2] = A[g][2t+8..2t+9], a[3] = A[g+8][2t+8..2t+9]  (K = 16 only)
 //   B (K x 8, "col"):       b[0] = B[2t..2t+1][g],   b[1] = B[2t+8..2t+9][g]      (K = 16 only)
-//   C, D (16 x 8, f32):     c[0] = C[g][2t], c[1] = C[g][2t+1], c[2] = C[g+8][2t], c[3] = C[g+8][2t+1]
+//   C, D (16 x 8, f32):     c[0] = C[g][2t], c[1] = C[g][2t+1],
+//                           c[2] = C[g+8][2t], c[3] = C[g+8][2t+1]
 #pragma once
 
 #if defined(FRUGAL_CUDA_EMU)

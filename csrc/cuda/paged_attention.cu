@@ -700,7 +700,8 @@ __global__ void __launch_bounds__(64) paged_merge_kernel(const AttnParams p) {
   const int b = static_cast<int>(row / p.Hq);
   const int seq_len = min(max(p.lens[b], 0), p.capacity);
   const int lo = p.window > 0 ? max(seq_len - p.window, 0) : 0;
-  const int parts = seq_len > 0 ? (seq_len - lo / kTile * kTile + p.partition - 1) / p.partition : 0;
+  const int parts =
+      seq_len > 0 ? (seq_len - lo / kTile * kTile + p.partition - 1) / p.partition : 0;
   const float* lse = p.ws_lse + row * p.splits;
   const float* o = p.ws_o + row * p.splits * p.D;
   float mx = -kInf;
@@ -884,7 +885,9 @@ __global__ void __launch_bounds__(kAppendWarps * 32) paged_append_kernel(const A
       amax = fmaxf(amax, a);
     }
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+    for (int off = 16; off > 0; off >>= 1) {
+      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+    }
     bad = __any_sync(0xffffffffu, bad);
     const float s = bad ? __int_as_float(0x7fc00000) : __fdiv_rn(amax, 127.0f);
     const bool zero = bad || s == 0.0f;
@@ -1078,8 +1081,8 @@ cudaError_t launch_paged_attention(const PagedAttentionArgs& args, const PagedAt
     cudaError_t e = dev::launch(paged_decode_kernel<QT, KT, DB>, grid, dim3(kThreads),
                                 decode_smem<QT, KT, DB>(), stream, p);
     if (e != cudaSuccess || plan.splits == 1) return e;
-    return dev::launch(paged_merge_kernel<QT>, dim3(static_cast<unsigned>(args.batch * args.num_q_heads)),
-                       dim3(64), 0, stream, p);
+    const dim3 rows(static_cast<unsigned>(args.batch * args.num_q_heads));
+    return dev::launch(paged_merge_kernel<QT>, rows, dim3(64), 0, stream, p);
   });
 }
 
@@ -1118,7 +1121,8 @@ cudaError_t launch_paged_append(const PagedAppendArgs& a, cudaStream_t stream) {
     p.sc_s0[w] = caches[w]->scale_stride_block;
     p.sc_s1[w] = caches[w]->scale_stride_offset;
     p.sc_s2[w] = caches[w]->scale_stride_head;
-    p.x_aligned = p.x_aligned && aligned_bytes(p.x[w], xe, {xs0[w], xs1[w]}, std::min<int64_t>(16, 8 * xe));
+    p.x_aligned = p.x_aligned &&
+                  aligned_bytes(p.x[w], xe, {xs0[w], xs1[w]}, std::min<int64_t>(16, 8 * xe));
     p.cache_aligned = p.cache_aligned &&
                       aligned_bytes(p.cache[w], ce, {p.c_s0[w], p.c_s1[w], p.c_s2[w]},
                                     std::min<int64_t>(16, 8 * ce));
@@ -1133,13 +1137,18 @@ cudaError_t launch_paged_append(const PagedAppendArgs& a, cudaStream_t stream) {
   const int64_t items = a.num_tokens * a.num_kv_heads * 2;
   if (items == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>(cdiv(items, kAppendWarps)));
+  const dim3 block(kAppendWarps * 32);
   const auto with_cache = [&](auto xt) -> cudaError_t {
     using XT = decltype(xt);
     switch (a.cache_dtype) {
-      case DType::kFloat32: return dev::launch(paged_append_kernel<XT, float>, grid, dim3(kAppendWarps * 32), 0, stream, p);
-      case DType::kFloat16: return dev::launch(paged_append_kernel<XT, __half>, grid, dim3(kAppendWarps * 32), 0, stream, p);
-      case DType::kBFloat16: return dev::launch(paged_append_kernel<XT, __nv_bfloat16>, grid, dim3(kAppendWarps * 32), 0, stream, p);
-      case DType::kInt8: return dev::launch(paged_append_kernel<XT, int8_t>, grid, dim3(kAppendWarps * 32), 0, stream, p);
+      case DType::kFloat32:
+        return dev::launch(paged_append_kernel<XT, float>, grid, block, 0, stream, p);
+      case DType::kFloat16:
+        return dev::launch(paged_append_kernel<XT, __half>, grid, block, 0, stream, p);
+      case DType::kBFloat16:
+        return dev::launch(paged_append_kernel<XT, __nv_bfloat16>, grid, block, 0, stream, p);
+      case DType::kInt8:
+        return dev::launch(paged_append_kernel<XT, int8_t>, grid, block, 0, stream, p);
     }
     return cudaErrorInvalidValue;
   };
@@ -1172,7 +1181,9 @@ const KernelLaunchConfig* paged_attention_kernel_configs() {
           });
         }
       }
-      const char* qn = q == DType::kFloat32 ? "float" : (q == DType::kFloat16 ? "__half" : "__nv_bfloat16");
+      const char* qn = q == DType::kFloat32   ? "float"
+                       : q == DType::kFloat16 ? "__half"
+                                              : "__nv_bfloat16";
       rows.push_back({std::string("paged_merge_kernel<") + qn + ">", {64, 0}});
       for (const char* kn : {"float", "__half", "__nv_bfloat16", "signed char"}) {
         rows.push_back({std::string("paged_append_kernel<") + qn + ", " + kn + ">",

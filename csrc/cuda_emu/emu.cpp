@@ -285,7 +285,8 @@ void Runner::run_block(dim3 grid, dim3 block, uint3 block_idx, size_t smem_bytes
   // Lanes past the last thread of a partial warp never arrive anywhere.
   if (nthreads % kWarpSize != 0) warps[nwarps - 1].exited = ~0u << (nthreads % kWarpSize);
   if (smem_bytes > smem_capacity) {
-    smem.reset(static_cast<unsigned char*>(std::aligned_alloc(128, (smem_bytes + 127) / 128 * 128)));
+    const size_t bytes = (smem_bytes + 127) / 128 * 128;
+    smem.reset(static_cast<unsigned char*>(std::aligned_alloc(128, bytes)));
     smem_capacity = smem_bytes;
   }
   if (smem_bytes > 0) std::memset(smem.get(), 0xff, smem_bytes);
@@ -307,7 +308,9 @@ void Runner::run_block(dim3 grid, dim3 block, uint3 block_idx, size_t smem_bytes
   std::vector<int> order(nthreads);
   int finished = 0;
   for (uint64_t pass = 0; finished < nthreads && !failed; ++pass) {
-    for (int i = 0; i < nthreads; ++i) order[i] = sched == Schedule::kReverse ? nthreads - 1 - i : i;
+    for (int i = 0; i < nthreads; ++i) {
+      order[i] = sched == Schedule::kReverse ? nthreads - 1 - i : i;
+    }
     if (sched == Schedule::kShuffle) {
       uint64_t s = mix(seed + pass);
       for (int i = nthreads - 1; i > 0; --i) {
@@ -604,7 +607,8 @@ cudaError_t run_grid(dim3 grid, dim3 block, size_t smem_bytes, KernelBody body, 
   std::atomic<bool> stop{false};
   std::mutex mu;
   std::string first_error;
-  const int host_threads = g_host_threads.load() > 0 ? g_host_threads.load() : omp_get_max_threads();
+  const int host_threads =
+      g_host_threads.load() > 0 ? g_host_threads.load() : omp_get_max_threads();
 #pragma omp parallel for schedule(dynamic, 1) num_threads(host_threads)
   for (int64_t i = 0; i < nblocks; ++i) {
     if (stop.load(std::memory_order_relaxed)) continue;

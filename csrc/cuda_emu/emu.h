@@ -216,7 +216,9 @@ inline T __ldg(const T* p) {
 inline float __int_as_float(int x) { return ::frugal::emu::from_bits<float>(uint32_t(x)); }
 inline int __float_as_int(float x) { return static_cast<int>(::frugal::emu::to_bits(x)); }
 inline float __uint_as_float(unsigned x) { return ::frugal::emu::from_bits<float>(x); }
-inline unsigned __float_as_uint(float x) { return static_cast<unsigned>(::frugal::emu::to_bits(x)); }
+inline unsigned __float_as_uint(float x) {
+  return static_cast<unsigned>(::frugal::emu::to_bits(x));
+}
 // IEEE round-to-nearest-even: the host's default rounding mode (the build never uses
 // -ffast-math, so x / y is the correctly rounded quotient).
 inline float __fdiv_rn(float x, float y) { return x / y; }

@@ -5,8 +5,9 @@
 // they cannot drift) and go through the same glue (csrc/cuda/paged_attention_glue.h), plan and
 // launchers as the GPU build. Python-level knobs: configure() (SM count, resident blocks per
 // SM and minimum partition of the split plan; the emulator's schedule and host threads),
-// last_plan() (the split plan of the last decode call), kernel_configs() (threads and dynamic shared memory of every kernel, for
-// frugal.build_info's occupancy report) and emu_selftest (tests of the emulator itself).
+// last_plan() (the split plan of the last decode call), kernel_configs() (threads and dynamic
+// shared memory of every kernel, for frugal.build_info's occupancy report) and emu_selftest
+// (tests of the emulator itself).
 #include <Python.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/zeros.h>

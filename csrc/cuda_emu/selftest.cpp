@@ -147,7 +147,9 @@ __global__ void cp_async_kernel(const float* x, float* out) {
 }
 
 // Reads shared memory nobody wrote.
-__global__ void smem_poison_kernel(float* out) { out[threadIdx.x] = dynamic_smem<float>()[threadIdx.x]; }
+__global__ void smem_poison_kernel(float* out) {
+  out[threadIdx.x] = dynamic_smem<float>()[threadIdx.x];
+}
 
 // Lane 0 returns; the others shuffle with a full mask (lane 0 can never arrive).
 __global__ void exited_lane_kernel(float* out) {
@@ -187,9 +189,13 @@ int run_selftest(const char* name, const float* x, int64_t n, int64_t arg, float
   cudaError_t e = cudaErrorInvalidValue;
   using cuda::dev::launch;
   if (s == "shuffle") {
-    if (need(32, 5 * 32)) e = launch(shuffle_kernel, 1, 32, 0, nullptr, x, out, static_cast<int>(arg));
+    if (need(32, 5 * 32)) {
+      e = launch(shuffle_kernel, 1, 32, 0, nullptr, x, out, static_cast<int>(arg));
+    }
   } else if (s == "ballot") {
-    if (need(32, 6)) e = launch(ballot_kernel, 1, 32, 0, nullptr, x, out, static_cast<unsigned>(arg));
+    if (need(32, 6)) {
+      e = launch(ballot_kernel, 1, 32, 0, nullptr, x, out, static_cast<unsigned>(arg));
+    }
   } else if (s == "block_sum" || s == "block_sum_racy") {
     if (need(128, 4)) {
       e = s == "block_sum" ? launch(block_sum_kernel<false>, 1, 128, 128 * 4, nullptr, x, out)
