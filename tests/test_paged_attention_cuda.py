@@ -550,14 +550,23 @@ def test_errors_name_op_argument_expectation_and_value():
 
 # ------------------------------------------------------------------------ on a GPU
 
+def on_gpu(case):
+    for name, t in list(vars(case).items()):
+        if isinstance(t, torch.Tensor):
+            setattr(case, name, t.cuda())
+    return case
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device on this machine; the same cases run "
                                          "through the emulator above")
 @pytest.mark.parametrize("q_dtype,cache_dtype", COMBOS, ids=COMBO_IDS)
 def test_real_kernels_match_float64(poison, q_dtype, cache_dtype):
-    case = Case(mixed_lens(16), 16, 2, 128, 16, q_dtype, cache_dtype, q_lens=[1] * 7, seed=1)
-    for name, t in list(vars(case).items()):
-        if isinstance(t, torch.Tensor):
-            setattr(case, name, t.cuda())
-    check(case.decode(op=torch.ops.frugal.paged_attention).cpu(), case.decode64().cpu(), q_dtype)
-    check(case.prefill(op=torch.ops.frugal.paged_prefill_attention).cpu(),
-          case.prefill64().cpu(), q_dtype)
+    ops_gpu = torch.ops.frugal
+    # Short sequences (no split) and long ones (split-KV on any GPU: 12 blocks, 4k positions).
+    for lens in (mixed_lens(16), [3000, 1, 4097]):
+        case = on_gpu(Case(lens, 16, 2, 128, 16, q_dtype, cache_dtype, seed=len(lens)))
+        check(case.decode(op=ops_gpu.paged_attention).cpu(), case.decode64().cpu(), q_dtype)
+    case = on_gpu(Case([37, 1, 48, 0, 70], 16, 2, 72, 16, q_dtype, cache_dtype,
+                       q_lens=[5, 1, 16, 0, 70], window=20))
+    check(case.prefill(op=ops_gpu.paged_prefill_attention).cpu(), case.prefill64().cpu(),
+          q_dtype)
