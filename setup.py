@@ -2,7 +2,9 @@
 are present (a GPU is not needed to build).
 
 Environment:
-  FRUGAL_NO_CUDA=1        skip the CUDA sources
+  FRUGAL_NO_CUDA=1        skip the CUDA sources (frugal._cuda_emu, the host-emulated build of
+                          the same kernels the tests run, needs only the CUDA headers and is
+                          built whenever they are found)
   TORCH_CUDA_ARCH_LIST    CUDA targets (default "8.0;9.0a")
   CUDA_HOME               CUDA toolkit root (default: /usr/local/cuda when it has headers)
   MAX_JOBS                parallel compile jobs (ninja)
@@ -102,6 +104,29 @@ def _extension():
     )
 
 
+def _cuda_headers():
+    """A directory with cuda_fp16.h (CUDA_HOME's, or the pip CUDA wheels torch brings), or None."""
+    nvidia = os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia")
+    for d in [os.path.join(CUDA_HOME or "/usr/local/cuda", "include")] + sorted(
+            glob.glob(os.path.join(nvidia, "cu*", "include"))):
+        if os.path.exists(os.path.join(d, "cuda_fp16.h")):
+            return d
+    return None
+
+
+def _emu_extension():
+    """frugal._cuda_emu: csrc/cuda kernels compiled by g++ through csrc/cuda_emu/emu.h."""
+    headers = _cuda_headers()
+    print(f"frugal: emulated CUDA kernels {'on' if headers else 'off (no cuda_fp16.h found)'}")
+    if headers is None:
+        return []
+    cxx = ["-O2", "-fopenmp", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas",
+           "-Wno-attributes", "-DFRUGAL_CUDA_EMU=1"]
+    return [CppExtension("frugal._cuda_emu", _sources("csrc/cuda_emu/*.cpp"),
+                         include_dirs=[os.path.join(ROOT, "csrc"), headers],
+                         extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])]
+
+
 class BuildExt(BuildExtension):
     """Compiles into ./build/temp, kept between builds, so ninja rebuilds only what changed.
     (pip's editable builds otherwise use a fresh temporary directory every time.)"""
@@ -120,7 +145,7 @@ setup(
         "frugal.kernels.configs": "kernels/configs",
     },
     package_data={"frugal.kernels.configs": ["*.json"]},
-    ext_modules=[_extension()],
+    ext_modules=[_extension()] + _emu_extension(),
     cmdclass={"build_ext": BuildExt},
     zip_safe=False,
 )

@@ -51,3 +51,34 @@ def test_cuda_kernels_built_for_sm80_and_sm90a():
     for r in rows:
         assert r["STACK"] == 0 and r["LOCAL"] == 0, f"stack frame or spills: {r}"
         assert 0 < r["REG"] <= 255, r
+
+
+def test_occupancy_model():
+    # 128 threads of 99 registers with 50 KiB of shared memory: shared memory allows 3 blocks
+    # on sm_80 (164 KiB) and 4 on sm_90 (228 KiB); registers would allow 5.
+    assert build_info.occupancy("sm_80", 99, 128, 51200) == (3, 3 * 128 / 2048)
+    assert build_info.occupancy("sm_90a", 99, 128, 51200) == (4, 4 * 128 / 2048)
+    assert build_info.occupancy("sm_80", 255, 256, 0)[0] == 1     # 255 -> 256 registers a thread
+    assert build_info.occupancy("sm_80", 32, 64, 0)[0] == 32      # the resident-block limit
+    assert build_info.occupancy("sm_80", 32, 128, 164 * 1024) == (0, 0.0)  # cannot launch
+    assert build_info._short_name(build_info._demangle(
+        "_ZN6frugal4cuda12_GLOBAL__N_119paged_decode_kernelI6__halfaLi128EEEvNS1_10AttnParamsE")
+    ) == "paged_decode_kernel<__half, signed char, 128>"
+
+
+@pytest.mark.skipif(not CUDA_BUILD_POSSIBLE, reason="no nvcc or a CPU-only torch: no CUDA build")
+def test_paged_kernels_fit_sm80_and_sm90a():
+    emu = pytest.importorskip("frugal._cuda_emu", reason="frugal._cuda_emu is not built")
+    wanted = {c["kernel"] for c in emu.kernel_configs()}
+    rows = [r for r in build_info.cuda_kernel_report() if r["kernel"].startswith("paged_")]
+    archs = {r["arch"] for r in rows}
+    assert archs == {"sm_80", "sm_90a"} or os.environ.get("TORCH_CUDA_ARCH_LIST")
+    for arch in archs:  # every launcher's kernel is in the binary, and nothing else
+        assert {r["kernel"] for r in rows if r["arch"] == arch} == wanted
+    for r in rows:
+        assert r["stack"] == 0 and r["spill_bytes"] == 0, f"stack frame or spills: {r}"
+        assert r["blocks_per_sm"] >= 1, f"cannot launch: {r}"
+        # Decode over 16-bit or int8 caches up to D = 128 keeps >= 12 warps per SM streaming
+        # (docs/cuda_kernels.md: ~2 tiles in flight per warp cover HBM latency with 12 warps).
+        if r["kernel"].startswith("paged_decode_kernel<__") and not r["kernel"].endswith("256>"):
+            assert r["blocks_per_sm"] * r["threads"] // 32 >= 12, r

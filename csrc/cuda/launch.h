@@ -1,5 +1,7 @@
 // Launchers of the CUDA kernels: plain pointers and a stream, so the .cu files compile without
-// torch headers (fast builds); the torch-facing glue lives in csrc/cuda/*_op.cpp.
+// torch headers (fast builds); the torch-facing glue lives in csrc/cuda/*_op.cpp. The same
+// declarations are implemented twice from the same sources: by nvcc into frugal._C, and by the
+// host emulation into frugal._cuda_emu (csrc/cuda_emu), where the tests run them.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -8,11 +10,93 @@
 
 namespace frugal::cuda {
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kInt8 = 3 };
 
 // x: M rows of K elements, row i at x + i * row_stride (elements), columns contiguous.
 // q: [M, K] int8 contiguous; scale: [M] float32.
 cudaError_t launch_quantize_per_token(DType dtype, const void* x, int64_t row_stride, int8_t* q,
                                       float* scale, int64_t M, int64_t K, cudaStream_t stream);
+
+// ------------------------------------------------------------------------ paged KV-cache
+
+// One layer's K or V cache [num_blocks, block_size, Hkv, D] (element strides, unit stride in
+// D) and, for int8 caches, its fp32 scales [num_blocks, block_size, Hkv] (any strides). Only
+// paged_append writes through it.
+struct PagedCache {
+  void* data;
+  int64_t stride_block, stride_offset, stride_head;
+  float* scale;  // nullptr unless int8
+  int64_t scale_stride_block, scale_stride_offset, scale_stride_head;
+};
+
+// paged_attention (decode: rows = B, one query per sequence) and paged_prefill_attention
+// (rows = N packed queries, cu_seqlens_q [B + 1]) share their arguments. Contents (seq_lens,
+// table entries, cu_seqlens_q) are read on the device only: the caller validates them.
+struct PagedAttentionArgs {
+  DType q_dtype, cache_dtype;        // cache_dtype is q_dtype or kInt8
+  const void* q;                     // [rows, Hq, D], unit stride in D
+  int64_t q_stride_row, q_stride_head;
+  void* out;                         // [rows, Hq, D] contiguous, q's dtype
+  PagedCache k, v;
+  const int32_t* block_tables;       // [B, table_width], unit stride along the row
+  int64_t table_stride;
+  const int32_t* seq_lens;           // [B]
+  const int32_t* cu_seqlens_q;       // [B + 1], prefill only
+  int64_t batch, rows, num_q_heads, num_kv_heads, head_dim, block_size, table_width;
+  float scale;                       // softmax scale
+  int64_t window;                    // <= 0: none
+};
+
+// The split-KV plan of a decode launch (see csrc/cuda/paged_attention.cu): made on the host
+// from shapes alone (the table width bounds every seq_len), so no device value is read.
+struct PagedAttentionPlan {
+  int64_t units;         // blocks per partition: B * Hkv * cdiv(G, 8)
+  int64_t splits;        // partitions per sequence (1: no split, no merge launch)
+  int64_t partition;     // positions per partition, a multiple of the 8-position tile
+  int64_t ws_o_floats;   // workspace: partial outputs, fp32 [B, Hq, splits, D]
+  int64_t ws_lse_floats; // workspace: partial log-sum-exps (base 2), fp32 [B, Hq, splits]
+  int blocks_per_sm;     // what the plan assumed
+};
+
+struct PlanKnobs {
+  int num_sms;            // SMs of the device
+  int64_t min_partition;  // never split below this many positions per partition
+};
+
+PagedAttentionPlan plan_paged_attention(const PagedAttentionArgs& args, const PlanKnobs& knobs);
+
+// Launches stage 1 and, when plan.splits > 1, the merge; ws_* as the plan sized them (unused
+// and may be null when splits == 1).
+cudaError_t launch_paged_attention(const PagedAttentionArgs& args, const PagedAttentionPlan& plan,
+                                   float* ws_o, float* ws_lse, cudaStream_t stream);
+
+cudaError_t launch_paged_prefill_attention(const PagedAttentionArgs& args, cudaStream_t stream);
+
+// paged_append: k, v [N, Hkv, D] (unit stride in D) into slot slots[i] of the caches (slot =
+// block * block_size + offset; negative: skipped). int8 caches store per-token, per-head
+// scales beside the quantized rows.
+struct PagedAppendArgs {
+  DType x_dtype, cache_dtype;
+  const void* k;
+  const void* v;
+  int64_t k_stride_token, k_stride_head, v_stride_token, v_stride_head;
+  PagedCache k_cache, v_cache;
+  const void* slots;  // [N] int32 or int64
+  bool slots_int64;
+  int64_t num_tokens, num_kv_heads, head_dim, block_size, num_slots;
+};
+
+cudaError_t launch_paged_append(const PagedAppendArgs& args, cudaStream_t stream);
+
+// One row per compiled kernel of this file: its name as the compiler mangles it would be
+// demangled (base<args>), threads per block and dynamic shared memory per block, for the
+// occupancy report of frugal.build_info (the binary holds registers and static shared memory
+// only). Terminated by a row with kernel == nullptr.
+struct KernelLaunchConfig {
+  const char* kernel;
+  int threads;
+  int dynamic_smem;
+};
+const KernelLaunchConfig* paged_attention_kernel_configs();
 
 }  // namespace frugal::cuda
