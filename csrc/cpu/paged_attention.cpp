@@ -35,6 +35,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <c10/util/safe_numerics.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -918,13 +919,19 @@ void check_query_and_tables(const char* op, const at::Tensor& q, const at::Tenso
               " and ", seq_lens.device());
 }
 
+// a * b for a, b >= 0, or INT64_MAX when that overflows (a stride-0 view can have any size).
+int64_t saturating_mul(int64_t a, int64_t b) {
+  int64_t out = 0;
+  return c10::mul_overflows(a, b, &out) ? std::numeric_limits<int64_t>::max() : out;
+}
+
 // seq_lens[b] = len fits in its table row.
 void check_seq_len(const char* op, const at::Tensor& block_tables, const at::Tensor& k_cache,
                    int64_t b, int64_t len) {
   const int64_t width = block_tables.size(1), bs = k_cache.size(1);
-  TORCH_CHECK(len >= 0 && len <= width * bs, op, ": seq_lens[", b, "] must be in [0, ",
-              width * bs, "] (block_tables rows hold ", width, " blocks of ", bs, " tokens); got ",
-              len);
+  const int64_t capacity = saturating_mul(width, bs);
+  TORCH_CHECK(len >= 0 && len <= capacity, op, ": seq_lens[", b, "] must be in [0, ", capacity,
+              "] (block_tables rows hold ", width, " blocks of ", bs, " tokens); got ", len);
 }
 
 // Every table entry of sequence b covering positions [lo, len) (len >= 1) names a block.

@@ -649,13 +649,22 @@ Geometry check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
   g.BQ = BQ;
   g.BK = BK;
   g.BQp = (BQ + 63) / 64 * 64;
-  g.nQB = (g.Nq + BQ - 1) / BQ;
-  g.nKB = (g.Nk + BK - 1) / BK;
+  g.nQB = g.Nq / BQ + (g.Nq % BQ != 0);
+  g.nKB = g.Nk / BK + (g.Nk % BK != 0);
+  // Block lists hold int32 block indices.
+  TORCH_CHECK(g.nQB <= std::numeric_limits<int32_t>::max() &&
+                  g.nKB <= std::numeric_limits<int32_t>::max(),
+              op, ": q and k must have at most 2^31 - 1 blocks of ", BQ, " and ", BK,
+              " tokens; got Nq = ", g.Nq, ", Nk = ", g.Nk);
   g.scale = static_cast<float>(scale);
   rule.flags = static_cast<int>(flags);
-  rule.lo = lo;
-  rule.hi = hi;
-  rule.prefix = prefix;
+  // The rule is only evaluated at q in [0, Nq) and k in [0, Nk), where lo and hi beyond
+  // +-max(Nq, Nk) and prefix beyond [0, Nk] mean the same as those bounds: clamped there, every
+  // int64 gives the same mask, and the band arithmetic (k - hi - q) cannot overflow.
+  const int64_t span = std::max(g.Nq, g.Nk);
+  rule.lo = std::clamp(lo, -span, span);
+  rule.hi = std::clamp(hi, -span, span);
+  rule.prefix = std::clamp<int64_t>(prefix, 0, g.Nk);
   if (flags & kFlagDoc) {
     check_idx(op, "q_doc", q_doc, {g.B, g.Nq});
     check_idx(op, "kv_doc", kv_doc, {g.B, g.Nk});

@@ -943,4 +943,19 @@ def _doc_ids(op, name, ids, n=None):
                          f"{tuple(ids.shape)}")
     if n is not None and ids.shape[1] != n:
         raise ShapeError(f"{op}: {name} must have {n} positions; got {ids.shape[1]}")
-    return ids.to(torch.int32).cpu().contiguous()
+    # int64 holds every integer dtype's ids exactly but uint64's, which it maps one to one.
+    return ids.to(torch.int64).cpu().contiguous()
+
+
+def _int32_doc_ids(q_doc, kv_doc):
+    """The int64 ids [B, Nq], [B, Nk] as int32, as the kernels read them: the same values when
+    all fit, else their ranks among the distinct ids of both (equal ids stay equal, distinct
+    ids distinct, order kept), so ids such as 0 and 2**32 never land in one document."""
+    tensors = (q_doc,) if kv_doc is q_doc else (q_doc, kv_doc)
+    if all(-(2**31) <= t.min() and t.max() < 2**31 for t in tensors):
+        q32 = q_doc.to(torch.int32)
+        return q32, q32 if kv_doc is q_doc else kv_doc.to(torch.int32)
+    ranks = torch.unique(torch.cat([t.reshape(-1) for t in tensors]), return_inverse=True)[1]
+    ranks = ranks.to(torch.int32)
+    q32 = ranks[:q_doc.numel()].view(q_doc.shape)
+    return q32, q32 if kv_doc is q_doc else ranks[q_doc.numel():].view(kv_doc.shape)

@@ -172,6 +172,13 @@ def int8_mm(a, b, *, backend="auto"):
 int8_mm._frugal_select = _select_int8_mm
 
 
+def _k_zero(lead, N, bias, dtype, device):
+    """A matmul over K = 0: zeros (as int8_mm gives), plus the bias rounded as the epilogue
+    rounds it."""
+    y = torch.zeros((*lead, N), dtype=torch.float32, device=device)
+    return (y if bias is None else y + bias.float()).to(dtype)
+
+
 def _check_matmul(op, aq, bq, a_scale, b_scale, bias, out_dtype):
     check_dtype(op, "aq", aq, (torch.int8,))
     check_min_dim(op, "aq", aq, 1, "[..., K]")
@@ -210,6 +217,8 @@ def int8_matmul(aq, bq, a_scale, b_scale, bias=None, out_dtype=torch.float16, *,
     """
     name = _select_int8_matmul(aq, bq, a_scale, b_scale, bias, out_dtype, backend=backend)
     lead, K, N = aq.shape[:-1], aq.shape[-1], bq.shape[0]
+    if K == 0:
+        return _k_zero(lead, N, bias, out_dtype, aq.device)
     a2 = aq.reshape(-1, K)
     a_s = a_scale.reshape(-1)
     b_s = b_scale.reshape(-1)
@@ -251,6 +260,8 @@ def int8_weight_only_matmul(x, bq, b_scale, bias=None, *, backend="auto"):
     """
     name = _select_weight_only(x, bq, b_scale, bias, backend=backend)
     lead, K, N = x.shape[:-1], x.shape[-1], bq.shape[0]
+    if K == 0:
+        return _k_zero(lead, N, bias, x.dtype, x.device)
     x2 = x.reshape(-1, K)
     b_s = b_scale.reshape(-1).expand(N).contiguous() if b_scale.numel() == 1 else b_scale
     if x2.shape[0] == 0 or N == 0:
