@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from . import _ext
-from .dispatch import select
 from .errors import (
     DTypeError,
     ShapeError,
@@ -31,8 +30,6 @@ from .errors import (
     check_tensor,
 )
 from .int8_matmul import (
-    _BACKENDS,
-    _ORDER,
     INT8_MAX_K,
     int8_matmul,
     int8_weight_only_matmul,
@@ -179,16 +176,16 @@ class Int8Linear(nn.Module):
         if self.mode == "weight_only":
             return int8_weight_only_matmul(x, self.weight_int8, self.weight_scale, self.bias,
                                            backend=self.backend)
-        name = select("int8_matmul", x.device, self.backend, _ORDER, _BACKENDS)
-        if name == "cpu" and self._packed is not None:
-            # One op: each row of x is quantized as the GEMM packs it, with no int8 copy of x.
+        if self._packed is not None:
+            # The packed weight exists only where the C++ kernel runs this forward (_store):
+            # one op, each row of x quantized as the GEMM packs it, no int8 copy of x.
             check_dtype("Int8Linear", "x", x, _FLOATS)
             y = torch.ops.frugal.int8_dynamic_linear_packed(
                 x.reshape(-1, self.in_features), self._packed, self.weight_scale, self.bias)
             return y.reshape(*x.shape[:-1], self.out_features)
         xq, xs = quantize_per_token(x, backend=self.backend)
         return int8_matmul(xq, self.weight_int8, xs, self.weight_scale, self.bias, x.dtype,
-                           backend=name)
+                           backend=self.backend)
 
 
 def _unpack_weight(packed, n, k):

@@ -10,30 +10,21 @@ from typing import Tuple
 
 import torch
 
-from . import reference
-from ._ext import ext
+from . import _ext, reference
 from .block_mask import BlockMask, SparseLayout
-from .dispatch import select, triton_custom_op, unavailable
-from .errors import (
-    BackendError,
-    ShapeError,
-    check_dtype,
-    check_same_device,
-    check_scale,
-    check_tensor,
-)
+from .dispatch import triton_custom_op
+from .errors import ShapeError, check_dtype, check_same_device, check_scale
+from .registry import Op, cpp_kernel
 
 __all__ = ["sparse_attention", "HEAD_DIMS"]
 
 HEAD_DIMS = (32, 64, 96, 128, 256)
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-_SUPPORTED = ("triton", "cpu", "torch")
-_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}
 _OP = "sparse_attention"
 
 
 def _has_cpu_ops():
-    return ext() is not None and hasattr(torch.ops.frugal, "sparse_attention_fwd")
+    return _ext.ext() is not None and hasattr(torch.ops.frugal, "sparse_attention_fwd")
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -101,24 +92,22 @@ if _has_cpu_ops():
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _forward(backend, q, k, v, layout, scale):
-    args = layout.forward_args() + (scale,)
-    if backend == "triton":
-        return _fwd_triton(q, k, v, *args)
+def _cpu_fwd(q, k, v, *args):
     return torch.ops.frugal.sparse_attention_fwd(q, k, v, *args)
 
 
-def _backward(backend, dout, q, k, v, out, lse, layout, scale):
-    args = layout.backward_args() + (scale,)
-    if backend == "triton":
-        return _bwd_triton(dout, q, k, v, out, lse, *args)
-    return torch.ops.frugal.sparse_attention_bwd(dout, q, k, v, out, lse, *args)
+def _cpu_bwd(*args):
+    return torch.ops.frugal.sparse_attention_bwd(*args)
+
+
+# The forward and backward kernels of each autograd backend.
+_KERNELS = {"triton": (_fwd_triton, _bwd_triton), "cpu": (_cpu_fwd, _cpu_bwd)}
 
 
 class _SparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, layout, scale, backend):
-        out, lse = _forward(backend, q, k, v, layout, scale)
+        out, lse = _KERNELS[backend][0](q, k, v, *layout.forward_args(), scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.layout, ctx.scale, ctx.backend = layout, scale, backend
         ctx.mark_non_differentiable(lse)
@@ -127,8 +116,8 @@ class _SparseAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(ctx.backend, dout.contiguous(), q, k, v, out, lse, ctx.layout,
-                               ctx.scale)
+        dq, dk, dv = _KERNELS[ctx.backend][1](dout.contiguous(), q, k, v, out, lse,
+                                              *ctx.layout.backward_args(), ctx.scale)
         return dq, dk, dv, None, None, None
 
 
@@ -177,30 +166,42 @@ def _check(q, k, v, mask, scale):
     check_scale(_OP, scale)
 
 
-def _why_not_cpu():
-    if not _has_cpu_ops():
-        return "frugal._C has no sparse_attention kernels (rebuild the extension)"
-    return None
+SPARSE_ATTENTION = Op("sparse_attention")
+
+
+def _kernel_run(backend):
+    def run(q, k, v, mask, scale):
+        layout = mask.layout(q.shape[0], q.shape[1], q.device)
+        return _SparseAttention.apply(q, k, v, layout, scale, backend)
+
+    return run
+
+
+def _triton_why_not(q, *_):
+    from frugal.kernels import sparse_attention as kernel
+
+    return kernel.unsupported(q.dtype)
+
+
+SPARSE_ATTENTION.implement("triton", why_not=_triton_why_not)(_kernel_run("triton"))
+SPARSE_ATTENTION.implement("cpu", devices=("cpu",),
+                           requires=cpp_kernel("sparse_attention_fwd", "CPU"))(_kernel_run("cpu"))
+
+
+@SPARSE_ATTENTION.implement("torch")
+def _sparse_torch(q, k, v, mask, scale):
+    out, lse = reference.sparse_attention(q, k, v, mask, scale)
+    return out.to(q.dtype), lse
+
+
+def _scale(q, scale):
+    return float(q.shape[-1] ** -0.5 if scale is None else scale)
 
 
 def _select(q, k, v, mask, scale=None, return_lse=False, *, backend="auto", explain=False):
     _check(q, k, v, mask, scale)
-    if backend == "cpu" or (backend == "auto" and q.device.type == "cpu"):
-        why = unavailable("cpu", q.device) or _why_not_cpu()
-        if why is not None:
-            if backend == "cpu":
-                raise BackendError(f"{_OP}: {why}")
-            return select(_OP, q.device, backend, {"cpu": ("torch",)}, _SUPPORTED, explain)
-    if backend in ("triton", "auto") and unavailable("triton", q.device) is None:
-        from frugal.kernels import sparse_attention as kernel
-
-        why = kernel.unsupported(q.dtype)
-        if why is not None:
-            if backend == "triton":
-                raise BackendError(f"{_OP}: backend='triton': {why}")
-            order = {dev: tuple(n for n in names if n != "triton") for dev, names in _ORDER.items()}
-            return select(_OP, q.device, backend, order, _SUPPORTED, explain)
-    return select(_OP, q.device, backend, _ORDER, _SUPPORTED, explain)
+    return SPARSE_ATTENTION.select(q.device, backend, q, k, v, mask, _scale(q, scale),
+                                   explain=explain)
 
 
 def sparse_attention(q, k, v, mask, scale=None, return_lse=False, *, backend="auto"):
@@ -226,20 +227,12 @@ def sparse_attention(q, k, v, mask, scale=None, return_lse=False, *, backend="au
     out [B, Hq, Nq, D] in q's dtype, and lse when ``return_lse``. A query row that the mask
     gives no key returns zeros (and lse = -inf), never NaN; it gets zero gradient.
     """
-    name = _select(q, k, v, mask, scale, return_lse, backend=backend)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    scale = float(scale)
+    impl = _select(q, k, v, mask, scale, return_lse, backend=backend)
     if q.shape[0] == 0 or q.shape[1] == 0:
         out = q.new_zeros(q.shape)
         lse = q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
-        return (out, lse) if return_lse else out
-    if name == "torch":
-        out, lse = reference.sparse_attention(q, k, v, mask, scale)
-        out = out.to(q.dtype)
     else:
-        layout = mask.layout(q.shape[0], q.shape[1], q.device)
-        out, lse = _SparseAttention.apply(q, k, v, layout, scale, name)
+        out, lse = impl.run(q, k, v, mask, _scale(q, scale))
     return (out, lse) if return_lse else out
 
 
