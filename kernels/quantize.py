@@ -75,8 +75,9 @@ def pick_config(K, device):
     return configs.pick("quantize_per_token", "K", K, _launch.device_key(device))
 
 
-def quantize_per_token(x):
-    """x [..., K] float32/float16/bfloat16 -> (q int8 [..., K], scale float32 [...])."""
+def quantize_per_token(x, *, config=None):
+    """x [..., K] float32/float16/bfloat16 -> (q int8 [..., K], scale float32 [...]).
+    ``config`` overrides the picked launch config (tests, tuning)."""
     K = x.shape[-1]
     q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
     scale = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
@@ -88,7 +89,7 @@ def quantize_per_token(x):
     x2 = x.reshape(M, K)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
-    cfg = pick_config(K, x.device)
+    cfg = config or pick_config(K, x.device)
     # Short rows take a smaller block, but not below _MIN_BLOCK_K: every power of two down to 1
     # would be a compiled variant of its own, for rows that cost nothing either way.
     block_k = min(cfg["BLOCK_K"], max(_MIN_BLOCK_K, triton.next_power_of_2(K)))
