@@ -3,6 +3,8 @@ are present (a GPU is not needed to build).
 
 Environment:
   FRUGAL_NO_CUDA=1        skip the CUDA sources
+  FRUGAL_SANITIZE=1       CPU sources only, with AddressSanitizer and UndefinedBehaviorSanitizer
+                          (objects in build/sanitize/temp; `make sanitize` builds and tests it)
   TORCH_CUDA_ARCH_LIST    CUDA targets (default "8.0;9.0a")
   CUDA_HOME               CUDA toolkit root (default: /usr/local/cuda when it has headers)
   MAX_JOBS                parallel compile jobs (ninja)
@@ -15,6 +17,10 @@ import shutil
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+SANITIZE = os.environ.get("FRUGAL_SANITIZE", "0") == "1"
+# -fno-wrapv undoes the -fwrapv of CPython's flags, which defines signed overflow and so hides it.
+SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-wrapv",
+                  "-fno-omit-frame-pointer", "-O1", "-g"]
 
 
 def _find_cuda_home():
@@ -49,6 +55,8 @@ from torch.utils.cpp_extension import (  # noqa: E402
 def _with_cuda():
     if os.environ.get("FRUGAL_NO_CUDA", "0") == "1":
         return False, "FRUGAL_NO_CUDA=1"
+    if SANITIZE:
+        return False, "FRUGAL_SANITIZE=1"
     if torch.version.cuda is None:
         return False, "torch is a CPU-only build"
     if CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
@@ -70,12 +78,18 @@ def _extension():
     define_macros = []
     print(f"frugal: CUDA kernels {'on' if with_cuda else 'off'} ({why})")
     if not with_cuda:
+        link = ["-fopenmp"]
+        if SANITIZE:
+            cxx = [f for f in cxx if f != "-O3"] + SANITIZE_FLAGS
+            link += SANITIZE_FLAGS[:1]
+            define_macros.append(("FRUGAL_SANITIZED", "1"))
         return CppExtension(
             "frugal._C",
             sources,
             include_dirs=include_dirs,
+            define_macros=define_macros,
             extra_compile_args={"cxx": cxx},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link,
         )
     # Without a GPU torch cannot detect an arch and would build for every arch it knows.
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
@@ -103,12 +117,13 @@ def _extension():
 
 
 class BuildExt(BuildExtension):
-    """Compiles into ./build/temp, kept between builds, so ninja rebuilds only what changed.
-    (pip's editable builds otherwise use a fresh temporary directory every time.)"""
+    """Compiles into ./build/temp (sanitized: ./build/sanitize/temp), kept between builds, so
+    ninja rebuilds only what changed. (pip's editable builds otherwise use a fresh temporary
+    directory every time.)"""
 
     def finalize_options(self):
         super().finalize_options()
-        self.build_temp = os.path.join(ROOT, "build", "temp")
+        self.build_temp = os.path.join(ROOT, "build", *(["sanitize"] if SANITIZE else []), "temp")
 
 
 setup(
