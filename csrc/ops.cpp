@@ -137,5 +137,10 @@ PyMODINIT_FUNC PyInit__C() {
 #else
   PyModule_AddIntConstant(m, "with_cuda", 0);
 #endif
+#ifdef FRUGAL_SANITIZED  // built by `make sanitize` (ASan + UBSan)
+  PyModule_AddIntConstant(m, "sanitized", 1);
+#else
+  PyModule_AddIntConstant(m, "sanitized", 0);
+#endif
   return m;
 }

@@ -746,10 +746,12 @@ void forward_typed(const at::Tensor& q, const at::Tensor& kf, const at::Tensor& 
       });
       T* orow = op + ((b * g.Hq + h) * g.Nq + q0) * D;
       float* lrow = lp + (b * g.Hq + h) * g.Nq + q0;
+      // l == 0: no allowed key (out 0, lse -inf). A NaN l (a NaN or +inf score, or NaN in a
+      // product) is not empty: out and lse become NaN, as in the reference.
       for (int64_t i = 0; i < qn; ++i) {
-        const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+        const float inv = l[i] == 0.0f ? 0.0f : 1.0f / l[i];
         for (int64_t d = 0; d < D; ++d) orow[i * D + d] = static_cast<T>(o[i * D + d] * inv);
-        lrow[i] = l[i] > 0.0f ? m[i] + std::log(l[i]) : -kInf;
+        lrow[i] = l[i] == 0.0f ? -kInf : m[i] + std::log(l[i]);
       }
     }
   });
