@@ -3,9 +3,16 @@ when there is a GPU (else those cases are skipped with a reason). Without a GPU,
 run under the interpreter (TRITON_INTERPRET=1) on CPU tensors."""
 
 import os
+import sys
 
 import pytest
 import torch
+
+# `python -m pytest` puts the working directory first on sys.path. From the repository root that
+# lets frugal's kernels/ folder (installed as frugal.kernels) hide the `kernels` package that
+# transformers 5 imports; nothing is imported from the root itself.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
