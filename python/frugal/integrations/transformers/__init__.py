@@ -37,9 +37,27 @@ from .attention import (FrugalFallbackWarning, FrugalMask, FrugalReport, apply_f
 from .generator import (BatchGenerator, Completion, GeneratorStats, Sample, SamplingParams,
                         generate, sample_token)
 from .paged import PagedModel, PagedStep
+from .tensor_parallel import RowParallelLinear, tensor_parallel
 from .tiny import FAMILIES, tiny_config, tiny_model
 
-__all__ = ["FAMILIES", "BatchGenerator", "Completion", "FrugalFallbackWarning", "FrugalMask", "FrugalReport",
-           "GeneratorStats", "PagedModel", "PagedStep", "Sample", "SamplingParams",
-           "apply_frugal", "frugal_attention", "generate", "sample_token", "tiny_config",
-           "tiny_model"]
+__all__ = [
+    "FAMILIES",
+    "BatchGenerator",
+    "Completion",
+    "FrugalFallbackWarning",
+    "FrugalMask",
+    "FrugalReport",
+    "GeneratorStats",
+    "PagedModel",
+    "PagedStep",
+    "RowParallelLinear",
+    "Sample",
+    "SamplingParams",
+    "apply_frugal",
+    "frugal_attention",
+    "generate",
+    "sample_token",
+    "tensor_parallel",
+    "tiny_config",
+    "tiny_model",
+]
