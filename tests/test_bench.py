@@ -494,3 +494,46 @@ def test_copy_is_timed_with_each_x_and_fractions_use_it(monkeypatch):
     assert rows[128, "linear"].copy_fraction == pytest.approx(rows[128, "linear"].gbps / 2.0)
     assert "timed at each tokens in the same rounds as the candidates" in run.markdown()
     assert run.record()["sweeps"][0]["copy_gbps_by_x"] == pytest.approx({"64": 1.0, "128": 2.0})
+
+
+def test_a_sweeps_own_timer_is_used_unless_run_is_given_one():
+    sweep = _synthetic(timer=lambda fn: 7.0, targets=(), nbytes=None, memory_bound=False)
+    own = bench.run([sweep], "cpu", progress=False, rounds=1)
+    assert {r.ms for r in own.results[0].rows} == {7.0}
+    given = bench.run([sweep], "cpu", timer=fake_timer, progress=False, rounds=1)
+    assert {r.ms for r in given.results[0].rows} != {7.0}
+
+
+# End-to-end generation (frugal.bench.generate)
+
+
+def test_generate_sweep_runs_and_records_tokens_and_kv_bytes(monkeypatch):
+    # Every candidate generates once at two tiny token counts with a smaller model; frugal's
+    # greedy tokens must equal transformers', and its blocks waste at most block_size - 1 slots
+    # per sequence over the tokens they hold (all but each sequence's last sampled token).
+    pytest.importorskip("transformers", minversion="5")
+    from frugal.bench import generate
+
+    monkeypatch.setattr(generate, "MODEL", dict(generate.MODEL, hidden_size=64,
+                                                num_hidden_layers=2, vocab_size=256))
+    monkeypatch.setattr(generate, "MEAN_TOKENS", 96)
+    monkeypatch.setattr(generate, "NEW_TOKENS", 5)
+    monkeypatch.setattr(generate, "SYSTEM_TOKENS", 16)
+    generate._models.cache_clear()
+    (sweep,) = bench.sweeps(["generate"])
+    sweep = dataclasses.replace(sweep, xs=(200, 401), quick=(200, 401))
+    try:
+        run = bench.run([sweep], "cpu", quick=True, progress=False, rounds=1)
+    finally:
+        generate._models.cache_clear()
+    (result,) = run.results
+    assert {r.candidate for r in result.rows} == set(generate.CANDIDATES)
+    assert sum(map(len, generate.prompts_for(401))) + 4 * 5 == 401
+    assert "4 sequences; frugal's greedy tokens equal transformers' for 4" in result.notes[
+        "at 401"]
+    assert "frugal_int8_kv" in result.notes["KV bytes at 401"]
+    overheads = [float(s.split("(+")[1].split("%")[0])
+                 for s in result.notes["KV bytes at 401"].split(", ") if "(+" in s]
+    assert overheads and max(overheads) <= 100 * 4 * 15 / (401 - 4)
+    assert "frugal" in result.notes[
+        "KV bytes scaling exponent (slope of log bytes vs log tokens)"]

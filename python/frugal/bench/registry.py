@@ -89,6 +89,10 @@ class Sweep:
         One line for ``frugal bench --list``.
     devices : tuple of str
         Device types the sweep runs on (a plain ``frugal bench`` skips it elsewhere).
+    timer : callable ``fn -> milliseconds``, optional
+        Times this sweep's candidates instead of the device's default timer: an end-to-end
+        sweep whose one call runs for seconds times a single call. A timer given to
+        :func:`~frugal.bench.run` still takes precedence.
     """
 
     name: str
@@ -109,6 +113,7 @@ class Sweep:
     summary: Optional[Callable] = None
     description: str = ""
     devices: Tuple[str, ...] = ("cpu", "cuda")
+    timer: Optional[Callable] = None
 
     def __post_init__(self):
         for field in ("xs", "quick"):

@@ -180,7 +180,8 @@ def run(sweeps, device=None, *, quick=False, timer=None, copy_gbps=None, progres
     quick : bool
         Use each sweep's ``quick`` token counts instead of ``xs``.
     timer : callable ``fn -> milliseconds``, optional
-        Defaults to :func:`~frugal.bench.timing.default_timer` for the device.
+        For every sweep; by default a sweep's own ``timer``, else
+        :func:`~frugal.bench.timing.default_timer` for the device.
     copy_gbps : float, optional
         The device's copy bandwidth, for every x of every memory-bound sweep. When None it is
         measured: at each x of a memory-bound sweep a 256 MiB ``dst.copy_(src)`` is timed in
@@ -202,7 +203,6 @@ def run(sweeps, device=None, *, quick=False, timer=None, copy_gbps=None, progres
     BenchRun
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    timer = timer or default_timer(device)
     if rounds is None:
         rounds = 2 if device.type == "cpu" else 1
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
@@ -217,7 +217,8 @@ def run(sweeps, device=None, *, quick=False, timer=None, copy_gbps=None, progres
             copy = None
             if s.memory_bound:
                 copy = copy_fn(device) if measured else (None, copy_gbps)
-            times, copies = _time_sweep(s, xs, device, timer, bar, rounds, copy)
+            times, copies = _time_sweep(s, xs, device, timer or s.timer or default_timer(device),
+                                        bar, rounds, copy)
             timed.append((s, times, copies))
     if measured:
         copy_gbps = max((g for _, _, c in timed for g in c.values()), default=None)
