@@ -188,6 +188,17 @@ def test_head_dims_the_sparse_op_does_not_take_fall_back_to_eager_and_say_so():
     assert torch.equal(got, eager(ids).logits)
 
 
+def test_attention_weights_asked_for_come_from_eager():
+    eager = ft.tiny_model("qwen3")
+    model, _ = _frugal_copy(eager)
+    ids = _tokens((1, 30))
+    ft_attention._warned.clear()
+    with pytest.warns(ft.FrugalFallbackWarning, match="output_attentions=True"):
+        got = model(ids, output_attentions=True).attentions
+    want = eager(ids, output_attentions=True).attentions
+    assert len(got) == 2 and all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 def test_transformers_generate_runs_on_frugal_attention():
     """transformers' own generate (its dense cache; decode steps are Nq = 1 against Nk keys)
     gives the same greedy tokens on frugal attention as on eager attention."""

@@ -11,8 +11,8 @@ Both are registered here under "frugal":
   converted exactly (:meth:`frugal.BlockMask.from_dense`);
 - :func:`frugal_attention` runs a paged step when the forward carries one (keyword
   ``frugal_step``, see :mod:`.paged`), else :func:`frugal.sparse_attention` (gradients flow),
-  else -- for what the sparse op does not take -- the model's own eager attention, with a
-  :class:`FrugalFallbackWarning` that says why.
+  else -- for what the sparse op does not take, or when the attention weights are asked for --
+  the model's own eager attention, with a :class:`FrugalFallbackWarning` that says why.
 """
 
 import dataclasses
@@ -254,6 +254,8 @@ def frugal_attention(module, query, key, value, attention_mask, scaling=None, dr
     if user is not None:
         user = _user_mask(user, module.layer_idx)
     why = sparse_why_not(query.shape[-1], query.dtype, softcap, dropout)
+    if why is None and kwargs.get("output_attentions"):
+        why = "output_attentions=True needs the attention weights, which frugal does not form"
     if (why is None and user is None and isinstance(attention_mask, torch.Tensor)
             and attention_mask.dtype != torch.bool and _additive_biases(attention_mask)):
         why = "the attention mask adds biases other than 0 and -inf"
