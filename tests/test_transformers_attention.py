@@ -160,9 +160,8 @@ def test_a_user_block_mask_replaces_the_models_mask():
     model, _ = _frugal_copy(eager)
     ids = _tokens((1, 140))
     mask = masks.causal(140) & masks.document(torch.tensor([0] * 60 + [1] * 80))
-    dense = mask.to_dense()[None] if mask.to_dense().dim() == 3 else mask.to_dense()
-    low = torch.finfo(torch.float32).min
-    additive = torch.zeros(dense.shape).masked_fill(~dense, low)
+    dense = mask.to_dense()  # [1, 1, 140, 140]
+    additive = torch.zeros(dense.shape).masked_fill(~dense, torch.finfo(torch.float32).min)
     got = model(ids, frugal_mask=lambda layer: mask).logits
     got.sum().backward()
     want = eager(ids, attention_mask=additive).logits
