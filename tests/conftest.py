@@ -79,4 +79,14 @@ def cpu_isa(request):
     mod.set_cpu_isa(previous)
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: small models run many small ops, on which two OpenMP
+    threads of a shared 2-core machine mostly wait for each other (3x slower when loaded)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 __all__ = ["HAS_CUDA", "backends_for", "cpu_isas", "frugal"]

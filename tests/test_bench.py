@@ -507,7 +507,7 @@ def test_a_sweeps_own_timer_is_used_unless_run_is_given_one():
 # End-to-end generation (frugal.bench.generate)
 
 
-def test_generate_sweep_runs_and_records_tokens_and_kv_bytes(monkeypatch):
+def test_generate_sweep_runs_and_records_tokens_and_kv_bytes(monkeypatch, one_thread):
     # Every candidate generates once at two tiny token counts with a smaller model; frugal's
     # greedy tokens must equal transformers', and its blocks waste at most block_size - 1 slots
     # per sequence over the tokens they hold (all but each sequence's last sampled token).

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers", minversion="5")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 from transformers import masking_utils as hf_masks  # noqa: E402
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers", minversion="5")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 import frugal  # noqa: E402
 from frugal.integrations import transformers as ft  # noqa: E402

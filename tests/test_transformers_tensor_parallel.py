@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 pytest.importorskip("transformers", minversion="5")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 import frugal  # noqa: E402
 from frugal.integrations import transformers as ft  # noqa: E402
