@@ -176,20 +176,28 @@ def _keys(launches):
 
 
 def test_capture_records_the_jits_specialization_and_runs_nothing():
+    x = torch.full((64,), float("nan"))
+    y = torch.full((64,), float("nan"))
+    with jit_capture.capture() as launches:
+        for n in (1, 32, 33):
+            _row_norm_kernel[(1,)](x, y, n, BLOCK=64)
+        _row_norm_kernel[(1,)](x[1:], y, 32, BLOCK=64)
+    assert len(launches) == 4
+    keys = [dict(launch.spec_key()[1]) for launch in launches]
+    # An int of 1 is a constant to the JIT; others specialize on divisibility by 16.
+    assert keys[0]["N"] == ("one",)
+    assert keys[1]["N"] == ("i", "i32", True) and keys[2]["N"] == ("i", "i32", False)
+    assert keys[1]["x_ptr"] == ("t", "torch.float32", True)
+    assert keys[3]["x_ptr"] == ("t", "torch.float32", False)  # 4 bytes past an aligned base
+    assert keys[1]["BLOCK"] == ("c", 64)
+    assert len(jit_capture.unique(launches)) == 4
+    assert torch.isnan(y).all()  # nothing ran
+    # A do_not_specialize argument keeps only its integer width: M = 1 is no constant.
     a = torch.randint(-9, 9, (1, 4096), dtype=torch.int8)
     b = torch.randint(-9, 9, (4096, 4096), dtype=torch.int8)
     with jit_capture.capture() as launches:
-        out = frugal.int8_mm(a, b, backend="triton")
-        frugal.int8_mm(a[:, 3:], b[:, 3:], backend="triton")
-    assert len(launches) == 2
-    one, sliced = (dict(launch.spec_key()[1]) for launch in launches)
-    # M = 1: a constant to the JIT unless the kernel opts out; N, K % 16 and aligned pointers.
-    assert one["N"] == ("i", "i32", True) and one["K"] == ("i", "i32", True)
-    assert one["a_ptr"] == ("t", "torch.int8", True)
-    # The sliced inputs: K = 4093 is off 16 and the base address too.
-    assert sliced["K"] == ("i", "i32", False) and sliced["a_ptr"] == ("t", "torch.int8", False)
-    assert launches[0].call == "" and launches[0].grid[0] >= 1
-    del out  # allocated, never written: capture launches nothing
+        frugal.int8_mm(a, b, backend="triton")
+    assert dict(launches[0].spec_key()[1])["M"] == ("i", "i32")
 
 
 def test_capture_labels_launches_and_round_trips_json(tmp_path):
@@ -269,7 +277,10 @@ def test_every_launch_of_the_matrix_compiles_for_sm_80_and_sm_90(tmp_path):
     failed = [f"{r['kernel']} {r['config']} {r['dtype']} {r['spec']} {r['target']} "
               f"(from {r['call']}): {r['failures']}" for r in rows if not r["ok"]]
     assert done.returncode == 0, "\n".join(failed[:10]) or done.stderr[-2000:]
-    assert done.stdout.rstrip().endswith(f"{len(rows)} launches compiled with Triton, 0 failed")
+    assert f"\n{len(rows)} launches compiled with Triton, 0 failed\n" in done.stdout
+    if "CUDA C++ kernels (frugal._C, nvcc):" in done.stdout:  # the CUDA build's report
+        assert done.stdout.rstrip().endswith("with a stack frame, spills or no room to launch")
+        assert " 0 with a stack frame" in done.stdout
 
     # Each target compiles what the matrix launches on a GPU of that arch (its config files).
     expected = {(launch.call, arch) for arch in ("sm_80", "sm_90")

@@ -412,27 +412,32 @@ def test_cpu_backend_needs_its_kernel(monkeypatch):
     """Until frugal._C has the CPU kernels (the schemas exist first), auto on CPU tensors skips
     "cpu" with the reason and an explicit backend="cpu" raises it."""
     import frugal
-    from frugal import paged_ops
+    from frugal import registry
 
     if frugal._ext.ext() is None:
         pytest.skip("frugal._C is not built")
     monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key",
                         lambda name, key: False)
-    k_cache = torch.zeros(4, 16, 2, 32)
-    tables = torch.zeros(1, 1, dtype=torch.int32)
-    lens = torch.ones(1, dtype=torch.int32)
-    q = torch.randn(1, 4, 32)
-    choice = frugal.explain(paged_attention, q, k_cache, k_cache, tables, lens)
-    assert choice.backend == "torch"
-    assert "no CPU kernel for frugal::paged_attention" in choice.reason
-    with pytest.raises(BackendError, match=r"no CPU kernel for frugal::paged_append"):
-        paged_append(q[:, :2], q[:, :2], k_cache, k_cache, torch.zeros(1, dtype=torch.int32),
-                     backend="cpu")
-    cache = PagedKVCache(1, 4, 4, 2, 32, dtype=torch.float32)
-    cache.add_sequence(0)
-    cache.append(0, [0], q[:, :2], q[:, :2])  # auto: the reference
-    assert torch.equal(cache.k_cache[0, cache.block_tables([0])[0, 0], 0], q[0, :2])
-    assert paged_ops._cpu_kernel_missing("paged_append") is not None
+    registry.refresh()  # implementations ask what they need at registration: ask again
+    try:
+        k_cache = torch.zeros(4, 16, 2, 32)
+        tables = torch.zeros(1, 1, dtype=torch.int32)
+        lens = torch.ones(1, dtype=torch.int32)
+        q = torch.randn(1, 4, 32)
+        choice = frugal.explain(paged_attention, q, k_cache, k_cache, tables, lens)
+        assert choice.backend == "torch"
+        assert "no CPU kernel for frugal::paged_attention" in choice.reason
+        with pytest.raises(BackendError, match=r"no CPU kernel for frugal::paged_append"):
+            paged_append(q[:, :2], q[:, :2], k_cache, k_cache,
+                         torch.zeros(1, dtype=torch.int32), backend="cpu")
+        cache = PagedKVCache(1, 4, 4, 2, 32, dtype=torch.float32)
+        cache.add_sequence(0)
+        cache.append(0, [0], q[:, :2], q[:, :2])  # auto: the reference
+        assert torch.equal(cache.k_cache[0, cache.block_tables([0])[0, 0], 0], q[0, :2])
+        assert registry.cpp_kernel("paged_append", "CPU")() is not None
+    finally:
+        monkeypatch.undo()
+        registry.refresh()
 
 
 _PIPELINE_SCRIPT = """

@@ -37,6 +37,12 @@ def _rank(rank, world, init, out):
             ft.tensor_parallel(odd)
         except frugal.ShapeError as e:
             results["error"] = str(e)
+        odd_mlp = ft.tiny_model("llama", intermediate_size=191)
+        try:
+            ft.tensor_parallel(odd_mlp)
+        except frugal.ShapeError as e:  # refused before any layer is split
+            q_proj = ft.attention.attention_layers(odd_mlp)[0].q_proj
+            results["mlp_error"] = str(e), q_proj.out_features
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -52,3 +58,5 @@ def test_two_ranks_give_the_greedy_tokens_of_the_whole_model(tmp_path):
             assert got[family, "kv_heads"] == 1 and got[family, "o_proj"] == "RowParallelLinear"
     assert ranks[0]["error"] == ("tensor_parallel: num_key_value_heads 3 must be a multiple of "
                                  "the world size 2 (each rank keeps whole GQA groups)")
+    assert ranks[0]["mlp_error"] == ("tensor_parallel: the MLP's intermediate size 191 must be "
+                                     "a multiple of the world size 2", 128)

@@ -14,6 +14,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <c10/util/FunctionRef.h>
+#include <c10/util/safe_numerics.h>
 #include <torch/library.h>
 
 
@@ -60,17 +61,26 @@ constexpr int64_t kHeaderBytes = 64;
 // vpdpbusd sums K products of up to 128 * 128 in int32: K * 2^14 < 2^31 needs K <= 131071.
 constexpr int64_t kMaxK = 131071;
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// For a >= 0, b > 0, without the overflow of (a + b - 1) / b near INT64_MAX.
+int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
 
 struct PackedDims {
-  int64_t N, K, K4, Npad;
+  int64_t N, K, K4, Npad, bytes;
 };
 
-PackedDims packed_dims(int64_t N, int64_t K) {
-  return {N, K, ceil_div(K, 4), ceil_div(N, 16) * 16};
+// The dims of a packed N x K weight (N >= 0, 0 <= K <= kMaxK) and its size in bytes, checked to
+// fit in int64: a corrupt header, or an empty b [N, 0] with a huge N, can ask for more.
+PackedDims packed_dims(const char* op, int64_t N, int64_t K) {
+  PackedDims d{N, K, ceil_div(K, 4), 0, 0};
+  int64_t words = 0;  // int32 comp[Npad] and the [Npad][K4] 4-byte steps
+  const bool overflow = c10::mul_overflows(ceil_div(N, 16), int64_t{16}, &d.Npad) ||
+                        c10::mul_overflows(d.Npad, d.K4 + 1, &words) ||
+                        c10::mul_overflows(words, int64_t{4}, &d.bytes) ||
+                        c10::add_overflows(d.bytes, kHeaderBytes, &d.bytes);
+  TORCH_CHECK(!overflow, op, ": a packed int8 weight of N = ", N, ", K = ", K,
+              " would take more than 2^63 bytes");
+  return d;
 }
-
-int64_t packed_bytes(const PackedDims& d) { return kHeaderBytes + 4 * d.Npad + d.Npad * d.K4 * 4; }
 
 // The weight of a GEMM: an int8_pack_weight buffer, or the rows of b [N, K], which the GEMM
 // packs group by group as its tasks reach them, into a per-thread buffer that stays in cache.
@@ -90,9 +100,9 @@ Weight packed_weight(const PackedDims& d, const int8_t* buf) {
   return w;
 }
 
-Weight row_weight(const at::Tensor& b) {
+Weight row_weight(const char* op, const at::Tensor& b) {
   Weight w;
-  w.d = packed_dims(b.size(0), b.size(1));
+  w.d = packed_dims(op, b.size(0), b.size(1));
   w.rows = b.const_data_ptr<int8_t>();
   w.ldb = b.stride(0);
   return w;
@@ -264,10 +274,10 @@ PackedDims read_header(const char* op, const at::Tensor& b_packed) {
   std::memcpy(&N, buf + 8, 8);
   std::memcpy(&K, buf + 16, 8);
   TORCH_CHECK(N >= 0 && K >= 0 && K <= kMaxK, op, ": b_packed has a corrupt header (N = ", N,
-              ", K = ", K, ")");
-  const PackedDims d = packed_dims(N, K);
-  TORCH_CHECK(b_packed.numel() == packed_bytes(d), op, ": b_packed holds N = ", N, ", K = ", K,
-              ", which take ", packed_bytes(d), " bytes; got ", b_packed.numel(), " bytes");
+              ", K = ", K, "; N must be >= 0 and K in [0, ", kMaxK, "])");
+  const PackedDims d = packed_dims(op, N, K);
+  TORCH_CHECK(b_packed.numel() == d.bytes, op, ": b_packed holds N = ", N, ", K = ", K,
+              ", which take ", d.bytes, " bytes; got ", b_packed.numel(), " bytes");
   return d;
 }
 
@@ -591,7 +601,7 @@ at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
   epi.out_type = OutType::kInt32;
   const at::Tensor ac = k_contiguous(a);
   const at::Tensor bc = k_contiguous(b);
-  gemm(M, row_weight(bc), epi, int8_rows(ac));
+  gemm(M, row_weight(op, bc), epi, int8_rows(ac));
   return out;
 }
 
@@ -609,7 +619,7 @@ at::Tensor int8_scaled_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at
   const at::Tensor bias_f = check_bias(op, bias, N);
   check_out_dtype(op, out_dtype);
   const at::Tensor bc = k_contiguous(b);
-  return scaled_gemm(a, row_weight(bc), as, bs, bias_f, out_dtype);
+  return scaled_gemm(a, row_weight(op, bc), as, bs, bias_f, out_dtype);
 }
 
 at::Tensor int8_pack_weight_cpu(const at::Tensor& b) {
@@ -617,8 +627,8 @@ at::Tensor int8_pack_weight_cpu(const at::Tensor& b) {
   check_int8_matrix(op, "b", b, "[N, K]");
   check_k(op, b.size(1));
   const at::Tensor bc = k_contiguous(b);
-  const PackedDims d = packed_dims(bc.size(0), bc.size(1));
-  at::Tensor buf = at::empty({packed_bytes(d)}, bc.options());
+  const PackedDims d = packed_dims(op, bc.size(0), bc.size(1));
+  at::Tensor buf = at::empty({d.bytes}, bc.options());
   pack_weight_into(bc.const_data_ptr<int8_t>(), bc.stride(0), d, buf.data_ptr<int8_t>());
   return buf;
 }

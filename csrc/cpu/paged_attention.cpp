@@ -35,6 +35,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <c10/util/safe_numerics.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -52,6 +53,7 @@
 #include <vector>
 
 #include "cpu/isa.h"
+#include "cpu/vec_load.h"
 #include "cpu/vec_math.h"
 
 #if FRUGAL_X86
@@ -163,24 +165,6 @@ void tile_scalar(State& st, const Tile<T>& t) {
 #if FRUGAL_X86
 
 // --- AVX-512 ---
-
-FRUGAL_TARGET_AVX512 inline __m512 load16(const float* p, __mmask16 m) {
-  return m == 0xFFFF ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p);
-}
-FRUGAL_TARGET_AVX512 inline __m512 load16(const c10::Half* p, __mmask16 m) {
-  return _mm512_cvtph_ps(m == 0xFFFF ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
-                                     : _mm256_maskz_loadu_epi16(m, p));
-}
-FRUGAL_TARGET_AVX512 inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
-  const __m256i raw = m == 0xFFFF ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
-                                  : _mm256_maskz_loadu_epi16(m, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-FRUGAL_TARGET_AVX512 inline __m512 load16(const int8_t* p, __mmask16 m) {
-  const __m128i raw = m == 0xFFFF ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))
-                                  : _mm_maskz_loadu_epi8(m, p);
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
-}
 
 inline __mmask16 lanes16(int64_t n) {
   return n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
@@ -372,28 +356,6 @@ FRUGAL_TARGET_AVX2 inline float hmax8(__m256 x) {
   __m128 s = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
   s = _mm_max_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
-}
-
-FRUGAL_TARGET_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-FRUGAL_TARGET_AVX2 inline __m256 load8(const c10::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-FRUGAL_TARGET_AVX2 inline __m256 load8(const c10::BFloat16* p) {
-  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-FRUGAL_TARGET_AVX2 inline __m256 load8(const int8_t* p) {
-  return _mm256_cvtepi32_ps(
-      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-
-// The first n (<= 8) elements at p, zeros after: no read past p[n - 1].
-template <typename T>
-FRUGAL_TARGET_AVX2 inline __m256 load8(const T* p, int64_t n) {
-  if (n >= 8) return load8(p);
-  alignas(32) float tmp[8] = {};
-  for (int64_t i = 0; i < n; ++i) tmp[i] = to_float(p[i]);
-  return _mm256_load_ps(tmp);
 }
 
 template <int GN, typename T>
@@ -918,13 +880,19 @@ void check_query_and_tables(const char* op, const at::Tensor& q, const at::Tenso
               " and ", seq_lens.device());
 }
 
+// a * b for a, b >= 0, or INT64_MAX when that overflows (a stride-0 view can have any size).
+int64_t saturating_mul(int64_t a, int64_t b) {
+  int64_t out = 0;
+  return c10::mul_overflows(a, b, &out) ? std::numeric_limits<int64_t>::max() : out;
+}
+
 // seq_lens[b] = len fits in its table row.
 void check_seq_len(const char* op, const at::Tensor& block_tables, const at::Tensor& k_cache,
                    int64_t b, int64_t len) {
   const int64_t width = block_tables.size(1), bs = k_cache.size(1);
-  TORCH_CHECK(len >= 0 && len <= width * bs, op, ": seq_lens[", b, "] must be in [0, ",
-              width * bs, "] (block_tables rows hold ", width, " blocks of ", bs, " tokens); got ",
-              len);
+  const int64_t capacity = saturating_mul(width, bs);
+  TORCH_CHECK(len >= 0 && len <= capacity, op, ": seq_lens[", b, "] must be in [0, ", capacity,
+              "] (block_tables rows hold ", width, " blocks of ", bs, " tokens); got ", len);
 }
 
 // Every table entry of sequence b covering positions [lo, len) (len >= 1) names a block.

@@ -531,7 +531,25 @@ def main(argv=None):
             json.dump(rows, f, indent=1)
     which = f"Triton {FLOOR_TRITON} (floor)" if floor else "Triton"
     print(f"{len(rows)} launches compiled with {which}, {len(failed)} failed")
-    return 1 if failed else 0
+    cuda_failed = 0 if floor else _cuda_report()
+    return 1 if failed or cuda_failed else 0
+
+
+def _cuda_report():
+    """Prints the CUDA C++ kernels' resources (frugal._C, built for the targets by nvcc) next
+    to the Triton launches; returns how many have a stack frame or spill."""
+    from frugal import _ext, build_info
+
+    if not _ext.with_cuda() or build_info.cuobjdump() is None:
+        print("\nCUDA C++ kernels: frugal._C was built without them (no nvcc or a CPU torch)")
+        return 0
+    report = build_info.cuda_kernel_report()
+    bad = [r for r in report if r["stack"] or r["spill_bytes"] or r["blocks_per_sm"] == 0]
+    print("\nCUDA C++ kernels (frugal._C, nvcc):")
+    print(build_info.format_cuda_report(report))
+    print(f"{len(report)} CUDA kernel builds, {len(bad)} with a stack frame, spills or no "
+          f"room to launch")
+    return len(bad)
 
 
 if __name__ == "__main__":

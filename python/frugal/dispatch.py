@@ -1,13 +1,10 @@
-"""Backend selection. Every op takes ``backend="auto" | "triton" | "cuda" | "cpu" | "torch"``.
-
-``auto`` takes the first backend of the op's preference list for the tensors' device type that
-can run here (C++ on CPU tensors; CUDA C++, then Triton on CUDA tensors; PyTorch anywhere).
-An explicit backend that cannot run raises BackendError saying why. ``frugal.explain(op, ...)``
-returns the Choice an op would make for given arguments, and ``frugal.set_debug(True)`` logs
-each choice on the ``frugal`` logger.
+"""What the backends need of the installation, and how choices are reported. Every op takes
+``backend="auto" | "triton" | "cuda" | "cpu" | "torch"``; which implementations an op has and
+how ``auto`` picks among them is declared in :mod:`frugal.registry`.
+``frugal.explain(op, ...)`` returns the Choice an op would make for given arguments, and
+``frugal.set_debug(True)`` logs each choice on the ``frugal`` logger.
 """
 
-import contextvars
 import dataclasses
 import importlib.util
 import logging
@@ -16,16 +13,12 @@ import os
 import torch
 
 from . import _ext
-from .errors import BackendError
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 
-# Fastest first, per device type. Ops may pass their own.
-DEFAULT_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
-
 # True while frugal.jit_capture records launches: Triton kernels "run" on CPU tensors then
-# (the launch is recorded, never executed).
-TRITON_ON_CPU = contextvars.ContextVar("frugal_triton_on_cpu", default=False)
+# (the launch is recorded, never executed). A plain flag: torch.compile traces reads of it.
+triton_on_cpu = False
 
 logger = logging.getLogger("frugal")
 _debug = False
@@ -95,14 +88,15 @@ def unavailable(backend, device):
             return "backend='triton' needs triton, which is not installed"
         if dev == "cuda":
             return None
-        if dev == "cpu" and (triton_interpreting() or TRITON_ON_CPU.get()):
+        if dev == "cpu" and (triton_interpreting() or triton_on_cpu):
             return None
         return (f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); "
                 f"got device {device}")
     raise AssertionError(backend)
 
 
-def _describe(backend):
+def describe(backend):
+    """What runs for ``backend`` here, for explain and the debug log."""
     if backend == "cpu":
         mod = _ext.ext()
         return f"C++ kernel, {mod.cpu_isa()}" if mod is not None else "C++ kernel"
@@ -111,42 +105,14 @@ def _describe(backend):
     return {"cuda": "CUDA C++ kernel", "triton": "Triton kernel", "torch": "PyTorch ops"}[backend]
 
 
-def select(op, device, backend="auto", order=None, supported=None, explain=False):
-    """The backend name ``op`` runs with on ``device`` (a Choice with the reason when
-    ``explain``). ``supported`` limits the backends the op has. Raises BackendError."""
-    if backend not in BACKENDS:
-        raise BackendError(f"{op}: backend must be one of {', '.join(map(repr, BACKENDS))}; "
-                           f"got {backend!r}")
-    supported = supported or BACKENDS[1:]
-    skipped = []
-    if backend != "auto":
-        if backend not in supported:
-            raise BackendError(f"{op}: backend={backend!r} is not implemented for this op; it has "
-                               f"{', '.join(map(repr, supported))}")
-        why = unavailable(backend, device)
-        if why is not None:
-            raise BackendError(f"{op}: {why}")
-        name = backend
-    else:
-        for name in (order or DEFAULT_ORDER).get(device.type, ("torch",)):
-            if name not in supported:
-                continue
-            why = unavailable(name, device)
-            if why is None:
-                break
-            skipped.append(f"{name}: {why}")
-        else:
-            raise BackendError(f"{op}: no backend can run on device {device}: "
-                               + "; ".join(skipped))
-    if explain or _debug:
-        how = "asked for" if backend != "auto" else f"auto on {device.type}"
-        note = f"; skipped {'; '.join(skipped)}" if skipped else ""
-        choice = Choice(op, name, f"{how}: {_describe(name)}{note}")
-        if _debug:
-            logger.info("%s", choice)
-        if explain:
-            return choice
-    return name
+def debugging():
+    return _debug
+
+
+def log(choice):
+    """Logs a Choice on the ``frugal`` logger when set_debug(True)."""
+    if _debug:
+        logger.info("%s", choice)
 
 
 def explain(op, *args, **kwargs):

@@ -6,12 +6,13 @@ leading dims (flattened). Accumulation is in int32 and exact for K <= 131071
 (``INT8_MAX_K``: 128 * 128 * K < 2**31 for every int8 input); larger K is refused.
 """
 
+import math
 from typing import Optional
 
 import torch
 
 from . import _ext, reference
-from .dispatch import select, triton_custom_op
+from .dispatch import triton_custom_op
 from .errors import (
     DeviceError,
     ShapeError,
@@ -21,11 +22,10 @@ from .errors import (
     check_tensor,
 )
 from .quantize import quantize_per_token
+from .registry import Op, cpp_kernel
 
 INT8_MAX_K = reference.INT8_MAX_K
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-_BACKENDS = ("triton", "cpu", "torch")
-_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}
 
 if _ext.ext() is not None:
 
@@ -95,6 +95,56 @@ def _(x, b, b_scale, bias):
     return x.new_empty((x.shape[0], b.shape[0]))
 
 
+# The implementations, on 2-D operands (the public functions flatten and handle empty shapes).
+INT8_MM = Op("int8_mm")
+INT8_MM.implement("cpu", devices=("cpu",), requires=cpp_kernel("int8_mm", "CPU"))(
+    lambda a, b: torch.ops.frugal.int8_mm(a, b))
+INT8_MM.implement("triton")(lambda a, b: torch.ops.frugal.int8_mm_triton(a, b))
+
+
+def _int_mm(a, b):
+    """a @ b^T exactly: torch._int_mm (oneDNN on CPUs, AMX where present; cuBLASLt on GPUs)
+    where it takes the shapes, else the int64 reference. The "torch" backend: on some CPUs
+    the fastest there is, and `frugal tune` finds out."""
+    # CPU: K = 1 returns garbage in torch 2.14 (found by tests/test_fuzz.py). CUDA: its shape
+    # rules.
+    ok = a.shape[1] > 1 if a.device.type == "cpu" else (
+        a.shape[0] > 16 and a.shape[1] % 8 == 0 and b.shape[0] % 8 == 0)
+    return torch._int_mm(a, b.t()) if ok else reference.int8_mm(a, b)
+
+
+INT8_MM.implement("torch")(_int_mm)
+
+INT8_MATMUL = Op("int8_matmul")
+INT8_MATMUL.implement("cpu", devices=("cpu",), requires=cpp_kernel("int8_scaled_mm", "CPU"))(
+    lambda *args: torch.ops.frugal.int8_scaled_mm(*args))
+INT8_MATMUL.implement("triton")(lambda *args: torch.ops.frugal.int8_scaled_mm_triton(*args))
+
+
+@INT8_MATMUL.implement("torch")
+def _int8_scaled_mm_torch(a, b, a_scale, b_scale, bias, out_dtype):
+    # The reference's epilogue (fp32, in its order) over torch._int_mm's exact product.
+    y = _int_mm(a, b).float() * a_scale.float().reshape(-1, 1) * b_scale.float().reshape(1, -1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+
+INT8_WEIGHT_ONLY = Op("int8_weight_only_matmul")
+INT8_WEIGHT_ONLY.implement("cpu", devices=("cpu",),
+                           requires=cpp_kernel("int8_weight_only_mm", "CPU"))(
+    lambda *args: torch.ops.frugal.int8_weight_only_mm(*args))
+INT8_WEIGHT_ONLY.implement("triton")(
+    lambda *args: torch.ops.frugal.int8_weight_only_mm_triton(*args))
+INT8_WEIGHT_ONLY.implement("torch")(reference.int8_weight_only_mm)
+
+
+def _rows(x):
+    """x [..., K] as [M, K] (K = 0 included, where reshape(-1, 0) is ambiguous)."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+
+
 def _check_weight(op, name, b, K, K_name):
     check_dtype(op, name, b, (torch.int8,))
     if b.dim() != 2:
@@ -143,7 +193,7 @@ def _check_mm(op, a, b):
 
 def _select_int8_mm(a, b, *, backend="auto", explain=False):
     _check_mm("int8_mm", a, b)
-    return select("int8_mm", a.device, backend, _ORDER, _BACKENDS, explain)
+    return INT8_MM.select(a.device, backend, a, b, explain=explain)
 
 
 def int8_mm(a, b, *, backend="auto"):
@@ -159,17 +209,20 @@ def int8_mm(a, b, *, backend="auto"):
     -------
     Tensor [M, N] int32. K must be <= 131071 (no int8 input can overflow int32 then).
     """
-    name = _select_int8_mm(a, b, backend=backend)
+    impl = _select_int8_mm(a, b, backend=backend)
     if a.shape[0] == 0 or b.shape[0] == 0 or a.shape[1] == 0:
         return torch.zeros((a.shape[0], b.shape[0]), dtype=torch.int32, device=a.device)
-    if name == "cpu":
-        return torch.ops.frugal.int8_mm(a, b)
-    if name == "triton":
-        return torch.ops.frugal.int8_mm_triton(a, b)
-    return reference.int8_mm(a, b)
+    return impl.run(a, b)
 
 
 int8_mm._frugal_select = _select_int8_mm
+
+
+def _k_zero(lead, N, bias, dtype, device):
+    """A matmul over K = 0: zeros (as int8_mm gives), plus the bias rounded as the epilogue
+    rounds it."""
+    y = torch.zeros((*lead, N), dtype=torch.float32, device=device)
+    return (y if bias is None else y + bias.float()).to(dtype)
 
 
 def _check_matmul(op, aq, bq, a_scale, b_scale, bias, out_dtype):
@@ -186,7 +239,9 @@ def _check_matmul(op, aq, bq, a_scale, b_scale, bias, out_dtype):
 def _select_int8_matmul(aq, bq, a_scale, b_scale, bias=None, out_dtype=torch.float16, *,
                         backend="auto", explain=False):
     _check_matmul("int8_matmul", aq, bq, a_scale, b_scale, bias, out_dtype)
-    return select("int8_matmul", aq.device, backend, _ORDER, _BACKENDS, explain)
+    return INT8_MATMUL.select(aq.device, backend, _rows(aq), bq,
+                              a_scale.reshape(-1), b_scale.reshape(-1), bias, out_dtype,
+                              explain=explain)
 
 
 def int8_matmul(aq, bq, a_scale, b_scale, bias=None, out_dtype=torch.float16, *,
@@ -208,20 +263,16 @@ def int8_matmul(aq, bq, a_scale, b_scale, bias=None, out_dtype=torch.float16, *,
     -------
     Tensor [..., N] of out_dtype.
     """
-    name = _select_int8_matmul(aq, bq, a_scale, b_scale, bias, out_dtype, backend=backend)
+    impl = _select_int8_matmul(aq, bq, a_scale, b_scale, bias, out_dtype, backend=backend)
     lead, K, N = aq.shape[:-1], aq.shape[-1], bq.shape[0]
+    if K == 0:
+        return _k_zero(lead, N, bias, out_dtype, aq.device)
     a2 = aq.reshape(-1, K)
     a_s = a_scale.reshape(-1)
     b_s = b_scale.reshape(-1)
     if a2.shape[0] == 0 or N == 0:
         return torch.empty((*lead, N), dtype=out_dtype, device=aq.device)
-    if name == "cpu":
-        y = torch.ops.frugal.int8_scaled_mm(a2, bq, a_s, b_s, bias, out_dtype)
-    elif name == "triton":
-        y = torch.ops.frugal.int8_scaled_mm_triton(a2, bq, a_s, b_s, bias, out_dtype)
-    else:
-        y = reference.int8_scaled_mm(a2, bq, a_s, b_s, bias, out_dtype)
-    return y.reshape(*lead, N)
+    return impl.run(a2, bq, a_s, b_s, bias, out_dtype).reshape(*lead, N)
 
 
 int8_matmul._frugal_select = _select_int8_matmul
@@ -235,7 +286,8 @@ def _select_weight_only(x, bq, b_scale, bias=None, *, backend="auto", explain=Fa
     _check_scale(op, "b_scale", b_scale, bq.shape[:1], "N, one per output channel")
     _check_bias(op, bias, bq.shape[0])
     _check_devices(op, x=x, bq=bq, b_scale=b_scale, bias=bias)
-    return select(op, x.device, backend, _ORDER, _BACKENDS, explain)
+    return INT8_WEIGHT_ONLY.select(x.device, backend, _rows(x), bq, b_scale,
+                                   bias, explain=explain)
 
 
 def int8_weight_only_matmul(x, bq, b_scale, bias=None, *, backend="auto"):
@@ -249,19 +301,15 @@ def int8_weight_only_matmul(x, bq, b_scale, bias=None, *, backend="auto"):
     bias : Tensor [N] float, or None.
     backend : "auto" | "triton" | "cpu" | "torch"
     """
-    name = _select_weight_only(x, bq, b_scale, bias, backend=backend)
+    impl = _select_weight_only(x, bq, b_scale, bias, backend=backend)
     lead, K, N = x.shape[:-1], x.shape[-1], bq.shape[0]
+    if K == 0:
+        return _k_zero(lead, N, bias, x.dtype, x.device)
     x2 = x.reshape(-1, K)
     b_s = b_scale.reshape(-1).expand(N).contiguous() if b_scale.numel() == 1 else b_scale
     if x2.shape[0] == 0 or N == 0:
         return torch.empty((*lead, N), dtype=x.dtype, device=x.device)
-    if name == "cpu":
-        y = torch.ops.frugal.int8_weight_only_mm(x2, bq, b_s, bias)
-    elif name == "triton":
-        y = torch.ops.frugal.int8_weight_only_mm_triton(x2, bq, b_s, bias)
-    else:
-        y = reference.int8_weight_only_mm(x2, bq, b_s, bias)
-    return y.reshape(*lead, N)
+    return impl.run(x2, bq, b_s, bias).reshape(*lead, N)
 
 
 int8_weight_only_matmul._frugal_select = _select_weight_only

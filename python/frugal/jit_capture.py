@@ -244,7 +244,7 @@ def capture(device_key=None, num_sms=None):
     _local.launches = []
     for cls, original in zip(classes, originals):
         cls.run = patched(original)
-    dispatch.TRITON_ON_CPU.set(True)
+    dispatch.triton_on_cpu = True
     if device_key is not None:
         _launch.device_key = lambda device: device_key
     if num_sms is not None:
@@ -254,7 +254,7 @@ def capture(device_key=None, num_sms=None):
     finally:
         for cls, original in zip(classes, originals):
             cls.run = original
-        dispatch.TRITON_ON_CPU.set(False)
+        dispatch.triton_on_cpu = False
         _launch.device_key, _launch.num_sms = key_fn, sms_fn
         _local.launches = None
 

@@ -19,6 +19,7 @@ from .block_mask import (
     _cdiv,
     _doc_ids,
     _from_rule,
+    _int32_doc_ids,
     _length,
     _Rule,
     _with_bits,
@@ -102,9 +103,9 @@ def sliding_window(nq, window, nk=None, *, causal=True, block_size=128, align="b
 
 def document(doc_ids, kv_doc_ids=None, *, block_size=128):
     """Packed variable-length sequences: query i attends to key k iff they belong to the same
-    document. ``doc_ids`` int [N] or [B, N] (one id per token; contiguous runs of equal ids are
-    the cheapest, any ids are correct); ``kv_doc_ids`` the keys' ids when Nq != Nk (default:
-    the same). Combine with :func:`causal` for causal packed sequences::
+    document. ``doc_ids`` int [N] or [B, N] (one id per token, any integer dtype and value;
+    contiguous runs of equal ids are the cheapest, any ids are correct); ``kv_doc_ids`` the
+    keys' ids when Nq != Nk (default: the same). Combine with :func:`causal` for causal packed sequences::
 
         mask = frugal.masks.causal(n) & frugal.masks.document(ids)
     """
@@ -114,6 +115,7 @@ def document(doc_ids, kv_doc_ids=None, *, block_size=128):
     if kv_doc.shape[0] != q_doc.shape[0]:
         raise ShapeError(f"masks.document: doc_ids and kv_doc_ids must have the same batch dim; "
                          f"got {q_doc.shape[0]} and {kv_doc.shape[0]}")
+    q_doc, kv_doc = _int32_doc_ids(q_doc, kv_doc)
     return _from_rule((q_doc.shape[1], kv_doc.shape[1]), _block_size(block_size, op),
                       _Rule(q_doc=q_doc, kv_doc=kv_doc))
 

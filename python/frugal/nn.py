@@ -8,9 +8,10 @@ once by :meth:`Int8Linear.from_float`. Two modes:
 * ``"weight_only"``: activations stay in their float dtype and the int8 weight is converted in
   registers, so only 1 byte per weight is read: best for decode (few tokens, memory-bound).
 
-On CPU the weight is also repacked once into the C++ kernel's layout (kept beside the module,
-not in its state_dict, and rebuilt if the weight changes), and the dynamic forward is a single
-op that quantizes each row of x as the GEMM packs it (``int8_dynamic_linear_packed``).
+In dynamic mode on the CPU the module holds its weight only in the C++ kernel's packed layout
+(``int8_pack_weight``), and the forward is a single op that quantizes each row of x as the GEMM
+packs it (``int8_dynamic_linear_packed``); see :class:`Int8Linear` for what that means for
+``weight_int8``.
 """
 
 import dataclasses
@@ -19,11 +20,16 @@ import fnmatch
 import torch
 from torch import nn
 
-from .dispatch import select
-from .errors import DTypeError, ShapeError, check_dtype, check_dtype_arg
+from . import _ext
+from .errors import (
+    DTypeError,
+    ShapeError,
+    check_dtype,
+    check_dtype_arg,
+    check_min_dim,
+    check_tensor,
+)
 from .int8_matmul import (
-    _BACKENDS,
-    _ORDER,
     INT8_MAX_K,
     int8_matmul,
     int8_weight_only_matmul,
@@ -45,6 +51,22 @@ class Int8Linear(nn.Module):
     mode : "dynamic" (W8A8, per-token activation quantization) or "weight_only".
     backend : backend of the int8 kernels ("auto", "triton", "cpu", "torch").
     device, dtype : device of the buffers and dtype of the bias.
+
+    The weight: ``weight_int8`` (int8 [out_features, in_features]) with ``weight_scale``
+    (float32 [out_features]). In dynamic mode on the CPU (with the C++ kernels built and
+    ``backend`` "auto" or "cpu") the module keeps the weight *only* in the GEMM's packed layout,
+    so there is no second copy that could go stale. Then:
+
+    * reading ``weight_int8`` returns a fresh [out_features, in_features] tensor unpacked from
+      it (on every read): writing into that tensor (``copy_``, ``.data``, ``.numpy()``) changes
+      the tensor, not the module;
+    * to change the weight, assign it (``m.weight_int8 = w``, which packs it) or load a
+      state_dict (which holds ``weight_int8`` unpacked, as ever, with ``weight_scale`` and
+      ``bias``).
+
+    Elsewhere (weight-only mode, GPU tensors, other backends) ``weight_int8`` is the tensor the
+    kernels read, so an in-place write reaches the forward there too. Either way the forward
+    computes with exactly the weight that ``weight_int8`` and ``state_dict()`` report.
     """
 
     def __init__(self, in_features, out_features, bias=True, mode="dynamic", backend="auto",
@@ -60,15 +82,15 @@ class Int8Linear(nn.Module):
         self.out_features = out_features
         self.mode = mode
         self.backend = backend
-        self.register_buffer("weight_int8", torch.zeros(out_features, in_features,
-                                                        dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32,
                                                         device=device))
         if bias:
             self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
         else:
             self.bias = None
-        self._packed = None  # (key, packed weight) for the C++ CPU kernel
+        # The weight: packed (the C++ kernel's layout) or rows (int8 [N, K]), never both.
+        self._packed = self._rows = None
+        self._store(torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
 
     @classmethod
     def from_float(cls, linear, mode="dynamic", backend="auto"):
@@ -83,7 +105,7 @@ class Int8Linear(nn.Module):
         out = cls(linear.in_features, linear.out_features, linear.bias is not None, mode,
                   backend, device=w.device, dtype=w.dtype)
         wq, ws = quantize_per_channel(w)
-        out.weight_int8.copy_(wq)
+        out.weight_int8 = wq
         out.weight_scale.copy_(ws)
         if linear.bias is not None:
             out.bias.copy_(linear.bias.detach())
@@ -93,31 +115,92 @@ class Int8Linear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, mode={self.mode!r}")
 
-    def _packed_weight(self):
-        w = self.weight_int8
-        key = (w.data_ptr(), w._version)
-        if self._packed is None or self._packed[0] != key:
-            self._packed = (key, torch.ops.frugal.int8_pack_weight(w))
-        return self._packed[1]
+    @property
+    def weight_int8(self):
+        """int8 [out_features, in_features]; unpacked afresh on each read when packed."""
+        if self._packed is None:
+            return self._rows
+        return _unpack_weight(self._packed, self.out_features, self.in_features)
+
+    @weight_int8.setter
+    def weight_int8(self, w):
+        check_dtype("Int8Linear", "weight_int8", w, (torch.int8,))
+        if tuple(w.shape) != (self.out_features, self.in_features):
+            raise ShapeError(f"Int8Linear: weight_int8 must have shape (out_features, "
+                             f"in_features) = {(self.out_features, self.in_features)}; got "
+                             f"{tuple(w.shape)}")
+        self._store(w.detach().to(self.weight_scale.device, copy=True))
+
+    def _store(self, w):
+        """Keeps w (int8 [N, K], owned by the module) as the weight, packed where the forward
+        runs the packed kernel."""
+        packs = (self.mode == "dynamic" and w.device.type == "cpu" and _ext.ext() is not None
+                 and self.backend in ("auto", "cpu"))
+        if packs:
+            self._packed, self._rows = torch.ops.frugal.int8_pack_weight(w), None
+        else:
+            self._packed, self._rows = None, w
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .cuda(), .cpu(), ...: the weight is not a buffer; move it and re-store it.
+        w = fn(self.weight_int8)
+        super()._apply(fn, recurse)
+        self._store(w)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight_int8"] = self.weight_int8
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        key = prefix + "weight_int8"
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if key in unexpected_keys:  # not a buffer, so nn.Module does not know it
+            unexpected_keys.remove(key)
+        if key not in state_dict:
+            missing_keys.append(key)
+            return
+        try:
+            self.weight_int8 = state_dict[key]
+        except (TypeError, ValueError) as e:
+            error_msgs.append(f"{key}: {e}")
 
     def forward(self, x):
+        check_tensor("Int8Linear", "x", x)
+        check_min_dim("Int8Linear", "x", x, 1, "[..., in_features]")
         if x.shape[-1] != self.in_features:
             raise ShapeError(f"Int8Linear: x.shape[-1] must be in_features={self.in_features}; "
                              f"got shape {tuple(x.shape)}")
         if self.mode == "weight_only":
             return int8_weight_only_matmul(x, self.weight_int8, self.weight_scale, self.bias,
                                            backend=self.backend)
-        name = select("int8_matmul", x.device, self.backend, _ORDER, _BACKENDS)
-        if name == "cpu" and not torch.compiler.is_compiling():
-            # One op: each row of x is quantized as the GEMM packs it, with no int8 copy of x.
+        if self._packed is not None:
+            # The packed weight exists only where the C++ kernel runs this forward (_store):
+            # one op, each row of x quantized as the GEMM packs it, no int8 copy of x.
             check_dtype("Int8Linear", "x", x, _FLOATS)
             y = torch.ops.frugal.int8_dynamic_linear_packed(
-                x.reshape(-1, self.in_features), self._packed_weight(), self.weight_scale,
-                self.bias)
+                x.reshape(-1, self.in_features), self._packed, self.weight_scale, self.bias)
             return y.reshape(*x.shape[:-1], self.out_features)
         xq, xs = quantize_per_token(x, backend=self.backend)
         return int8_matmul(xq, self.weight_int8, xs, self.weight_scale, self.bias, x.dtype,
-                           backend=name)
+                           backend=self.backend)
+
+
+def _unpack_weight(packed, n, k):
+    """int8 [n, k] from an int8_pack_weight buffer, whose layout (csrc/cpu/int8_matmul.cpp) is a
+    64-byte header, int32 [Npad] column sums, then groups of 64 columns (the last one Npad % 64
+    wide when that is not 0) stored [K4][width][4], with Npad = n rounded up to 16 and
+    K4 = ceil(k / 4)."""
+    n_pad, k4 = -(-n // 16) * 16, -(-k // 4)
+    data = packed[64 + 4 * n_pad:]
+    full = n_pad // 64 * 64
+    parts = [data[:full * k4 * 4].view(full // 64, k4, 64, 4).transpose(1, 2).reshape(full, 4 * k4)]
+    if n_pad > full:
+        last = n_pad - full
+        parts.append(data[full * k4 * 4:].view(k4, last, 4).transpose(0, 1).reshape(last, 4 * k4))
+    return torch.cat(parts)[:n, :k].contiguous()
 
 
 @dataclasses.dataclass

@@ -25,18 +25,17 @@ from .errors import (
 from .paged_ops import (
     CACHE_DTYPES,
     FLOATS,
+    PAGED_APPEND,
+    PAGED_ATTENTION,
+    PAGED_PREFILL,
+    BlockTableError,
     check_window,
     empty_cache,
     is_block_size,
     is_int,
+    normalize,
     paged_attention,
     paged_prefill_attention,
-    prefill_why_not,
-    run_append,
-    run_attention,
-    run_prefill,
-    select_backend,
-    why_not,
 )
 
 
@@ -470,7 +469,7 @@ class PagedKVCache:
         self._allocate(*self._plan(op, layer, seqs, counts), seqs)
         starts = [seq.lens[layer] for seq in seqs]
         heads = (self.num_kv_heads, self.head_dim)
-        run_append(name, k.reshape(-1, *heads), v.reshape(-1, *heads), self.k_cache[layer],
+        name.run(k.reshape(-1, *heads), v.reshape(-1, *heads), self.k_cache[layer],
                    self.v_cache[layer], self._slots(seqs, starts, counts),
                    *self._scales(layer))
         self._advance(seqs, starts, counts, ids, (layer,))
@@ -548,12 +547,10 @@ class PagedKVCache:
         return trims, copies, grows
 
     def _append_backend(self, backend):
-        """The :func:`paged_append` backend of this cache's writes (BackendError if it cannot
-        run); the layout is the same for every layer."""
-        k_scale, v_scale = self._scales(0)
-        why = why_not(self.device, "paged_append", self.k_cache[0], self.v_cache[0], k_scale,
-                       v_scale)
-        return select_backend("paged_append", self.device, backend, False, why)
+        """The :func:`paged_append` implementation of this cache's writes (BackendError if it
+        cannot run); its needs depend on the caches only, the same in every layer."""
+        return PAGED_APPEND.select(self.device, backend, None, None, self.k_cache[0],
+                                   self.v_cache[0], None, *self._scales(0))
 
     def _slots(self, seqs, starts, counts):
         """int32 [sum(counts)] on the cache's device: the slot of each new token, sequence by
@@ -647,6 +644,7 @@ class PagedKVCache:
             self._check_known_ids(op, 0, seq_ids, seqs, counts, ids)
         window = self.window if window is None else window
         check_window(op, window)
+        self._check_reads(op, seq_ids, seqs, counts, window)
         name = self._append_backend(backend)
         self._allocate(*self._plan(op, 0, seqs, counts), seqs)
         starts = [seq.lens[0] for seq in seqs]
@@ -662,12 +660,28 @@ class PagedKVCache:
         return StepPlan(
             cache=self, seqs=tuple(seqs), versions=tuple(seq.version for seq in seqs),
             seq_ids=tuple(seq_ids),
-            num_tokens=tuple(counts), window=window or 0, backend=backend, append_backend=name,
+            num_tokens=tuple(counts), window=window or 0, backend=backend, append_impl=name,
             slot_mapping=slots, block_tables=tables.to(self.device),
             seq_lens=torch.tensor(lens, dtype=torch.int32).to(self.device),
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int32).to(self.device),
             max_q_len=max(counts), max_seq_len=max(lens), decode=max(counts) == 1,
         )
+
+    def _check_reads(self, op, seq_ids, seqs, counts, window):
+        """The step's queries read no block a trim gave back: the tables a plan builds are
+        run unchecked by the kernels."""
+        bs = self.block_size
+        for seq_id, seq, t in zip(seq_ids, seqs, counts):
+            start = seq.lens[0]
+            first = 0 if not window else max(0, start - window + 1)
+            gone = [j for j in range(first // bs, min(len(seq.blocks), -(-start // bs)))
+                    if seq.blocks[j] < 0]
+            if gone:
+                raise BlockTableError(
+                    f"{op}: sequence {seq_id!r} gave back block {gone[0]} (positions "
+                    f"{gone[0] * bs}..{gone[0] * bs + bs - 1}), which its queries from position "
+                    f"{start} read with window {window}; plan with a window of at most "
+                    f"{start - (gone[-1] + 1) * bs + 1}")
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -787,7 +801,7 @@ class StepPlan:
     num_tokens: tuple
     window: int
     backend: str
-    append_backend: str
+    append_impl: object
     slot_mapping: torch.Tensor
     block_tables: torch.Tensor
     seq_lens: torch.Tensor
@@ -795,7 +809,7 @@ class StepPlan:
     max_q_len: int
     max_seq_len: int
     decode: bool
-    _backends: dict = dataclasses.field(default_factory=dict)
+    _impls: dict = dataclasses.field(default_factory=dict)
     _workspaces: dict = dataclasses.field(default_factory=dict)
 
     def _check_layer(self, op, layer):
@@ -837,24 +851,22 @@ class StepPlan:
         k = self._rows(op, "k", k, cache.num_kv_heads, dtypes)
         check_tensor(op, "v", v)
         v = self._rows(op, "v", v, cache.num_kv_heads, (k.dtype,))
-        run_append(self.append_backend, k, v, cache.k_cache[layer], cache.v_cache[layer],
+        self.append_impl.run(k, v, cache.k_cache[layer], cache.v_cache[layer],
                    self.slot_mapping, *cache._scales(layer))
 
     def __post_init__(self):
-        # Backends chosen once here, per q dtype the cache takes, not per layer: selection
-        # asks the dispatcher which kernels exist, which torch.compile would not trace.
+        # Implementations chosen once here, per q dtype the cache takes, not per layer:
+        # selection asks the dispatcher which kernels exist, which torch.compile would not
+        # trace. What they need depends on q's dtype and the caches only.
         cache = self.cache
+        op = PAGED_ATTENTION if self.decode else PAGED_PREFILL
         ks, vs = cache._scales(0)
-        op = "paged_attention" if self.decode else "paged_prefill_attention"
         for dtype in FLOATS if cache.dtype == torch.int8 else (cache.dtype,):
-            reasons = why_not(cache.device, op, cache.k_cache[0], cache.v_cache[0], ks, vs,
-                              dtype)
-            if not self.decode:
-                for name, reason in prefill_why_not(cache.device, dtype, cache.head_dim,
-                                                    cache.dtype).items():
-                    reasons.setdefault(name, reason)
-            self._backends[dtype] = select_backend(op, cache.device, self.backend, False,
-                                                   reasons)
+            q = torch.empty((0, cache.num_kv_heads, cache.head_dim), dtype=dtype, device="meta")
+            tables = (cache.k_cache[0], cache.v_cache[0], None, None)  # + block_tables, lens
+            args = (q, *tables, 1.0, 0, ks, vs) if self.decode else (
+                q, *tables, None, 0, 1.0, 0, ks, vs)
+            self._impls[dtype] = op.select(cache.device, self.backend, *args)
 
     def attention(self, q, layer, scale=None):
         """Attention of the step's queries in ``layer`` over everything written (the step's
@@ -870,15 +882,16 @@ class StepPlan:
         if rows.shape[1] % cache.num_kv_heads:
             raise ShapeError(f"{op}: q's head count {rows.shape[1]} must be a multiple of the "
                              f"cache's num_kv_heads {cache.num_kv_heads}")
-        name = self._backends[rows.dtype]
+        impl = self._impls[rows.dtype]
         ks, vs = cache._scales(layer)
         kc, vc = cache.k_cache[layer], cache.v_cache[layer]
+        scale, window = normalize(rows, scale, self.window)
         if self.decode:
-            out = run_attention(name, rows, kc, vc, self.block_tables, self.seq_lens, scale,
-                                self.window, ks, vs, self.max_seq_len, self._workspace(name, rows))
+            out = impl.run(rows, kc, vc, self.block_tables, self.seq_lens, scale, window, ks, vs,
+                           self.max_seq_len, self._workspace(impl.backend, rows))
         else:
-            out = run_prefill(name, rows, kc, vc, self.block_tables, self.seq_lens,
-                              self.cu_seqlens_q, self.max_q_len, scale, self.window, ks, vs)
+            out = impl.run(rows, kc, vc, self.block_tables, self.seq_lens, self.cu_seqlens_q,
+                           self.max_q_len, scale, window, ks, vs)
         return out.reshape(q.shape)
 
     def _workspace(self, name, q):

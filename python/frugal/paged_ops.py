@@ -2,8 +2,9 @@
 :func:`paged_prefill_attention` read and write one layer's paged cache through block tables,
 as in vLLM. The manager (:class:`frugal.PagedKVCache`) sits on top of them, and its per-step
 plan (:class:`frugal.paged_kv_cache.StepPlan`) is the seam between the two: it builds and
-validates the tables once per step and calls the runners here (``run_append``,
-``run_attention``, ``run_prefill``), which skip the content checks.
+validates the tables once per step and runs the implementations declared here
+(``PAGED_APPEND``, ``PAGED_ATTENTION``, ``PAGED_PREFILL`` in :mod:`frugal.registry`), which skip
+the content checks.
 
 Layout
 ------
@@ -22,23 +23,22 @@ Validation
 ----------
 The public ops check every argument, table entries and lengths included: one reduction on the
 tables' device and one host sync per call (the price of never reading out of bounds on tables a
-user built). The runners check nothing; :class:`~frugal.paged_kv_cache.StepPlan` calls them with
-tables the manager built and validated on the host.
+user built). The implementations check nothing; :class:`~frugal.paged_kv_cache.StepPlan` runs
+them with tables the manager built and validated on the host.
 
-Backends: the Triton kernels on CUDA tensors (``frugal.kernels.paged_attention``: GQA-packed
-tensor-core decode with split-KV, flash-style chunked prefill) and the C++ kernels
+Backends: the CUDA C++ kernels (``csrc/cuda/paged_attention.cu``) and the Triton kernels on
+CUDA tensors (``frugal.kernels.paged_attention``: GQA-packed tensor-core decode with split-KV,
+flash-style chunked prefill) and the C++ kernels
 (``frugal._C``) on CPU tensors, each falling back to the PyTorch reference where it cannot run.
 """
 
-import dataclasses
 from typing import Optional
 
 import torch
 
 from . import _ext, reference
-from .dispatch import select, triton_custom_op, unavailable
+from .dispatch import triton_custom_op
 from .errors import (
-    BackendError,
     DeviceError,
     DTypeError,
     FrugalError,
@@ -48,11 +48,10 @@ from .errors import (
     check_scale,
     check_tensor,
 )
+from .registry import Op, cpp_kernel
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 CACHE_DTYPES = FLOATS + (torch.int8,)
-_BACKENDS = ("triton", "cpu", "torch")  # paged_append, paged_attention, paged_prefill_attention
-_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}
 MAX_WINDOW = 2**31 - 1  # a longer window reads what no window reads
 
 if _ext.ext() is not None and hasattr(torch.ops.frugal, "paged_attention"):
@@ -293,114 +292,123 @@ def _check_table_contents(op, block_tables, seq_lens, k_cache, window, q_lens=No
 
 
 # ---------------------------------------------------------------------------------------------
-# Backend selection
+# Implementations (frugal.registry): arguments already checked, no content checks, no host
+# sync. StepPlan calls them directly with tables the manager built.
+#
+# Order on CUDA tensors: the CUDA C++ kernels first for append and decode, Triton first for
+# prefill. Neither has run on a GPU yet; the CUDA decode and append run their own device code
+# through the emulator in the tests (fragment layouts included) where the Triton ones run in the
+# interpreter, and the CUDA prefill fills half of each mma tile (slower on long chunks).
+# `frugal tune` replaces this order with what it measured and verified on the device.
+
+PAGED_APPEND = Op("paged_append")
+PAGED_ATTENTION = Op("paged_attention")
+PAGED_PREFILL = Op("paged_prefill_attention",
+                   order={"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")})
 
 
-def _cpu_kernel_missing(cpp_op):
-    """Why frugal._C cannot run ``frugal::<cpp_op>`` on CPU tensors, beyond what
-    :func:`frugal.dispatch.unavailable` says (the schema exists before its CPU kernel does)."""
-    if _ext.ext() is None:
-        return None  # dispatch.unavailable names the missing extension
-    if not (hasattr(torch.ops.frugal, cpp_op)
-            and torch._C._dispatch_has_kernel_for_dispatch_key(f"frugal::{cpp_op}", "CPU")):
-        return (f"backend='cpu': frugal._C has no CPU kernel for frugal::{cpp_op} yet (rebuild "
-                f"the extension: pip install -e .)")
+def _triton_why_not(k_cache, v_cache, k_scale, v_scale, q_dtype=None, prefill=False):
+    from frugal.kernels import paged_attention as kernel
+
+    reason = kernel.unsupported(k_cache, v_cache, k_scale, v_scale, q_dtype)
+    if reason is None and prefill:
+        reason = kernel.prefill_unsupported(q_dtype, k_cache.shape[3], k_cache.dtype)
+    return reason
+
+
+def _cuda_why_not(k_cache, v_cache):
+    D = k_cache.shape[3]
+    if not (8 <= D <= 256 and D % 8 == 0):
+        return f"the CUDA kernels need head_dim a multiple of 8 from 8 to 256; got {D}"
+    if k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        return "the CUDA kernels need caches with unit stride in head_dim"
     return None
 
 
-def why_not(device, cpp_op, k_cache, v_cache, k_scale, v_scale, q_dtype=None):
-    """{backend: why it cannot run this call}, for the reasons particular to the paged ops."""
-    why = {}
-    if device.type == "cpu":
-        why["cpu"] = _cpu_kernel_missing(cpp_op)
-    if unavailable("triton", device) is None:
-        from frugal.kernels import paged_attention as kernel
-
-        reason = kernel.unsupported(k_cache, v_cache, k_scale, v_scale, q_dtype)
-        why["triton"] = None if reason is None else f"backend='triton': {reason}"
-    return {name: reason for name, reason in why.items() if reason is not None}
+@PAGED_APPEND.implement("triton", why_not=lambda k, v, kc, vc, s, ks, vs: _triton_why_not(
+    kc, vc, ks, vs))
+def _append_triton(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale):
+    torch.ops.frugal.paged_append_triton(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
-def prefill_why_not(device, q_dtype, head_dim, cache_dtype=None):
-    """{backend: why it cannot run} for the prefill kernel's own limits (q dtype, head dim,
-    cache dtype)."""
-    if unavailable("triton", device) is not None:
-        return {}
-    from frugal.kernels import paged_attention as kernel
-
-    reason = kernel.prefill_unsupported(q_dtype, head_dim, cache_dtype)
-    return {} if reason is None else {"triton": f"backend='triton': {reason}"}
+@PAGED_APPEND.implement("cuda", devices=("cuda",), requires=cpp_kernel("paged_append", "CUDA"),
+                        why_not=lambda k, v, kc, vc, *_: _cuda_why_not(kc, vc))
+@PAGED_APPEND.implement("cpu", devices=("cpu",), requires=cpp_kernel("paged_append", "CPU"))
+def _append_cpp(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale):
+    torch.ops.frugal.paged_append(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
-def select_backend(op, device, backend, explain, why):
-    """:func:`frugal.dispatch.select` over _BACKENDS, minus the backends ``why`` rules out for
-    this call: an explicit one raises BackendError with the reason, auto skips it."""
-    if backend in why and unavailable(backend, device) is None:
-        raise BackendError(f"{op}: {why[backend]}")
-    order = {dev: tuple(name for name in names if name not in why)
-             for dev, names in _ORDER.items()}
-    choice = select(op, device, backend, order, _BACKENDS, explain)
-    if explain and backend == "auto":
-        ahead = _ORDER.get(device.type, ())
-        ahead = ahead[:ahead.index(choice.backend)] if choice.backend in ahead else ahead
-        notes = [f"{name}: {why[name]}" for name in ahead if name in why]
-        if notes:
-            choice = dataclasses.replace(choice, reason=f"{choice.reason}; skipped "
-                                                        + "; ".join(notes))
-    return choice
+PAGED_APPEND.implement("torch")(reference.paged_append)
 
 
-# ---------------------------------------------------------------------------------------------
-# Runners: one backend, arguments already checked (no content checks, no host sync)
+# Decode: (q, k_cache, v_cache, block_tables, seq_lens, scale, window, k_scale, v_scale,
+# max_seq_len, workspace) with scale a float, window an int (0: none), max_seq_len a host-known
+# bound of seq_lens (-1: unknown, the table width bounds the split plan), workspace the Triton
+# split-KV buffers (ws_o, ws_lse) to reuse or None.
+
+@PAGED_ATTENTION.implement("triton", why_not=lambda q, kc, vc, t, n, sc, w, ks, vs, *_:
+                           _triton_why_not(kc, vc, ks, vs, q.dtype))
+def _decode_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, window, k_scale, v_scale,
+                   max_seq_len=-1, workspace=None):
+    ws_o, ws_lse = workspace if workspace is not None else (None, None)
+    return torch.ops.frugal.paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens,
+                                                   scale, window, k_scale, v_scale, max_seq_len,
+                                                   ws_o, ws_lse)
 
 
-def run_append(name, k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale):
-    """Backend ``name`` writes k, v [N, Hkv, D] to the slots."""
-    if name == "triton":
-        torch.ops.frugal.paged_append_triton(k, v, k_cache, v_cache, slot_mapping, k_scale,
-                                             v_scale)
-    elif name == "cpu":
-        torch.ops.frugal.paged_append(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
-    else:
-        reference.paged_append(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
-
-
-def run_attention(name, q, k_cache, v_cache, block_tables, seq_lens, scale, window, k_scale,
-                  v_scale, max_seq_len=-1, workspace=None):
-    """Backend ``name``'s decode attention. ``scale`` None for D**-0.5, ``window`` None or 0 for
-    none; ``max_seq_len`` a host-known bound of seq_lens (-1: unknown, the table width bounds
-    the split plan); ``workspace`` the Triton split-KV buffers (ws_o, ws_lse) to reuse."""
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    window = 0 if not window else min(window, MAX_WINDOW)
-    if name == "torch":
-        return reference.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale,
-                                         window or None, k_scale, v_scale)
-    if name == "triton":
-        ws_o, ws_lse = workspace if workspace is not None else (None, None)
-        return torch.ops.frugal.paged_attention_triton(q, k_cache, v_cache, block_tables,
-                                                       seq_lens, scale, window, k_scale, v_scale,
-                                                       max_seq_len, ws_o, ws_lse)
+@PAGED_ATTENTION.implement("cuda", devices=("cuda",),
+                           requires=cpp_kernel("paged_attention", "CUDA"),
+                           why_not=lambda q, kc, vc, *_: _cuda_why_not(kc, vc))
+@PAGED_ATTENTION.implement("cpu", devices=("cpu",), requires=cpp_kernel("paged_attention", "CPU"))
+def _decode_cpp(q, k_cache, v_cache, block_tables, seq_lens, scale, window, k_scale, v_scale,
+                max_seq_len=-1, workspace=None):
     return torch.ops.frugal.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale,
                                             window, k_scale, v_scale)
 
 
-def run_prefill(name, q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_q_len,
-                scale, window, k_scale, v_scale):
-    """Backend ``name``'s chunked-prefill attention of packed q [N, Hq, D], sequence b owning
-    rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]) (at most ``max_q_len``, known on the host)."""
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    window = 0 if not window else min(window, MAX_WINDOW)
-    if name == "torch":
-        q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).to(torch.int32)
-        return reference.paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens,
-                                                 q_lens, scale, window or None, k_scale, v_scale)
-    if name == "triton":
-        return torch.ops.frugal.paged_prefill_attention_triton(
-            q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_q_len, scale, window,
-            k_scale, v_scale)
+@PAGED_ATTENTION.implement("torch")
+def _decode_torch(q, k_cache, v_cache, block_tables, seq_lens, scale, window, k_scale, v_scale,
+                  max_seq_len=-1, workspace=None):
+    return reference.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale,
+                                     window or None, k_scale, v_scale)
+
+
+# Prefill: (q packed [N, Hq, D], k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q,
+# max_q_len, scale, window, k_scale, v_scale), max_q_len known on the host.
+
+@PAGED_PREFILL.implement("triton", why_not=lambda q, kc, vc, t, n, cu, mq, sc, w, ks, vs:
+                         _triton_why_not(kc, vc, ks, vs, q.dtype, prefill=True))
+def _prefill_triton(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_q_len, scale,
+                    window, k_scale, v_scale):
+    return torch.ops.frugal.paged_prefill_attention_triton(
+        q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_q_len, scale, window,
+        k_scale, v_scale)
+
+
+@PAGED_PREFILL.implement("cuda", devices=("cuda",),
+                         requires=cpp_kernel("paged_prefill_attention", "CUDA"),
+                         why_not=lambda q, kc, vc, *_: _cuda_why_not(kc, vc))
+@PAGED_PREFILL.implement("cpu", devices=("cpu",),
+                         requires=cpp_kernel("paged_prefill_attention", "CPU"))
+def _prefill_cpp(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_q_len, scale,
+                 window, k_scale, v_scale):
     return torch.ops.frugal.paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens,
                                                     cu_seqlens_q, scale, window, k_scale,
                                                     v_scale)
+
+
+@PAGED_PREFILL.implement("torch")
+def _prefill_torch(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_q_len, scale,
+                   window, k_scale, v_scale):
+    q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).to(torch.int32)
+    return reference.paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, q_lens,
+                                             scale, window or None, k_scale, v_scale)
+
+
+def normalize(q, scale, window):
+    """(scale, window) as the implementations take them: D**-0.5 for None, 0 for no window."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return scale, 0 if not window else min(window, MAX_WINDOW)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,8 +451,8 @@ def _check_append(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale):
 def _select_paged_append(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None, *,
                          backend="auto", explain=False):
     _check_append(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
-    why = why_not(k_cache.device, "paged_append", k_cache, v_cache, k_scale, v_scale)
-    return select_backend("paged_append", k_cache.device, backend, explain, why)
+    return PAGED_APPEND.select(k_cache.device, backend, k, v, k_cache, v_cache, slot_mapping,
+                               k_scale, v_scale, explain=explain)
 
 
 def paged_append(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None, *,
@@ -467,9 +475,9 @@ def paged_append(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=Non
 
     Raises BlockTableError for slots out of range or repeated, before anything is written.
     """
-    name = _select_paged_append(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale,
+    impl = _select_paged_append(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale,
                                 backend=backend)
-    run_append(name, k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    impl.run(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 paged_append._frugal_select = _select_paged_append
@@ -512,8 +520,9 @@ def _select_paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=N
                             k_scale=None, v_scale=None, *, backend="auto", explain=False):
     _check_attention("paged_attention", q, k_cache, v_cache, block_tables, seq_lens, scale,
                      window, k_scale, v_scale)
-    why = why_not(q.device, "paged_attention", k_cache, v_cache, k_scale, v_scale, q.dtype)
-    return select_backend("paged_attention", q.device, backend, explain, why)
+    return PAGED_ATTENTION.select(q.device, backend, q, k_cache, v_cache, block_tables, seq_lens,
+                                  *normalize(q, scale, window), k_scale, v_scale,
+                                  explain=explain)
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=None, window=None,
@@ -543,10 +552,10 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=None, win
     Table entries and lengths are checked on the host before anything runs (one sync):
     BlockTableError, never an out-of-bounds read.
     """
-    name = _select_paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, window,
+    impl = _select_paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, window,
                                    k_scale, v_scale, backend=backend)
-    return run_attention(name, q, k_cache, v_cache, block_tables, seq_lens, scale, window,
-                         k_scale, v_scale)
+    return impl.run(q, k_cache, v_cache, block_tables, seq_lens, *normalize(q, scale, window),
+                    k_scale, v_scale)
 
 
 paged_attention._frugal_select = _select_paged_attention
@@ -557,11 +566,27 @@ def _select_paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens,
                                     backend="auto", explain=False):
     _check_attention("paged_prefill_attention", q, k_cache, v_cache, block_tables, seq_lens,
                      scale, window, k_scale, v_scale, q_lens)
-    why = why_not(q.device, "paged_prefill_attention", k_cache, v_cache, k_scale, v_scale,
-                  q.dtype)
-    why.update((k, v) for k, v in prefill_why_not(q.device, q.dtype, q.shape[-1],
-                                                   k_cache.dtype).items() if k not in why)
-    return select_backend("paged_prefill_attention", q.device, backend, explain, why)
+    return PAGED_PREFILL.select(q.device, backend, *_prefill_args(
+        q, k_cache, v_cache, block_tables, seq_lens, q_lens, scale, window, k_scale, v_scale),
+        explain=explain)
+
+
+def _prefill_args(q, k_cache, v_cache, block_tables, seq_lens, q_lens, scale, window, k_scale,
+                  v_scale):
+    """The implementations' arguments: q packed [N, Hq, D] with cu_seqlens_q int32 [B + 1] (the
+    vLLM / FlashAttention varlen layout) and max_q_len on the host."""
+    hq, d = q.shape[-2:]
+    if q.dim() == 4:
+        rows = q.reshape(-1, hq, d)
+        cu_seqlens_q = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device) * q.shape[1]
+        max_q_len = q.shape[1]
+    else:
+        rows = q
+        cu_seqlens_q = torch.nn.functional.pad(torch.cumsum(q_lens, 0, dtype=torch.int32), (1, 0))
+        # The Triton grid needs it on the host: one sync (the checks made one already).
+        max_q_len = int(q_lens.max()) if q_lens.numel() else 0
+    return (rows, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_q_len,
+            *normalize(q, scale, window), k_scale, v_scale)
 
 
 def paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, q_lens=None, scale=None,
@@ -593,21 +618,11 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, q_lens=
     The kernels take q packed as [N, Hq, D] with ``cu_seqlens_q`` int32 [B + 1] (the vLLM /
     FlashAttention varlen layout); 4-d q is reshaped to it, packed q's q_lens are summed into it.
     """
-    name = _select_paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, q_lens,
+    impl = _select_paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, q_lens,
                                            scale, window, k_scale, v_scale, backend=backend)
-    hq, d = q.shape[-2:]
-    if q.dim() == 4:
-        rows = q.reshape(-1, hq, d)
-        cu_seqlens_q = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device) * q.shape[1]
-        max_q_len = q.shape[1]
-    else:
-        rows = q
-        cu_seqlens_q = torch.nn.functional.pad(torch.cumsum(q_lens, 0, dtype=torch.int32), (1, 0))
-        # The Triton grid needs it on the host: one sync (the checks above made one already).
-        max_q_len = int(q_lens.max()) if q_lens.numel() else 0
-    out = run_prefill(name, rows, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q,
-                      max_q_len, scale, window, k_scale, v_scale)
-    return out.reshape(q.shape)
+    args = _prefill_args(q, k_cache, v_cache, block_tables, seq_lens, q_lens, scale, window,
+                         k_scale, v_scale)
+    return impl.run(*args).reshape(q.shape)
 
 
 paged_prefill_attention._frugal_select = _select_paged_prefill_attention

@@ -3,8 +3,9 @@
 import torch
 
 from . import _ext, reference
-from .dispatch import select, triton_custom_op
+from .dispatch import triton_custom_op
 from .errors import ShapeError, check_dtype, check_dtype_arg, check_min_dim
+from .registry import Op, cpp_kernel
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -30,14 +31,29 @@ def _quantize_per_token_triton_fake(x):
             x.new_empty(x.shape[:-1], dtype=torch.float32))
 
 
-def _check_quantize(x):
-    check_dtype("quantize_per_token", "x", x, _FLOATS)
-    check_min_dim("quantize_per_token", "x", x, 1, "[..., K]")
+QUANTIZE_PER_TOKEN = Op("quantize_per_token")
+
+
+@QUANTIZE_PER_TOKEN.implement("cuda", devices=("cuda",),
+                              requires=cpp_kernel("quantize_per_token", "CUDA"))
+@QUANTIZE_PER_TOKEN.implement("cpu", devices=("cpu",),
+                              requires=cpp_kernel("quantize_per_token", "CPU"))
+def _quantize_cpp(x):
+    return torch.ops.frugal.quantize_per_token(x)
+
+
+@QUANTIZE_PER_TOKEN.implement("triton")
+def _quantize_triton(x):
+    return torch.ops.frugal.quantize_per_token_triton(x)
+
+
+QUANTIZE_PER_TOKEN.implement("torch")(reference.quantize_per_token)
 
 
 def _select_quantize(x, *, backend="auto", explain=False):
-    _check_quantize(x)
-    return select("quantize_per_token", x.device, backend, explain=explain)
+    check_dtype("quantize_per_token", "x", x, _FLOATS)
+    check_min_dim("quantize_per_token", "x", x, 1, "[..., K]")
+    return QUANTIZE_PER_TOKEN.select(x.device, backend, x, explain=explain)
 
 
 def quantize_per_token(x, *, backend="auto"):
@@ -57,12 +73,7 @@ def quantize_per_token(x, *, backend="auto"):
     zeros. A row holding inf or NaN gives scale NaN and zeros, so ``dequantize`` returns NaN for
     that row instead of a silently wrong number. M = 0 gives empty results.
     """
-    name = _select_quantize(x, backend=backend)
-    if name in ("cpu", "cuda"):
-        return torch.ops.frugal.quantize_per_token(x)
-    if name == "triton":
-        return torch.ops.frugal.quantize_per_token_triton(x)
-    return reference.quantize_per_token(x)
+    return _select_quantize(x, backend=backend).run(x)
 
 
 quantize_per_token._frugal_select = _select_quantize
@@ -83,11 +94,14 @@ def _check_dequantize(q, scale, out_dtype):
         raise DeviceError(f"{op}: scale must be on q's device ({q.device}); got {scale.device}")
 
 
+# One fused elementwise multiply: PyTorch (and torch.compile) already does it at bandwidth.
+DEQUANTIZE = Op("dequantize")
+DEQUANTIZE.implement("torch")(reference.dequantize)
+
+
 def _select_dequantize(q, scale, out_dtype=torch.float32, *, backend="auto", explain=False):
     _check_dequantize(q, scale, out_dtype)
-    # One fused elementwise multiply: PyTorch (and torch.compile) already does it at bandwidth.
-    return select("dequantize", q.device, backend, supported=("torch",),
-                  order={"cpu": ("torch",), "cuda": ("torch",)}, explain=explain)
+    return DEQUANTIZE.select(q.device, backend, q, scale, out_dtype, explain=explain)
 
 
 def dequantize(q, scale, out_dtype=torch.float32, *, backend="auto"):
@@ -100,8 +114,7 @@ def dequantize(q, scale, out_dtype=torch.float32, *, backend="auto"):
     out_dtype : float32, float16 or bfloat16.
     backend : "auto" | "torch" (a single elementwise multiply; no custom kernel is needed).
     """
-    _select_dequantize(q, scale, out_dtype, backend=backend)
-    return reference.dequantize(q, scale, out_dtype)
+    return _select_dequantize(q, scale, out_dtype, backend=backend).run(q, scale, out_dtype)
 
 
 dequantize._frugal_select = _select_dequantize

@@ -6,61 +6,37 @@ forward and backward that visit only the mask's blocks), the C++ CPU kernels on 
 reference). Gradients flow through every backend via autograd (with respect to q, k and v).
 """
 
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 
-from . import reference
-from ._ext import ext
+from . import _ext, reference
 from .block_mask import BlockMask, SparseLayout
-from .dispatch import select, triton_custom_op, unavailable
-from .errors import (
-    BackendError,
-    ShapeError,
-    check_dtype,
-    check_same_device,
-    check_scale,
-    check_tensor,
-)
+from .dispatch import triton_custom_op
+from .errors import ShapeError, check_dtype, check_same_device, check_scale
+from .registry import Op, cpp_kernel
 
 __all__ = ["sparse_attention", "HEAD_DIMS"]
 
 HEAD_DIMS = (32, 64, 96, 128, 256)
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-_SUPPORTED = ("triton", "cpu", "torch")
-_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}
 _OP = "sparse_attention"
 
 
 def _has_cpu_ops():
-    return ext() is not None and hasattr(torch.ops.frugal, "sparse_attention_fwd")
+    return _ext.ext() is not None and hasattr(torch.ops.frugal, "sparse_attention_fwd")
 
 
 # --------------------------------------------------------------------------- custom ops
 
 
-def _layout(nq, nk, ints, tensors, backward):
-    names = SparseLayout.BACKWARD_TENSORS if backward else SparseLayout.FORWARD_TENSORS
-    fields = dict(zip(SparseLayout.INTS, ints))
-    fields.update(zip(names, tensors))
-    if not backward:
-        dummy = tensors[0].new_zeros(1, 1, 1).expand(*tensors[0].shape[:2], 1)
-        for n in ("q_num", "q_idx", "q_bits", "full_q_num", "full_q_idx"):
-            fields[n] = dummy
-    return SparseLayout(Nq=nq, Nk=nk, **fields)
-
-
 @triton_custom_op("frugal::sparse_attention_fwd_triton")
-def _fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num: torch.Tensor,
-                kv_idx: torch.Tensor, kv_bits: torch.Tensor, full_num: torch.Tensor,
-                full_idx: torch.Tensor, q_doc: torch.Tensor, kv_doc: torch.Tensor,
-                bits: torch.Tensor, BQ: int, BK: int, flags: int, lo: int, hi: int, prefix: int,
-                scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def _fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: List[torch.Tensor],
+                layout_ints: List[int], scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     from frugal.kernels import sparse_attention as kernel
 
-    layout = _layout(q.shape[2], k.shape[2], (BQ, BK, flags, lo, hi, prefix),
-                     (kv_num, kv_idx, kv_bits, full_num, full_idx, q_doc, kv_doc, bits), False)
-    return kernel.forward(q, k, v, layout, scale)
+    lay = SparseLayout.from_op_args(q.shape[2], k.shape[2], layout, layout_ints)
+    return kernel.forward(q, k, v, lay, scale)
 
 
 @_fwd_triton.register_fake
@@ -70,19 +46,13 @@ def _(q, k, v, *args):
 
 @triton_custom_op("frugal::sparse_attention_bwd_triton")
 def _bwd_triton(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                out: torch.Tensor, lse: torch.Tensor, kv_num: torch.Tensor, kv_idx: torch.Tensor,
-                kv_bits: torch.Tensor, full_num: torch.Tensor, full_idx: torch.Tensor,
-                q_num: torch.Tensor, q_idx: torch.Tensor, q_bits: torch.Tensor,
-                full_q_num: torch.Tensor, full_q_idx: torch.Tensor, q_doc: torch.Tensor,
-                kv_doc: torch.Tensor, bits: torch.Tensor, BQ: int, BK: int, flags: int, lo: int,
-                hi: int, prefix: int, scale: float
+                out: torch.Tensor, lse: torch.Tensor, layout: List[torch.Tensor],
+                layout_ints: List[int], scale: float
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from frugal.kernels import sparse_attention as kernel
 
-    layout = _layout(q.shape[2], k.shape[2], (BQ, BK, flags, lo, hi, prefix),
-                     (kv_num, kv_idx, kv_bits, full_num, full_idx, q_num, q_idx, q_bits,
-                      full_q_num, full_q_idx, q_doc, kv_doc, bits), True)
-    return kernel.backward(dout, q, k, v, out, lse, layout, scale)
+    lay = SparseLayout.from_op_args(q.shape[2], k.shape[2], layout, layout_ints)
+    return kernel.backward(dout, q, k, v, out, lse, lay, scale)
 
 
 @_bwd_triton.register_fake
@@ -101,24 +71,22 @@ if _has_cpu_ops():
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _forward(backend, q, k, v, layout, scale):
-    args = layout.forward_args() + (scale,)
-    if backend == "triton":
-        return _fwd_triton(q, k, v, *args)
+def _cpu_fwd(q, k, v, *args):
     return torch.ops.frugal.sparse_attention_fwd(q, k, v, *args)
 
 
-def _backward(backend, dout, q, k, v, out, lse, layout, scale):
-    args = layout.backward_args() + (scale,)
-    if backend == "triton":
-        return _bwd_triton(dout, q, k, v, out, lse, *args)
-    return torch.ops.frugal.sparse_attention_bwd(dout, q, k, v, out, lse, *args)
+def _cpu_bwd(*args):
+    return torch.ops.frugal.sparse_attention_bwd(*args)
+
+
+# The forward and backward kernels of each autograd backend.
+_KERNELS = {"triton": (_fwd_triton, _bwd_triton), "cpu": (_cpu_fwd, _cpu_bwd)}
 
 
 class _SparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, layout, scale, backend):
-        out, lse = _forward(backend, q, k, v, layout, scale)
+        out, lse = _KERNELS[backend][0](q, k, v, *layout.op_args(), scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.layout, ctx.scale, ctx.backend = layout, scale, backend
         ctx.mark_non_differentiable(lse)
@@ -127,8 +95,8 @@ class _SparseAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(ctx.backend, dout.contiguous(), q, k, v, out, lse, ctx.layout,
-                               ctx.scale)
+        dq, dk, dv = _KERNELS[ctx.backend][1](dout.contiguous(), q, k, v, out, lse,
+                                              *ctx.layout.op_args(), ctx.scale)
         return dq, dk, dv, None, None, None
 
 
@@ -177,30 +145,45 @@ def _check(q, k, v, mask, scale):
     check_scale(_OP, scale)
 
 
-def _why_not_cpu():
-    if not _has_cpu_ops():
-        return "frugal._C has no sparse_attention kernels (rebuild the extension)"
-    return None
+SPARSE_ATTENTION = Op("sparse_attention")
+
+
+def _kernel_run(backend):
+    def run(q, k, v, mask, scale):
+        layout = mask.layout(q.shape[0], q.shape[1], q.device)
+        return _SparseAttention.apply(q, k, v, layout, scale, backend)
+
+    return run
+
+
+def _triton_why_not(q, *_):
+    from frugal.kernels import sparse_attention as kernel
+
+    return kernel.unsupported(q.dtype)
+
+
+SPARSE_ATTENTION.implement("triton", why_not=_triton_why_not)(_kernel_run("triton"))
+SPARSE_ATTENTION.implement("cpu", devices=("cpu",),
+                           requires=cpp_kernel("sparse_attention_fwd", "CPU"))(_kernel_run("cpu"))
+
+
+@SPARSE_ATTENTION.implement("torch")
+def _sparse_torch(q, k, v, mask, scale):
+    # fp32 scores for half inputs, as the kernels keep them: fp16 scores overflow to inf (NaN
+    # rows) at scales the kernels handle.
+    up = (lambda t: t.float()) if q.dtype in (torch.float16, torch.bfloat16) else (lambda t: t)
+    out, lse = reference.sparse_attention(up(q), up(k), up(v), mask, scale)
+    return out.to(q.dtype), lse
+
+
+def _scale(q, scale):
+    return float(q.shape[-1] ** -0.5 if scale is None else scale)
 
 
 def _select(q, k, v, mask, scale=None, return_lse=False, *, backend="auto", explain=False):
     _check(q, k, v, mask, scale)
-    if backend == "cpu" or (backend == "auto" and q.device.type == "cpu"):
-        why = unavailable("cpu", q.device) or _why_not_cpu()
-        if why is not None:
-            if backend == "cpu":
-                raise BackendError(f"{_OP}: {why}")
-            return select(_OP, q.device, backend, {"cpu": ("torch",)}, _SUPPORTED, explain)
-    if backend in ("triton", "auto") and unavailable("triton", q.device) is None:
-        from frugal.kernels import sparse_attention as kernel
-
-        why = kernel.unsupported(q.dtype)
-        if why is not None:
-            if backend == "triton":
-                raise BackendError(f"{_OP}: backend='triton': {why}")
-            order = {dev: tuple(n for n in names if n != "triton") for dev, names in _ORDER.items()}
-            return select(_OP, q.device, backend, order, _SUPPORTED, explain)
-    return select(_OP, q.device, backend, _ORDER, _SUPPORTED, explain)
+    return SPARSE_ATTENTION.select(q.device, backend, q, k, v, mask, _scale(q, scale),
+                                   explain=explain)
 
 
 def sparse_attention(q, k, v, mask, scale=None, return_lse=False, *, backend="auto"):
@@ -226,20 +209,12 @@ def sparse_attention(q, k, v, mask, scale=None, return_lse=False, *, backend="au
     out [B, Hq, Nq, D] in q's dtype, and lse when ``return_lse``. A query row that the mask
     gives no key returns zeros (and lse = -inf), never NaN; it gets zero gradient.
     """
-    name = _select(q, k, v, mask, scale, return_lse, backend=backend)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    scale = float(scale)
+    impl = _select(q, k, v, mask, scale, return_lse, backend=backend)
     if q.shape[0] == 0 or q.shape[1] == 0:
         out = q.new_zeros(q.shape)
         lse = q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
-        return (out, lse) if return_lse else out
-    if name == "torch":
-        out, lse = reference.sparse_attention(q, k, v, mask, scale)
-        out = out.to(q.dtype)
     else:
-        layout = mask.layout(q.shape[0], q.shape[1], q.device)
-        out, lse = _SparseAttention.apply(q, k, v, layout, scale, name)
+        out, lse = impl.run(q, k, v, mask, _scale(q, scale))
     return (out, lse) if return_lse else out
 
 

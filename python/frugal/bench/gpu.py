@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import frugal
 from frugal import masks
-from frugal.paged_ops import run_attention
+from frugal.paged_ops import PAGED_ATTENTION
 
 from .registry import Target, sweep
 
@@ -167,9 +167,9 @@ def _paged_decode(context, device):
     dense_v = torch.randn_like(dense_k)
     q4 = q.view(_DEC_B, _DEC_HQ, 1, _D)
     # The kernel as a serving step runs it (StepPlan): no per-call table validation.
-    name = frugal.explain(frugal.paged_attention, q, k_cache, v_cache, tables, lens).backend
+    args = (q, k_cache, v_cache, tables, lens, _D**-0.5, 0, None, None, context)
+    impl = PAGED_ATTENTION.select(q.device, "auto", *args)
     return {
-        "frugal": lambda: run_attention(name, q, k_cache, v_cache, tables, lens, None, None,
-                                        None, None, context),
+        "frugal": lambda: impl.run(*args),
         "sdpa": lambda: F.scaled_dot_product_attention(q4, dense_k, dense_v, enable_gqa=True),
     }

@@ -33,10 +33,10 @@ class PagedStep:
     def _plan_for(self, window):
         plan = self._plans.get(window)
         if plan is None:
-            # Own backend and workspace tables: the split-KV workspace's size depends on the
-            # window.
+            # Own implementation and workspace tables (replace() re-selects the implementations
+            # into them): the split-KV workspace's size depends on the window.
             plan = self._plans[window] = dataclasses.replace(
-                self.plan, window=window or 0, _backends={}, _workspaces={})
+                self.plan, window=window or 0, _impls={}, _workspaces={})
         return plan
 
     def attend(self, module, query, key, value, *, scaling=None, dropout=0.0,
@@ -127,8 +127,8 @@ class PagedModel:
         """Runs one step: appends ``token_ids[i]`` (a list of ids, at positions ``starts[i]``,
         ``starts[i] + 1``, ...) to sequence ``seq_ids[i]`` in every layer and returns the
         logits [len(logits_of), vocab] of the last new token of the sequences at the indices
-        ``logits_of`` (default: all), as float32 on the CPU. Raises CacheFullError, with nothing changed, when the
-        cache lacks the blocks."""
+        ``logits_of`` (default: all), as float32 on the CPU. Raises CacheFullError, with
+        nothing changed, when the cache lacks the blocks."""
         counts = [len(t) for t in token_ids]
         flat = [t for ids in token_ids for t in ids]
         plan = self.cache.plan(list(seq_ids), num_tokens=counts, token_ids=flat)

@@ -88,7 +88,8 @@ def _split_attention(op, attn, hq, hkv, rank, world, group):
         attn.num_key_value_heads = k1 - k0
 
 
-def _split_mlp(op, mlp, rank, world, group):
+def _mlp_size(op, mlp, world):
+    """(fused gate_up?, intermediate size) of an MLP, checked before anything is split."""
     fused = not all(isinstance(getattr(mlp, n, None), nn.Linear) for n in _MLP_IN)
     if fused and not isinstance(getattr(mlp, "gate_up_proj", None), nn.Linear):
         raise TypeError(f"{op}: {type(mlp).__name__} has neither gate_proj/up_proj nor "
@@ -97,6 +98,10 @@ def _split_mlp(op, mlp, rank, world, group):
     if size % world:
         raise ShapeError(f"{op}: the MLP's intermediate size {size} must be a multiple of the "
                          f"world size {world}")
+    return fused, size
+
+
+def _split_mlp(mlp, fused, size, rank, world, group):
     a, b = _slice(size, rank, world)
     if fused:  # rows [gate; up] (Phi-3)
         mlp.gate_up_proj = _take_rows(mlp.gate_up_proj, [(a, b), (size + a, size + b)])
@@ -133,13 +138,15 @@ def tensor_parallel(model, group=None):
     if hkv % world:
         raise ShapeError(f"{op}: num_key_value_heads {hkv} must be a multiple of the world size "
                          f"{world} (each rank keeps whole GQA groups)")
-    for attn in attention_layers(model):
-        _split_attention(op, attn, hq, hkv, rank, world, group)
+    layers = attention_layers(model)
     mlps = [m for name, m in model.named_modules() if name.endswith(".mlp")]
-    if len(mlps) != len(attention_layers(model)):
+    if len(mlps) != len(layers):
         raise TypeError(f"{op}: expected one .mlp per attention layer; found {len(mlps)} for "
-                        f"{len(attention_layers(model))} layers")
-    for mlp in mlps:
-        _split_mlp(op, mlp, rank, world, group)
+                        f"{len(layers)} layers")
+    sizes = [_mlp_size(op, mlp, world) for mlp in mlps]  # every check before any change
+    for attn in layers:
+        _split_attention(op, attn, hq, hkv, rank, world, group)
+    for mlp, (fused, size) in zip(mlps, sizes):
+        _split_mlp(mlp, fused, size, rank, world, group)
     config.num_attention_heads, config.num_key_value_heads = hq // world, hkv // world
     return model
