@@ -379,6 +379,28 @@ def test_slope_targets_pass_and_fail():
         registry.SlopeTarget(candidate="linear")
 
 
+def test_checks_pass_fail_and_count_with_the_targets():
+    """A sweep's checks see the measured rows (and the device when they take it); a failed one
+    fails the run like a missed target, in the Markdown and the JSON record."""
+    def checks(rows, device):
+        slowest = max((r for r in rows if r.x == XS[-1]), key=lambda r: r.ms)
+        return [registry.Check("slowest is linear", slowest.candidate == "linear",
+                               f"{slowest.candidate} on {device.type}"),
+                registry.Check("rows per x", len(rows) == 3 * len(XS), f"{len(rows)}")]
+
+    run = _run(_synthetic(targets=(), checks=checks))
+    (result,) = run.results
+    assert [(c.name, c.passed) for c in result.checks] == [("slowest is linear", False),
+                                                          ("rows per x", True)]
+    assert not run.passed
+    md = run.markdown()
+    assert "synthetic: slowest is linear: quadratic on cpu: FAIL" in md
+    assert f"synthetic: rows per x: {3 * len(XS)}: PASS" in md
+    assert run.record()["sweeps"][0]["checks"][1] == {
+        "name": "rows per x", "passed": True, "measured": str(3 * len(XS))}
+    assert _run(_synthetic(targets=(), checks=lambda rows: [])).passed
+
+
 def test_flops_per_candidate_and_summary():
     sweep = _synthetic(flops=lambda x: {"linear": 1e6 * x, "dense": 4e6 * x},
                        summary=lambda rows: {"rows seen": len(rows)})
@@ -529,11 +551,20 @@ def test_generate_sweep_runs_and_records_tokens_and_kv_bytes(monkeypatch, one_th
     (result,) = run.results
     assert {r.candidate for r in result.rows} == set(generate.CANDIDATES)
     assert sum(map(len, generate.prompts_for(401))) + 4 * 5 == 401
-    assert "4 sequences; frugal's greedy tokens equal transformers' for 4" in result.notes[
-        "at 401"]
+    assert result.notes["at 401"].startswith("4 sequences; prefix tokens reused ")
     assert "frugal_int8_kv" in result.notes["KV bytes at 401"]
     overheads = [float(s.split("(+")[1].split("%")[0])
                  for s in result.notes["KV bytes at 401"].split(", ") if "(+" in s]
     assert overheads and max(overheads) <= 100 * 4 * 15 / (401 - 4)
     assert "frugal" in result.notes[
         "KV bytes scaling exponent (slope of log bytes vs log tokens)"]
+    # The checks: tokens equal at both x; KV overhead per frugal candidate, decided against 5%
+    # (sequences of ~96 tokens waste up to 15 of them: above 5% here, below at 512 tokens).
+    checks = {c.name: c for c in result.checks}
+    tokens = checks["frugal's greedy tokens equal transformers' for every sequence"]
+    assert tokens.passed and tokens.measured == "200: 2/2, 401: 4/4"
+    kv = [c for name, c in checks.items() if name.endswith("of its tokens' at every tokens")]
+    assert len(kv) == 4 and run.passed == all(c.passed for c in result.checks)
+    for c in kv:
+        worst = max(float(p.split("+")[1].rstrip("%")) for p in c.measured.split(", "))
+        assert c.passed == (worst <= 5.0)

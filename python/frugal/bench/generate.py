@@ -17,7 +17,8 @@ is the ratio of tokens/s. Candidates:
 
 KV bytes: transformers' cache tensors after generate (every sequence padded to the longest);
 frugal's blocks in use at the fullest step, and the bytes the tokens they hold need (their
-ratio is the paged overhead). Each candidate's KV bytes get a scaling exponent like time.
+ratio is the paged overhead, checked against KV_OVERHEAD at every x, as frugal's greedy
+tokens are against transformers'). Each candidate's KV bytes get a scaling exponent like time.
 Every generation is timed once per round (interleaved rounds, best kept): a generation runs
 for seconds, so one run is a stable sample, and repeated runs would take minutes per point.
 
@@ -34,7 +35,7 @@ import time
 
 import torch
 
-from .registry import Target, sweep
+from .registry import Check, Target, sweep
 from .runner import fit_slope
 
 NEW_TOKENS = 32
@@ -46,6 +47,7 @@ THREADS = 1
 MODEL = dict(vocab_size=2048, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
              num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096)
 CANDIDATES = ("transformers", "frugal", "frugal_int8_kv", "frugal_int8_weights", "frugal_int8")
+KV_OVERHEAD = 0.05  # target: frugal's KV blocks hold at most 5% more bytes than its tokens need
 
 # (x, candidate) -> facts measured while timing (KV bytes, tokens held, tokens equal to the
 # baseline's): filled by the candidates, read by the summary.
@@ -107,7 +109,8 @@ def _transformers(x, model, prompts, device):
         out = model.generate(ids.to(device), attention_mask=mask.to(device), do_sample=False,
                              max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                              return_dict_in_generate=True)
-        cache = out.past_key_values
+        # transformers 5.x renames the output's past_key_values to cache (the old name warns).
+        cache = out["cache"] if "cache" in out else out.past_key_values
         kv = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
         tokens = [row[width:].tolist() for row in out.sequences.cpu()]
         _MEASURED[x, "transformers"] = {"kv_bytes": kv, "tokens": tokens}
@@ -151,14 +154,12 @@ def _summary(rows):
                 continue
             cell = f"{name} {m['kv_bytes'] / 2**20:.2f} MiB"
             if "token_bytes" in m:
-                cell += f" (+{100 * (m['kv_bytes'] / m['token_bytes'] - 1):.1f}% over its tokens)"
+                cell += f" (+{100 * _overhead(m):.1f}% over its tokens)"
             kv.append(cell)
         notes[f"KV bytes at {x}"] = ", ".join(kv)
-        base, own = _MEASURED.get((x, "transformers")), _MEASURED.get((x, "frugal"))
-        if base and own:
-            same = sum(a == b for a, b in zip(base["tokens"], own["tokens"]))
-            notes[f"at {x}"] = (f"{len(base['tokens'])} sequences; frugal's greedy tokens equal "
-                                f"transformers' for {same}; prefix tokens reused "
+        own = _MEASURED.get((x, "frugal"))
+        if own:
+            notes[f"at {x}"] = (f"{len(own['tokens'])} sequences; prefix tokens reused "
                                 f"{own['reused']}")
     slopes = []
     for name in CANDIDATES:
@@ -168,6 +169,36 @@ def _summary(rows):
             slopes.append(f"{name} {slope:.2f}")
     notes["KV bytes scaling exponent (slope of log bytes vs log tokens)"] = ", ".join(slopes)
     return notes
+
+
+def _overhead(measured):
+    """The fraction of KV bytes held beyond what the tokens in the blocks need."""
+    return measured["kv_bytes"] / measured["token_bytes"] - 1
+
+
+def _checks(rows):
+    """At every x: each frugal candidate's KV bytes within KV_OVERHEAD of its tokens' bytes,
+    and frugal's (float32) greedy tokens equal to transformers' for every sequence."""
+    xs = sorted({r.x for r in rows})
+    checks = []
+    for name in CANDIDATES[1:]:
+        over = {x: _overhead(_MEASURED[x, name]) for x in xs if (x, name) in _MEASURED}
+        if over:
+            checks.append(Check(
+                f"{name} KV bytes within {100 * KV_OVERHEAD:g}% of its tokens' at every tokens",
+                max(over.values()) <= KV_OVERHEAD,
+                ", ".join(f"{x}: +{100 * o:.1f}%" for x, o in over.items())))
+    equal = {}
+    for x in xs:
+        base, own = _MEASURED.get((x, "transformers")), _MEASURED.get((x, "frugal"))
+        if base and own:
+            same = sum(a == b for a, b in zip(base["tokens"], own["tokens"]))
+            equal[x] = (same, len(base["tokens"]))
+    if equal:
+        checks.append(Check("frugal's greedy tokens equal transformers' for every sequence",
+                            all(same == n for same, n in equal.values()),
+                            ", ".join(f"{x}: {s}/{n}" for x, (s, n) in equal.items())))
+    return checks
 
 
 def _notes(device):
@@ -187,6 +218,7 @@ def _notes(device):
     params={"new_tokens": NEW_TOKENS, "block_size": BLOCK_SIZE},
     notes=_notes,
     summary=_summary,
+    checks=_checks,
     timer=_time_once,
     targets=(Target(x=32768, candidate="frugal", min_speedup=2.0, device="cpu"),),
     devices=("cpu",),

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 from tqdm import tqdm
 
-from .registry import SlopeTarget, Sweep, Target
+from .registry import Check, SlopeTarget, Sweep, Target
 from .timing import copy_fn, default_timer
 
 
@@ -84,6 +84,7 @@ class SweepResult:
     slope_verdicts: List[SlopeVerdict] = dataclasses.field(default_factory=list)
     # Memory-bound sweeps: the copy bandwidth each x's copy fractions are against (GB/s).
     copy_by_x: Dict[int, float] = dataclasses.field(default_factory=dict)
+    checks: List[Check] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -96,8 +97,9 @@ class BenchRun:
 
     @property
     def passed(self):
-        """Whether every target checked in this run was met."""
-        return all(v.passed for r in self.results for v in r.verdicts + r.slope_verdicts)
+        """Whether every target and check of this run was met."""
+        return all(v.passed for r in self.results
+                   for v in r.verdicts + r.slope_verdicts + r.checks)
 
     def markdown(self):
         """The results as Markdown: per sweep a table, the scaling exponents, the verdicts;
@@ -288,7 +290,9 @@ def _result(sweep, times, copies, device):
     notes = sweep.notes(device) if sweep.notes else {}
     if sweep.summary:
         notes.update(_count(sweep.summary, rows, device))
-    return SweepResult(sweep, rows, slopes, notes, verdicts, slope_verdicts, dict(copies))
+    checks = list(_count(sweep.checks, rows, device)) if sweep.checks else []
+    return SweepResult(sweep, rows, slopes, notes, verdicts, slope_verdicts, dict(copies),
+                       checks)
 
 
 def _target_slope(target, rows):
@@ -431,6 +435,8 @@ def _sweep_markdown(result, env, copy_gbps):
     lines += ["", f"Scaling exponent (slope of log time vs log {sweep.x_name}): {slopes}"]
     lines += [_verdict_line(sweep, v) for v in result.verdicts]
     lines += [_slope_line(sweep, v) for v in result.slope_verdicts]
+    lines += [f"{sweep.name}: {c.name}: {c.measured}: {'PASS' if c.passed else 'FAIL'}"
+              for c in result.checks]
     return "\n".join(lines)
 
 
@@ -467,6 +473,7 @@ def _sweep_record(result):
                     for v in result.verdicts],
         "slope_targets": [{**dataclasses.asdict(v.target), "slope": v.slope,
                            "passed": v.passed} for v in result.slope_verdicts],
+        "checks": [dataclasses.asdict(c) for c in result.checks],
         "copy_gbps_by_x": {str(x): g for x, g in sorted(result.copy_by_x.items())},
     }
 
