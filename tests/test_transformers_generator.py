@@ -4,6 +4,9 @@ BatchGenerator (continuous batching, chunked prefill, prefix reuse, fork, sampli
 tokens, budgets, a full cache, sliding-window eviction, int8 KV)."""
 
 import copy
+import pathlib
+import re
+import types
 
 import pytest
 import torch
@@ -205,3 +208,34 @@ def test_a_layer_window_wider_than_the_cache_window_is_refused():
     with pytest.raises(ValueError, match="attends to all past tokens but the cache keeps only "
                                          "the last 16"):
         paged.forward(["s"], [[3, 4, 5]], [0])
+
+
+def test_the_readme_example_runs(monkeypatch, capsys):
+    """The README's example, from a model name to generated text, with the download replaced by
+    a small Qwen2 and a character tokenizer: every call it makes exists and runs."""
+    import transformers
+
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("\n## transformers models\n", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+    class CharTokenizer:
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            assert not tokenize and add_generation_prompt
+            return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+        def __call__(self, text):
+            return types.SimpleNamespace(input_ids=[3 + ord(c) % 125 for c in text])
+
+        def decode(self, ids, skip_special_tokens):
+            return "".join(chr(ord("a") + i % 26) for i in ids)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        staticmethod(lambda name: CharTokenizer()))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        staticmethod(lambda name, dtype: ft.tiny_model("qwen2", dtype=dtype)))
+    exec(compile(code, "README.md", "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == ["Qwen2ForCausalLM: 2/2 attention layers on frugal.sparse_attention",
+                         "  sliding windows: [None, 24]"]
+    assert len(lines) == 5 and all(1 <= len(text) <= 64 for text in lines[2:]), lines
