@@ -177,15 +177,28 @@ def test_a_user_block_mask_replaces_the_models_mask():
 
 
 def test_head_dims_the_sparse_op_does_not_take_fall_back_to_eager_and_say_so():
-    eager = ft.tiny_model("llama", head_dim=80)  # Phi-2 / StableLM head dim
+    eager = ft.tiny_model("llama", head_dim=12)  # not a multiple of 8
     model, report = _frugal_copy(eager)
     assert report.fallbacks == {0: report.fallbacks[0], 1: report.fallbacks[1]}
-    assert "head_dim 80 is not one of" in report.fallbacks[0] and "eager" in str(report)
+    assert "head_dim 12 is not a multiple of 8" in report.fallbacks[0] and "eager" in str(report)
     ids = _tokens((1, 50))
     ft_attention._warned.clear()
-    with pytest.warns(ft.FrugalFallbackWarning, match="head_dim 80"):
+    with pytest.warns(ft.FrugalFallbackWarning, match="head_dim 12"):
         got = model(ids).logits
     assert torch.equal(got, eager(ids).logits)
+
+
+def test_head_dim_80_runs_on_frugal():
+    """Phi-2 / StableLM's head dim: frugal's own attention (no fallback), logits by the
+    accuracy rule against float64."""
+    eager = ft.tiny_model("llama", head_dim=80)
+    reference = copy.deepcopy(eager).double()
+    model, report = _frugal_copy(eager)
+    assert not report.fallbacks
+    ids, mask = _batch()
+    got, ref, base = (_run(m, ids, mask)[0] for m in (model, reference, eager))
+    real = mask.bool()
+    assert (got - ref)[real].abs().max() <= 2 * (base - ref)[real].abs().max()
 
 
 def test_attention_weights_asked_for_come_from_eager():

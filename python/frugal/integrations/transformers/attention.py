@@ -158,7 +158,8 @@ def _warn_once(module, why):
 def sparse_why_not(head_dim, dtype=None, softcap=None, dropout=0.0):
     """Why :func:`frugal.sparse_attention` cannot run a layer with these settings, or None."""
     if head_dim not in HEAD_DIMS:
-        return f"head_dim {head_dim} is not one of frugal.sparse_attention's {HEAD_DIMS}"
+        return (f"head_dim {head_dim} is not a multiple of 8 in [8, 256] (what "
+                f"frugal.sparse_attention takes)")
     if softcap is not None:
         return (f"attention logit softcapping ({softcap}) is not in frugal.sparse_attention "
                 f"(Gemma-2)")
