@@ -74,7 +74,7 @@ $(BUILT): $(DEPS) $(SOURCES)
 # libstdc++ is preloaded too: ASan must find the real __cxa_throw when the Triton and torch
 # extensions throw C++ exceptions. detect_leaks=0: the interpreter frees nothing at exit.
 sanitize: $(DEPS)
-	FRUGAL_SANITIZE=1 $(PY) setup.py -q build --build-base $(SANITIZE_DIR) \
+	FRUGAL_SANITIZE=1 PYTHONSAFEPATH=1 $(PY) setup.py -q build --build-base $(SANITIZE_DIR) \
 		--build-lib $(SANITIZE_DIR)/lib
 	rm -rf $(SANITIZE_DIR)/log && mkdir -p $(SANITIZE_DIR)/log
 	$(SANITIZE_RUN) $(PY) -m pytest -q -p no:cacheprovider tests $(SANITIZE_SKIP); \
