@@ -713,6 +713,15 @@ inline void stream_scalar(const int8_t* a, int64_t lda, int mw, const int8_t* b,
 
 #if FRUGAL_X86
 
+// The 16 lanes' sum, wrapping mod 2^32 (vector adds; _mm512_reduce_add_epi32 adds as int, and
+// the VNNI raw sums may leave int32 on the way).
+FRUGAL_TARGET_AVX512 inline int32_t hsum_wrap(__m512i v) {
+  const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+  __m128i q = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+  q = _mm_add_epi32(q, _mm_unpackhi_epi64(q, q));
+  return _mm_cvtsi128_si32(_mm_add_epi32(q, _mm_shuffle_epi32(q, 1)));
+}
+
 template <int MW, int NW>
 struct StreamTileVnni {
   FRUGAL_TARGET_AVX512_VNNI __attribute__((always_inline)) static inline void step(
@@ -774,7 +783,7 @@ struct StreamTileVnni {
 #pragma GCC unroll 4
     for (int r = 0; r < MW; ++r) {
 #pragma GCC unroll 4
-      for (int j = 0; j < NW; ++j) sums[r * NW + j] = _mm512_reduce_add_epi32(acc[r][j]);
+      for (int j = 0; j < NW; ++j) sums[r * NW + j] = hsum_wrap(acc[r][j]);
     }
   }
 };
@@ -821,7 +830,7 @@ struct StreamTileAvx512 {
 #pragma GCC unroll 4
     for (int r = 0; r < MW; ++r) {
 #pragma GCC unroll 4
-      for (int j = 0; j < NW; ++j) sums[r * NW + j] = _mm512_reduce_add_epi32(acc[r][j]);
+      for (int j = 0; j < NW; ++j) sums[r * NW + j] = hsum_wrap(acc[r][j]);
     }
   }
 };
