@@ -20,7 +20,9 @@ FLOOR_DIR := build/floor-triton-$(FLOOR_TRITON)
 
 # `make sanitize`: the C++ CPU kernels built with AddressSanitizer and UndefinedBehaviorSanitizer
 # (setup.py, FRUGAL_SANITIZE=1; no CUDA) into build/sanitize, leaving the normal build alone, and
-# the tests run against that build. A sanitizer report goes to build/sanitize/log and fails it.
+# the tests run against that build. An ASan report goes to build/sanitize/log and fails it; a
+# UBSan report (the combined runtime writes it to stderr, then exits) shows in the output, as
+# pytest captures only Python's sys.stderr here (--capture=sys), and fails it.
 # Left out, as no C++ of ours runs in them: `frugal check` (tests/test_check.py compiles Triton
 # kernels for GPUs) and the Triton interpreter tests (no slower under ASan, but 13 of the 22
 # minutes that a run with them takes on a 2-core machine).
@@ -77,7 +79,7 @@ sanitize: $(DEPS)
 	FRUGAL_SANITIZE=1 PYTHONSAFEPATH=1 $(PY) setup.py -q build --build-base $(SANITIZE_DIR) \
 		--build-lib $(SANITIZE_DIR)/lib
 	rm -rf $(SANITIZE_DIR)/log && mkdir -p $(SANITIZE_DIR)/log
-	$(SANITIZE_RUN) $(PY) -m pytest -q -p no:cacheprovider tests $(SANITIZE_SKIP); \
+	$(SANITIZE_RUN) $(PY) -m pytest -q --capture=sys -p no:cacheprovider tests $(SANITIZE_SKIP); \
 		status=$$?; cat $(SANITIZE_DIR)/log/* 2>/dev/null; \
 		if [ -n "$$(ls $(SANITIZE_DIR)/log)" ]; then exit 1; fi; exit $$status
 
