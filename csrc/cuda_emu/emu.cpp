@@ -4,6 +4,9 @@
 
 #include <omp.h>
 #include <sys/mman.h>
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#endif
 
 #include <atomic>
 #include <cstdio>
@@ -208,7 +211,17 @@ void Runner::start(Fiber& f) {
     }
     mprotect(m, kGuardBytes, PROT_NONE);
     f.stack = static_cast<unsigned char*>(m);
+#if defined(__SANITIZE_ADDRESS__)
+    // The mapping may reuse the addresses of a finished thread's stack, whose shadow ASan can
+    // leave poisoned. (Sanitized builds only, as below.)
+    ASAN_UNPOISON_MEMORY_REGION(f.stack + kGuardBytes, kStackBytes);
+#endif
   }
+#if defined(__SANITIZE_ADDRESS__)
+  // A fiber's earlier run never returns from fiber_entry (it switches away): that frame's
+  // redzones stay poisoned near the top, where the first frame is written now.
+  ASAN_UNPOISON_MEMORY_REGION(f.stack + kGuardBytes + kStackBytes - 16384, 16384);
+#endif
   unsigned char* top = f.stack + kGuardBytes + kStackBytes;
 #if defined(__x86_64__)
   // The frame frugal_emu_switch pops: r15..rbp, then a return into fiber_entry, which sees
