@@ -10,7 +10,7 @@ SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup
 # The CUDA build of torch (runs on CPU; with nvcc it also builds the CUDA kernels) and the
 # triton it pins. Tools for tests and benchmarks besides.
 REQUIREMENTS := torch==2.14.1 numpy ninja pybind11 "setuptools>=64" wheel pytest \
-	pytest-benchmark hypothesis matplotlib tqdm nvidia-cuda-cuobjdump
+	pytest-benchmark hypothesis matplotlib tqdm nvidia-cuda-cuobjdump nvidia-cutlass
 
 FLOOR_TRITON := $(shell sed -n 's/^FLOOR_TRITON = "\(.*\)".*/\1/p' python/frugal/check.py)
 FLOOR_DIR := build/floor-triton-$(FLOOR_TRITON)

@@ -100,8 +100,11 @@ def _cpu_bwd(*args):
     return torch.ops.frugal.sparse_attention_bwd(*args)
 
 
-# The forward and backward kernels of each autograd backend.
-_KERNELS = {"triton": (_fwd_triton, _bwd_triton), "cpu": (_cpu_fwd, _cpu_bwd)}
+# The forward and backward kernels of each autograd backend. "cuda": frugal::sparse_attention_fwd
+# dispatches CUDA tensors to its CUDA C++ kernel (csrc/cuda/sparse_attention.cu); the backward
+# is Triton's, which reads the same (out, lse).
+_KERNELS = {"triton": (_fwd_triton, _bwd_triton), "cpu": (_cpu_fwd, _cpu_bwd),
+            "cuda": (_cpu_fwd, _bwd_triton)}
 
 
 class _SparseAttention(torch.autograd.Function):
@@ -166,7 +169,10 @@ def _check(q, k, v, mask, scale):
     check_scale(_OP, scale)
 
 
-SPARSE_ATTENTION = Op("sparse_attention")
+# CUDA C++ first on CUDA tensors: its device code runs in the suite through the host emulation
+# (ldmatrix and mma fragments included), the Triton kernels' in the interpreter (README).
+SPARSE_ATTENTION = Op("sparse_attention", order={"cuda": ("cuda", "triton", "torch"),
+                                                 "cpu": ("cpu", "torch")})
 
 
 def _kernel_run(backend):
@@ -184,6 +190,10 @@ def _triton_why_not(q, *_):
 
 
 SPARSE_ATTENTION.implement("triton", why_not=_triton_why_not)(_kernel_run("triton"))
+SPARSE_ATTENTION.implement(
+    "cuda", devices=("cuda",), requires=cpp_kernel("sparse_attention_fwd", "CUDA"),
+    why_not=lambda q, *_: None if q.dtype in (torch.float16, torch.bfloat16) else
+    f"the CUDA kernel takes float16 or bfloat16; got {q.dtype}")(_kernel_run("cuda"))
 SPARSE_ATTENTION.implement("cpu", devices=("cpu",),
                            requires=cpp_kernel("sparse_attention_fwd", "CPU"))(_kernel_run("cpu"))
 
@@ -219,8 +229,9 @@ def sparse_attention(q, k, v, mask, scale=None, return_lse=False, *, backend="au
     return_lse : bool
         Also return the log-sum-exp of each row's scaled scores (float32 [B, Hq, Nq]; no
         gradient flows through it).
-    backend : "auto" | "triton" | "cpu" | "torch"
-        auto: Triton on CUDA tensors, C++ on CPU tensors, else PyTorch (dense: O(N^2) memory).
+    backend : "auto" | "cuda" | "triton" | "cpu" | "torch"
+        auto: CUDA C++ (fp16 / bf16; the backward runs Triton), then Triton on CUDA tensors, C++
+        on CPU tensors, else PyTorch (dense: O(N^2) memory).
 
     Returns
     -------
