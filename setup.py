@@ -5,6 +5,8 @@ Environment:
   FRUGAL_NO_CUDA=1        skip the CUDA sources (frugal._cuda_emu, the host-emulated build of
                           the same kernels the tests run, needs only the CUDA headers and is
                           built whenever they are found)
+  FRUGAL_SANITIZE=1       CPU sources only, with AddressSanitizer and UndefinedBehaviorSanitizer
+                          (objects in build/sanitize/temp; `make sanitize` builds and tests it)
   TORCH_CUDA_ARCH_LIST    CUDA targets (default "8.0+PTX;9.0a": sm_80 and sm_90a code, and
                           compute_80 PTX that newer GPUs JIT-compile)
   FRUGAL_NO_CUTLASS=1     skip the CUTLASS int8 GEMMs (the slowest part of the CUDA build;
@@ -20,6 +22,10 @@ import shutil
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+SANITIZE = os.environ.get("FRUGAL_SANITIZE", "0") == "1"
+# -fno-wrapv undoes the -fwrapv of CPython's flags, which defines signed overflow and so hides it.
+SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-wrapv",
+                  "-fno-omit-frame-pointer", "-O1", "-g"]
 
 
 def _find_cuda_home():
@@ -54,6 +60,8 @@ from torch.utils.cpp_extension import (  # noqa: E402
 def _with_cuda():
     if os.environ.get("FRUGAL_NO_CUDA", "0") == "1":
         return False, "FRUGAL_NO_CUDA=1"
+    if SANITIZE:
+        return False, "FRUGAL_SANITIZE=1"
     if torch.version.cuda is None:
         return False, "torch is a CPU-only build"
     if CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
@@ -95,12 +103,18 @@ def _extension():
     define_macros = []
     print(f"frugal: CUDA kernels {'on' if with_cuda else 'off'} ({why})")
     if not with_cuda:
+        link = ["-fopenmp"]
+        if SANITIZE:
+            cxx = [f for f in cxx if f != "-O3"] + SANITIZE_FLAGS
+            link += SANITIZE_FLAGS[:1]
+            define_macros.append(("FRUGAL_SANITIZED", "1"))
         return CppExtension(
             "frugal._C",
             sources,
             include_dirs=include_dirs,
+            define_macros=define_macros,
             extra_compile_args={"cxx": cxx},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link,
         )
     # Without a GPU torch cannot detect an arch and would build for every arch it knows.
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0+PTX;9.0a")
@@ -159,18 +173,23 @@ def _emu_extension():
         return []
     cxx = ["-O2", "-fopenmp", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas",
            "-Wno-attributes", "-DFRUGAL_CUDA_EMU=1"]
+    link = ["-fopenmp"]
+    if SANITIZE:  # the CUDA device code runs under the sanitizers too: an out-of-bounds index shows
+        cxx = [f for f in cxx if f != "-O2"] + SANITIZE_FLAGS
+        link += SANITIZE_FLAGS[:1]
     return [CppExtension("frugal._cuda_emu", _sources("csrc/cuda_emu/*.cpp"),
                          include_dirs=[os.path.join(ROOT, "csrc"), headers],
-                         extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])]
+                         extra_compile_args={"cxx": cxx}, extra_link_args=link)]
 
 
 class BuildExt(BuildExtension):
-    """Compiles into ./build/temp, kept between builds, so ninja rebuilds only what changed.
-    (pip's editable builds otherwise use a fresh temporary directory every time.)"""
+    """Compiles into ./build/temp (sanitized: ./build/sanitize/temp), kept between builds, so
+    ninja rebuilds only what changed. (pip's editable builds otherwise use a fresh temporary
+    directory every time.)"""
 
     def finalize_options(self):
         super().finalize_options()
-        self.build_temp = os.path.join(ROOT, "build", "temp")
+        self.build_temp = os.path.join(ROOT, "build", *(["sanitize"] if SANITIZE else []), "temp")
 
 
 setup(

@@ -104,18 +104,17 @@ import triton
 import triton.language as tl
 
 from . import _launch, configs
+from ._common import FLT_MAX, LOG2E, round_half_even
 from ._launch import ALIGN as _ALIGN
 from ._launch import aligned as _aligned
 from ._launch import aligned_strides as _aligned_strides
 from ._launch import head_block
-from .quantize import _FLT_MAX, _round_half_even
 
 BLOCK_G = 16  # query rows per program: the smallest tensor-core tile M
 MIN_HEAD_DIM = 16
 MAX_HEAD_DIM = 256
 # fp32 q runs the prefill dots as tf32x3, whose split operands spill registers past this.
 PREFILL_FP32_MAX_HEAD_DIM = 128
-_LOG2E = 1.4426950408889634
 
 _ATTN_INTS = ["window", "partition", "num_splits", "Hkv", "G", "D", "page_size", "stride_tb",
               "stride_qb", "stride_qh", "stride_kb", "stride_ko", "stride_kh", "stride_vb",
@@ -393,13 +392,13 @@ def _store_heads(x, c_ptrs, s_ptr, s_off, mask, h_mask):
     if c_ptrs.dtype.element_ty == tl.int8:
         xf = x.to(tl.float32)
         a = tl.abs(xf)
-        bad = tl.max((~(a <= _FLT_MAX)).to(tl.int32), axis=1) != 0  # inf or NaN
+        bad = tl.max((~(a <= FLT_MAX)).to(tl.int32), axis=1) != 0  # inf or NaN
         scale = tl.div_rn(tl.max(a, axis=1), 127.0)
         tl.store(s_ptr + s_off, tl.where(bad, float("nan"), scale), mask=h_mask)
         zero = bad | (scale == 0.0)
         divisor = tl.where(zero, 1.0, scale)
         r = tl.minimum(tl.maximum(tl.div_rn(xf, divisor[:, None]), -127.0), 127.0)
-        q = tl.where(zero[:, None], 0.0, _round_half_even(r)).to(tl.int8)
+        q = tl.where(zero[:, None], 0.0, round_half_even(r)).to(tl.int8)
         tl.store(c_ptrs, q, mask=mask)
     else:
         tl.store(c_ptrs, x.to(c_ptrs.dtype.element_ty), mask=mask)
@@ -585,7 +584,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, window=0
     block_d = head_block(D)
     _launch.launch(_paged_attention_kernel, (units, splits), q.device)(
         q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens, out, ws_o, ws_lse,
-        float(scale) * _LOG2E, window, partition, splits, Hkv, G, D, page_size,
+        float(scale) * LOG2E, window, partition, splits, Hkv, G, D, page_size,
         block_tables.stride(0), q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -641,7 +640,7 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, cu_seql
     num_tiles = triton.cdiv(max_q_len * G, cfg["BLOCK_M"])
     _launch.launch(_paged_prefill_kernel, (B * Hkv * num_tiles,), q.device)(
         q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens, cu_seqlens_q, out,
-        float(scale) * _LOG2E, window, num_tiles, Hkv, G, D, page_size, block_tables.stride(0),
+        float(scale) * LOG2E, window, num_tiles, Hkv, G, D, page_size, block_tables.stride(0),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=head_block(D),

@@ -10,18 +10,9 @@ import triton
 import triton.language as tl
 
 from . import _launch, configs
+from ._common import FLT_MAX, round_half_even
 
-_FLT_MAX = tl.constexpr(3.4028234663852886e38)
 _MIN_BLOCK_K = 128
-
-
-@triton.jit
-def _round_half_even(r):
-    # libdevice.rint does not run under the interpreter; this is exact for |r| < 2**23.
-    f = tl.floor(r)
-    d = r - f
-    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0
-    return tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
 
 
 # K and stride_xm are not specialized (K = 1 would be a variant of its own for every other
@@ -41,13 +32,13 @@ def _quantize_per_token_kernel(
     if ONE_BLOCK:
         x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
         amax = tl.abs(x)
-        bad = (~(amax <= _FLT_MAX)).to(tl.int32)  # inf or NaN
+        bad = (~(amax <= FLT_MAX)).to(tl.int32)  # inf or NaN
     else:
         amax = tl.zeros([BLOCK_K], dtype=tl.float32)
         bad = tl.zeros([BLOCK_K], dtype=tl.int32)
         for k0 in range(0, K, BLOCK_K):
             a = tl.abs(tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32))
-            bad |= (~(a <= _FLT_MAX)).to(tl.int32)
+            bad |= (~(a <= FLT_MAX)).to(tl.int32)
             amax = tl.maximum(amax, a)
     is_bad = tl.max(bad, axis=0) != 0
     scale = tl.div_rn(tl.max(amax, axis=0), 127.0)
@@ -56,14 +47,14 @@ def _quantize_per_token_kernel(
     divisor = tl.where(zero, 1.0, scale)
     if ONE_BLOCK:
         r = tl.minimum(tl.maximum(tl.div_rn(x, divisor), -127.0), 127.0)
-        q = tl.where(zero, 0.0, _round_half_even(r)).to(tl.int8)
+        q = tl.where(zero, 0.0, round_half_even(r)).to(tl.int8)
         tl.store(q_row + offs, q, mask=offs < K)
     else:
         for k0 in range(0, K, BLOCK_K):
             m = k0 + offs < K
             x = tl.load(x_row + k0 + offs, mask=m, other=0.0).to(tl.float32)
             r = tl.minimum(tl.maximum(tl.div_rn(x, divisor), -127.0), 127.0)
-            q = tl.where(zero, 0.0, _round_half_even(r)).to(tl.int8)
+            q = tl.where(zero, 0.0, round_half_even(r)).to(tl.int8)
             tl.store(q_row + k0 + offs, q, mask=m)
 
 
@@ -75,8 +66,9 @@ def pick_config(K, device):
     return configs.pick("quantize_per_token", "K", K, _launch.device_key(device))
 
 
-def quantize_per_token(x):
-    """x [..., K] float32/float16/bfloat16 -> (q int8 [..., K], scale float32 [...])."""
+def quantize_per_token(x, *, config=None):
+    """x [..., K] float32/float16/bfloat16 -> (q int8 [..., K], scale float32 [...]).
+    ``config`` overrides the picked launch config (tests, tuning)."""
     K = x.shape[-1]
     q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
     scale = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
@@ -88,7 +80,7 @@ def quantize_per_token(x):
     x2 = x.reshape(M, K)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
-    cfg = pick_config(K, x.device)
+    cfg = config or pick_config(K, x.device)
     # Short rows take a smaller block, but not below _MIN_BLOCK_K: every power of two down to 1
     # would be a compiled variant of its own, for rows that cost nothing either way.
     block_k = min(cfg["BLOCK_K"], max(_MIN_BLOCK_K, triton.next_power_of_2(K)))

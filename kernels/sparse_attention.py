@@ -78,13 +78,13 @@ import triton
 import triton.language as tl
 
 from . import _launch, configs
+from ._common import K_LN2, K_LOG2E, LOG2E
 from ._launch import aligned as _aligned
 from ._launch import head_block
 
 HEAD_DIMS = (32, 64, 96, 128, 256)
 BLOCK_SIZES = (64, 128)  # mask block sizes the launchers accept (BQ and BK)
 FLAG_BAND, FLAG_PREFIX, FLAG_DOC, FLAG_BITS = 1, 2, 4, 8
-_LOG2E = 1.4426950408889634
 _INF = 1 << 30  # an unbounded band side: |k - q| never reaches it (block_mask.INF)
 
 # Runtime integer arguments (all do_not_specialize). The list strides are (batch, head) for the
@@ -274,14 +274,16 @@ def _sparse_fwd_kernel(
                               kb * BK + (j % SUB) * BLOCK_N, kb, offs_n, offs_d, d_mask,
                               stride_kn, stride_vn, qk_scale, Nq, Nk, BK, lo, hi, prefix,
                               kdoc_row, bits_ptr, s_bits_r, q0,
-                              False, False, False, False, False, IEEE)
+                              MASKED=False, HAS_BAND=False, HAS_PREFIX=False, HAS_DOC=False,
+                              HAS_BITS=False, IEEE=IEEE)
     if n_even < n_full:
         for t in range(0, tl.cdiv(Nk - last * BK, BLOCK_N)):
             acc, l, m = _fwd_tile(acc, l, m, q, rows, qd, k_head, v_head,
                                   last * BK + t * BLOCK_N, last, offs_n,
                                   offs_d, d_mask, stride_kn, stride_vn, qk_scale, Nq, Nk, BK,
                                   lo, hi, prefix, kdoc_row, bits_ptr, s_bits_r, q0,
-                                  True, False, False, False, False, IEEE)
+                                  MASKED=True, HAS_BAND=False, HAS_PREFIX=False, HAS_DOC=False,
+                                  HAS_BITS=False, IEEE=IEEE)
 
     # Partial blocks: bounds and the element rule.
     pidx_row = pidx_ptr + b * s_pidx_b + h * s_pidx_h + qb * s_pidx_r
@@ -296,12 +298,13 @@ def _sparse_fwd_kernel(
                               kb * BK + (j % SUB) * BLOCK_N, kb, offs_n, offs_d, d_mask,
                               stride_kn, stride_vn, qk_scale, Nq, Nk, BK, lo, hi, prefix,
                               kdoc_row, bits_blk, s_bits_r, q0,
-                              True, HAS_BAND, HAS_PREFIX, HAS_DOC, HAS_BITS, IEEE)
+                              MASKED=True, HAS_BAND=HAS_BAND, HAS_PREFIX=HAS_PREFIX,
+                              HAS_DOC=HAS_DOC, HAS_BITS=HAS_BITS, IEEE=IEEE)
 
     empty = l == 0.0  # no allowed key: out 0, lse -inf
     l_safe = tl.where(empty, 1.0, l)
     out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m + tl.log2(l_safe)) * 0.6931471805599453)
+    lse = tl.where(empty, float("-inf"), (m + tl.log2(l_safe)) * K_LN2)
     out_rows = bh * Nq + rows
     tl.store(out_ptr + out_rows[:, None] * D + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=r_mask[:, None] & d_mask[None, :])
@@ -344,7 +347,7 @@ def _sparse_bwd_pre_kernel(out_ptr, do_ptr, delta_ptr, Nq, D, stride_ob, stride_
 @triton.jit
 def _lse2(lse):
     # Natural-log lse to base 2; an empty row's -inf becomes +inf so that its p is 0.
-    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    return tl.where(lse == float("-inf"), float("inf"), lse * K_LOG2E)
 
 
 @triton.jit
@@ -463,14 +466,16 @@ def _sparse_bwd_dkdv_kernel(
                                 qb * BQ + (j % SUB) * BLOCK_M, offs_m, offs_d, d_mask,
                                 stride_qm, stride_dom, qk_scale, Nq, Nk, lo, hi, prefix,
                                 qdoc_row, bits_ptr, s_bits_r, qb * BQ, n0 - k0, kcol,
-                                False, False, False, False, False, IEEE)
+                                MASKED=False, HAS_BAND=False, HAS_PREFIX=False, HAS_DOC=False,
+                                HAS_BITS=False, IEEE=IEEE)
         if n_even < n_full:
             for t in range(0, tl.cdiv(Nq - last * BQ, BLOCK_M)):
                 dk, dv = _dkdv_tile(dk, dv, k, v, cols, kd, q_head, do_head, lse_row,
                                     delta_row, last * BQ + t * BLOCK_M, offs_m, offs_d, d_mask,
                                     stride_qm, stride_dom, qk_scale, Nq, Nk, lo, hi, prefix,
                                     qdoc_row, bits_ptr, s_bits_r, last * BQ, n0 - k0, kcol,
-                                    True, False, False, False, False, IEEE)
+                                    MASKED=True, HAS_BAND=False, HAS_PREFIX=False, HAS_DOC=False,
+                                    HAS_BITS=False, IEEE=IEEE)
 
         pidx_row = pidx_ptr + b * s_pidx_b + h * s_pidx_h + kb * s_pidx_r
         pbits_row = pbits_ptr + b * s_pbits_b + h * s_pbits_h + kb * s_pbits_r
@@ -484,7 +489,8 @@ def _sparse_bwd_dkdv_kernel(
                                 qb * BQ + (j % SUB) * BLOCK_M, offs_m, offs_d, d_mask,
                                 stride_qm, stride_dom, qk_scale, Nq, Nk, lo, hi, prefix,
                                 qdoc_row, bits_blk, s_bits_r, qb * BQ, n0 - k0, kcol,
-                                True, HAS_BAND, HAS_PREFIX, HAS_DOC, HAS_BITS, IEEE)
+                                MASKED=True, HAS_BAND=HAS_BAND, HAS_PREFIX=HAS_PREFIX,
+                                HAS_DOC=HAS_DOC, HAS_BITS=HAS_BITS, IEEE=IEEE)
 
     out_rows = bhk * Nk + cols
     offs = out_rows[:, None] * D + offs_d[None, :]
@@ -593,14 +599,16 @@ def _sparse_bwd_dq_kernel(
         dq = _dq_tile(dq, q, do, lse2, delta, rows, qd, k_head, v_head,
                       kb * BK + (j % SUB) * BLOCK_N, kb, offs_n, offs_d, d_mask, stride_kn,
                       stride_vn, qk_scale, Nq, Nk, BK, lo, hi, prefix, kdoc_row, bits_ptr,
-                      s_bits_r, q0, False, False, False, False, False, IEEE)
+                      s_bits_r, q0, MASKED=False, HAS_BAND=False, HAS_PREFIX=False, HAS_DOC=False,
+                      HAS_BITS=False, IEEE=IEEE)
     if n_even < n_full:
         for t in range(0, tl.cdiv(Nk - last * BK, BLOCK_N)):
             dq = _dq_tile(dq, q, do, lse2, delta, rows, qd, k_head, v_head,
                           last * BK + t * BLOCK_N, last, offs_n,
                           offs_d, d_mask, stride_kn, stride_vn, qk_scale, Nq, Nk, BK, lo, hi,
                           prefix, kdoc_row, bits_ptr, s_bits_r, q0,
-                          True, False, False, False, False, IEEE)
+                          MASKED=True, HAS_BAND=False, HAS_PREFIX=False, HAS_DOC=False,
+                          HAS_BITS=False, IEEE=IEEE)
 
     pidx_row = pidx_ptr + b * s_pidx_b + h * s_pidx_h + qb * s_pidx_r
     pbits_row = pbits_ptr + b * s_pbits_b + h * s_pbits_h + qb * s_pbits_r
@@ -613,7 +621,8 @@ def _sparse_bwd_dq_kernel(
         dq = _dq_tile(dq, q, do, lse2, delta, rows, qd, k_head, v_head,
                       kb * BK + (j % SUB) * BLOCK_N, kb, offs_n, offs_d, d_mask, stride_kn,
                       stride_vn, qk_scale, Nq, Nk, BK, lo, hi, prefix, kdoc_row, bits_blk,
-                      s_bits_r, q0, True, HAS_BAND, HAS_PREFIX, HAS_DOC, HAS_BITS, IEEE)
+                      s_bits_r, q0, MASKED=True, HAS_BAND=HAS_BAND, HAS_PREFIX=HAS_PREFIX,
+                      HAS_DOC=HAS_DOC, HAS_BITS=HAS_BITS, IEEE=IEEE)
 
     tl.store(dq_ptr + (bh * Nq + rows)[:, None] * D + offs_d[None, :],
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=ld_mask)
@@ -793,7 +802,7 @@ def forward(q, k, v, layout, scale, *, config=None):
     grid = (triton.cdiv(Nq, cfg["BLOCK_M"]) * B * Hq,)
     _launch.launch(_sparse_fwd_kernel, grid, q.device)(
         q, k, v, out, lse, *tensors,
-        float(scale) * _LOG2E, Nq, Nk, layout.BQ, layout.BK, Hq, Hq // Hkv, D,
+        float(scale) * LOG2E, Nq, Nk, layout.BQ, layout.BK, Hq, Hq // Hkv, D,
         *_band(layout), *_qkv_strides(q, k, v),
         *list_strides,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=head_block(D),
@@ -833,7 +842,7 @@ def backward(dout, q, k, v, out, lse, layout, scale, *, configs_=None):
         dout.stride(0), dout.stride(1), dout.stride(2), Hq,
         BLOCK_M=c_pre["BLOCK_M"], BLOCK_D=c_pre["BLOCK_D"], num_warps=c_pre["num_warps"],
     )
-    qk_scale = float(scale) * _LOG2E
+    qk_scale = float(scale) * LOG2E
     common = (Nq, Nk, layout.BQ, layout.BK)
     band = _band(layout)
     do_strides = [dout.stride(0), dout.stride(1), dout.stride(2)]

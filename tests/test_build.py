@@ -12,13 +12,21 @@ from conftest import cpu_isas
 
 from frugal import _ext, build_info
 
+SANITIZED_RUN = os.environ.get("FRUGAL_SANITIZE") == "1"  # `make sanitize`: a CPU-only build
 CUDA_BUILD_POSSIBLE = (torch.version.cuda is not None and os.environ.get("FRUGAL_NO_CUDA") != "1"
+                       and not SANITIZED_RUN
                        and (shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc")))
 
 
 def test_extension_loads_and_registers_ops():
     assert _ext.ext() is not None, _ext.ext_error()
     assert torch._C._dispatch_has_kernel_for_dispatch_key("frugal::quantize_per_token", "CPU")
+
+
+def test_sanitized_build_only_under_make_sanitize():
+    # `make sanitize` runs the tests with FRUGAL_SANITIZE=1 against its own build (ASan, UBSan);
+    # every other run must load the normal one.
+    assert _ext.ext().sanitized == SANITIZED_RUN, _ext.ext().__file__
 
 
 def test_cpu_isa_dispatch():
@@ -37,7 +45,8 @@ def test_cpu_isa_dispatch():
     assert cpu_isas()[-1] == mod.detected_cpu_isa()
 
 
-@pytest.mark.skipif(not CUDA_BUILD_POSSIBLE, reason="no nvcc or a CPU-only torch: no CUDA build")
+@pytest.mark.skipif(not CUDA_BUILD_POSSIBLE, reason="no CUDA build here (no nvcc, a CPU-only "
+                    "torch, FRUGAL_NO_CUDA=1 or FRUGAL_SANITIZE=1)")
 def test_cuda_kernels_built_for_sm80_and_sm90a():
     assert _ext.with_cuda(), "nvcc and a CUDA torch are present, but frugal._C has no CUDA kernels"
     assert torch._C._dispatch_has_kernel_for_dispatch_key("frugal::quantize_per_token", "CUDA")

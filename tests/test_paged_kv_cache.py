@@ -742,11 +742,65 @@ class CacheMachine(RuleBasedStateMachine):
     def append_layer(self, data, with_ids, layer):
         self.append(data, with_ids, [layer])
 
-    def append(self, data, with_ids, layers):
-        """Appends 1 to 5 tokens to each of up to 3 sequences, layer by layer."""
+    @precondition(lambda self: self.seqs)
+    @rule(data=st.data(), with_ids=st.booleans())
+    def plan_step(self, data, with_ids):
+        """A step planned once (PagedKVCache.plan) and run in every layer (StepPlan.run); the
+        attention of each layer checked against the shadow."""
+        self.append(data, with_ids, range(LAYERS), planned=True)
+
+    @precondition(lambda self: self.seqs)
+    @rule(data=st.data())
+    def bad_call(self, data):
+        """A call with one bad argument: a frugal error naming it, and nothing changed."""
+        sid = data.draw(st.sampled_from(sorted(self.seqs)))
+        x = torch.randn(1, 1, HKV, HEAD_DIM)
+        calls = [
+            (SequenceError, lambda: self.cache.append(0, [sid, "nope"], x, x)),
+            (SequenceError, lambda: self.cache.plan([sid, sid])),
+            (ShapeError, lambda: self.cache.append(0, [sid], x[..., :-1], x[..., :-1])),
+            (DTypeError, lambda: self.cache.append(0, [sid], x.double(), x.double())),
+            (ValueError, lambda: self.cache.append(LAYERS, [sid], x, x)),
+            (ValueError, lambda: self.cache.append(0, [sid], x, x, token_ids=[2**64])),
+            (ValueError, lambda: self.cache.attention(x[0], 0, [sid], scale=float("nan"))),
+            (ShapeError, lambda: self.cache.plan([sid], 0)),
+            (TypeError, lambda: self.cache.plan(sid)),
+        ]
+        error, call = data.draw(st.sampled_from(calls))
+        snap = snapshot(self.cache)
+        with pytest.raises(error) as info:
+            call()
+        message = str(info.value)
+        assert message.split(":")[0] in ("append", "plan", "paged_attention"), message
+        assert_unchanged(self.cache, snap)
+
+    def append(self, data, with_ids, layers, planned=False):
+        """Appends 1 to 5 tokens to each of up to 3 sequences, layer by layer (or through one
+        plan for every layer)."""
         live = sorted(self.seqs)
+        if planned:  # a plan needs sequences whose layers are level
+            live = [s for s in live if len({len(r) for r in self.seqs[s].rows}) == 1]
+            if not live:
+                return
         sids = data.draw(st.lists(st.sampled_from(live), min_size=1, max_size=3, unique=True))
         counts = data.draw(st.lists(st.integers(1, 5), min_size=len(sids), max_size=len(sids)))
+        plan = None
+        if planned:
+            snap = snapshot(self.cache)
+            ids = None
+            if with_ids:
+                ids = []
+                for sid, t in zip(sids, counts):
+                    sh, start = self.seqs[sid], len(self.seqs[sid].rows[0])
+                    ids += [sh.known[p] if p < len(sh.known) else sh.script[p % len(sh.script)]
+                            for p in range(start, start + t)]
+            windows = [self.seqs[s].window for s in sids if self.seqs[s].window is not None]
+            try:
+                plan = self.cache.plan(sids, counts, token_ids=ids,
+                                       window=min(windows) if windows else None)
+            except CacheFullError:
+                assert_unchanged(self.cache, snap)
+                return
         for layer in layers:
             ids, ks, plans = [], [], []
             for sid, t in zip(sids, counts):
@@ -764,16 +818,28 @@ class CacheMachine(RuleBasedStateMachine):
                 ks += rows
                 plans.append((sh, known, rows))
             k = torch.stack(ks)
-            snap = snapshot(self.cache)
-            try:
-                self.cache.append(layer, sids, k, -k, num_tokens=counts,
-                                  token_ids=ids if with_ids else None)
-            except CacheFullError:
-                assert_unchanged(self.cache, snap)
-                return
+            if plan is not None:
+                q = torch.randn(len(ks), 2 * HKV, HEAD_DIM, generator=self.gen)
+                out = plan.run(layer, q, k, -k)
+            else:
+                snap = snapshot(self.cache)
+                try:
+                    self.cache.append(layer, sids, k, -k, num_tokens=counts,
+                                      token_ids=ids if with_ids else None)
+                except CacheFullError:
+                    assert_unchanged(self.cache, snap)
+                    return
             for sh, known, rows in plans:
                 sh.known = known
                 sh.rows[layer] += rows
+            if plan is not None:  # each sequence's queries over its whole (windowed) history
+                row = 0
+                for (sh, _, _), t in zip(plans, counts):
+                    hist = torch.stack(sh.rows[layer])
+                    assert_close(out[row:row + t],
+                                 dense_attention(q[row:row + t], hist, -hist,
+                                                 window=plan.window or None))
+                    row += t
 
     @precondition(lambda self: len(self.seqs) < MAX_SEQS and any(self.lengths().values()))
     @rule(data=st.data())

@@ -262,3 +262,24 @@ def test_a_plan_goes_stale_only_when_its_sequences_change():
         change()
         with pytest.raises(SequenceError, match="the plan is stale"):
             plan.run(0, x, x, x)
+
+
+def test_a_plan_never_reads_a_trimmed_block():
+    """Found by the cache fuzzer: a sequence trimmed to a window, then planned with a wider
+    one, made the kernels read a -1 table entry (unchecked on a GPU). Now refused up front."""
+    from frugal import BlockTableError
+
+    cache = PagedKVCache(1, 8, 2, 1, 16, dtype=torch.float32)
+    cache.add_sequence(0)
+    x = torch.randn(6, 1, 16)
+    cache.plan([0], 6).append(0, x, x)
+    assert cache.trim(0, 2) == 2  # blocks 0 and 1 (positions 0..3) given back
+    snap = snapshot(cache)
+    with pytest.raises(BlockTableError, match=r"plan: sequence 0 gave back block 0 .* window "
+                                              r"None; plan with a window of at most 3"):
+        cache.plan([0], 1)
+    assert_unchanged(cache, snap)
+    out = cache.plan([0], 1, window=3).run(0, x[:1], x[:1], x[:1])  # reads positions 4..6
+    hist = torch.cat([x[4:], x[:1]])
+    torch.testing.assert_close(out.double(), dense_attention(x[:1], hist, hist), rtol=1e-5,
+                               atol=1e-5)

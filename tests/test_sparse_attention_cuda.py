@@ -141,7 +141,7 @@ def check_forward(layout, q, k, v, allowed, scale=None):
     over `allowed` with FlashAttention's rule; returns (out, lse)."""
     dtype = q.dtype
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out, lse = ops.sparse_attention_fwd(q, k, v, *layout.forward_args(), scale)
+    out, lse = ops.sparse_attention_fwd(q, k, v, *layout.op_args(), scale)
     ref, ref_lse = reference.sparse_attention(q.double(), k.double(), v.double(), allowed, scale)
     plain, _ = reference.sparse_attention(q, k, v, allowed, scale)
     assert out.dtype == dtype and out.shape == q.shape and out.is_contiguous()
@@ -247,11 +247,10 @@ def with_rules(layout, flags, lo=0, hi=0, prefix=0, docs=None):
     """A bitmask layout given the band (with prefix) and document rule as well: the kernel then
     tests all of them together on the partial blocks (BlockMask folds such masks into pure
     bitmasks, so only a layout made here reaches that code)."""
-    fields = {f: getattr(layout, f) for f in SparseLayout.__dataclass_fields__}
-    fields.update(flags=flags, lo=lo, hi=hi, prefix=prefix)
+    fields = dict(flags=flags, lo=lo, hi=hi, prefix=prefix)
     if flags & DOC:
         fields.update(q_doc=docs[0], kv_doc=docs[1])
-    return SparseLayout(**fields)
+    return layout.replace(**fields)
 
 
 @pytest.mark.parametrize("flags", [BAND | BITS, BAND | PREFIX | BITS, DOC | BITS,
@@ -297,7 +296,7 @@ def test_strided_and_misaligned_inputs(poison):
     allowed = mask.to_dense("cpu").expand(1, 2, 120, 130)
     out, lse = check_forward(mask.layout(1, 2, "cpu"), q, k_off, v, allowed)
     want_out, want_lse = ops.sparse_attention_fwd(q, k, v, *mask.layout(1, 2, "cpu")
-                                                  .forward_args(), 32 ** -0.5)
+                                                  .op_args(), 32 ** -0.5)
     assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
 
 
@@ -307,7 +306,7 @@ def test_nan_in_a_visited_key_gives_nan_and_elsewhere_nothing():
     mask = masks.causal(128, block_size=64)
     q, k, v = make_qkv(1, 1, 1, 128, 128, 32, torch.float16, seed=0)
     k[0, 0, 100, 5] = float("nan")
-    out, _ = ops.sparse_attention_fwd(q, k, v, *mask.layout(1, 1, "cpu").forward_args(), 0.2)
+    out, _ = ops.sparse_attention_fwd(q, k, v, *mask.layout(1, 1, "cpu").op_args(), 0.2)
     rows_nan = torch.isnan(out[0, 0]).any(-1)
     assert rows_nan[100:].all() and not rows_nan[:100].any()
 
@@ -316,7 +315,7 @@ def test_errors_name_argument_expectation_and_value():
     mask = masks.causal(64, block_size=64)
     layout = mask.layout(1, 1, "cpu")
     q = torch.zeros(1, 1, 64, 32, dtype=torch.float16)
-    args = (*layout.forward_args(), 0.1)
+    args = (*layout.op_args(), 0.1)
     with pytest.raises(RuntimeError, match="takes float16 or bfloat16 q, k, v; got Float"):
         ops.sparse_attention_fwd(q.float(), q.float(), q.float(), *args)
     with pytest.raises(RuntimeError, match="head_dim must be 32, 64, 96, 128 or 256; got 80"):
@@ -328,14 +327,18 @@ def test_errors_name_argument_expectation_and_value():
                                  torch.zeros(1, 2, 64, 32, dtype=torch.float16), *args)
     with pytest.raises(RuntimeError, match=r"kv_num must have shape \[1, 2, 1\]; got \[1, 1, 1\]"):
         ops.sparse_attention_fwd(torch.zeros(1, 2, 64, 32, dtype=torch.float16), q, q, *args)
-    bad = list(args)
-    bad[8] = 32  # BQ
     with pytest.raises(RuntimeError, match="mask blocks of 64 or 128; got BQ=32, BK=64"):
-        ops.sparse_attention_fwd(q, q, q, *bad)
-    bad = list(args)
-    bad[0] = layout.kv_num.long()
+        ops.sparse_attention_fwd(q, q, q, *layout.replace(BQ=32).op_args(), 0.1)
     with pytest.raises(RuntimeError, match="kv_num must be int32; got Long"):
-        ops.sparse_attention_fwd(q, q, q, *bad)
+        ops.sparse_attention_fwd(q, q, q, *layout.replace(kv_num=layout.kv_num.long()).op_args(),
+                                 0.1)
+    tensors, ints = layout.op_args()
+    with pytest.raises(RuntimeError, match=r"layout must hold 13 tensors \( kv_num kv_idx .* "
+                                           r"bits \); got 12"):
+        ops.sparse_attention_fwd(q, q, q, tensors[:-1], ints, 0.1)
+    with pytest.raises(RuntimeError, match=r"layout_ints must hold 6 ints \( BQ BK flags lo hi "
+                                           r"prefix \); got 7"):
+        ops.sparse_attention_fwd(q, q, q, tensors, ints + [0], 0.1)
 
 
 def test_empty_shapes(poison):
@@ -344,13 +347,15 @@ def test_empty_shapes(poison):
     kv = torch.zeros(1, 1, 0, 32, dtype=torch.float16)
     empty_lists = BlockMask.from_dense(torch.zeros(64, 64, dtype=torch.bool), block_size=64)
     out, lse = ops.sparse_attention_fwd(q, kv, kv, *empty_lists.layout(1, 2, "cpu")
-                                        .forward_args(), 1.0)
+                                        .op_args(), 1.0)
     assert (out == 0).all() and torch.isneginf(lse).all()
     none = torch.zeros(1, 2, 0, dtype=torch.int32)
     idx = torch.zeros(1, 2, 0, 1, dtype=torch.int32)
     dummy = torch.zeros(1, dtype=torch.int32)
-    out, lse = ops.sparse_attention_fwd(q[:, :, :0], q, q, none, idx, dummy, none, idx, dummy,
-                                        dummy, dummy, 64, 64, 1, 0, 0, 0, 1.0)
+    lists = dict(kv_num=none, kv_idx=idx, full_num=none, full_idx=idx)
+    tensors = [lists.get(n, dummy) for n in SparseLayout.TENSORS]
+    ints = [dict(BQ=64, BK=64, flags=1).get(n, 0) for n in SparseLayout.INTS]
+    out, lse = ops.sparse_attention_fwd(q[:, :, :0], q, q, tensors, ints, 1.0)
     assert out.shape == (1, 2, 0, 32) and lse.shape == (1, 2, 0)
 
 
@@ -385,7 +390,7 @@ def test_real_kernel_forward_and_backward(poison, dtype):
     assert names[0] == "cuda", names
     out, lse = frugal.sparse_attention(qc, kc, vc, mask, return_lse=True, backend="cuda")
     emu_out, emu_lse = ops.sparse_attention_fwd(q, k, v, *mask.layout(1, 4, "cpu")
-                                                .forward_args(), 0.125)
+                                                .op_args(), 0.125)
     allowed = mask.to_dense("cpu").expand(1, 4, 300, 300)
     ref, _ = reference.sparse_attention(q.double(), k.double(), v.double(), allowed, 0.125)
     plain, _ = reference.sparse_attention(q, k, v, allowed, 0.125)

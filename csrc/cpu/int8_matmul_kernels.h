@@ -58,7 +58,7 @@ using EpilogueFn = void (*)(const int32_t* tile, int rows, int64_t m0, int64_t n
                             const Epilogue& epi);
 
 inline void pack_a_signed(const int8_t* a, int64_t K, int64_t K4, uint8_t* dst) {
-  std::memcpy(dst, a, K);
+  if (K > 0) std::memcpy(dst, a, K);  // a is null for K = 0, and memcpy's pointers never may be
   std::memset(dst + K, 0, 4 * K4 - K);
 }
 

@@ -25,16 +25,22 @@ constexpr float kExpP[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f
                             4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
 
 // Scalar, written so that compilers vectorize loops over it: exactly 0 below -87 (so
-// exp(-inf) = 0).
+// exp(-inf) = 0), and NaN stays NaN (a NaN score makes its row NaN, as in the reference). n is
+// rounded, and 2^n built from its bits, with the 1.5 * 2^23 constant in unsigned arithmetic:
+// unlike a float -> int conversion, that is defined for every input, NaN included.
 inline float exp_neg(float x) {
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: t = v + kRound rounds v into t's low bits
   const float xc = x < kExpMin ? kExpMin : x;
-  const float n = std::floor(xc * kLog2e + 0.5f);
+  const float t = xc * kLog2e + kRound;
+  const float n = t - kRound;
   float r = xc - n * kLn2Hi;
   r = r - n * kLn2Lo;
   float p = kExpP[0];
   for (int i = 1; i < 6; ++i) p = p * r + kExpP[i];
   const float y = p * (r * r) + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  uint32_t bits;
+  std::memcpy(&bits, &t, sizeof(bits));
+  bits = (bits - 0x4B400000u + 127u) << 23;
   float two_n;
   std::memcpy(&two_n, &bits, sizeof(two_n));
   return x < kExpMin ? 0.0f : y * two_n;
@@ -62,9 +68,9 @@ FRUGAL_TARGET_AVX512 inline __m512 exp16_clamped(__m512 x) {
   return _mm512_scalef_ps(y, n);
 }
 
-// Exactly 0 below -87, for -inf and for NaN (masked-out scores).
+// Exactly 0 below -87 and for -inf (masked-out scores); NaN stays NaN.
 FRUGAL_TARGET_AVX512 inline __m512 exp16_flush(__m512 x) {
-  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpMin), _CMP_GE_OQ);
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpMin), _CMP_NLT_UQ);
   __m512 n;
   const __m512 y = exp16_poly(x, &n);
   return _mm512_maskz_scalef_ps(live, y, n);

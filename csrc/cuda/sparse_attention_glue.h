@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "cuda/launch.h"
+#include "sparse_layout.h"
 
 namespace frugal::cuda::sparse_glue {
 
@@ -66,13 +67,16 @@ inline int clamp_int(int64_t x) {
 }
 
 template <class Backend>
-std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kv_num,
-    const at::Tensor& kv_idx, const at::Tensor& kv_bits, const at::Tensor& full_num,
-    const at::Tensor& full_idx, const at::Tensor& q_doc, const at::Tensor& kv_doc,
-    const at::Tensor& bits, int64_t BQ, int64_t BK, int64_t flags, int64_t lo, int64_t hi,
-    int64_t prefix, double scale) {
+std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd(const at::Tensor& q, const at::Tensor& k,
+                                                        const at::Tensor& v, at::TensorList layout,
+                                                        at::IntArrayRef layout_ints, double scale) {
   constexpr const char* op = "sparse_attention_fwd";
+  // The forward's lists (the q-side lists are the backward's); names as in csrc/sparse_layout.h.
+  const SparseLayoutArgs L = SparseLayoutArgs::from(op, layout, layout_ints);
+  const at::Tensor &kv_num = L.kv_num, &kv_idx = L.kv_idx, &kv_bits = L.kv_bits;
+  const at::Tensor &full_num = L.full_num, &full_idx = L.full_idx;
+  const at::Tensor &q_doc = L.q_doc, &kv_doc = L.kv_doc, &bits = L.bits;
+  const int64_t BQ = L.BQ, BK = L.BK, flags = L.flags, lo = L.lo, hi = L.hi, prefix = L.prefix;
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op,
               ": q, k, v must be 4-d [batch, heads, tokens, head_dim]; got ", q.sizes(), ", ",
               k.sizes(), ", ", v.sizes());

@@ -1,5 +1,6 @@
 """Launch configs as data: ``default.json``, one file per GPU architecture (``sm_90.json``:
-every GPU of compute capability 9.0) and one per GPU name.
+every GPU of compute capability 9.0), one per GPU name, and the user's tuned file
+(``frugal tune``), which comes first.
 
 A file maps a kernel name to a list of buckets ``{"max_<dim>": int | null, ...config}`` sorted by
 the bucket bound; the first bucket whose bound admits the shape wins (null admits everything).
@@ -31,13 +32,45 @@ def _is_arch(name):
 
 def device_names():
     """The GPU names that have a file of their own."""
-    return sorted(f[:-5] for f in os.listdir(_DIR)
-                  if f.endswith(".json") and f != "default.json" and not _is_arch(f[:-5]))
+    return sorted(f[:-5] for f in os.listdir(_DIR) if f.endswith(".json")
+                  and f not in ("default.json", "space.json") and not _is_arch(f[:-5]))
+
+
+_TUNED = {"tables": None, "path": None}  # the tuned file in force (frugal.tuning installs it)
+
+
+def set_tuned(tables, path):
+    """Install the launch-config tables of a tuned file (``frugal tune``); None removes them.
+    They come before every shipped file."""
+    _TUNED["tables"], _TUNED["path"] = tables, path
+
+
+def source(kernel, key=None):
+    """Which file ``kernel``'s configs come from for a device ``key``."""
+    if _TUNED["tables"] and kernel in _TUNED["tables"]:
+        return _TUNED["path"]
+    name, arch = key if key is not None else (None, None)
+    for filed in (name, arch):
+        if filed is not None and os.path.exists(file_for(filed)):
+            if kernel in _read(file_for(filed)):
+                return file_for(filed)
+    return os.path.join(_DIR, "default.json")
+
+
+def table_dim(kernel):
+    """The dimension ``kernel``'s buckets are keyed on ("M", "D", "K")."""
+    for key in _read(os.path.join(_DIR, "default.json"))[kernel][0]:
+        if key.startswith("max_"):
+            return key[4:]
+    raise LookupError(f"configs for {kernel}: no max_<dim> key")
 
 
 def buckets(kernel, key=None):
-    """The buckets of ``kernel`` for a device ``key`` = (GPU name, arch) (or None): its own file
-    when it has the table, else its arch's file, else the default."""
+    """The buckets of ``kernel`` for a device ``key`` = (GPU name, arch) (or None): the tuned
+    file's when it has the table, else the GPU's own file, else its arch's, else the
+    default."""
+    if _TUNED["tables"] and kernel in _TUNED["tables"]:
+        return _TUNED["tables"][kernel]
     name, arch = key if key is not None else (None, None)
     for filed in (name, arch):
         if filed is not None and os.path.exists(file_for(filed)):
@@ -55,3 +88,16 @@ def pick(kernel, dim, value, key=None):
         if bound is None or value <= bound:
             return {k: v for k, v in bucket.items() if k != bound_key}
     raise LookupError(f"configs for {kernel}: no bucket admits {dim}={value}")
+
+
+def space(kernel, quick=False):
+    """The search space of ``kernel`` (``space.json``): every combination of its values, in a
+    fixed order; [] for a table without one."""
+    import itertools
+
+    entry = _read(os.path.join(_DIR, "space.json")).get(kernel)
+    if entry is None:
+        return []
+    grid = entry["quick" if quick else "full"]
+    names = list(grid)
+    return [dict(zip(names, values)) for values in itertools.product(*(grid[n] for n in names))]

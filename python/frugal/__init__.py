@@ -27,6 +27,8 @@ from .paged_ops import BlockTableError, paged_append, paged_attention, paged_pre
 from .quantize import dequantize, quantize_per_token
 from .sparse_attention import HEAD_DIMS, sparse_attention
 
+from . import tune_specs  # noqa: E402, F401  (registers how `frugal tune` exercises each op)
+
 __version__ = "0.1.0"
 
 __all__ = [

@@ -13,6 +13,20 @@ import torch
 from . import _ext
 
 
+def cpu_model():
+    """The CPU's model name (/proc/cpuinfo; the platform's processor or machine elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
 def cuobjdump():
     """Path of cuobjdump (pip's nvidia-cuda-cuobjdump, $CUDA_HOME/bin or PATH), or None."""
     nvidia = os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia")

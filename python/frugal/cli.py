@@ -1,5 +1,5 @@
-"""The ``frugal`` command: ``frugal info``, ``frugal bench``, ``frugal check`` and
-``frugal gpu-check``."""
+"""The ``frugal`` command: ``frugal info``, ``frugal bench``, ``frugal check``, ``frugal tune``
+and ``frugal gpu-check``."""
 
 import argparse
 import sys
@@ -21,6 +21,10 @@ def main(argv=None):
         from frugal import gpu_check
 
         return gpu_check.main(argv[1:])
+    if argv[:1] == ["tune"]:
+        from frugal import tuning
+
+        return tuning.main(argv[1:])
     args = _parser().parse_args(argv)
     return args.func(args)
 
@@ -45,6 +49,9 @@ def _parser():
     bench.add_argument("--out", default="bench-results", metavar="DIR",
                        help="where results are written (default: %(default)s)")
     bench.add_argument("--list", action="store_true", help="list the sweeps and exit")
+    bench.add_argument("--compare-tuned", action="store_true",
+                       help="time every candidate with and without this device's tuned file "
+                            "(frugal tune), in the same rounds, and list the pairs")
     bench.add_argument("--strict", action="store_true",
                        help="exit 1 when a target is missed (default: report it, exit 0)")
     bench.add_argument("--rounds", type=int, default=None, metavar="R",
@@ -53,6 +60,9 @@ def _parser():
     bench.set_defaults(func=_bench)
 
     commands.add_parser("check", help="run frugal.check (arguments are passed on to it)",
+                        add_help=False)
+    commands.add_parser("tune", help="measure and verify every tunable choice on this device; "
+                        "`auto` then uses the winners (arguments are passed on)",
                         add_help=False)
     commands.add_parser("gpu-check", help="verify this GPU: the test suite on CUDA tensors and "
                         "a short bench against FlashAttention, FlexAttention and cuBLAS "
@@ -77,9 +87,14 @@ def _info(args):
               f"CUDA kernels {'yes' if _ext.with_cuda() else 'no'}")
     cuda = torch.cuda.is_available()
     print(f"CUDA available: {'yes, ' + torch.cuda.get_device_name() if cuda else 'no'}")
+    from frugal import tuning
+
     for device in ("cpu", "cuda") if cuda else ("cpu",):
         probe = torch.zeros(1, 8, device=device)
         print(f"on {device}: {frugal.explain(frugal.quantize_per_token, probe)}")
+        data = tuning.load(device)
+        path = tuning.file_for(device)
+        print(f"  tuned file: {path if data else 'none valid (' + path + '); shipped configs'}")
     return 0
 
 
@@ -107,7 +122,8 @@ def _bench(args):
               f"{' or '.join(bench.sweeps(elsewhere)[0].devices)} only; this run is on {device}",
               file=sys.stderr)
         return 2
-    result = bench.run(sweeps, device, quick=args.quick, rounds=args.rounds)
+    result = bench.run(sweeps, device, quick=args.quick, rounds=args.rounds,
+                       compare_tuned=args.compare_tuned)
     print(result.markdown())
     for path in result.save(args.out):
         print(f"wrote {path}", file=sys.stderr)

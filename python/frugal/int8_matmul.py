@@ -6,6 +6,7 @@ leading dims (flattened). Accumulation is in int32 and exact for K <= 131071
 (``INT8_MAX_K``: 128 * 128 * K < 2**31 for every int8 input); larger K is refused.
 """
 
+import math
 from typing import Optional
 
 import torch
@@ -119,7 +120,20 @@ INT8_MM.implement("cpu", devices=("cpu",), requires=cpp_kernel("int8_mm", "CPU")
 INT8_MM.implement("triton")(lambda a, b: torch.ops.frugal.int8_mm_triton(a, b))
 INT8_MM.implement("cuda", devices=("cuda",), requires=cpp_kernel("int8_mm", "CUDA"),
                   why_not=_cutlass_why_not)(lambda a, b: torch.ops.frugal.int8_mm(a, b))
-INT8_MM.implement("torch")(reference.int8_mm)
+
+
+def _int_mm(a, b):
+    """a @ b^T exactly: torch._int_mm (oneDNN on CPUs, AMX where present; cuBLASLt on GPUs)
+    where it takes the shapes, else the int64 reference. The "torch" backend: on some CPUs
+    the fastest there is, and `frugal tune` finds out."""
+    # CPU: K = 1 returns garbage in torch 2.14 (found by tests/test_fuzz.py). CUDA: its shape
+    # rules.
+    ok = a.shape[1] > 1 if a.device.type == "cpu" else (
+        a.shape[0] > 16 and a.shape[1] % 8 == 0 and b.shape[0] % 8 == 0)
+    return torch._int_mm(a, b.t()) if ok else reference.int8_mm(a, b)
+
+
+INT8_MM.implement("torch")(_int_mm)
 
 INT8_MATMUL = Op("int8_matmul", order=_ORDER)
 INT8_MATMUL.implement("cpu", devices=("cpu",), requires=cpp_kernel("int8_scaled_mm", "CPU"))(
@@ -128,7 +142,16 @@ INT8_MATMUL.implement("triton")(lambda *args: torch.ops.frugal.int8_scaled_mm_tr
 INT8_MATMUL.implement("cuda", devices=("cuda",), requires=cpp_kernel("int8_scaled_mm", "CUDA"),
                       why_not=lambda a, b, *_: _cutlass_why_not(a, b))(
     lambda *args: torch.ops.frugal.int8_scaled_mm(*args))
-INT8_MATMUL.implement("torch")(reference.int8_scaled_mm)
+
+
+@INT8_MATMUL.implement("torch")
+def _int8_scaled_mm_torch(a, b, a_scale, b_scale, bias, out_dtype):
+    # The reference's epilogue (fp32, in its order) over torch._int_mm's exact product.
+    y = _int_mm(a, b).float() * a_scale.float().reshape(-1, 1) * b_scale.float().reshape(1, -1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
 
 INT8_WEIGHT_ONLY = Op("int8_weight_only_matmul", order=_ORDER)
 INT8_WEIGHT_ONLY.implement("cpu", devices=("cpu",),
@@ -141,6 +164,11 @@ INT8_WEIGHT_ONLY.implement(
     why_not=lambda x, b, *_: _cutlass_why_not(x, b, (torch.float16, torch.bfloat16)))(
     lambda *args: torch.ops.frugal.int8_weight_only_mm(*args))
 INT8_WEIGHT_ONLY.implement("torch")(reference.int8_weight_only_mm)
+
+
+def _rows(x):
+    """x [..., K] as [M, K] (K = 0 included, where reshape(-1, 0) is ambiguous)."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
 def _check_weight(op, name, b, K, K_name):
@@ -237,7 +265,7 @@ def _check_matmul(op, aq, bq, a_scale, b_scale, bias, out_dtype):
 def _select_int8_matmul(aq, bq, a_scale, b_scale, bias=None, out_dtype=torch.float16, *,
                         backend="auto", explain=False):
     _check_matmul("int8_matmul", aq, bq, a_scale, b_scale, bias, out_dtype)
-    return INT8_MATMUL.select(aq.device, backend, aq.reshape(-1, aq.shape[-1]), bq,
+    return INT8_MATMUL.select(aq.device, backend, _rows(aq), bq,
                               a_scale.reshape(-1), b_scale.reshape(-1), bias, out_dtype,
                               explain=explain)
 
@@ -284,7 +312,7 @@ def _select_weight_only(x, bq, b_scale, bias=None, *, backend="auto", explain=Fa
     _check_scale(op, "b_scale", b_scale, bq.shape[:1], "N, one per output channel")
     _check_bias(op, bias, bq.shape[0])
     _check_devices(op, x=x, bq=bq, b_scale=b_scale, bias=bias)
-    return INT8_WEIGHT_ONLY.select(x.device, backend, x.reshape(-1, x.shape[-1]), bq, b_scale,
+    return INT8_WEIGHT_ONLY.select(x.device, backend, _rows(x), bq, b_scale,
                                    bias, explain=explain)
 
 

@@ -28,6 +28,7 @@ from .paged_ops import (
     PAGED_APPEND,
     PAGED_ATTENTION,
     PAGED_PREFILL,
+    BlockTableError,
     check_window,
     empty_cache,
     is_block_size,
@@ -643,6 +644,7 @@ class PagedKVCache:
             self._check_known_ids(op, 0, seq_ids, seqs, counts, ids)
         window = self.window if window is None else window
         check_window(op, window)
+        self._check_reads(op, seq_ids, seqs, counts, window)
         name = self._append_backend(backend)
         self._allocate(*self._plan(op, 0, seqs, counts), seqs)
         starts = [seq.lens[0] for seq in seqs]
@@ -664,6 +666,22 @@ class PagedKVCache:
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int32).to(self.device),
             max_q_len=max(counts), max_seq_len=max(lens), decode=max(counts) == 1,
         )
+
+    def _check_reads(self, op, seq_ids, seqs, counts, window):
+        """The step's queries read no block a trim gave back: the tables a plan builds are
+        run unchecked by the kernels."""
+        bs = self.block_size
+        for seq_id, seq, t in zip(seq_ids, seqs, counts):
+            start = seq.lens[0]
+            first = 0 if not window else max(0, start - window + 1)
+            gone = [j for j in range(first // bs, min(len(seq.blocks), -(-start // bs)))
+                    if seq.blocks[j] < 0]
+            if gone:
+                raise BlockTableError(
+                    f"{op}: sequence {seq_id!r} gave back block {gone[0]} (positions "
+                    f"{gone[0] * bs}..{gone[0] * bs + bs - 1}), which its queries from position "
+                    f"{start} read with window {window}; plan with a window of at most "
+                    f"{start - (gone[-1] + 1) * bs + 1}")
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -845,9 +863,9 @@ class StepPlan:
         ks, vs = cache._scales(0)
         for dtype in FLOATS if cache.dtype == torch.int8 else (cache.dtype,):
             q = torch.empty((0, cache.num_kv_heads, cache.head_dim), dtype=dtype, device="meta")
-            caches = (cache.k_cache[0], cache.v_cache[0], None, None)
-            args = (q, *caches, 0, 1.0, 0, ks, vs) if self.decode else (
-                q, *caches, None, 0, 1.0, 0, ks, vs)
+            tables = (cache.k_cache[0], cache.v_cache[0], None, None)  # + block_tables, lens
+            args = (q, *tables, 1.0, 0, ks, vs) if self.decode else (
+                q, *tables, None, 0, 1.0, 0, ks, vs)
             self._impls[dtype] = op.select(cache.device, self.backend, *args)
 
     def attention(self, q, layer, scale=None):

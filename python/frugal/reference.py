@@ -167,6 +167,7 @@ def sparse_attention(q, k, v, mask, scale=None):
     s = (q @ k.transpose(-1, -2)) * scale
     s = s.masked_fill(~mask.to(q.device), float("-inf"))
     lse = torch.logsumexp(s.float() if s.dtype != torch.float64 else s, dim=-1)
-    p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None].to(s.dtype))
+    # Only an empty row (lse -inf) is special; a +inf score gives lse +inf and a NaN row.
+    p = torch.exp(s - torch.where(lse == float("-inf"), 0.0, lse)[..., None].to(s.dtype))
     out = p @ v
     return out, lse.float() if lse.dtype != torch.float64 else lse

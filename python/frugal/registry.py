@@ -77,6 +77,7 @@ class Op:
         self.name = name
         self.order = dict(order or DEFAULT_ORDER)
         self.impls = {}
+        self.tune = None  # a frugal.tuning.TuneSpec: how `frugal tune` exercises the op
         OPS[name] = self
 
     def implement(self, backend, *, devices=None, requires=None, why_not=None, space=None,

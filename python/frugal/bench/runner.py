@@ -100,8 +100,23 @@ class BenchRun:
         return all(v.passed for r in self.results for v in r.verdicts + r.slope_verdicts)
 
     def markdown(self):
-        """The results as Markdown: per sweep a table, the scaling exponents, the verdicts."""
-        return "\n\n".join(_sweep_markdown(r, self.env, self.copy_gbps) for r in self.results)
+        """The results as Markdown: per sweep a table, the scaling exponents, the verdicts;
+        with tuned twins, the paired comparison."""
+        text = "\n\n".join(_sweep_markdown(r, self.env, self.copy_gbps) for r in self.results)
+        pairs = self.tuned_pairs()
+        if pairs:
+            text += "\n\n" + _pairs_markdown(pairs)
+        return text
+
+    def tuned_pairs(self):
+        """[(sweep, x, candidate, default ms, tuned ms)] of a ``compare_tuned`` run."""
+        out = []
+        for r in self.results:
+            ms = {(row.x, row.candidate): row.ms for row in r.rows}
+            for (x, name), tuned in ms.items():
+                if name.endswith("@tuned") and (x, name[:-6]) in ms:
+                    out.append((r.sweep.name, x, name[:-6], ms[x, name[:-6]], tuned))
+        return out
 
     def record(self):
         """The results as a JSON-serialisable dict."""
@@ -142,7 +157,9 @@ def environment(device):
     import frugal
 
     device = torch.device(device)
-    cpu = _cpu_model()
+    from frugal.build_info import cpu_model
+
+    cpu = cpu_model()
     return {
         "frugal": frugal.__version__,
         "torch": torch.__version__,
@@ -153,23 +170,31 @@ def environment(device):
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
         "cpu_model": cpu,
         "cpu_threads": torch.get_num_threads(),
+        "cpu_isa": _cpu_isa(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
 
-def _cpu_model():
+def _cpu_isa():
+    """The instruction sets of this CPU that matter to the kernels, and the path frugal's C++
+    kernels take (FRUGAL_CPU_ISA may cap it)."""
+    from frugal import _ext
+
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+            flags = next((line.split(":", 1)[1].split() for line in f
+                          if line.startswith("flags")), [])
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        flags = []
+    names = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "VNNI",
+             "avx512_bf16": "AVX512-BF16", "amx_int8": "AMX-INT8", "amx_bf16": "AMX-BF16"}
+    has = [label for flag, label in names.items() if flag in flags]
+    path = _ext.ext().cpu_isa() if _ext.ext() is not None else "no extension"
+    return f"{' '.join(has) or 'none of AVX2/AVX-512/AMX'}; frugal C++ path: {path}"
 
 
 def run(sweeps, device=None, *, quick=False, timer=None, copy_gbps=None, progress=True,
-        rounds=None):
+        rounds=None, compare_tuned=False):
     """Time every candidate of every sweep at each of its token counts.
 
     Parameters
@@ -196,6 +221,10 @@ def run(sweeps, device=None, *, quick=False, timer=None, copy_gbps=None, progres
         and keep each one's fastest round: a burst of load from another process then slows
         one round of every candidate rather than one candidate. Default 2 on CPU (a shared
         machine), 1 on CUDA. The copy is timed the same way.
+    compare_tuned : bool
+        Time every candidate twice in the same interleaved rounds: ``name@default`` with the
+        shipped configs and default backend order, ``name@tuned`` with this device's tuned file
+        (``frugal tune``) as ``name@tuned``; :meth:`BenchRun.tuned_pairs` lists the pairs.
 
     Returns
     -------
@@ -217,7 +246,8 @@ def run(sweeps, device=None, *, quick=False, timer=None, copy_gbps=None, progres
             copy = None
             if s.memory_bound:
                 copy = copy_fn(device) if measured else (None, copy_gbps)
-            times, copies = _time_sweep(s, xs, device, timer, bar, rounds, copy)
+            times, copies = _time_sweep(s, xs, device, timer, bar, rounds, copy,
+                                        compare_tuned)
             timed.append((s, times, copies))
     if measured:
         copy_gbps = max((g for _, _, c in timed for g in c.values()), default=None)
@@ -225,13 +255,13 @@ def run(sweeps, device=None, *, quick=False, timer=None, copy_gbps=None, progres
     return BenchRun(env, copy_gbps, results)
 
 
-def _time_sweep(sweep, xs, device, timer, bar, rounds=1, copy=None):
+def _time_sweep(sweep, xs, device, timer, bar, rounds=1, copy=None, compare_tuned=False):
     """Times and, with ``copy`` = (fn, counted bytes), the copy GB/s at each x; ``copy`` =
     (None, gbps) gives every x that bandwidth."""
     times, copies = {}, {}
     for x in xs:
         t, copy_ms = _time_candidates(sweep, x, device, timer, bar, rounds,
-                                      copy[0] if copy else None)
+                                      copy[0] if copy else None, compare_tuned)
         times.update(t)
         if copy is not None:
             copies[x] = copy[1] / copy_ms / 1e6 if copy[0] is not None else copy[1]
@@ -272,7 +302,26 @@ def _versus(sweep, target):
     return x, target.versus or sweep.baseline
 
 
-def _time_candidates(sweep, x, device, timer, bar, rounds=1, copy=None):
+def _twins(candidates):
+    """Each candidate twice: ``name`` with tuning set aside (the shipped defaults; the sweep's
+    baseline and targets refer to these) and ``name@tuned``."""
+    from frugal import tuning
+
+    def within(fn, enabled):
+        def call():
+            with tuning.use(enabled):
+                return fn()
+
+        return call
+
+    twins = {}
+    for name, fn in candidates.items():
+        twins[name] = within(fn, False)
+        twins[f"{name}@tuned"] = within(fn, True)
+    return twins
+
+
+def _time_candidates(sweep, x, device, timer, bar, rounds=1, copy=None, compare_tuned=False):
     """({(x, name): best ms}, best ms of ``copy`` or None): every candidate, then the copy (if
     given), in each of ``rounds`` interleaved rounds."""
     # A function of its own so that x's inputs are freed before the next, larger ones exist.
@@ -280,6 +329,8 @@ def _time_candidates(sweep, x, device, timer, bar, rounds=1, copy=None):
     if sweep.baseline not in candidates:
         raise ValueError(f"sweep {sweep.name!r}: setup({x}, {device}) must return the "
                          f"baseline {sweep.baseline!r}; got {', '.join(candidates)}")
+    if compare_tuned:
+        candidates = _twins(candidates)
     times, copy_ms = {}, None
     for r in range(rounds):
         steps = list(candidates.items()) + ([(None, copy)] if copy is not None else [])
@@ -339,6 +390,8 @@ def _verdict_line(sweep, v):
 def _sweep_markdown(result, env, copy_gbps):
     sweep = result.sweep
     title = f"### {sweep.name} on {env['device']} ({env['device_name']})"
+    if env["device"] == "cpu" and env.get("cpu_isa"):
+        title += f"\n\nCPU: {env['cpu_isa']}; {env['cpu_threads']} threads"
     lines = [title + (f": {_params(sweep)}" if sweep.params else "")]
     if sweep.memory_bound:
         by_x = result.copy_by_x
@@ -442,3 +495,21 @@ def _plot(result, env, path):
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def _pairs_markdown(pairs, noise=1.1):
+    """The paired comparison: tuned over default per point; beyond ``noise`` either way it is
+    named faster or slower."""
+    lines = ["## Tuned vs default (same run, interleaved)", "",
+             "| sweep | x | candidate | default ms | tuned ms | speedup | |",
+             "|---|---|---|---|---|---|---|"]
+    for sweep, x, name, base, tuned in pairs:
+        speed = base / tuned
+        mark = "faster" if speed > noise else "SLOWER" if speed < 1 / noise else ""
+        lines.append(f"| {sweep} | {x} | {name} | {base:.4g} | {tuned:.4g} | {speed:.2f}x | "
+                     f"{mark} |")
+    faster = [p for p in pairs if p[3] / p[4] > noise]
+    slower = [p for p in pairs if p[3] / p[4] < 1 / noise]
+    lines += ["", f"{len(pairs)} points: {len(faster)} faster, {len(slower)} slower beyond "
+                  f"{noise:.2f}x (noise: the twins of candidates tuning does not touch)"]
+    return "\n".join(lines)

@@ -1,0 +1,237 @@
+"""frugal tune: candidates verified against the reference before they are timed, winners in a
+file per device that `auto` and the Triton launchers then use; a stale, foreign or corrupt file
+is ignored with one warning. Timers are injected (the machine is noisy); the correctness gate
+is real."""
+
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+import frugal
+from frugal import registry, tuning
+from frugal.kernels import configs
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def config_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("FRUGAL_CONFIG_DIR", str(tmp_path))
+    tuning.forget()
+    yield tmp_path
+    tuning.forget()
+
+
+@pytest.fixture
+def no_triton(monkeypatch):
+    """The C++ and PyTorch candidates only (no Triton interpreter on CPU tensors)."""
+    from frugal import dispatch
+
+    monkeypatch.setattr(dispatch, "triton_interpreting", lambda: False)
+
+
+def _small(op_name, sizes):
+    """Tune ``op_name`` on a few sizes only (a TuneSpec with other sizes)."""
+    op = registry.op(op_name)
+    return dataclasses.replace(op.tune, sizes=lambda quick, device: sizes)
+
+
+def test_tuner_end_to_end_on_cpu_picks_the_fastest_verified_backend(monkeypatch, config_dir,
+                                                                   no_triton):
+    op = registry.op("int8_mm")
+    monkeypatch.setattr(op, "tune", _small("int8_mm", [1, 8]))
+    timings = iter([5.0, 1.0] * 8)  # candidates time in order: cpu, torch -> torch wins
+    path, data, results = tuning.tune([op], CPU, timer=lambda fn: next(timings),
+                                      progress=False)
+    assert os.path.dirname(path) == str(config_dir)
+    assert data["ops"]["int8_mm"] == [{"max": None, "backend": "torch", "ms": 1.0}]
+    assert all(r.status == "ok" for r in results["int8_mm"])
+    a = torch.randint(-127, 128, (3, 64), dtype=torch.int8)
+    b = torch.randint(-127, 128, (5, 64), dtype=torch.int8)
+    choice = frugal.explain(frugal.int8_mm, a, b)
+    assert choice.backend == "torch" and "tuned" in choice.reason and path in choice.reason
+    assert torch.equal(frugal.int8_mm(a, b), frugal.reference.int8_mm(a, b))
+    # An explicit backend is still obeyed.
+    assert frugal.explain(frugal.int8_mm, a, b, backend="cpu").backend == "cpu"
+    with open(path) as f:
+        saved = json.load(f)
+    assert saved["device"] == tuning.device_name(CPU)
+    assert saved["sources"] == tuning.sources_hash()
+
+
+def test_sizes_with_one_winner_merge_into_buckets(monkeypatch, no_triton):
+    op = registry.op("int8_mm")
+    monkeypatch.setattr(op, "tune", _small("int8_mm", [1, 2, 4, 8]))
+    # cpu wins at 1 and 2, torch at 4 and 8 (candidates time in order cpu, torch, per round).
+    plan = {1: (1.0, 2.0), 2: (1.0, 2.0), 4: (2.0, 1.0), 8: (2.0, 1.0)}
+    calls = []
+
+    def timer(fn):
+        size = fn.args[0].shape[0]
+        calls.append(size)
+        return plan[size][len([c for c in calls if c == size]) % 2 == 0]
+
+    _, data, _ = tuning.tune([op], CPU, timer=timer, progress=False, rounds=1)
+    assert [(b["max"], b["backend"]) for b in data["ops"]["int8_mm"]] == [(2, "cpu"),
+                                                                         (None, "torch")]
+    a = torch.zeros(2, 16, dtype=torch.int8)
+    b = torch.zeros(4, 16, dtype=torch.int8)
+    assert frugal.explain(frugal.int8_mm, a, b).backend == "cpu"
+    assert frugal.explain(frugal.int8_mm, torch.zeros(3, 16, dtype=torch.int8),
+                          b).backend == "torch"
+
+
+def test_a_wrong_candidate_is_never_chosen(monkeypatch):
+    """A "cpu" implementation that is the fastest and wrong, beside a right "torch" one."""
+    op = registry.Op("tuning_toy")
+    try:
+        op.implement("cpu", devices=("cpu",))(lambda x: x * 2 + 1e-3)  # off by 1e-3
+        op.implement("torch")(lambda x: x * 2)
+        op.tune = tuning.TuneSpec(
+            dim="n", sizes=lambda quick, device: [4, 8],
+            inputs=lambda n, device, gen: (torch.randn(n, generator=gen),),
+            check=lambda out, args: None if torch.equal(out, args[0] * 2) else "not 2x",
+            size_of=lambda args: args[0].shape[0])
+        timings = iter([100.0] * 8)  # only the torch candidate is ever timed
+        _, data, results = tuning.tune([op], CPU, timer=lambda fn: next(timings),
+                                       progress=False)
+        statuses = {(r.size, r.backend): r.status for r in results["tuning_toy"]}
+        assert statuses[4, "cpu"] == "wrong: not 2x" and statuses[8, "cpu"] == "wrong: not 2x"
+        assert statuses[4, "torch"] == "ok"
+        assert data["ops"]["tuning_toy"] == [{"max": None, "backend": "torch", "ms": 100.0}]
+        assert op.select(CPU, "auto", torch.ones(3)).backend == "torch"
+    finally:
+        del registry.OPS["tuning_toy"]
+        for backend in ("cpu", "torch"):
+            registry._MISSING.pop(("tuning_toy", backend), None)
+
+
+def test_triton_configs_are_tuned_under_the_interpreter(monkeypatch):
+    """The Triton candidates of a tiny space are verified for real (interpreter) and the
+    winning config lands in the tuned tables, which the launcher then picks."""
+    from frugal import jit_capture
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs the Triton interpreter for CPU tensors (set by conftest without a GPU)")
+    space = [{"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 1, "num_warps": 4,
+              "num_stages": 2, "split_k": 1},
+             {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 2, "num_warps": 4,
+              "num_stages": 2, "split_k": 1}]
+    monkeypatch.setattr(configs, "space", lambda table, quick=False: space)
+    op = registry.op("int8_mm")
+    monkeypatch.setattr(op, "tune", dataclasses.replace(
+        op.tune, sizes=lambda quick, device: [3],
+        inputs=lambda m, device, gen: (
+            torch.randint(-127, 128, (m, 40), generator=gen, dtype=torch.int8),
+            torch.randint(-127, 128, (24, 40), generator=gen, dtype=torch.int8))))
+    want = space[1]
+
+    def timer(fn):
+        return 0.5 if fn.keywords.get("config") == want else 2.0
+
+    _, data, results = tuning.tune([op], CPU, timer=timer, progress=False, rounds=1)
+    tried = [r for r in results["int8_mm"] if r.backend == "triton"]
+    assert len(tried) == 2 and all(r.status == "ok" for r in tried)
+    assert data["ops"]["int8_mm"][0]["backend"] == "triton"
+    (table,) = data["tables"]
+    assert data["tables"][table] == [{"max_M": None, **want}]
+    a = torch.randint(-127, 128, (3, 40), dtype=torch.int8)
+    b = torch.randint(-127, 128, (24, 40), dtype=torch.int8)
+    with jit_capture.capture() as launches:
+        frugal.int8_mm(a, b, backend="triton")
+    used = {k: v[1] for k, v in launches[0].kwargs}
+    assert (used["BLOCK_N"], used["BLOCK_K"], used["GROUP_M"]) == (32, 64, 2)
+    assert configs.source(table) == tuning.file_for(CPU)
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "foreign", "stale", "format"])
+def test_a_bad_tuned_file_is_ignored_with_one_warning(damage, monkeypatch, no_triton):
+    op = registry.op("int8_mm")
+    monkeypatch.setattr(op, "tune", _small("int8_mm", [1]))
+    timings = iter([5.0, 1.0, 5.0, 1.0])
+    path, data, _ = tuning.tune([op], CPU, timer=lambda fn: next(timings), progress=False)
+    if damage == "corrupt":
+        with open(path, "w") as f:
+            f.write("{not json")
+    else:
+        data = dict(data, **{"foreign": {"device": "CPU something else"},
+                             "stale": {"sources": "0" * 16},
+                             "format": {"format": 99}}[damage])
+        with open(path, "w") as f:
+            json.dump(data, f)
+    tuning.forget()
+    a = torch.zeros(2, 16, dtype=torch.int8)
+    expected = {"corrupt": "corrupt", "foreign": "made for", "stale": "stale",
+                "format": "corrupt"}[damage]
+    with pytest.warns(UserWarning, match=f"ignoring the tuned file .*{expected}"):
+        choice = frugal.explain(frugal.int8_mm, a, a)
+    assert choice.backend == "cpu" and "tuned" not in choice.reason
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        frugal.explain(frugal.int8_mm, a, a)
+
+
+def test_interrupting_keeps_what_finished(monkeypatch, no_triton):
+    ops = [registry.op("quantize_per_token"), registry.op("int8_mm")]
+    monkeypatch.setattr(ops[0], "tune", _small("quantize_per_token", [64]))
+    monkeypatch.setattr(ops[1], "tune", _small("int8_mm", [1]))
+    count = []
+
+    def timer(fn):
+        count.append(1)
+        if len(count) > 4:  # quantize's two candidates x 2 rounds, then Ctrl-C
+            raise KeyboardInterrupt
+        return 1.0
+
+    path, data, _ = tuning.tune(ops, CPU, timer=timer, progress=False)
+    assert set(data["ops"]) == {"quantize_per_token"} and os.path.exists(path)
+
+
+def test_cli_show_and_reset(monkeypatch, capsys, no_triton):
+    op = registry.op("int8_mm")
+    monkeypatch.setattr(op, "tune", _small("int8_mm", [1]))
+    timings = iter([5.0, 1.0, 5.0, 1.0])
+    path, _, _ = tuning.tune([op], CPU, timer=lambda fn: next(timings), progress=False)
+    assert tuning.main(["--show", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert path in out and "int8_mm by M: rest: torch" in out
+    assert tuning.main(["--reset", "--device", "cpu"]) == 0
+    assert not os.path.exists(path)
+    assert frugal.explain(frugal.int8_mm, torch.zeros(1, 8, dtype=torch.int8),
+                          torch.zeros(1, 8, dtype=torch.int8)).backend == "cpu"
+    with pytest.raises(SystemExit):
+        tuning.main(["--op", "no_such_op"])
+
+
+def test_bench_compares_tuned_and_default_in_one_run(monkeypatch, no_triton):
+    """frugal bench --compare-tuned: every candidate timed with and without the tuned file, in
+    the same rounds; the tuned twin of an op whose tuned backend differs runs that backend."""
+    from frugal import bench
+
+    op = registry.op("int8_mm")
+    monkeypatch.setattr(op, "tune", _small("int8_mm", [1]))
+    timings = iter([5.0, 1.0, 5.0, 1.0])
+    tuning.tune([op], CPU, timer=lambda fn: next(timings), progress=False)  # torch wins
+    seen = []
+
+    @bench.sweep("tuned_pairs_test", op="int8_matmul", x_name="M", xs=(2,), quick=(2,),
+                 baseline="plain")
+    def _setup(m, device):
+        a = torch.zeros(m, 16, dtype=torch.int8)
+        return {"plain": lambda: a.sum(),
+                "frugal": lambda: seen.append(frugal.explain(frugal.int8_mm, a, a).backend)}
+
+    try:
+        result = bench.run(bench.sweeps(["tuned_pairs_test"]), "cpu", timer=lambda fn: fn() or 1.0,
+                           progress=False, rounds=1, compare_tuned=True)
+    finally:
+        del bench.registry._SWEEPS["tuned_pairs_test"]
+    assert seen == ["cpu", "torch"]  # default first, then the tuned twin
+    pairs = result.tuned_pairs()
+    assert {(p[2], p[1]) for p in pairs} == {("plain", 2), ("frugal", 2)}
+    assert "Tuned vs default" in result.markdown()
