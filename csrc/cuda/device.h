@@ -31,6 +31,8 @@
 #endif
 
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <utility>
 #if !defined(FRUGAL_CUDA_EMU)
 #include <mutex>
@@ -38,6 +40,24 @@
 #endif
 
 namespace frugal::cuda::dev {
+
+// Two floats rounded to T (__half or __nv_bfloat16) in one 32-bit register, the first in the
+// low half: an mma A / B fragment register, or two adjacent output elements.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>,
+                "pack2 packs fp16 or bf16");
+  uint32_t u;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    static_assert(sizeof(h) == 4, "bf16x2 is 32 bits");
+    memcpy(&u, &h, 4);
+  } else {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    memcpy(&u, &h, 4);
+  }
+  return u;
+}
 
 template <typename T>
 __device__ __forceinline__ T* dynamic_smem() {

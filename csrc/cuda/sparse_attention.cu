@@ -52,20 +52,6 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kMaxThreads = 128;
 
-// Two floats rounded to T (fp16 / bf16) in one 32-bit register, the first in the low half.
-template <typename T>
-__device__ inline uint32_t pack2(float lo, float hi) {
-  uint32_t u;
-  if constexpr (std::is_same_v<T, __half>) {
-    const __half2 h = __floats2half2_rn(lo, hi);
-    memcpy(&u, &h, 4);
-  } else {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    memcpy(&u, &h, 4);
-  }
-  return u;
-}
-
 // Compile-time shape of the kernel for head dim D.
 template <int D>
 struct Shape {
@@ -325,10 +311,10 @@ __global__ void __launch_bounds__(kMaxThreads)
         uint32_t a[MT][4];
         #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-          a[mt][0] = pack2<T>(s[mt][2 * c][0], s[mt][2 * c][1]);
-          a[mt][1] = pack2<T>(s[mt][2 * c][2], s[mt][2 * c][3]);
-          a[mt][2] = pack2<T>(s[mt][2 * c + 1][0], s[mt][2 * c + 1][1]);
-          a[mt][3] = pack2<T>(s[mt][2 * c + 1][2], s[mt][2 * c + 1][3]);
+          a[mt][0] = dev::pack2<T>(s[mt][2 * c][0], s[mt][2 * c][1]);
+          a[mt][1] = dev::pack2<T>(s[mt][2 * c][2], s[mt][2 * c][3]);
+          a[mt][2] = dev::pack2<T>(s[mt][2 * c + 1][0], s[mt][2 * c + 1][1]);
+          a[mt][3] = dev::pack2<T>(s[mt][2 * c + 1][2], s[mt][2 * c + 1][3]);
         }
         #pragma unroll
         for (int j = 0; j < D / 16; ++j) {
@@ -365,7 +351,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       T* row = out + static_cast<int64_t>(r) * D + 2 * t4;
       #pragma unroll
       for (int j = 0; j < D / 8; ++j) {
-        const uint32_t two = pack2<T>(o[mt][j][2 * hf] * inv, o[mt][j][2 * hf + 1] * inv);
+        const uint32_t two = dev::pack2<T>(o[mt][j][2 * hf] * inv, o[mt][j][2 * hf + 1] * inv);
         memcpy(static_cast<void*>(row + 8 * j), &two, 4);
       }
       if (t4 == 0) lse[r] = empty ? -INFINITY : (m[mt][hf] + log2f(sum)) * kLn2;

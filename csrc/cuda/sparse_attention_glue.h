@@ -73,10 +73,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd(const at::Tensor& q, con
   constexpr const char* op = "sparse_attention_fwd";
   // The forward's lists (the q-side lists are the backward's); names as in csrc/sparse_layout.h.
   const SparseLayoutArgs L = SparseLayoutArgs::from(op, layout, layout_ints);
-  const at::Tensor &kv_num = L.kv_num, &kv_idx = L.kv_idx, &kv_bits = L.kv_bits;
-  const at::Tensor &full_num = L.full_num, &full_idx = L.full_idx;
-  const at::Tensor &q_doc = L.q_doc, &kv_doc = L.kv_doc, &bits = L.bits;
-  const int64_t BQ = L.BQ, BK = L.BK, flags = L.flags, lo = L.lo, hi = L.hi, prefix = L.prefix;
+  const int64_t BQ = L.BQ, BK = L.BK, flags = L.flags;
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op,
               ": q, k, v must be 4-d [batch, heads, tokens, head_dim]; got ", q.sizes(), ", ",
               k.sizes(), ", ", v.sizes());
@@ -106,24 +103,23 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd(const at::Tensor& q, con
               ": Nq and Nk must be < 2**31; got ", Nq, ", ", Nk);
   const int64_t nQB = (Nq + BQ - 1) / BQ;
   const bool has_doc = flags & kFlagDoc, has_bits = flags & kFlagBits;
-  const at::Tensor kv_num_c = layout_tensor<Backend>("kv_num", kv_num, {B, Hq, nQB}, q, false);
-  const at::Tensor kv_idx_c =
-      layout_tensor<Backend>("kv_idx", kv_idx, {B, Hq, nQB, 1}, q, true);
+  const at::Tensor kv_num_c = layout_tensor<Backend>("kv_num", L.kv_num, {B, Hq, nQB}, q, false);
+  const at::Tensor kv_idx_c = layout_tensor<Backend>("kv_idx", L.kv_idx, {B, Hq, nQB, 1}, q, true);
   const at::Tensor full_num_c =
-      layout_tensor<Backend>("full_num", full_num, {B, Hq, nQB}, q, false);
+      layout_tensor<Backend>("full_num", L.full_num, {B, Hq, nQB}, q, false);
   const at::Tensor full_idx_c =
-      layout_tensor<Backend>("full_idx", full_idx, {B, Hq, nQB, 1}, q, true);
+      layout_tensor<Backend>("full_idx", L.full_idx, {B, Hq, nQB, 1}, q, true);
   at::Tensor kv_bits_c, q_doc_c, kv_doc_c, bits_c;
   if (has_bits) {
     TORCH_CHECK(BK % 32 == 0, op, ": a bitmask needs BK a multiple of 32; got ", BK);
-    kv_bits_c = layout_tensor<Backend>("kv_bits", kv_bits, {B, Hq, nQB, kv_idx.size(-1)}, q,
-                                       false);
-    bits_c = layout_tensor<Backend>("bits", bits, {bits.dim() == 3 ? bits.size(0) : 1, BQ,
-                                                   BK / 32}, q, false);
+    kv_bits_c = layout_tensor<Backend>("kv_bits", L.kv_bits, {B, Hq, nQB, L.kv_idx.size(-1)},
+                                       q, false);
+    const int64_t nbits = L.bits.dim() == 3 ? L.bits.size(0) : 1;
+    bits_c = layout_tensor<Backend>("bits", L.bits, {nbits, BQ, BK / 32}, q, false);
   }
   if (has_doc) {
-    q_doc_c = layout_tensor<Backend>("q_doc", q_doc, {B, Nq}, q, false);
-    kv_doc_c = layout_tensor<Backend>("kv_doc", kv_doc, {B, Nk}, q, false);
+    q_doc_c = layout_tensor<Backend>("q_doc", L.q_doc, {B, Nq}, q, false);
+    kv_doc_c = layout_tensor<Backend>("kv_doc", L.kv_doc, {B, Nk}, q, false);
   }
 
   at::Tensor out =
@@ -171,9 +167,9 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd(const at::Tensor& q, con
   a.BK = BK;
   // The band test always runs (docs/block_mask_format.md: a flag that is off allows all).
   const bool band = flags & kFlagBand;
-  a.lo = band ? clamp_int(lo) : static_cast<int>(-kInf);
-  a.hi = band ? clamp_int(hi) : static_cast<int>(kInf);
-  a.prefix = band && (flags & kFlagPrefix) ? clamp_int(prefix < 0 ? 0 : prefix) : 0;
+  a.lo = band ? clamp_int(L.lo) : static_cast<int>(-kInf);
+  a.hi = band ? clamp_int(L.hi) : static_cast<int>(kInf);
+  a.prefix = band && (flags & kFlagPrefix) ? clamp_int(L.prefix < 0 ? 0 : L.prefix) : 0;
   a.scale = static_cast<float>(scale);
   const cudaError_t err = launch_sparse_attention_fwd(a, Backend::stream());
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", Backend::error_string(err));
