@@ -401,3 +401,21 @@ def test_real_kernel_forward_and_backward(poison, dtype):
     out.float().sum().backward()
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (qc, kc, vc))
     assert math.isfinite(float(lse[torch.isfinite(lse)].sum()))
+
+
+def test_cuda_backend_refuses_gpus_before_sm80(monkeypatch):
+    """mma.sync m16n8k16 and cp.async need sm_80: an older GPU is refused with the reason (auto
+    then runs Triton), asked of the tensor's device."""
+    asked = []
+
+    def capability(device):
+        asked.append(device)
+        return (7, 5)
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    q = torch.zeros(1, 1, 64, 32, dtype=torch.float16)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    why = frugal.registry.op("sparse_attention").impls["cuda"].why_not(q, q, q, None, 0.1)
+    assert why == ("the CUDA kernel needs compute capability 8.0 or newer (mma.sync m16n8k16, "
+                   "cp.async); got 7.5")
+    assert asked and asked[0] == q.device

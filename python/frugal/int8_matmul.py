@@ -109,8 +109,9 @@ def _cutlass_why_not(a, b, x_dtypes=None):
     if a.shape[1] % 16 or b.shape[0] % 8:
         return (f"the CUTLASS kernels need K a multiple of 16 and N a multiple of 8; got "
                 f"K={a.shape[1]}, N={b.shape[0]}")
-    if torch.cuda.get_device_capability(a.device) < (8, 0):
-        return "the CUTLASS kernels need compute capability 8.0 or newer"
+    cc = torch.cuda.get_device_capability(a.device)
+    if cc < (8, 0):
+        return f"the CUTLASS kernels need compute capability 8.0 or newer; got {cc[0]}.{cc[1]}"
     return None
 
 

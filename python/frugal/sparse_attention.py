@@ -171,10 +171,18 @@ def _triton_why_not(q, *_):
 
 
 SPARSE_ATTENTION.implement("triton", why_not=_triton_why_not)(_kernel_run("triton"))
+def _cuda_why_not(q, *_):
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"the CUDA kernel takes float16 or bfloat16; got {q.dtype}"
+    if q.is_cuda and torch.cuda.get_device_capability(q.device) < (8, 0):
+        return ("the CUDA kernel needs compute capability 8.0 or newer (mma.sync m16n8k16, "
+                "cp.async); got {}.{}".format(*torch.cuda.get_device_capability(q.device)))
+    return None
+
+
 SPARSE_ATTENTION.implement(
     "cuda", devices=("cuda",), requires=cpp_kernel("sparse_attention_fwd", "CUDA"),
-    why_not=lambda q, *_: None if q.dtype in (torch.float16, torch.bfloat16) else
-    f"the CUDA kernel takes float16 or bfloat16; got {q.dtype}")(_kernel_run("cuda"))
+    why_not=_cuda_why_not)(_kernel_run("cuda"))
 SPARSE_ATTENTION.implement("cpu", devices=("cpu",),
                            requires=cpp_kernel("sparse_attention_fwd", "CPU"))(_kernel_run("cpu"))
 
