@@ -39,13 +39,15 @@ namespace frugal::cuda::sm80 {
 // Keeps a kernel's device code out of the targets that never run it: the W8A8 kernels are
 // compiled for sm_80 (and the PTX that newer GPUs JIT) but not for sm_90a, whose build runs the
 // CUTLASS 3.x kernels (int8_matmul_sm90.cu) instead; the stub left on sm_90a (an empty kernel)
-// is never launched. It halves the device compile time of those kernels.
+// is never launched. It halves the device compile time of those kernels. Keyed on sm_90a's
+// feature macro, not __CUDA_ARCH__ == 900: a build for plain sm_90 (TORCH_CUDA_ARCH_LIST=9.0)
+// has no 3.x kernels (FRUGAL_SM90A unset), and the glue runs these there.
 template <typename Kernel, bool kOnSm90a>
 struct ArchGuard : Kernel {
   template <typename... Args>
   CUTLASS_DEVICE static void invoke(Args&&... args) {
 #if defined(__CUDA_ARCH__)
-#if __CUDA_ARCH__ != 900
+#if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
     Kernel::invoke(static_cast<Args&&>(args)...);
 #else
     if constexpr (kOnSm90a) Kernel::invoke(static_cast<Args&&>(args)...);

@@ -1,7 +1,9 @@
 // Block-sparse attention forward (fp16 / bf16) over a SparseLayout (docs/block_mask_format.md),
 // FlashAttention-2 style: one CTA per tile of query rows, K and V tiles staged in shared memory
 // by cp.async, ldmatrix fragments, mma.sync m16n8k16 with fp32 accumulators, online softmax in
-// registers. The walk over the mask is the Triton kernel's (kernels/sparse_attention.py,
+// registers; head dims that are multiples of 8 on instantiations for 32, 64, 96, 128 and 256
+// (the next one up, its extra columns zero-filled in shared memory, never read from memory nor
+// stored). The walk over the mask is the Triton kernel's (kernels/sparse_attention.py,
 // _sparse_fwd_kernel): the q-block's full kv-blocks with no element test (the ragged last
 // kv-block with the k < Nk bound only), then its partial kv-blocks with the element rule
 // (band with prefix, document ids, bitmask), each kv-block as BK / BN tiles of BN keys. Built by
@@ -105,14 +107,15 @@ __device__ inline int list_tiles(int n, int last, int Nk, int BK, int BN, int su
 }
 
 // rows [r0, r0 + rows) x D of a [*, stride] tensor into shared memory (row pitch kPitch), rows
-// at or past `limit` zero-filled without a read; all threads of the CTA take part.
+// at or past `limit` and the 16-byte chunks at or past `chunks` (a head dim below the kernel's
+// D: the padding columns) zero-filled without a read; all threads of the CTA take part.
 template <typename T, int D>
 __device__ inline void load_rows(T* smem, const T* g, int64_t stride, int r0, int rows,
-                                 int limit) {
+                                 int limit, int chunks) {
   using S = Shape<D>;
   for (int c = threadIdx.x; c < rows * S::kChunks; c += blockDim.x) {
     const int r = c / S::kChunks, k = c % S::kChunks;
-    const bool in = r0 + r < limit;
+    const bool in = r0 + r < limit && k < chunks;
     const T* src = in ? g + static_cast<int64_t>(r0 + r) * stride + 8 * k : g;
     dev::cp_async<16>(smem + r * S::kPitch + 8 * k, src, in);
   }
@@ -128,6 +131,10 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t4 = lane % 4;
   const int Nq = static_cast<int>(p.Nq), Nk = static_cast<int>(p.Nk);
   const int BQ = static_cast<int>(p.BQ), BK = static_cast<int>(p.BK);
+  // The head dim p.D (a multiple of 8) in 8-element chunks; D is it rounded up to an
+  // instantiated size: the columns past p.D are zeros in shared memory (they add nothing to
+  // Q K^T and give output columns that are not stored).
+  const int dv = static_cast<int>(p.D), chunks = dv / 8;
 
   // Program id -> (batch, q head, q tile); the q tiles of a head adjacent (they share K / V in
   // L2), one grid axis (y would cap B * Hq at 65535).
@@ -184,10 +191,10 @@ __global__ void __launch_bounds__(kMaxThreads)
   const float qk_scale = p.scale * kLog2e;
 
   if (walk.t_all > 0) {
-    load_rows<T, D>(sq, q, p.q_stride_n, m0, rows, Nq);
+    load_rows<T, D>(sq, q, p.q_stride_n, m0, rows, Nq, chunks);
     dev::cp_async_commit();
     Tile cur = walk.at(0);
-    load_rows<T, D>(sk, k, p.k_stride_n, cur.n0, BN, Nk);
+    load_rows<T, D>(sk, k, p.k_stride_n, cur.n0, BN, Nk, chunks);
     dev::cp_async_commit();
     // The element rule's per-row values (document ids; bitmask row offsets) for this lane.
     int qdoc[MT][2];
@@ -201,7 +208,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     }
 
     for (int t = 0; t < walk.t_all; ++t) {
-      load_rows<T, D>(sv, v, p.v_stride_n, cur.n0, BN, Nk);
+      load_rows<T, D>(sv, v, p.v_stride_n, cur.n0, BN, Nk, chunks);
       dev::cp_async_commit();
       dev::cp_async_wait<1>();  // Q and K(t) have landed
       __syncthreads();
@@ -297,7 +304,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       const bool more = t + 1 < walk.t_all;
       if (more) {
         cur = walk.at(t + 1);
-        load_rows<T, D>(sk, k, p.k_stride_n, cur.n0, BN, Nk);
+        load_rows<T, D>(sk, k, p.k_stride_n, cur.n0, BN, Nk, chunks);
         dev::cp_async_commit();
         dev::cp_async_wait<1>();  // V(t) has landed
       } else {
@@ -335,7 +342,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 
   // Normalize and store: out rows of this lane, 2 elements (4 bytes) per n8 tile; lse by the
   // quad's first lane.
-  T* out = static_cast<T*>(p.out) + bh * p.Nq * D;
+  T* out = static_cast<T*>(p.out) + bh * p.Nq * dv;
   float* lse = p.lse + bh * p.Nq;
   #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
@@ -348,11 +355,14 @@ __global__ void __launch_bounds__(kMaxThreads)
       if (r >= Nq) continue;
       const bool empty = sum == 0.0f;
       const float inv = empty ? 0.0f : 1.0f / sum;
-      T* row = out + static_cast<int64_t>(r) * D + 2 * t4;
+      T* row = out + static_cast<int64_t>(r) * dv + 2 * t4;
       #pragma unroll
       for (int j = 0; j < D / 8; ++j) {
-        const uint32_t two = dev::pack2<T>(o[mt][j][2 * hf] * inv, o[mt][j][2 * hf + 1] * inv);
-        memcpy(static_cast<void*>(row + 8 * j), &two, 4);
+        if (j < chunks) {  // (not a break: the loop stays unrolled, o in registers)
+          const uint32_t two =
+              dev::pack2<T>(o[mt][j][2 * hf] * inv, o[mt][j][2 * hf + 1] * inv);
+          memcpy(static_cast<void*>(row + 8 * j), &two, 4);
+        }
       }
       if (t4 == 0) lse[r] = empty ? -INFINITY : (m[mt][hf] + log2f(sum)) * kLn2;
     }
@@ -379,14 +389,15 @@ struct Launch {
 
 template <typename T>
 cudaError_t launch_typed(const SparseAttentionFwdArgs& a, cudaStream_t stream) {
-  switch (a.D) {
-    case 32: return Launch<T, 32>::run(a, stream);
-    case 64: return Launch<T, 64>::run(a, stream);
-    case 96: return Launch<T, 96>::run(a, stream);
-    case 128: return Launch<T, 128>::run(a, stream);
-    case 256: return Launch<T, 256>::run(a, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  // Every multiple of 8 up to 256 on five instantiations: the next of 32, 64, 96, 128, 256
+  // (up to 47% of the MMA work wasted on padding at D = 136; a size per multiple of 16 would
+  // triple the kernels to build).
+  if (a.D < 8 || a.D > 256 || a.D % 8 != 0) return cudaErrorInvalidValue;
+  if (a.D <= 32) return Launch<T, 32>::run(a, stream);
+  if (a.D <= 64) return Launch<T, 64>::run(a, stream);
+  if (a.D <= 96) return Launch<T, 96>::run(a, stream);
+  if (a.D <= 128) return Launch<T, 128>::run(a, stream);
+  return Launch<T, 256>::run(a, stream);
 }
 
 }  // namespace

@@ -93,8 +93,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd(const at::Tensor& q, con
               k.sizes(), " and ", v.sizes());
   TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, op, ": q's head count ", Hq,
               " must be a multiple of k's ", Hkv);
-  TORCH_CHECK(D == 32 || D == 64 || D == 96 || D == 128 || D == 256, op,
-              ": head_dim must be 32, 64, 96, 128 or 256; got ", D);
+  TORCH_CHECK(D >= 8 && D <= 256 && D % 8 == 0, op,
+              ": head_dim must be a multiple of 8 in [8, 256]; got ", D);
   TORCH_CHECK((BQ == 64 || BQ == 128) && (BK == 64 || BK == 128), op,
               ": the CUDA kernel takes mask blocks of 64 or 128; got BQ=", BQ, ", BK=", BK);
   TORCH_CHECK(flags >= 0 && flags <= 15, op, ": flags must be in [0, 15]; got ", flags);
