@@ -11,7 +11,8 @@ SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup
 # triton it pins. Tools for tests and benchmarks besides, and transformers for
 # frugal.integrations.transformers (an optional dependency of frugal itself).
 REQUIREMENTS := torch==2.14.1 numpy ninja pybind11 "setuptools>=64" wheel pytest \
-	pytest-benchmark hypothesis matplotlib tqdm nvidia-cuda-cuobjdump "transformers>=5,<6"
+	pytest-benchmark hypothesis matplotlib tqdm nvidia-cuda-cuobjdump nvidia-cutlass \
+	"transformers>=5,<6"
 
 FLOOR_TRITON := $(shell sed -n 's/^FLOOR_TRITON = "\(.*\)".*/\1/p' python/frugal/check.py)
 FLOOR_DIR := build/floor-triton-$(FLOOR_TRITON)

@@ -7,7 +7,10 @@ Environment:
                           built whenever they are found)
   FRUGAL_SANITIZE=1       CPU sources only, with AddressSanitizer and UndefinedBehaviorSanitizer
                           (objects in build/sanitize/temp; `make sanitize` builds and tests it)
-  TORCH_CUDA_ARCH_LIST    CUDA targets (default "8.0;9.0a")
+  TORCH_CUDA_ARCH_LIST    CUDA targets (default "8.0+PTX;9.0a": sm_80 and sm_90a code, and
+                          compute_80 PTX that newer GPUs JIT-compile)
+  FRUGAL_NO_CUTLASS=1     skip the CUTLASS int8 GEMMs (the slowest part of the CUDA build;
+                          they are also skipped when the nvidia-cutlass package is missing)
   CUDA_HOME               CUDA toolkit root (default: /usr/local/cuda when it has headers)
   MAX_JOBS                parallel compile jobs (ninja)
 """
@@ -66,6 +69,26 @@ def _with_cuda():
     return True, f"CUDA {torch.version.cuda}, nvcc in {CUDA_HOME}"
 
 
+def _cutlass_include():
+    """CUTLASS's headers from the nvidia-cutlass package (None: not installed or skipped)."""
+    if os.environ.get("FRUGAL_NO_CUTLASS", "0") == "1":
+        return None, "FRUGAL_NO_CUTLASS=1"
+    try:
+        import cutlass_library
+    except ImportError:
+        return None, "the nvidia-cutlass package is not installed"
+    path = os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include")
+    if not os.path.exists(os.path.join(path, "cutlass", "cutlass.h")):
+        return None, f"no cutlass/cutlass.h under {path}"
+    return path, path
+
+
+# The translation units that need CUTLASS, and the one of them built only for sm_90a.
+_CUTLASS_SOURCES = ("csrc/cuda/int8_matmul_op.cpp", "csrc/cuda/int8_matmul_sm80.cu",
+                    "csrc/cuda/int8_matmul_sm90.cu", "csrc/cuda/int8_matmul_weight_only.cu")
+_SM90A_SOURCES = ("csrc/cuda/int8_matmul_sm90.cu",)
+
+
 def _sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
@@ -94,9 +117,23 @@ def _extension():
             extra_link_args=link,
         )
     # Without a GPU torch cannot detect an arch and would build for every arch it knows.
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
-    print(f"frugal: CUDA archs {os.environ['TORCH_CUDA_ARCH_LIST']}")
-    sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0+PTX;9.0a")
+    archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+    print(f"frugal: CUDA archs {archs}")
+    cuda_sources = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
+    cutlass, why_cutlass = _cutlass_include()
+    print(f"frugal: CUTLASS int8 GEMMs {'on' if cutlass else 'off'} ({why_cutlass})")
+    sm90a = "9.0a" in archs.replace(",", ";").replace(" ", ";").split(";")
+    if cutlass is None:
+        cuda_sources = [p for p in cuda_sources if p not in _CUTLASS_SOURCES]
+    else:
+        include_dirs.append(cutlass)
+        define_macros.append(("FRUGAL_WITH_CUTLASS", "1"))
+        if sm90a:
+            define_macros.append(("FRUGAL_SM90A", "1"))
+        else:
+            cuda_sources = [p for p in cuda_sources if p not in _SM90A_SOURCES]
+    sources += cuda_sources
     # The pip CUDA wheels of torch ship the CUDA library headers here.
     nvidia = os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia")
     include_dirs += sorted(glob.glob(os.path.join(nvidia, "cu*", "include")))

@@ -6,6 +6,9 @@
 
 #include "cpu/isa.h"
 #include "cpu/memory.h"
+#if defined(FRUGAL_WITH_CUTLASS)
+#include "cuda/kernel_configs_py.h"
+#endif
 
 TORCH_LIBRARY(frugal, m) {
   // Symmetric per-row int8 quantization over the last dim: scale = absmax / 127,
@@ -112,6 +115,20 @@ PyObject* advise_huge_pages(PyObject*, PyObject* args) {
   return PyBool_FromLong(done);
 }
 
+// cuda_kernel_configs() -> list of {kernel, threads, dynamic_smem}: the CUTLASS kernels' launch
+// configurations (frugal.build_info's occupancy report; the binary records neither).
+PyObject* cuda_kernel_configs(PyObject*, PyObject*) {
+  PyObject* list = PyList_New(0);
+  if (list == nullptr) return nullptr;
+#if defined(FRUGAL_WITH_CUTLASS)
+  if (!frugal::cuda::append_kernel_configs(list, frugal::cuda::int8_gemm_kernel_configs())) {
+    Py_DECREF(list);
+    return nullptr;
+  }
+#endif
+  return list;
+}
+
 PyMethodDef methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS, "CPU instruction set the C++ kernels use now."},
     {"detected_cpu_isa", detected_cpu_isa, METH_NOARGS, "Widest instruction set this CPU has."},
@@ -120,6 +137,9 @@ PyMethodDef methods[] = {
     {"advise_huge_pages", advise_huge_pages, METH_VARARGS,
      "advise_huge_pages(address, nbytes) -> bool: mark the 2 MiB-aligned interior of a CPU "
      "buffer of at least 8 MiB for transparent huge pages (Linux madvise); True if marked."},
+    {"cuda_kernel_configs", cuda_kernel_configs, METH_NOARGS,
+     "cuda_kernel_configs() -> list of {kernel, threads, dynamic_smem} of the CUTLASS kernels "
+     "(empty in a build without them)."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "frugal's compiled kernels", -1, methods};

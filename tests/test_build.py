@@ -1,6 +1,7 @@
 """The extension as built: C++ CPU kernels with runtime ISA dispatch, CUDA kernels compiled
-for sm_80 and sm_90a (when nvcc and a CUDA build of torch are present, even with no GPU) with
-no register spills and no stack frame."""
+for sm_80 and sm_90a, with compute_80 PTX for newer GPUs (when nvcc and a CUDA build of torch
+are present, even with no GPU), with no register spills and no stack frame: the paged and
+sparse attention kernels and the CUTLASS int8 GEMMs."""
 
 import os
 import shutil
@@ -50,8 +51,9 @@ def test_cuda_kernels_built_for_sm80_and_sm90a():
     assert _ext.with_cuda(), "nvcc and a CUDA torch are present, but frugal._C has no CUDA kernels"
     assert torch._C._dispatch_has_kernel_for_dispatch_key("frugal::quantize_per_token", "CUDA")
     rows = build_info.cuda_kernel_resources()
-    wanted = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
-    archs = {"sm_" + a.replace(".", "") for a in wanted.replace(",", ";").split(";")}
+    wanted = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0+PTX;9.0a")
+    archs = {"sm_" + a.replace("+PTX", "").replace(".", "")
+             for a in wanted.replace(",", ";").split(";")}
     assert {r["arch"] for r in rows} == archs
     names = {r["kernel"] for r in rows}
     assert any("quantize_per_token" in n for n in names)
@@ -78,7 +80,7 @@ def test_occupancy_model():
 @pytest.mark.skipif(not CUDA_BUILD_POSSIBLE, reason="no nvcc or a CPU-only torch: no CUDA build")
 def test_paged_kernels_fit_sm80_and_sm90a():
     emu = pytest.importorskip("frugal._cuda_emu", reason="frugal._cuda_emu is not built")
-    wanted = {c["kernel"] for c in emu.kernel_configs()}
+    wanted = {c["kernel"] for c in emu.kernel_configs() if c["kernel"].startswith("paged_")}
     rows = [r for r in build_info.cuda_kernel_report() if r["kernel"].startswith("paged_")]
     archs = {r["arch"] for r in rows}
     assert archs == {"sm_80", "sm_90a"} or os.environ.get("TORCH_CUDA_ARCH_LIST")
@@ -91,3 +93,51 @@ def test_paged_kernels_fit_sm80_and_sm90a():
         # (docs/cuda_kernels.md: ~2 tiles in flight per warp cover HBM latency with 12 warps).
         if r["kernel"].startswith("paged_decode_kernel<__") and not r["kernel"].endswith("256>"):
             assert r["blocks_per_sm"] * r["threads"] // 32 >= 12, r
+
+
+def _wanted_archs():
+    wanted = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    return None if wanted else {"sm_80", "sm_90a"}
+
+
+@pytest.mark.skipif(not CUDA_BUILD_POSSIBLE, reason="no nvcc or a CPU-only torch: no CUDA build")
+def test_ptx_for_newer_gpus():
+    """compute_80 PTX of every CUDA translation unit is embedded, so GPUs newer than sm_90
+    JIT-compile the sm_80 code (the CUTLASS 2.x GEMMs, the attention kernels)."""
+    import subprocess
+
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        pytest.skip("TORCH_CUDA_ARCH_LIST overrides the targets")
+    listing = subprocess.run([build_info.cuobjdump(), "-lptx", _ext.ext().__file__],
+                             capture_output=True, text=True, check=True).stdout
+    for unit in ("paged_attention", "sparse_attention", "quantize", "int8_matmul_sm80",
+                 "int8_matmul_weight_only"):
+        if unit.startswith("int8") and not build_info._launch_configs():
+            continue
+        assert f"{unit}.sm_80.ptx" in listing, (unit, listing)
+
+
+@pytest.mark.skipif(not CUDA_BUILD_POSSIBLE, reason="no nvcc or a CPU-only torch: no CUDA build")
+def test_sparse_and_cutlass_kernels_fit_sm80_and_sm90a():
+    """The sparse attention forward (every dtype x head dim) and the CUTLASS GEMMs (2.x W8A8 on
+    sm_80, 3.x W8A8 on sm_90a, 2.x weight-only on both; two tiles each) are in the binary,
+    with launch configurations, no stack, no spills, and at least one CTA per SM."""
+    emu = pytest.importorskip("frugal._cuda_emu", reason="frugal._cuda_emu is not built")
+    sparse = {c["kernel"] for c in emu.kernel_configs() if c["kernel"].startswith("sparse_")}
+    assert len(sparse) == 10
+    rows = build_info.cuda_kernel_report()
+    archs = _wanted_archs() or {r["arch"] for r in rows}
+    by_arch = {a: {r["kernel"] for r in rows if r["arch"] == a} for a in archs}
+    for arch in archs:
+        assert sparse <= by_arch[arch], arch
+    gemms = [r for r in rows if r["kernel"].startswith("int8_gemm_")]
+    if torch._C._dispatch_has_kernel_for_dispatch_key("frugal::int8_mm", "CUDA"):
+        for arch in archs & {"sm_80", "sm_90a"}:
+            names = {r["kernel"] for r in gemms if r["arch"] == arch}
+            family = "int8_gemm_sm90<" if arch == "sm_90a" else "int8_gemm_sm80<signed char"
+            assert sum(n.startswith(family) for n in names) == 8, (arch, names)  # 4 out x 2 tiles
+            assert sum("ChannelScaledEpilogue" in n for n in names) == 4, (arch, names)
+    for r in gemms + [r for r in rows if r["kernel"] in sparse]:
+        assert r["stack"] == 0 and r["spill_bytes"] == 0, f"stack frame or spills: {r}"
+        assert r["threads"] is not None, f"no launch configuration recorded: {r}"
+        assert r["blocks_per_sm"] >= 1, f"cannot launch: {r}"

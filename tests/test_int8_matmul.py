@@ -146,8 +146,11 @@ def test_bad_input():
         frugal.int8_mm(big, big)
     with pytest.raises(frugal.DTypeError, match="b must be int8; got torch.float32"):
         frugal.int8_mm(a, b.float())
-    with pytest.raises(frugal.BackendError, match="backend='cuda' is not implemented"):
+    with pytest.raises(frugal.BackendError, match="backend='cuda' needs CUDA tensors; got "
+                                                  "device cpu"):
         frugal.int8_mm(a, b, backend="cuda")
+    with pytest.raises(frugal.BackendError, match="backend must be one of"):
+        frugal.int8_mm(a, b, backend="cutlass")
     with pytest.raises(frugal.ShapeError, match="w must be 2-D"):
         frugal.quantize_per_channel(torch.randn(2, 3, 4))
     with pytest.raises(frugal.DTypeError, match="x must be float32, float16 or bfloat16"):

@@ -235,3 +235,35 @@ def test_bench_compares_tuned_and_default_in_one_run(monkeypatch, no_triton):
     pairs = result.tuned_pairs()
     assert {(p[2], p[1]) for p in pairs} == {("plain", 2), ("frugal", 2)}
     assert "Tuned vs default" in result.markdown()
+
+
+@pytest.mark.skipif(not torch._C._dispatch_has_kernel_for_dispatch_key(
+    "frugal::sparse_attention_fwd", "CUDA"), reason="frugal._C has no CUDA kernels")
+def test_the_cuda_kernels_are_tuner_candidates_on_a_gpu(monkeypatch):
+    """On a CUDA device `frugal tune` verifies and times backend 'cuda' (the CUDA C++ sparse
+    forward, the CUTLASS GEMMs) next to Triton's configs and torch: its candidates are the
+    registry's. No GPU here: CPU tensors stand in for the device's, the capability is faked, and
+    a shape or dtype the CUDA kernels refuse leaves them out."""
+    from frugal import masks
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: (9, 0))
+    gpu = torch.device("cuda")
+
+    def backends(name, *args):
+        return [impl.backend for impl, _, _ in tuning._candidates(registry.op(name), gpu, args,
+                                                                  quick=True)]
+
+    q = torch.randn(1, 2, 128, 64).half()
+    mask = masks.causal(128)
+    assert backends("sparse_attention", q, q, q, mask, 0.125)[0] == "cuda"
+    assert "cuda" not in backends("sparse_attention", q.float(), q.float(), q.float(), mask,
+                                  0.125)
+    a = torch.randint(-127, 128, (8, 64), dtype=torch.int8)
+    b = torch.randint(-127, 128, (16, 64), dtype=torch.int8)
+    s_a, s_b = torch.rand(8), torch.rand(16)
+    for name, args in [("int8_mm", (a, b)),
+                       ("int8_matmul", (a, b, s_a, s_b, None, torch.float16)),
+                       ("int8_weight_only_matmul", (a.half(), b, s_b, None))]:
+        found = backends(name, *args)
+        assert "cuda" in found and "triton" in found, (name, found)
+    assert "cuda" not in backends("int8_mm", a[:, :40], b[:, :40])  # K % 16 != 0

@@ -11,6 +11,15 @@
 //   B (K x 8, "col"):       b[0] = B[2t..2t+1][g],   b[1] = B[2t+8..2t+9][g]      (K = 16 only)
 //   C, D (16 x 8, f32):     c[0] = C[g][2t], c[1] = C[g][2t+1],
 //                           c[2] = C[g+8][2t], c[3] = C[g+8][2t+1]
+//
+// ldmatrix (PTX ISA, "ldmatrix", .m8n8 .b16): .xN loads N 8 x 8 matrices of 16-bit elements
+// from shared memory, each row 16 contiguous bytes at the address lane 8i + r gives (row r of
+// matrix i; the other lanes' addresses are unused); lane l receives r[i] = M_i[l/4][2(l%4)],
+// M_i[l/4][2(l%4)+1] (the first in the low half), or with .trans M_i[2(l%4)][l/4],
+// M_i[2(l%4)+1][l/4]: the fragment of the transposed matrix. So a non-transposed x4 of a
+// row-major 16 x 16 tile (matrices: rows 0-7 / 8-15 of columns 0-7, then of columns 8-15) is an
+// A fragment; of 16 rows of a K-contiguous B^T (rows 0-7 of k 0-7 / k 8-15, then rows 8-15) it
+// is the B fragments of two n8 tiles; .trans gives B fragments from a row-major K x N B.
 #pragma once
 
 #if defined(FRUGAL_CUDA_EMU)
@@ -22,6 +31,8 @@
 #endif
 
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <utility>
 #if !defined(FRUGAL_CUDA_EMU)
 #include <mutex>
@@ -29,6 +40,24 @@
 #endif
 
 namespace frugal::cuda::dev {
+
+// Two floats rounded to T (__half or __nv_bfloat16) in one 32-bit register, the first in the
+// low half: an mma A / B fragment register, or two adjacent output elements.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>,
+                "pack2 packs fp16 or bf16");
+  uint32_t u;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    static_assert(sizeof(h) == 4, "bf16x2 is 32 bits");
+    memcpy(&u, &h, 4);
+  } else {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    memcpy(&u, &h, 4);
+  }
+  return u;
+}
 
 template <typename T>
 __device__ __forceinline__ T* dynamic_smem() {
@@ -85,6 +114,36 @@ __device__ __forceinline__ void mma_m16n8k8(float d[4], const uint32_t a[2], uin
 
 #undef FRUGAL_MMA_M16N8K16
 #undef FRUGAL_MMA_M16N8K8
+
+// ldmatrix.sync.aligned.m8n8.xN{.trans}.shared.b16 over the warp, N = 1, 2 or 4; row is this
+// lane's row address (16-byte aligned, in shared memory).
+template <int N, bool TRANS>
+__device__ __forceinline__ void ldmatrix(uint32_t (&r)[N], const void* row) {
+  static_assert(N == 1 || N == 2 || N == 4, "ldmatrix loads 1, 2 or 4 matrices");
+#if defined(FRUGAL_CUDA_EMU)
+  ::frugal::emu::ldmatrix(N, TRANS, r, row);
+#elif defined(__CUDA_ARCH__)
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  if constexpr (N == 1 && TRANS) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n"
+                 : "=r"(r[0]) : "r"(a));
+  } else if constexpr (N == 1) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(a));
+  } else if constexpr (N == 2 && TRANS) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1]) : "r"(a));
+  } else if constexpr (N == 2) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1]) : "r"(a));
+  } else if constexpr (TRANS) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+  }
+#endif
+}
 
 // Asynchronous global -> shared copy of BYTES (4, 8 or 16); fill = false writes zeros and reads
 // nothing (so a masked position's address is never dereferenced).

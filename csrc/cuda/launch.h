@@ -10,7 +10,7 @@
 
 namespace frugal::cuda {
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kInt8 = 3 };
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kInt8 = 3, kInt32 = 4 };
 
 // x: M rows of K elements, row i at x + i * row_stride (elements), columns contiguous.
 // q: [M, K] int8 contiguous; scale: [M] float32.
@@ -98,5 +98,87 @@ struct KernelLaunchConfig {
   int dynamic_smem;
 };
 const KernelLaunchConfig* paged_attention_kernel_configs();
+
+// ------------------------------------------------------------------------ block-sparse attention
+
+// An int32 tensor of a SparseLayout (docs/block_mask_format.md) read as p[b * sb + h * sh +
+// r * sr + i] (unit stride in its last dim; broadcast dims have stride 0); p == nullptr: absent.
+struct LayoutTensor {
+  const int32_t* p;
+  int64_t sb, sh, sr;
+};
+
+// Forward of sparse_attention (csrc/cuda/sparse_attention.cu), fp16 / bf16: q [B, Hq, Nq, D],
+// k, v [B, Hkv, Nk, D] (unit stride in D, other strides multiples of 8 elements, 16-byte aligned
+// bases), out [B, Hq, Nq, D] contiguous and lse [B, Hq, Nq] fp32. The lists are the forward
+// ones (kv_num, kv_idx, kv_bits, full_num, full_idx: the counts read as [b, h, qb]); q_doc /
+// kv_doc [B, N] (stride sb; nullptr without document ids), bits [nbits, BQ, BK / 32] (strides
+// bits_si, bits_sr; nullptr without a bitmask). The band test always runs: lo / hi / prefix
+// that allow everything (-2**30, 2**30, 0) when the layout has none. BQ, BK in {64, 128}.
+struct SparseAttentionFwdArgs {
+  DType dtype;
+  const void* q;
+  const void* k;
+  const void* v;
+  int64_t q_stride_b, q_stride_h, q_stride_n;
+  int64_t k_stride_b, k_stride_h, k_stride_n;
+  int64_t v_stride_b, v_stride_h, v_stride_n;
+  void* out;
+  float* lse;
+  LayoutTensor kv_num, kv_idx, kv_bits, full_num, full_idx;
+  const int32_t* q_doc;
+  int64_t q_doc_sb;
+  const int32_t* kv_doc;
+  int64_t kv_doc_sb;
+  const int32_t* bits;
+  int64_t bits_si, bits_sr;
+  int64_t B, Hq, Hkv, Nq, Nk, D, BQ, BK;
+  int lo, hi, prefix;
+  float scale;
+};
+
+cudaError_t launch_sparse_attention_fwd(const SparseAttentionFwdArgs& args, cudaStream_t stream);
+const KernelLaunchConfig* sparse_attention_kernel_configs();
+
+// ------------------------------------------------------------------------ int8 GEMMs (CUTLASS)
+
+// Scratch memory a launcher may need (stream-K partial accumulators): alloc(ctx, bytes) returns
+// device memory that stays valid until the launch's work on the stream is done, or nullptr.
+struct Workspace {
+  void* (*alloc)(void* ctx, size_t bytes);
+  void* ctx;
+};
+
+// D [M, N] = epilogue(A [M, K] x B^T), B int8 [N, K] (nn.Linear's layout), all with unit stride
+// along their last dim, leading dimensions in elements:
+//   a_dtype kInt8, out kInt32:           D = A B^T (int8_mm), scales and bias unused;
+//   a_dtype kInt8, out kFloat32/16/BF16: D = acc * a_scale[m] * b_scale[n] + bias[n];
+//   a_dtype kFloat16/kBFloat16, out = a_dtype (weight-only): D = acc * b_scale[n] + bias[n].
+// a_scale [M], b_scale [N] and bias [N] are fp32 (bias may be null). The kernels read A and B
+// in 16-byte vectors and write D 4 elements at a time: K, lda and ldb multiples of
+// 16 / sizeof(A element) (16 for int8), N and ldd multiples of 4, pointers 16-byte aligned; a
+// call that breaks this returns cudaErrorInvalidValue.
+struct Int8GemmArgs {
+  DType a_dtype, out_dtype;
+  const void* a;
+  int64_t lda;
+  const int8_t* b;
+  int64_t ldb;
+  void* out;
+  int64_t ldd;
+  const float* a_scale;
+  const float* b_scale;
+  const float* bias;
+  int64_t M, N, K;
+};
+
+// W8A8 on CUTLASS 3.x kernels (wgmma, TMA; sm_90a only; a_dtype kInt8). The CUTLASS 2.x
+// launchers (mma.sync; sm_80 and newer) are declared where they are chosen
+// (int8_matmul_op.cpp).
+cudaError_t launch_int8_gemm_sm90(const Int8GemmArgs& args, const Workspace& ws,
+                                  cudaStream_t stream);
+// Threads and dynamic shared memory of every CUTLASS kernel in the build, named as
+// frugal.build_info names them; ends with a nullptr row (see paged_attention_kernel_configs).
+const KernelLaunchConfig* int8_gemm_kernel_configs();
 
 }  // namespace frugal::cuda

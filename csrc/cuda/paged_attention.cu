@@ -180,20 +180,6 @@ __device__ __forceinline__ T from_float(float x) {
   }
 }
 
-template <typename M>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  uint32_t u;
-  if constexpr (is_bf16<M>()) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    static_assert(sizeof(h) == 4, "bf16x2 is 32 bits");
-    memcpy(&u, &h, 4);
-  } else {
-    const __half2 h = __floats2half2_rn(lo, hi);
-    memcpy(&u, &h, 4);
-  }
-  return u;
-}
-
 // Term p of the bf16 split x = x0 + x1 + x2 (p < parts; parts == 1 is x itself).
 template <int PARTS>
 __device__ __forceinline__ void split(float x, float out[PARTS]) {
@@ -248,7 +234,7 @@ __device__ __forceinline__ void k_words(const unsigned char* c, uint32_t w[KP][4
       split<KP>(f[2 * e], lo);
       split<KP>(f[2 * e + 1], hi);
 #pragma unroll
-      for (int p = 0; p < KP; ++p) w[p][e] = pack2<M>(lo[p], hi[p]);
+      for (int p = 0; p < KP; ++p) w[p][e] = dev::pack2<M>(lo[p], hi[p]);
     }
   }
 }
@@ -276,7 +262,7 @@ __device__ __forceinline__ void v_words(const unsigned char* c0, const unsigned 
       split<KP>(f0[j], a);
       split<KP>(f1[j], b);
 #pragma unroll
-      for (int p = 0; p < KP; ++p) w[p][j] = pack2<M>(a[p], b[p]);
+      for (int p = 0; p < KP; ++p) w[p][j] = dev::pack2<M>(a[p], b[p]);
     }
   }
 }
@@ -353,7 +339,7 @@ __device__ __forceinline__ void store_q_chunk(unsigned char* qf, int i, int lane
     split<P>(x[2 * e], lo);
     split<P>(x[2 * e + 1], hi);
 #pragma unroll
-    for (int p = 0; p < P; ++p) w[p][e] = pack2<M>(lo[p], hi[p]);
+    for (int p = 0; p < P; ++p) w[p][e] = dev::pack2<M>(lo[p], hi[p]);
   }
 #pragma unroll
   for (int p = 0; p < P; ++p) {
@@ -533,7 +519,7 @@ __device__ __forceinline__ void attend_tile(const AttnParams& p, unsigned char* 
   split<QP>(p1 * vs1, pb);
   uint32_t pw[QP];
 #pragma unroll
-  for (int pp = 0; pp < QP; ++pp) pw[pp] = pack2<M>(pa[pp], pb[pp]);
+  for (int pp = 0; pp < QP; ++pp) pw[pp] = dev::pack2<M>(pa[pp], pb[pp]);
 
 #pragma unroll
   for (int i = 0; i < DB / 64; ++i) {
@@ -571,7 +557,7 @@ __device__ __forceinline__ void store8(T* dst, const float v[8]) {
   } else {
     uint32_t w[4];
 #pragma unroll
-    for (int e = 0; e < 4; ++e) w[e] = pack2<T>(v[2 * e], v[2 * e + 1]);
+    for (int e = 0; e < 4; ++e) w[e] = dev::pack2<T>(v[2 * e], v[2 * e + 1]);
     *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
   }
 }

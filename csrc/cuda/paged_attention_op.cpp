@@ -1,25 +1,18 @@
 // Torch-facing glue of the CUDA paged KV-cache kernels (csrc/cuda/paged_attention.cu): the
 // shared glue of paged_attention_glue.h on the GPU, with the current stream and a device guard.
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
 
 #include <array>
 #include <atomic>
 
+#include "cuda/cuda_backend.h"
 #include "cuda/paged_attention_glue.h"
 
 namespace frugal::cuda {
 namespace {
 
-struct CudaBackend {
-  static constexpr const char* kDevice = "CUDA";
-  static bool on_device(const at::Tensor& t, const at::Tensor& ref) {
-    return t.is_cuda() && t.device() == ref.device();
-  }
-  using Guard = c10::cuda::CUDAGuard;
-  static cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+struct CudaBackend : CudaDeviceBackend {
   static PlanKnobs knobs(const at::Tensor& q) {
     // SM counts per device, read once: the split plan must not cost a driver call per layer.
     static std::array<std::atomic<int>, 64> sms{};
@@ -33,7 +26,6 @@ struct CudaBackend {
     return {n, 512};  // vLLM v2's partition: never split below 512 positions
   }
   static void on_plan(const PagedAttentionPlan&) {}
-  static const char* error_string(cudaError_t e) { return cudaGetErrorString(e); }
 };
 
 }  // namespace

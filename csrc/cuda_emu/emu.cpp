@@ -89,7 +89,7 @@ struct Fiber {
   int64_t committed = 0;     // cp.async groups committed so far
 };
 
-enum class Kind : int { kSync, kShuffle, kBallot, kMma16, kMma8 };
+enum class Kind : int { kSync, kShuffle, kBallot, kMma16, kMma8, kLdmatrix };
 
 // One warp collective: the lanes of `mask` meet, the last to arrive computes everyone's result.
 struct Rendezvous {
@@ -102,6 +102,7 @@ struct Rendezvous {
   uint64_t result[kWarpSize];
   uint32_t a[kWarpSize][4], b[kWarpSize][2];
   float c[kWarpSize][4], d[kWarpSize][4];
+  uint32_t frag[kWarpSize][4];  // ldmatrix results
 };
 
 struct Warp {
@@ -156,6 +157,7 @@ struct Runner {
   std::vector<Warp> warps;
   std::unique_ptr<unsigned char, void (*)(void*)> smem{nullptr, std::free};
   size_t smem_capacity = 0;
+  size_t smem_bytes = 0;  // of the running launch
   uint64_t progress = 0;
   bool failed = false;
   std::string error;
@@ -303,6 +305,7 @@ void Runner::run_block(dim3 grid, dim3 block, uint3 block_idx, size_t smem_bytes
     smem_capacity = smem_bytes;
   }
   if (smem_bytes > 0) std::memset(smem.get(), 0xff, smem_bytes);
+  this->smem_bytes = smem_bytes;
   for (int i = 0; i < nthreads; ++i) {
     Fiber& f = fibers[i];
     f.linear = i;
@@ -552,6 +555,52 @@ void mma(int k, bool bf16, float d[4], const uint32_t* a, const uint32_t* b, con
   rv.bf16 = bf16;
   meet(r, rv, [k](Rendezvous& v) { mma_all(v, k); });
   for (int i = 0; i < 4; ++i) d[i] = rv.d[lane][i];
+  leave(rv, lane);
+}
+
+void ldmatrix(int num, bool trans, uint32_t* r, const void* row) {
+  Runner& rn = runner();
+  const int lane = rn.current->linear % kWarpSize;
+  Rendezvous& rv = join(rn, Kind::kLdmatrix, 0xffffffffu);
+  rv.value[lane] = reinterpret_cast<uintptr_t>(row);
+  rv.arg[lane] = num;
+  rv.width[lane] = trans ? 1 : 0;
+  meet(rn, rv, [&rn](Rendezvous& v) {
+    const int n = v.arg[0];
+    const bool tr = v.width[0] != 0;
+    for (int l = 1; l < kWarpSize; ++l) {
+      if (v.arg[l] != n || (v.width[l] != 0) != tr) {
+        rn.fail("ldmatrix lanes disagree on the shape: lane 0 loads x" + std::to_string(n) +
+                (tr ? ".trans" : "") + ", lane " + std::to_string(l) + " x" +
+                std::to_string(v.arg[l]) + (v.width[l] ? ".trans" : ""));
+      }
+    }
+    // Row r of matrix i comes from lane 8i + r's address.
+    const uintptr_t lo = reinterpret_cast<uintptr_t>(rn.smem.get());
+    uint16_t m[4][8][8];
+    for (int i = 0; i < n; ++i) {
+      for (int row = 0; row < 8; ++row) {
+        const int src = 8 * i + row;
+        const uintptr_t a = static_cast<uintptr_t>(v.value[src]);
+        if (a % 16 != 0 || a < lo || a + 16 > lo + rn.smem_bytes) {
+          rn.fail("ldmatrix: lane " + std::to_string(src) + "'s row address is " +
+                  (a % 16 != 0 ? "not 16-byte aligned"
+                               : "outside the block's dynamic shared memory (" +
+                                     std::to_string(rn.smem_bytes) + " bytes)"));
+        }
+        std::memcpy(m[i][row], reinterpret_cast<const void*>(a), 16);
+      }
+    }
+    for (int l = 0; l < kWarpSize; ++l) {
+      const int g = l >> 2, t = l & 3;
+      for (int i = 0; i < n; ++i) {
+        const uint16_t e0 = tr ? m[i][2 * t][g] : m[i][g][2 * t];
+        const uint16_t e1 = tr ? m[i][2 * t + 1][g] : m[i][g][2 * t + 1];
+        v.frag[l][i] = uint32_t(e0) | (uint32_t(e1) << 16);
+      }
+    }
+  });
+  for (int i = 0; i < num; ++i) r[i] = rv.frag[lane][i];
   leave(rv, lane);
 }
 

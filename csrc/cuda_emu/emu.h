@@ -22,8 +22,11 @@
 //    not returned (as on sm_70+). __syncwarp(mask).
 //  - Warp collectives with their lane semantics: __shfl_sync, __shfl_xor_sync, __shfl_up_sync,
 //    __shfl_down_sync (width, out-of-segment lanes keep their own value), __ballot_sync,
-//    __any_sync, __all_sync, and mma.sync (m16n8k16, m16n8k8 with f16 / bf16 inputs, f32
-//    accumulators; the fragment layouts of the PTX ISA, section 9.7.14.5). A collective waits
+//    __any_sync, __all_sync, mma.sync (m16n8k16, m16n8k8 with f16 / bf16 inputs, f32
+//    accumulators; the fragment layouts of the PTX ISA, section 9.7.14.5) and ldmatrix (.x1,
+//    .x2, .x4, .trans: each lane's registers from the rows the lanes address, as the ISA
+//    lays them out; every address checked to be 16-byte aligned and inside the
+//    block's dynamic shared memory, and the lanes to agree on the shape). A collective waits
 //    for exactly the lanes of its mask; a lane not in its own mask, a mask naming a lane that
 //    has returned, or a block where no thread can proceed (deadlock) fails the launch.
 //  - Shared memory: dynamic shared memory is fresh per block and filled with 0xFF bytes (NaN
@@ -45,7 +48,8 @@
 // scheduling allows, so code relying on implicit lockstep breaks here as it may on sm_70+);
 // tensor-core arithmetic rounding (mma products are exact, sums are fp32 in k order; the
 // hardware sums with other rounding, a difference within fp32 rounding of a 16-term sum);
-// other PTX (ldmatrix, wgmma, TMA, fp8); resource limits (registers, spills, occupancy: those
+// other PTX (wgmma, TMA, fp8; ldmatrix bank conflicts and its lanes' unused addresses);
+// resource limits (registers, spills, occupancy: those
 // are read from the nvcc build); streams and events (a launch runs to completion before it
 // returns); out-of-bounds accesses (they touch host memory as they are; no bounds checks).
 #pragma once
@@ -109,6 +113,10 @@ unsigned ballot(unsigned mask, int predicate);
 // mma.sync.aligned.m16n8kK.row.col.f32.{f16,bf16}.{f16,bf16}.f32 over the warp: a has K/4
 // registers, b K/8, c and d 4 (see device.h for the fragment layouts).
 void mma(int k, bool bf16, float d[4], const uint32_t* a, const uint32_t* b, const float c[4]);
+
+// ldmatrix.m8n8.x{num}{.trans}.b16 over the warp (see device.h for the layouts): every lane
+// passes its row address; r gets num registers.
+void ldmatrix(int num, bool trans, uint32_t* r, const void* row);
 
 // cp.async: bytes in {4, 8, 16}; src_bytes < bytes zero-fills the rest.
 void cp_async(void* dst, const void* src, int bytes, int src_bytes);

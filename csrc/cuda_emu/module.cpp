@@ -1,9 +1,10 @@
 // frugal._cuda_emu: the CUDA kernels of csrc/cuda compiled for the host through the emulation
 // of csrc/cuda_emu/emu.h, registered as torch ops on CPU tensors so the test suite runs them:
-// torch.ops.frugal_emu.paged_attention / paged_prefill_attention / paged_append take exactly
-// the arguments of frugal's ops (their schemas are copied from the frugal:: ones at import, so
-// they cannot drift) and go through the same glue (csrc/cuda/paged_attention_glue.h), plan and
-// launchers as the GPU build. Python-level knobs: configure() (SM count, resident blocks per
+// torch.ops.frugal_emu.paged_attention / paged_prefill_attention / paged_append /
+// sparse_attention_fwd take exactly the arguments of frugal's ops (their schemas are copied
+// from the frugal:: ones at import, so they cannot drift) and go through the same glue
+// (csrc/cuda/paged_attention_glue.h, sparse_attention_glue.h), plan and launchers as the GPU
+// build. Python-level knobs: configure() (SM count, resident blocks per
 // SM and minimum partition of the split plan; the emulator's schedule and host threads),
 // last_plan() (the split plan of the last decode call), kernel_configs() (threads and dynamic
 // shared memory of every kernel, for frugal.build_info's occupancy report) and emu_selftest
@@ -18,7 +19,9 @@
 #include <sstream>
 #include <string>
 
+#include "cuda/kernel_configs_py.h"
 #include "cuda/paged_attention_glue.h"
+#include "cuda/sparse_attention_glue.h"
 #include "cuda_emu/control.h"
 
 namespace frugal::emu {
@@ -74,7 +77,8 @@ void def_like_frugal(const char* name) {
 void register_ops() {
   g_def = std::make_unique<torch::Library>(torch::Library::DEF, "frugal_emu", std::nullopt,
                                            __FILE__, __LINE__);
-  for (const char* name : {"paged_attention", "paged_prefill_attention", "paged_append"}) {
+  for (const char* name :
+       {"paged_attention", "paged_prefill_attention", "paged_append", "sparse_attention_fwd"}) {
     def_like_frugal(name);
   }
   g_def->def("emu_selftest(str name, Tensor x, int arg) -> Tensor");
@@ -83,6 +87,7 @@ void register_ops() {
   g_impl->impl("paged_attention", &cuda::glue::paged_attention<EmuBackend>);
   g_impl->impl("paged_prefill_attention", &cuda::glue::paged_prefill_attention<EmuBackend>);
   g_impl->impl("paged_append", &cuda::glue::paged_append<EmuBackend>);
+  g_impl->impl("sparse_attention_fwd", &cuda::sparse_glue::sparse_attention_fwd<EmuBackend>);
   g_impl->impl("emu_selftest", &emu_selftest);
 }
 
@@ -158,16 +163,12 @@ PyObject* last_plan(PyObject*, PyObject*) {
 PyObject* kernel_configs(PyObject*, PyObject*) {
   PyObject* list = PyList_New(0);
   if (list == nullptr) return nullptr;
-  for (const cuda::KernelLaunchConfig* c = cuda::paged_attention_kernel_configs();
-       c->kernel != nullptr; ++c) {
-    PyObject* row = Py_BuildValue("{s:s,s:i,s:i}", "kernel", c->kernel, "threads", c->threads,
-                                  "dynamic_smem", c->dynamic_smem);
-    if (row == nullptr || PyList_Append(list, row) != 0) {
-      Py_XDECREF(row);
+  for (const cuda::KernelLaunchConfig* table :
+       {cuda::paged_attention_kernel_configs(), cuda::sparse_attention_kernel_configs()}) {
+    if (!cuda::append_kernel_configs(list, table)) {
       Py_DECREF(list);
       return nullptr;
     }
-    Py_DECREF(row);
   }
   return list;
 }
@@ -181,7 +182,8 @@ PyMethodDef methods[] = {
     {"last_plan", last_plan, METH_NOARGS,
      "last_plan() -> dict: the split-KV plan of this thread's last paged_attention call."},
     {"kernel_configs", kernel_configs, METH_NOARGS,
-     "kernel_configs() -> list of {kernel, threads, dynamic_smem} for the paged kernels."},
+     "kernel_configs() -> list of {kernel, threads, dynamic_smem} for the paged and sparse "
+     "attention kernels."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cuda_emu",

@@ -1,8 +1,10 @@
-// Kernels that test the emulator itself (tests/test_paged_attention_cuda.py): lane semantics of
-// the warp collectives, barriers, tensor-core fragments, cp.async, shared-memory poison, error
-// reporting, and deliberately wrong kernels (a missing barrier, a shuffle in the wrong
-// direction, a read before cp.async lands) that must give wrong answers, so that a test of a
-// real kernel can fail. CUDA source like csrc/cuda/*.cu, built only for the emulator.
+// Kernels that test the emulator itself (tests/test_paged_attention_cuda.py,
+// tests/test_sparse_attention_cuda.py): lane semantics of the warp collectives, barriers,
+// tensor-core fragments, ldmatrix, cp.async, shared-memory poison, error reporting, and
+// deliberately wrong kernels (a missing barrier, a shuffle in the wrong direction, a read
+// before cp.async lands, a B fragment loaded without .trans) that must give wrong answers, so
+// that a test of a real kernel can fail. CUDA source like csrc/cuda/*.cu, built only for the
+// emulator.
 #include <cstring>
 #include <string>
 
@@ -15,6 +17,82 @@ using cuda::dev::cp_async;
 using cuda::dev::cp_async_commit;
 using cuda::dev::cp_async_wait;
 using cuda::dev::dynamic_smem;
+using cuda::dev::ldmatrix;
+
+// ldmatrix: x holds NUM 8 x 8 matrices of small integers (exact in f16), matrix i row r at
+// x[64 i + 8 r]. They go to shared memory as f16 rows 48 bytes apart (aligned, not contiguous)
+// in reverse matrix order; lane 8i + r addresses row r of matrix i, the lanes past 8 NUM a
+// misaligned address (unused: must not fail). out[2 (NUM lane + i) + h] = half h (0 low) of
+// the lane's register i.
+template <int NUM, bool TRANS>
+__global__ void ldmatrix_kernel(const float* x, float* out) {
+  constexpr int kPitch = 24;  // halves
+  __half* s = dynamic_smem<__half>();
+  const int lane = threadIdx.x;
+  for (int e = lane; e < NUM * 64; e += 32) {
+    const int i = e / 64, row = e / 8 % 8, col = e % 8;
+    s[((NUM - 1 - i) * 8 + row) * kPitch + col] = __float2half_rn(x[e]);
+  }
+  __syncwarp();
+  const __half* mine = lane < 8 * NUM ? s + ((NUM - 1 - lane / 8) * 8 + lane % 8) * kPitch : s + 1;
+  uint32_t r[NUM];
+  ldmatrix<NUM, TRANS>(r, mine);
+  for (int i = 0; i < NUM; ++i) {
+    __half_raw lo, hi;
+    lo.x = static_cast<uint16_t>(r[i] & 0xffffu);
+    hi.x = static_cast<uint16_t>(r[i] >> 16);
+    out[2 * (NUM * lane + i)] = __half2float(__half(lo));
+    out[2 * (NUM * lane + i) + 1] = __half2float(__half(hi));
+  }
+}
+
+// One warp: A (16 x 16) and B (16 x 8, row-major K x N) from x into shared memory as f16, the A
+// fragment by ldmatrix.x4, B's by ldmatrix.x2.trans (WRONG: without .trans, which loads B^T),
+// then mma m16n8k16; D row-major to out (16 x 8).
+template <bool WRONG>
+__global__ void ldmatrix_mma_kernel(const float* x, float* out) {
+  constexpr int kPitchA = 24, kPitchB = 16;  // halves
+  __half* sa = dynamic_smem<__half>();
+  __half* sb = sa + 16 * kPitchA;
+  const int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
+  for (int e = lane; e < 256; e += 32) sa[e / 16 * kPitchA + e % 16] = __float2half_rn(x[e]);
+  for (int e = lane; e < 128; e += 32) sb[e / 8 * kPitchB + e % 8] = __float2half_rn(x[256 + e]);
+  __syncwarp();
+  uint32_t a[4], b[2];
+  ldmatrix<4, false>(a, sa + (lane % 16) * kPitchA + (lane / 16) * 8);
+  if (WRONG) {
+    ldmatrix<2, false>(b, sb + (lane % 16) * kPitchB);
+  } else {
+    ldmatrix<2, true>(b, sb + (lane % 16) * kPitchB);
+  }
+  const float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  float d[4];
+  cuda::dev::mma_m16n8k16<false>(d, a, b, c);
+  out[g * 8 + 2 * t] = d[0];
+  out[g * 8 + 2 * t + 1] = d[1];
+  out[(g + 8) * 8 + 2 * t] = d[2];
+  out[(g + 8) * 8 + 2 * t + 1] = d[3];
+}
+
+// ldmatrix misused: from global memory (kind 0), from a misaligned shared address (1), or with
+// lanes disagreeing on the shape (2: lane 5 loads x2, the others x4).
+__global__ void ldmatrix_error_kernel(const float* x, float* out, int kind) {
+  __half* s = dynamic_smem<__half>();
+  const int lane = threadIdx.x;
+  uint32_t r[4] = {0u, 0u, 0u, 0u};
+  if (kind == 0) {
+    ldmatrix<4, false>(r, x + 4 * lane);
+  } else if (kind == 1) {
+    ldmatrix<4, false>(r, s + 8 * lane + (lane == 3 ? 1 : 0));
+  } else if (lane == 5) {
+    uint32_t r2[2];
+    ldmatrix<2, false>(r2, s + 8 * lane);
+    r[0] = r2[0];
+  } else {
+    ldmatrix<4, false>(r, s + 8 * lane);
+  }
+  out[lane] = static_cast<float>(r[0]);
+}
 
 // out[r * 32 + lane] for r = idx (src 31 - lane), up 3, down 5, xor 6, idx with src lane + 1
 // under a mask of the even lanes only (odd lanes write -1): all with the given width.
@@ -216,6 +294,32 @@ int run_selftest(const char* name, const float* x, int64_t n, int64_t arg, float
         e = arg ? launch(mma_kernel<8, true>, 1, 32, 0, nullptr, x, out)
                 : launch(mma_kernel<8, false>, 1, 32, 0, nullptr, x, out);
       }
+    }
+  } else if (s == "ldmatrix" || s == "ldmatrix_trans") {
+    // arg: the number of matrices (1, 2 or 4).
+    const bool tr = s == "ldmatrix_trans";
+    if ((arg == 1 || arg == 2 || arg == 4) && need(arg * 64, 64 * arg)) {
+      const size_t smem = 32 * 24 * 2;
+      if (arg == 1) {
+        e = tr ? launch(ldmatrix_kernel<1, true>, 1, 32, smem, nullptr, x, out)
+               : launch(ldmatrix_kernel<1, false>, 1, 32, smem, nullptr, x, out);
+      } else if (arg == 2) {
+        e = tr ? launch(ldmatrix_kernel<2, true>, 1, 32, smem, nullptr, x, out)
+               : launch(ldmatrix_kernel<2, false>, 1, 32, smem, nullptr, x, out);
+      } else {
+        e = tr ? launch(ldmatrix_kernel<4, true>, 1, 32, smem, nullptr, x, out)
+               : launch(ldmatrix_kernel<4, false>, 1, 32, smem, nullptr, x, out);
+      }
+    }
+  } else if (s == "ldmatrix_mma" || s == "ldmatrix_mma_wrong") {
+    if (need(256 + 128, 128)) {
+      const size_t smem = (16 * 24 + 16 * 16) * 2;
+      e = s == "ldmatrix_mma" ? launch(ldmatrix_mma_kernel<false>, 1, 32, smem, nullptr, x, out)
+                              : launch(ldmatrix_mma_kernel<true>, 1, 32, smem, nullptr, x, out);
+    }
+  } else if (s == "ldmatrix_error") {
+    if (need(128, 32)) {
+      e = launch(ldmatrix_error_kernel, 1, 32, 32 * 16, nullptr, x, out, static_cast<int>(arg));
     }
   } else if (s == "cp_async" || s == "cp_async_nowait") {
     if (need(128, 256)) {

@@ -99,7 +99,10 @@ def _demangle(name):
 
 
 def _short_name(demangled):
-    """``void ns::(anonymous namespace)::kernel<A, B>(Params)`` -> ``kernel<A, B>``."""
+    """``void ns::(anonymous namespace)::kernel<A, B>(Params)`` -> ``kernel<A, B>``; a CUTLASS
+    launch wrapper (``cutlass::Kernel2<K>``, ``cutlass::device_kernel<K>``) gives K's name, with
+    namespaces dropped from its template arguments: ``int8_gemm_sm80<signed char, half_t,
+    ScaledEpilogue, TileSmall>``."""
     text = demangled.split(" ", 1)[1] if demangled.startswith("void ") else demangled
     depth, end = 0, len(text)
     for i, ch in enumerate(text):  # the parameter list starts at the first '(' outside <>
@@ -110,17 +113,39 @@ def _short_name(demangled):
             break
     head = text[:end]
     base = head.split("<", 1)[0].rsplit("::", 1)[-1]
+    if base in _CUTLASS_WRAPPERS and "<" in head:
+        inner = head[head.index("<") + 1:head.rindex(">")].strip()
+        return re.sub(r"(?:\(anonymous namespace\)::|\b[A-Za-z_]\w*::)+", "",
+                      _short_name(inner)).replace("> >", ">>")
     return base + (head[head.index("<"):] if "<" in head else "")
 
 
+_CUTLASS_WRAPPERS = ("Kernel2", "device_kernel")
+# CUTLASS kernels compiled as empty stubs for targets they never run on (int8_matmul_sm80.cuh,
+# int8_matmul_sm90.cuh): the 2.x W8A8 kernels on sm_90a, the 3.x kernels elsewhere.
+_STUBS = (("int8_gemm_sm80<signed char,", lambda arch: arch == "sm_90a"),
+          ("int8_gemm_sm90<", lambda arch: arch != "sm_90a"))
+
+
+def _is_stub(name, arch):
+    return any(name.startswith(prefix) and on(arch) for prefix, on in _STUBS)
+
+
 def _launch_configs():
-    """{short kernel name: (threads, dynamic shared memory)} as the launchers use them, from the
-    same source compiled into frugal._cuda_emu (the binary keeps neither)."""
+    """{short kernel name: (threads, dynamic shared memory)} as the launchers use them (the
+    binary keeps neither): the attention kernels' from the same source compiled into
+    frugal._cuda_emu, the CUTLASS kernels' from frugal._C."""
+    rows = []
     try:
         from . import _cuda_emu
+
+        rows += _cuda_emu.kernel_configs()
     except ImportError:
-        return {}
-    return {c["kernel"]: (c["threads"], c["dynamic_smem"]) for c in _cuda_emu.kernel_configs()}
+        pass
+    mod = _ext.ext()
+    if mod is not None and hasattr(mod, "cuda_kernel_configs"):
+        rows += mod.cuda_kernel_configs()
+    return {c["kernel"]: (c["threads"], c["dynamic_smem"]) for c in rows}
 
 
 def occupancy(arch, regs, threads, smem_bytes):
@@ -149,13 +174,15 @@ def cuda_kernel_report(library=None):
     128>``), "registers", "static_smem", "dynamic_smem", "threads", "stack", "spill_bytes"
     (local memory per thread, where spills go: no kernel here has local arrays),
     "blocks_per_sm", "occupancy"}``; threads, dynamic_smem, blocks_per_sm and occupancy are
-    None for a kernel whose launch configuration is not recorded (its launcher is not in
-    csrc/cuda/paged_attention.cu).
+    None for a kernel whose launch configuration is not recorded (no launcher's table names
+    it). The empty stubs of CUTLASS kernels on targets they never run on are left out.
     """
     configs = _launch_configs()
     rows = []
     for r in cuda_kernel_resources(library):
         name = _short_name(_demangle(r["kernel"]))
+        if _is_stub(name, r["arch"]):
+            continue
         threads, dynamic = configs.get(name, (None, None))
         static = r["SHARED"] - (_SMEM_RESERVED if r["arch"].startswith("sm_90") else 0)
         blocks = occ = None

@@ -96,10 +96,31 @@ def _(x, b, b_scale, bias):
 
 
 # The implementations, on 2-D operands (the public functions flatten and handle empty shapes).
-INT8_MM = Op("int8_mm")
+# On CUDA tensors auto runs Triton before the CUTLASS kernels (csrc/cuda/int8_matmul_*.cu):
+# those are only compile-checked here (no GPU, and CUTLASS cannot run in the host emulation),
+# while the Triton kernels' arithmetic runs in the suite's interpreter; `frugal tune` checks and
+# times both on the device, and its data then decides (README, "int8 GEMM on CUTLASS").
+_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+
+
+def _cutlass_why_not(a, b, x_dtypes=None):
+    if x_dtypes is not None and a.dtype not in x_dtypes:
+        return f"the CUTLASS kernel takes float16 or bfloat16 x; got {a.dtype}"
+    if a.shape[1] % 16 or b.shape[0] % 8:
+        return (f"the CUTLASS kernels need K a multiple of 16 and N a multiple of 8; got "
+                f"K={a.shape[1]}, N={b.shape[0]}")
+    cc = torch.cuda.get_device_capability(a.device)
+    if cc < (8, 0):
+        return f"the CUTLASS kernels need compute capability 8.0 or newer; got {cc[0]}.{cc[1]}"
+    return None
+
+
+INT8_MM = Op("int8_mm", order=_ORDER)
 INT8_MM.implement("cpu", devices=("cpu",), requires=cpp_kernel("int8_mm", "CPU"))(
     lambda a, b: torch.ops.frugal.int8_mm(a, b))
 INT8_MM.implement("triton")(lambda a, b: torch.ops.frugal.int8_mm_triton(a, b))
+INT8_MM.implement("cuda", devices=("cuda",), requires=cpp_kernel("int8_mm", "CUDA"),
+                  why_not=_cutlass_why_not)(lambda a, b: torch.ops.frugal.int8_mm(a, b))
 
 
 def _int_mm(a, b):
@@ -115,10 +136,13 @@ def _int_mm(a, b):
 
 INT8_MM.implement("torch")(_int_mm)
 
-INT8_MATMUL = Op("int8_matmul")
+INT8_MATMUL = Op("int8_matmul", order=_ORDER)
 INT8_MATMUL.implement("cpu", devices=("cpu",), requires=cpp_kernel("int8_scaled_mm", "CPU"))(
     lambda *args: torch.ops.frugal.int8_scaled_mm(*args))
 INT8_MATMUL.implement("triton")(lambda *args: torch.ops.frugal.int8_scaled_mm_triton(*args))
+INT8_MATMUL.implement("cuda", devices=("cuda",), requires=cpp_kernel("int8_scaled_mm", "CUDA"),
+                      why_not=lambda a, b, *_: _cutlass_why_not(a, b))(
+    lambda *args: torch.ops.frugal.int8_scaled_mm(*args))
 
 
 @INT8_MATMUL.implement("torch")
@@ -130,13 +154,16 @@ def _int8_scaled_mm_torch(a, b, a_scale, b_scale, bias, out_dtype):
     return y.to(out_dtype)
 
 
-
-INT8_WEIGHT_ONLY = Op("int8_weight_only_matmul")
+INT8_WEIGHT_ONLY = Op("int8_weight_only_matmul", order=_ORDER)
 INT8_WEIGHT_ONLY.implement("cpu", devices=("cpu",),
                            requires=cpp_kernel("int8_weight_only_mm", "CPU"))(
     lambda *args: torch.ops.frugal.int8_weight_only_mm(*args))
 INT8_WEIGHT_ONLY.implement("triton")(
     lambda *args: torch.ops.frugal.int8_weight_only_mm_triton(*args))
+INT8_WEIGHT_ONLY.implement(
+    "cuda", devices=("cuda",), requires=cpp_kernel("int8_weight_only_mm", "CUDA"),
+    why_not=lambda x, b, *_: _cutlass_why_not(x, b, (torch.float16, torch.bfloat16)))(
+    lambda *args: torch.ops.frugal.int8_weight_only_mm(*args))
 INT8_WEIGHT_ONLY.implement("torch")(reference.int8_weight_only_mm)
 
 
@@ -203,7 +230,7 @@ def int8_mm(a, b, *, backend="auto"):
     ----------
     a : Tensor [M, K] int8.
     b : Tensor [N, K] int8.
-    backend : "auto" | "triton" | "cpu" | "torch"
+    backend : "auto" | "triton" | "cuda" | "cpu" | "torch"
 
     Returns
     -------
@@ -257,7 +284,7 @@ def int8_matmul(aq, bq, a_scale, b_scale, bias=None, out_dtype=torch.float16, *,
     b_scale : Tensor float32 [N] (per output channel) or a single value.
     bias : Tensor [N] float32/float16/bfloat16, or None.
     out_dtype : float16 (default), bfloat16 or float32.
-    backend : "auto" | "triton" | "cpu" | "torch"
+    backend : "auto" | "triton" | "cuda" | "cpu" | "torch"
 
     Returns
     -------
@@ -299,7 +326,7 @@ def int8_weight_only_matmul(x, bq, b_scale, bias=None, *, backend="auto"):
     x : Tensor [..., K] float32, float16 or bfloat16.
     bq : Tensor [N, K] int8; b_scale : Tensor float32 [N] or a single value.
     bias : Tensor [N] float, or None.
-    backend : "auto" | "triton" | "cpu" | "torch"
+    backend : "auto" | "triton" | "cuda" | "cpu" | "torch"
     """
     impl = _select_weight_only(x, bq, b_scale, bias, backend=backend)
     lead, K, N = x.shape[:-1], x.shape[-1], bq.shape[0]

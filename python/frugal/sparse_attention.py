@@ -71,7 +71,9 @@ if _has_cpu_ops():
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _cpu_fwd(q, k, v, *args):
+def _cpp_fwd(q, k, v, *args):
+    """frugal::sparse_attention_fwd: the C++ CPU kernel on CPU tensors, the CUDA C++ one on
+    CUDA tensors (the dispatcher picks by device)."""
     return torch.ops.frugal.sparse_attention_fwd(q, k, v, *args)
 
 
@@ -79,8 +81,11 @@ def _cpu_bwd(*args):
     return torch.ops.frugal.sparse_attention_bwd(*args)
 
 
-# The forward and backward kernels of each autograd backend.
-_KERNELS = {"triton": (_fwd_triton, _bwd_triton), "cpu": (_cpu_fwd, _cpu_bwd)}
+# The forward and backward kernels of each autograd backend. "cuda": frugal::sparse_attention_fwd
+# dispatches CUDA tensors to its CUDA C++ kernel (csrc/cuda/sparse_attention.cu); the backward
+# is Triton's, which reads the same (out, lse).
+_KERNELS = {"triton": (_fwd_triton, _bwd_triton), "cpu": (_cpp_fwd, _cpu_bwd),
+            "cuda": (_cpp_fwd, _bwd_triton)}
 
 
 class _SparseAttention(torch.autograd.Function):
@@ -145,7 +150,10 @@ def _check(q, k, v, mask, scale):
     check_scale(_OP, scale)
 
 
-SPARSE_ATTENTION = Op("sparse_attention")
+# CUDA C++ first on CUDA tensors: its device code runs in the suite through the host emulation
+# (ldmatrix and mma fragments included), the Triton kernels' in the interpreter (README).
+SPARSE_ATTENTION = Op("sparse_attention", order={"cuda": ("cuda", "triton", "torch"),
+                                                 "cpu": ("cpu", "torch")})
 
 
 def _kernel_run(backend):
@@ -163,6 +171,18 @@ def _triton_why_not(q, *_):
 
 
 SPARSE_ATTENTION.implement("triton", why_not=_triton_why_not)(_kernel_run("triton"))
+def _cuda_why_not(q, *_):
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"the CUDA kernel takes float16 or bfloat16; got {q.dtype}"
+    if q.is_cuda and torch.cuda.get_device_capability(q.device) < (8, 0):
+        return ("the CUDA kernel needs compute capability 8.0 or newer (mma.sync m16n8k16, "
+                "cp.async); got {}.{}".format(*torch.cuda.get_device_capability(q.device)))
+    return None
+
+
+SPARSE_ATTENTION.implement(
+    "cuda", devices=("cuda",), requires=cpp_kernel("sparse_attention_fwd", "CUDA"),
+    why_not=_cuda_why_not)(_kernel_run("cuda"))
 SPARSE_ATTENTION.implement("cpu", devices=("cpu",),
                            requires=cpp_kernel("sparse_attention_fwd", "CPU"))(_kernel_run("cpu"))
 
@@ -201,8 +221,9 @@ def sparse_attention(q, k, v, mask, scale=None, return_lse=False, *, backend="au
     return_lse : bool
         Also return the log-sum-exp of each row's scaled scores (float32 [B, Hq, Nq]; no
         gradient flows through it).
-    backend : "auto" | "triton" | "cpu" | "torch"
-        auto: Triton on CUDA tensors, C++ on CPU tensors, else PyTorch (dense: O(N^2) memory).
+    backend : "auto" | "cuda" | "triton" | "cpu" | "torch"
+        auto: CUDA C++ (fp16 / bf16; the backward runs Triton), then Triton on CUDA tensors, C++
+        on CPU tensors, else PyTorch (dense: O(N^2) memory).
 
     Returns
     -------
