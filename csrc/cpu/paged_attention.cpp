@@ -565,6 +565,7 @@ struct Problem {
   int64_t Hq, G, D, Dp;
   float scale;
   float* partial;  // per slot: m [G], l [G], acc [G, D]
+  float* lse;      // [rows, Hq] fp32: log-sum-exp of each row's scaled scores, or nullptr
   TileFn<T> tile;
 
   int64_t partial_floats() const { return G * (2 + D); }
@@ -650,6 +651,10 @@ struct Problem {
         const float inv = 1.0f / st.l[g];
         for (int64_t d = 0; d < D; ++d) o[g * D + d] = static_cast<QT>(st.acc[g * Dp + d] * inv);
       }
+      if (lse != nullptr) {
+        float* row = lse + it.b * Hq + (it.h0 + hh) * G;
+        for (int64_t g = 0; g < G; ++g) row[g] = st.m[g] + std::log(st.l[g]);
+      }
     }
   }
 
@@ -675,6 +680,7 @@ struct Problem {
       }
       const float inv = 1.0f / L;
       for (int64_t d = 0; d < D; ++d) o[g * D + d] = static_cast<QT>(sum[d] * inv);
+      if (lse != nullptr) lse[b * Hq + h * G + g] = M + std::log(L);
     }
   }
 };
@@ -869,15 +875,17 @@ void init_problem(Problem<QT, T>& pb, const at::Tensor& q, const at::Tensor& k_c
   pb.scale = static_cast<float>(scale);
   pb.tile = pick_tile<T>();
   pb.partial = nullptr;
+  pb.lse = nullptr;
 }
 
 template <typename QT, typename T>
 void paged_attention_typed(const at::Tensor& q, const at::Tensor& k_cache,
                            const at::Tensor& v_cache, const at::Tensor& tables, int shift,
                            const Plan& plan, double scale, const std::optional<at::Tensor>& k_scale,
-                           const std::optional<at::Tensor>& v_scale, at::Tensor& out) {
+                           const std::optional<at::Tensor>& v_scale, at::Tensor& out, float* lse) {
   Problem<QT, T> pb;
   init_problem(pb, q, k_cache, v_cache, tables, shift, scale, k_scale, v_scale, out);
+  pb.lse = lse;
   const int64_t Hkv = k_cache.size(2);
   std::vector<float> partial(plan.slots * pb.partial_floats());
   pb.partial = partial.data();
@@ -947,12 +955,13 @@ void check_entries(const char* op, const at::Tensor& block_tables, const at::Ten
   }
 }
 
-at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
-                               const at::Tensor& v_cache, const at::Tensor& block_tables,
-                               const at::Tensor& seq_lens, double scale, int64_t window,
-                               const std::optional<at::Tensor>& k_scale,
-                               const std::optional<at::Tensor>& v_scale) {
-  constexpr const char* op = "paged_attention";
+// Decode, with the log-sum-exp of every (sequence, query head) row when `with_lse` (natural
+// log of the sum of exp of the scaled scores; -inf for a sequence of length 0).
+std::tuple<at::Tensor, at::Tensor> paged_attention_impl(
+    const char* op, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, int64_t window,
+    const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale,
+    bool with_lse) {
   check_caches(op, k_cache, v_cache, k_scale, v_scale);
   TORCH_CHECK(q.dim() == 3, op, ": q must be 3-d [batch, num_heads, head_dim]; got shape ",
               q.sizes());
@@ -961,7 +970,12 @@ at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
   const int shift = block_shift(op, k_cache.size(1));
 
   at::Tensor out = at::empty({B, Hq, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
-  if (out.numel() == 0) return out;
+  at::Tensor lse;
+  if (with_lse) lse = at::empty({B, Hq}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) {
+    if (with_lse) lse.fill_(-kInf);
+    return {out, lse};
+  }
   const at::Tensor lens_t = seq_lens.contiguous();
   const int32_t* lens = lens_t.data_ptr<int32_t>();
 
@@ -974,6 +988,7 @@ at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
     lo[b] = window > 0 ? std::max<int64_t>(0, len - window) : 0;
     if (len == 0) {
       out.select(0, b).zero_();
+      if (with_lse) lse.select(0, b).fill_(-kInf);
       continue;
     }
     check_entries(op, block_tables, k_cache, shift, b, lo[b], len, window);
@@ -982,9 +997,27 @@ at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
   const Plan plan = plan_work(lo, hi, Hkv);
   dispatch_types(q.scalar_type(), k_cache.scalar_type(), [&](auto qt, auto ct) {
     paged_attention_typed<decltype(qt), decltype(ct)>(q, k_cache, v_cache, block_tables, shift,
-                                                      plan, scale, k_scale, v_scale, out);
+                                                      plan, scale, k_scale, v_scale, out,
+                                                      with_lse ? lse.data_ptr<float>() : nullptr);
   });
-  return out;
+  return {out, lse};
+}
+
+at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
+                               const at::Tensor& v_cache, const at::Tensor& block_tables,
+                               const at::Tensor& seq_lens, double scale, int64_t window,
+                               const std::optional<at::Tensor>& k_scale,
+                               const std::optional<at::Tensor>& v_scale) {
+  return std::get<0>(paged_attention_impl("paged_attention", q, k_cache, v_cache, block_tables,
+                                          seq_lens, scale, window, k_scale, v_scale, false));
+}
+
+std::tuple<at::Tensor, at::Tensor> paged_attention_lse_cpu(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, int64_t window,
+    const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale) {
+  return paged_attention_impl("paged_attention_lse", q, k_cache, v_cache, block_tables, seq_lens,
+                              scale, window, k_scale, v_scale, true);
 }
 
 // ----------------------------------------------------------------------------------------
@@ -1071,6 +1104,10 @@ struct PrefillProblem : Problem<QT, T> {
         const float inv = 1.0f / st.l[r];  // l > 0: every query sees at least itself
         for (int64_t d = 0; d < D; ++d) o[g * D + d] = static_cast<QT>(st.acc[r * Dp + d] * inv);
       }
+      if (this->lse != nullptr) {
+        float* row = this->lse + (row0 + t) * this->Hq + it.h * G;
+        for (int64_t g = 0; g < G; ++g) row[g] = st.m[t * G + g] + std::log(st.l[t * G + g]);
+      }
     }
   }
 };
@@ -1104,13 +1141,11 @@ std::vector<PrefillItem> plan_prefill(const std::vector<int64_t>& n, const std::
   return items;
 }
 
-at::Tensor paged_prefill_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
-                                       const at::Tensor& v_cache, const at::Tensor& block_tables,
-                                       const at::Tensor& seq_lens, const at::Tensor& cu_seqlens_q,
-                                       double scale, int64_t window,
-                                       const std::optional<at::Tensor>& k_scale,
-                                       const std::optional<at::Tensor>& v_scale) {
-  constexpr const char* op = "paged_prefill_attention";
+std::tuple<at::Tensor, at::Tensor> paged_prefill_attention_impl(
+    const char* op, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& cu_seqlens_q,
+    double scale, int64_t window, const std::optional<at::Tensor>& k_scale,
+    const std::optional<at::Tensor>& v_scale, bool with_lse) {
   check_caches(op, k_cache, v_cache, k_scale, v_scale);
   TORCH_CHECK(q.dim() == 3, op, ": q must be 3-d [num_tokens, num_heads, head_dim]; got shape ",
               q.sizes());
@@ -1126,6 +1161,8 @@ at::Tensor paged_prefill_attention_cpu(const at::Tensor& q, const at::Tensor& k_
   const int shift = block_shift(op, k_cache.size(1));
 
   at::Tensor out = at::empty({N, Hq, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor lse;
+  if (with_lse) lse = at::empty({N, Hq}, q.options().dtype(at::kFloat));
   const at::Tensor cu_t = cu_seqlens_q.contiguous();
   const at::Tensor lens_t = seq_lens.contiguous();
   const int32_t* cu = cu_t.data_ptr<int32_t>();
@@ -1146,7 +1183,7 @@ at::Tensor paged_prefill_attention_cpu(const at::Tensor& q, const at::Tensor& k_
     lo[b] = window > 0 ? std::max<int64_t>(0, len - n[b] - window + 1) : 0;
     if (n[b] > 0) check_entries(op, block_tables, k_cache, shift, b, lo[b], len, window);
   }
-  if (out.numel() == 0) return out;
+  if (out.numel() == 0) return {out, lse};
 
   int64_t rows = 0;
   const std::vector<PrefillItem> items = plan_prefill(n, lo, hi, Hkv, Hq / Hkv, &rows);
@@ -1159,9 +1196,31 @@ at::Tensor paged_prefill_attention_cpu(const at::Tensor& q, const at::Tensor& k_
     pb.cu = cu;
     pb.lens = lens;
     pb.window = window;
+    pb.lse = with_lse ? lse.data_ptr<float>() : nullptr;
     run_items(pb, items, 1, rows);
   });
-  return out;
+  return {out, lse};
+}
+
+at::Tensor paged_prefill_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
+                                       const at::Tensor& v_cache, const at::Tensor& block_tables,
+                                       const at::Tensor& seq_lens, const at::Tensor& cu_seqlens_q,
+                                       double scale, int64_t window,
+                                       const std::optional<at::Tensor>& k_scale,
+                                       const std::optional<at::Tensor>& v_scale) {
+  return std::get<0>(paged_prefill_attention_impl("paged_prefill_attention", q, k_cache, v_cache,
+                                                  block_tables, seq_lens, cu_seqlens_q, scale,
+                                                  window, k_scale, v_scale, false));
+}
+
+std::tuple<at::Tensor, at::Tensor> paged_prefill_attention_lse_cpu(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& cu_seqlens_q,
+    double scale, int64_t window, const std::optional<at::Tensor>& k_scale,
+    const std::optional<at::Tensor>& v_scale) {
+  return paged_prefill_attention_impl("paged_prefill_attention_lse", q, k_cache, v_cache,
+                                      block_tables, seq_lens, cu_seqlens_q, scale, window,
+                                      k_scale, v_scale, true);
 }
 
 // ----------------------------------------------------------------------------------------
@@ -1311,4 +1370,6 @@ TORCH_LIBRARY_IMPL(frugal, CPU, m) {
   m.impl("paged_attention", &frugal::cpu::paged_attention_cpu);
   m.impl("paged_append", &frugal::cpu::paged_append_cpu);
   m.impl("paged_prefill_attention", &frugal::cpu::paged_prefill_attention_cpu);
+  m.impl("paged_attention_lse", &frugal::cpu::paged_attention_lse_cpu);
+  m.impl("paged_prefill_attention_lse", &frugal::cpu::paged_prefill_attention_lse_cpu);
 }

@@ -1,6 +1,7 @@
 // frugal._cuda_emu: the CUDA kernels of csrc/cuda compiled for the host through the emulation
 // of csrc/cuda_emu/emu.h, registered as torch ops on CPU tensors so the test suite runs them:
-// torch.ops.frugal_emu.paged_attention / paged_prefill_attention / paged_append take exactly
+// torch.ops.frugal_emu.paged_attention / paged_prefill_attention / paged_append (and the _lse
+// variants of the attention ops) take exactly
 // the arguments of frugal's ops (their schemas are copied from the frugal:: ones at import, so
 // they cannot drift) and go through the same glue (csrc/cuda/paged_attention_glue.h), plan and
 // launchers as the GPU build. Python-level knobs: configure() (SM count, resident blocks per
@@ -74,7 +75,8 @@ void def_like_frugal(const char* name) {
 void register_ops() {
   g_def = std::make_unique<torch::Library>(torch::Library::DEF, "frugal_emu", std::nullopt,
                                            __FILE__, __LINE__);
-  for (const char* name : {"paged_attention", "paged_prefill_attention", "paged_append"}) {
+  for (const char* name : {"paged_attention", "paged_prefill_attention", "paged_append",
+                           "paged_attention_lse", "paged_prefill_attention_lse"}) {
     def_like_frugal(name);
   }
   g_def->def("emu_selftest(str name, Tensor x, int arg) -> Tensor");
@@ -83,6 +85,9 @@ void register_ops() {
   g_impl->impl("paged_attention", &cuda::glue::paged_attention<EmuBackend>);
   g_impl->impl("paged_prefill_attention", &cuda::glue::paged_prefill_attention<EmuBackend>);
   g_impl->impl("paged_append", &cuda::glue::paged_append<EmuBackend>);
+  g_impl->impl("paged_attention_lse", &cuda::glue::paged_attention_lse<EmuBackend>);
+  g_impl->impl("paged_prefill_attention_lse",
+               &cuda::glue::paged_prefill_attention_lse<EmuBackend>);
   g_impl->impl("emu_selftest", &emu_selftest);
 }
 

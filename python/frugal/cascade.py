@@ -1,0 +1,181 @@
+"""Shared-prefix (cascade) decode over a paged cache: which sequences share which leading
+blocks (:func:`cascade_groups`), and the decode that reads a group's shared blocks once
+(:class:`CascadeDecode`). :class:`frugal.PagedKVCache` uses both in its decode
+(``attention`` and ``plan``); the ops themselves are the ordinary paged decode and
+:func:`frugal.merge_attention_states`.
+
+Sequences forked from one prompt, or matched to one cached prefix, reference the same physical
+blocks for that prefix. Per-sequence decode reads those blocks once per sequence; cascade
+decode reads them once per group, in three steps:
+
+1. *Prefix pass.* A group of n sequences shares its first P = k * block_size tokens (k whole
+   blocks, the same block ids in every member's table). The members' queries [n, Hq, D] are
+   folded into the head dim, kv-head-major: folded head ``h * n * G + i * G + g`` is query
+   head ``h * G + g`` of member i (G = Hq / Hkv), so the op's GQA rule (query head j reads kv
+   head ``j // (n * G)``) gives it kv head h. One decode call with the prefix blocks as its
+   table and seq_len P attends them, returning lse. Groups of the same size share that call,
+   one batch row per group.
+2. *Suffix pass.* One decode call over every sequence, its table row offset by its group's k
+   blocks and its seq_len by P (a sequence in no group keeps its row and length), with lse.
+3. *Merge.* :func:`frugal.merge_attention_states` of the two passes, per group member. A
+   suffix of length 0 has lse -inf and passes the prefix pass through unchanged.
+
+Both passes run the decode implementation the caller chose (any backend), without windows:
+a window that cuts into the prefix changes what each member reads, so windowed decode always
+runs per sequence.
+
+Cost rule. The FLOPs are those of per-sequence decode; what changes is bytes: a group saves
+(n - 1) * P token reads of K and V per layer, for the price of one more decode call per
+distinct group size and a merge over the members' rows. A group is used when its saving is at
+least ``MIN_SAVED_TOKENS`` tokens (per layer); below that the extra calls cost about what they
+save. Groups are chosen to save the most: the sequences' table rows form a trie of block ids;
+each node either makes its members one group over their common blocks or hands them to its
+children (the next block id), whichever saves more reads.
+"""
+
+import os
+
+import torch
+
+from .merge_attention_states import MERGE_ATTENTION_STATES
+
+# A group runs as a cascade only if it saves at least this many token reads of K and V per
+# layer ((n - 1) * P). Two calls more and a merge cost about as much as reading this many
+# tokens on a CPU (fp32, Hkv = 8, D = 128: 8 MiB), so smaller savings are left alone.
+MIN_SAVED_TOKENS = 1024
+
+
+def _full_blocks(row, length, block_size):
+    """Leading blocks of ``row`` that are whole (every position written) and present."""
+    k = min(length // block_size, len(row))
+    try:
+        return min(k, row.index(-1))
+    except ValueError:
+        return k
+
+
+def cascade_groups(rows, lens, block_size, min_saved=MIN_SAVED_TOKENS):
+    """The shared-prefix groups of a decode batch.
+
+    Parameters
+    ----------
+    rows : list of lists of block ids, one table row per sequence (-1: no block).
+    lens : list of ints, the tokens each sequence attends to.
+    block_size : int.
+    min_saved : int, the least ``(n - 1) * P`` token reads a group must save.
+
+    Returns
+    -------
+    list of (members, k): ``members`` a tuple of >= 2 batch indices whose rows start with the
+    same k >= 1 whole blocks (P = k * block_size tokens, within every member's length). A
+    sequence is in at most one group. The grouping saves the most token reads the trie of
+    rows allows (see the module docstring).
+    """
+    full = [_full_blocks(list(r), n, block_size) for r, n in zip(rows, lens)]
+    rows = [list(r[:f]) for r, f in zip(rows, full)]
+
+    def visit(members, depth):
+        # members share rows[:depth]: extend the common run, then group here or in children.
+        cap = min(full[i] for i in members)
+        depth += len(os.path.commonprefix([rows[i][depth:cap] for i in members]))
+        here = (len(members) - 1) * depth * block_size
+        best = (here, [(tuple(members), depth)]) if depth > 0 and here >= min_saved else (0, [])
+        children = {}
+        for i in members:
+            if full[i] > depth:
+                children.setdefault(rows[i][depth], []).append(i)
+        saved, groups = 0, []
+        for child in children.values():
+            if len(child) > 1:
+                s, g = visit(child, depth + 1)
+                saved, groups = saved + s, groups + g
+        return (saved, groups) if saved > best[0] else best
+
+    return visit(list(range(len(rows))), 0)[1] if len(rows) > 1 else []
+
+
+class _Bucket:
+    """Groups of one size n, prefix pass in one call: member indices (group by group), the
+    groups' prefix tables and lengths."""
+
+    def __init__(self, size, groups, rows, block_size, device):
+        self.size = size
+        self.count = len(groups)
+        self.index = torch.tensor([i for members, _ in groups for i in members],
+                                  dtype=torch.long).to(device)
+        width = max(k for _, k in groups)
+        table = [rows[members[0]][:k] + [-1] * (width - k) for members, k in groups]
+        self.tables = torch.tensor(table, dtype=torch.int32).to(device)
+        lens = [k * block_size for _, k in groups]
+        self.lens = torch.tensor(lens, dtype=torch.int32).to(device)
+        self.max_len = max(lens)
+
+
+class CascadeDecode:
+    """The device tensors of one cascade decode, built once on the host (a plan's every layer
+    reuses them): suffix tables and lengths of the whole batch, and one bucket of prefix
+    tables per group size.
+
+    Parameters
+    ----------
+    groups : list of (members, k) from :func:`cascade_groups` (at least one).
+    rows, lens : the batch's table rows (lists of block ids) and lengths.
+    block_size : int.
+    device : where the tensors go (the cache's device).
+
+    Attributes
+    ----------
+    groups : tuple of (members, prefix_tokens).
+    """
+
+    def __init__(self, groups, rows, lens, block_size, device):
+        rows = [list(r) for r in rows]
+        offset = [0] * len(rows)
+        for members, k in groups:
+            for i in members:
+                offset[i] = k
+        suffix = [r[k:] for r, k in zip(rows, offset)]
+        width = max((len(r) for r in suffix), default=0)
+        self.suffix_tables = torch.tensor([r + [-1] * (width - len(r)) for r in suffix],
+                                          dtype=torch.int32).reshape(len(rows), width).to(device)
+        suffix_lens = [n - k * block_size for n, k in zip(lens, offset)]
+        self.suffix_lens = torch.tensor(suffix_lens, dtype=torch.int32).to(device)
+        self.max_suffix_len = max(suffix_lens, default=0)
+        by_size = {}
+        for members, k in groups:
+            by_size.setdefault(len(members), []).append((members, k))
+        self.buckets = [_Bucket(n, g, rows, block_size, device) for n, g in by_size.items()]
+        self.groups = tuple((tuple(m), k * block_size) for m, k in groups)
+        self._merge = MERGE_ATTENTION_STATES.select(torch.device(device), "auto", None, None,
+                                                    None, None)
+
+    def run(self, impl, q, k_cache, v_cache, scale, k_scale, v_scale, workspace=None):
+        """Decode of q [B, Hq, D] (float scale; no window) with the decode implementation
+        ``impl`` (a :class:`frugal.registry.Impl`): (out [B, Hq, D] in q's dtype, lse float32
+        [B, Hq]). ``workspace(tag, q, tables, max_seq_len)`` gives each pass its split-KV
+        buffers (or None)."""
+        def ws(tag, x, tables, max_len):
+            return None if workspace is None else workspace(tag, x, tables, max_len)
+
+        B, Hq, D = q.shape
+        hkv = k_cache.shape[2]
+        g = Hq // hkv
+        out, lse = impl.run(q, k_cache, v_cache, self.suffix_tables, self.suffix_lens, scale, 0,
+                            k_scale, v_scale, self.max_suffix_len,
+                            ws("suffix", q, self.suffix_tables, self.max_suffix_len),
+                            return_lse=True)
+        for bucket in self.buckets:
+            m, n = bucket.count, bucket.size
+            folded = (q.index_select(0, bucket.index).view(m, n, hkv, g, D).transpose(1, 2)
+                      .reshape(m, hkv * n * g, D))
+            o, s = impl.run(folded, k_cache, v_cache, bucket.tables, bucket.lens, scale, 0,
+                            k_scale, v_scale, bucket.max_len,
+                            ws(f"prefix{n}", folded, bucket.tables, bucket.max_len),
+                            return_lse=True)
+            o = o.view(m, hkv, n, g, D).transpose(1, 2).reshape(m * n, Hq, D)
+            s = s.view(m, hkv, n, g).transpose(1, 2).reshape(m * n, Hq)
+            o, s = self._merge.run(out.index_select(0, bucket.index),
+                                   lse.index_select(0, bucket.index), o, s)
+            out.index_copy_(0, bucket.index, o)
+            lse.index_copy_(0, bucket.index, s)
+        return out, lse
