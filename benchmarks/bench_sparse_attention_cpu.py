@@ -56,7 +56,7 @@ def main():
                                (f"window {args.window} {bs}",
                                 masks.sliding_window(n, args.window, block_size=bs))):
                 lay = mask.layout(1, H)
-                fargs = lay.forward_args() + (D**-0.5,)
+                fargs = (*lay.op_args(), D**-0.5)
                 fns[name] = (lambda a: lambda: torch.ops.frugal.sparse_attention_fwd(q, k, v, *a))(
                     fargs)
                 blocks = int(lay.full_num.sum() + lay.kv_num.sum())

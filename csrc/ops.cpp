@@ -77,17 +77,14 @@ TORCH_LIBRARY(frugal, m) {
   // Forward: out [B, Hq, Nq, D] in q's dtype and lse [B, Hq, Nq] fp32 (natural log; an empty
   // row gives out 0, lse -inf). Backward (FA2, fp32 compute): dq, dk, dv in the input dtype,
   // dk/dv summed over the query heads of each kv head.
+  // layout / layout_ints: the SparseLayout's lists in the orders of csrc/sparse_layout.h
+  // (SparseLayout.TENSORS / .INTS, e.g. kv_num, kv_idx, ..., and BQ, BK, flags, lo, hi, prefix).
   m.def(
-      "sparse_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor kv_num, Tensor kv_idx, "
-      "Tensor kv_bits, Tensor full_num, Tensor full_idx, Tensor q_doc, Tensor kv_doc, "
-      "Tensor bits, int BQ, int BK, int flags, int lo, int hi, int prefix, float scale) "
-      "-> (Tensor out, Tensor lse)");
+      "sparse_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor[] layout, int[] layout_ints, "
+      "float scale) -> (Tensor out, Tensor lse)");
   m.def(
       "sparse_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-      "Tensor kv_num, Tensor kv_idx, Tensor kv_bits, Tensor full_num, Tensor full_idx, "
-      "Tensor q_num, Tensor q_idx, Tensor q_bits, Tensor full_q_num, Tensor full_q_idx, "
-      "Tensor q_doc, Tensor kv_doc, Tensor bits, int BQ, int BK, int flags, int lo, int hi, "
-      "int prefix, float scale) -> (Tensor dq, Tensor dk, Tensor dv)");
+      "Tensor[] layout, int[] layout_ints, float scale) -> (Tensor dq, Tensor dk, Tensor dv)");
 }
 
 namespace {

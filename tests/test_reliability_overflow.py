@@ -109,8 +109,9 @@ def test_sparse_rule_bounds(poison, name):
     gen = torch.Generator().manual_seed(33)
     q, k, v = (torch.randn(1, 2, N, 32, generator=gen, dtype=torch.float64) for _ in range(3))
     layout = masks.causal(N, block_size=BLOCK).layout(1, 2)
-    args = layout.forward_args()[:-6] + (BLOCK, BLOCK, flags, lo, hi, prefix, 32**-0.5)
-    out, lse = ops.sparse_attention_fwd(q.float(), k.float(), v.float(), *args)
+    layout = layout.replace(BQ=BLOCK, BK=BLOCK, flags=flags, lo=lo, hi=hi, prefix=prefix)
+    out, lse = ops.sparse_attention_fwd(q.float(), k.float(), v.float(), *layout.op_args(),
+                                        32**-0.5)
     want, want_lse = reference.sparse_attention(q, k, v, dense_blocks(rule))
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse.double(), want_lse, rtol=1e-5, atol=1e-5)

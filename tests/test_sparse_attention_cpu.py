@@ -11,6 +11,10 @@ Accuracy rule (FlashAttention's): the max error against a float64 reference is a
 error of a plain PyTorch implementation in the same precision, plus a tiny floor. Outputs are
 poisoned (NaN) before each call."""
 
+import dataclasses
+import pathlib
+import re
+
 import pytest
 import torch
 
@@ -156,11 +160,11 @@ def inputs(B, Hq, Hkv, Nq, Nk, D, dtype, seed=0):
 
 
 def fwd(q, k, v, layout, scale):
-    return ops.sparse_attention_fwd(q, k, v, *layout.forward_args(), scale)
+    return ops.sparse_attention_fwd(q, k, v, *layout.op_args(), scale)
 
 
 def bwd(dout, q, k, v, out, lse, layout, scale):
-    return ops.sparse_attention_bwd(dout, q, k, v, out, lse, *layout.backward_args(), scale)
+    return ops.sparse_attention_bwd(dout, q, k, v, out, lse, *layout.op_args(), scale)
 
 
 def max_err(x, ref):
@@ -366,9 +370,7 @@ def test_public_api_autograd(poison, dtype):
 
 
 def _args(layout, **over):
-    d = {n: getattr(layout, n) for n in SparseLayout.FORWARD_TENSORS + SparseLayout.INTS}
-    d.update(over)
-    return [d[n] for n in SparseLayout.FORWARD_TENSORS + SparseLayout.INTS]
+    return layout.replace(**over).op_args()
 
 
 @pytest.mark.parametrize("case,match", [
@@ -427,7 +429,38 @@ def test_opcheck():
     layout = mask.layout(1, 2)
     q, k, v, dout = inputs(1, 2, 1, 150, 150, 32, torch.float32)
     torch.library.opcheck(ops.sparse_attention_fwd.default,
-                          (q, k, v, *layout.forward_args(), 0.2))
+                          (q, k, v, *layout.op_args(), 0.2))
     out, lse = fwd(q, k, v, layout, 0.2)
     torch.library.opcheck(ops.sparse_attention_bwd.default,
-                          (dout, q, k, v, out, lse, *layout.backward_args(), 0.2))
+                          (dout, q, k, v, out, lse, *layout.op_args(), 0.2))
+
+
+def test_layout_lists_defined_once():
+    """csrc/sparse_layout.h names the op's layout arguments in SparseLayout's orders."""
+    header = (pathlib.Path(__file__).parents[1] / "csrc" / "sparse_layout.h").read_text()
+
+    def names(macro):
+        body = re.search(rf"#define {macro}\(X\)(.*?)(?<!\\)\n", header, re.S).group(1)
+        return tuple(re.findall(r"X\((\w+)\)", body))
+
+    assert names("FRUGAL_SPARSE_LAYOUT_TENSORS") == SparseLayout.TENSORS
+    assert names("FRUGAL_SPARSE_LAYOUT_INTS") == SparseLayout.INTS
+    fields = {f.name for f in dataclasses.fields(SparseLayout)}
+    assert set(SparseLayout.TENSORS + SparseLayout.INTS) | {"Nq", "Nk"} == fields
+
+
+@pytest.mark.parametrize("which", ["tensors", "ints"])
+def test_layout_list_length(which):
+    layout = masks.causal(100, block_size=64).layout(1, 2)
+    q, k, v, _ = inputs(1, 2, 2, 100, 100, 32, torch.float32)
+    tensors, ints = layout.op_args()
+    if which == "tensors":
+        tensors = tensors[:-1]
+        match = r"layout must hold 13 tensors \( kv_num kv_idx .* bits \); got 12"
+    else:
+        ints = ints + [0]
+        match = r"layout_ints must hold 6 ints \( BQ BK flags lo hi prefix \); got 7"
+    with pytest.raises(RuntimeError, match=match):
+        ops.sparse_attention_fwd(q, k, v, tensors, ints, 0.125)
+    with pytest.raises(ValueError, match="SparseLayout: expected 13 tensors"):
+        SparseLayout.from_op_args(100, 100, tensors, ints)

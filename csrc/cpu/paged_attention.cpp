@@ -53,6 +53,7 @@
 #include <vector>
 
 #include "cpu/isa.h"
+#include "cpu/vec_load.h"
 #include "cpu/vec_math.h"
 
 #if FRUGAL_X86
@@ -164,24 +165,6 @@ void tile_scalar(State& st, const Tile<T>& t) {
 #if FRUGAL_X86
 
 // --- AVX-512 ---
-
-FRUGAL_TARGET_AVX512 inline __m512 load16(const float* p, __mmask16 m) {
-  return m == 0xFFFF ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p);
-}
-FRUGAL_TARGET_AVX512 inline __m512 load16(const c10::Half* p, __mmask16 m) {
-  return _mm512_cvtph_ps(m == 0xFFFF ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
-                                     : _mm256_maskz_loadu_epi16(m, p));
-}
-FRUGAL_TARGET_AVX512 inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
-  const __m256i raw = m == 0xFFFF ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
-                                  : _mm256_maskz_loadu_epi16(m, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-FRUGAL_TARGET_AVX512 inline __m512 load16(const int8_t* p, __mmask16 m) {
-  const __m128i raw = m == 0xFFFF ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))
-                                  : _mm_maskz_loadu_epi8(m, p);
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
-}
 
 inline __mmask16 lanes16(int64_t n) {
   return n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
@@ -373,28 +356,6 @@ FRUGAL_TARGET_AVX2 inline float hmax8(__m256 x) {
   __m128 s = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
   s = _mm_max_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
-}
-
-FRUGAL_TARGET_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-FRUGAL_TARGET_AVX2 inline __m256 load8(const c10::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-FRUGAL_TARGET_AVX2 inline __m256 load8(const c10::BFloat16* p) {
-  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-FRUGAL_TARGET_AVX2 inline __m256 load8(const int8_t* p) {
-  return _mm256_cvtepi32_ps(
-      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-
-// The first n (<= 8) elements at p, zeros after: no read past p[n - 1].
-template <typename T>
-FRUGAL_TARGET_AVX2 inline __m256 load8(const T* p, int64_t n) {
-  if (n >= 8) return load8(p);
-  alignas(32) float tmp[8] = {};
-  for (int64_t i = 0; i < n; ++i) tmp[i] = to_float(p[i]);
-  return _mm256_load_ps(tmp);
 }
 
 template <int GN, typename T>

@@ -16,6 +16,7 @@
 
 #include "cpu/isa.h"
 #include "cpu/quantize.h"
+#include "cpu/vec_load.h"
 
 #if FRUGAL_X86
 #include <immintrin.h>
@@ -53,17 +54,6 @@ float quantize_row_scalar(const T* x, int8_t* q, int64_t K) {
 }
 
 #if FRUGAL_X86
-
-FRUGAL_TARGET_AVX512 inline __m512 load16(const float* p, __mmask16 m) {
-  return _mm512_maskz_loadu_ps(m, p);
-}
-FRUGAL_TARGET_AVX512 inline __m512 load16(const c10::Half* p, __mmask16 m) {
-  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
-}
-FRUGAL_TARGET_AVX512 inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
 
 template <typename T>
 FRUGAL_TARGET_AVX512 float quantize_row_avx512(const T* x, int8_t* q, int64_t K) {
@@ -103,15 +93,6 @@ FRUGAL_TARGET_AVX512 float quantize_row_avx512(const T* x, int8_t* q, int64_t K)
     _mm512_mask_cvtsepi32_storeu_epi8(q + k, m, _mm512_cvtps_epi32(r));
   }
   return scale;
-}
-
-FRUGAL_TARGET_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-FRUGAL_TARGET_AVX2 inline __m256 load8(const c10::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-FRUGAL_TARGET_AVX2 inline __m256 load8(const c10::BFloat16* p) {
-  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
 
 template <typename T>

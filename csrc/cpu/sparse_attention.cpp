@@ -57,8 +57,9 @@
 #include <vector>
 
 #include "cpu/isa.h"
-#include "cpu/vec_math.h"
 #include "cpu/memory.h"
+#include "cpu/vec_math.h"
+#include "sparse_layout.h"
 
 #if FRUGAL_X86
 #include <immintrin.h>
@@ -770,12 +771,14 @@ void dispatch_float(at::ScalarType t, F&& f) {
 }
 
 std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kv_num,
-    const at::Tensor& kv_idx, const at::Tensor& kv_bits, const at::Tensor& full_num,
-    const at::Tensor& full_idx, const at::Tensor& q_doc, const at::Tensor& kv_doc,
-    const at::Tensor& bits, int64_t BQ, int64_t BK, int64_t flags, int64_t lo, int64_t hi,
-    int64_t prefix, double scale) {
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::TensorList layout,
+    at::IntArrayRef layout_ints, double scale) {
   constexpr const char* op = "sparse_attention_fwd";
+  const SparseLayoutArgs L = SparseLayoutArgs::from(op, layout, layout_ints);
+  const at::Tensor &kv_num = L.kv_num, &kv_idx = L.kv_idx, &kv_bits = L.kv_bits;
+  const at::Tensor &full_num = L.full_num, &full_idx = L.full_idx;
+  const at::Tensor &q_doc = L.q_doc, &kv_doc = L.kv_doc, &bits = L.bits;
+  const int64_t BQ = L.BQ, BK = L.BK, flags = L.flags, lo = L.lo, hi = L.hi, prefix = L.prefix;
   Rule rule;
   const Geometry g =
       check_inputs(op, q, k, v, BQ, BK, flags, scale, q_doc, kv_doc, bits, rule, lo, hi, prefix);
@@ -856,13 +859,16 @@ void block_grads(const BwdData& p, int64_t b, const QSide& s, const float* kh, c
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& kv_num,
-    const at::Tensor& kv_idx, const at::Tensor& kv_bits, const at::Tensor& full_num,
-    const at::Tensor& full_idx, const at::Tensor& q_num, const at::Tensor& q_idx,
-    const at::Tensor& q_bits, const at::Tensor& full_q_num, const at::Tensor& full_q_idx,
-    const at::Tensor& q_doc, const at::Tensor& kv_doc, const at::Tensor& bits, int64_t BQ,
-    int64_t BK, int64_t flags, int64_t lo, int64_t hi, int64_t prefix, double scale) {
+    const at::Tensor& out, const at::Tensor& lse, at::TensorList layout,
+    at::IntArrayRef layout_ints, double scale) {
   constexpr const char* op = "sparse_attention_bwd";
+  const SparseLayoutArgs L = SparseLayoutArgs::from(op, layout, layout_ints);
+  const at::Tensor &kv_num = L.kv_num, &kv_idx = L.kv_idx, &kv_bits = L.kv_bits;
+  const at::Tensor &full_num = L.full_num, &full_idx = L.full_idx;
+  const at::Tensor &q_num = L.q_num, &q_idx = L.q_idx, &q_bits = L.q_bits;
+  const at::Tensor &full_q_num = L.full_q_num, &full_q_idx = L.full_q_idx;
+  const at::Tensor &q_doc = L.q_doc, &kv_doc = L.kv_doc, &bits = L.bits;
+  const int64_t BQ = L.BQ, BK = L.BK, flags = L.flags, lo = L.lo, hi = L.hi, prefix = L.prefix;
   Rule rule;
   const Geometry g =
       check_inputs(op, q, k, v, BQ, BK, flags, scale, q_doc, kv_doc, bits, rule, lo, hi, prefix);

@@ -105,21 +105,30 @@ class SparseLayout:
     has_doc = property(lambda self: bool(self.flags & DOC))
     has_bits = property(lambda self: bool(self.flags & BITS))
 
-    FORWARD_TENSORS = ("kv_num", "kv_idx", "kv_bits", "full_num", "full_idx", "q_doc", "kv_doc",
-                       "bits")
-    BACKWARD_TENSORS = ("kv_num", "kv_idx", "kv_bits", "full_num", "full_idx", "q_num", "q_idx",
-                        "q_bits", "full_q_num", "full_q_idx", "q_doc", "kv_doc", "bits")
+    # The op arguments of a layout, defined once: the custom ops (csrc/ops.cpp,
+    # frugal.sparse_attention) take them as ``Tensor[] layout, int[] layout_ints`` in these
+    # orders, and the C++ kernels name them through csrc/sparse_layout.h, whose lists a test
+    # checks against these. A new rule or modifier is one more name here and there.
+    TENSORS = ("kv_num", "kv_idx", "kv_bits", "full_num", "full_idx", "q_num", "q_idx", "q_bits",
+               "full_q_num", "full_q_idx", "q_doc", "kv_doc", "bits")
     INTS = ("BQ", "BK", "flags", "lo", "hi", "prefix")
 
-    def forward_args(self):
-        """The forward op's layout arguments, in schema order (tensors, then ints)."""
-        return (tuple(getattr(self, n) for n in self.FORWARD_TENSORS)
-                + tuple(getattr(self, n) for n in self.INTS))
+    def op_args(self):
+        """``(tensors, ints)``: the layout arguments of the sparse attention ops."""
+        return ([getattr(self, n) for n in self.TENSORS], [getattr(self, n) for n in self.INTS])
 
-    def backward_args(self):
-        """The backward op's layout arguments, in schema order (tensors, then ints)."""
-        return (tuple(getattr(self, n) for n in self.BACKWARD_TENSORS)
-                + tuple(getattr(self, n) for n in self.INTS))
+    @classmethod
+    def from_op_args(cls, Nq, Nk, tensors, ints):
+        """The layout that :meth:`op_args` gave ``tensors`` and ``ints`` for."""
+        if len(tensors) != len(cls.TENSORS) or len(ints) != len(cls.INTS):
+            raise ValueError(f"SparseLayout: expected {len(cls.TENSORS)} tensors "
+                             f"{cls.TENSORS} and {len(cls.INTS)} ints {cls.INTS}; got "
+                             f"{len(tensors)} and {len(ints)}")
+        return cls(Nq=Nq, Nk=Nk, **dict(zip(cls.TENSORS, tensors)), **dict(zip(cls.INTS, ints)))
+
+    def replace(self, **fields):
+        """A copy with ``fields`` replaced (tests build bad layouts this way)."""
+        return dataclasses.replace(self, **fields)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,14 +362,17 @@ class BlockMask:
     # ----------------------------------------------------------------------------- lists
 
     def _build_lists(self):
+        # Built into a local and published whole: threads sharing a mask may race here, and a
+        # half-filled dict must never be visible (each thread builds the same lists).
         if self._lists is None:
             bidx = self._bits_index
-            self._lists = {}
+            lists = {}
             for prefix, matrix in (("kv", self._partial), ("full", self._full)):
-                self._lists[prefix] = _lists(matrix, bidx if prefix == "kv" else None)
+                lists[prefix] = _lists(matrix, bidx if prefix == "kv" else None)
             t = self._partial.transpose(-1, -2)
-            self._lists["q"] = _lists(t, None if bidx is None else bidx.transpose(-1, -2))
-            self._lists["full_q"] = _lists(self._full.transpose(-1, -2), None)
+            lists["q"] = _lists(t, None if bidx is None else bidx.transpose(-1, -2))
+            lists["full_q"] = _lists(self._full.transpose(-1, -2), None)
+            self._lists = lists
         return self._lists
 
     def layout(self, B, Hq, device="cpu"):

@@ -6,7 +6,7 @@ forward and backward that visit only the mask's blocks), the C++ CPU kernels on 
 reference). Gradients flow through every backend via autograd (with respect to q, k and v).
 """
 
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 
@@ -30,28 +30,13 @@ def _has_cpu_ops():
 # --------------------------------------------------------------------------- custom ops
 
 
-def _layout(nq, nk, ints, tensors, backward):
-    names = SparseLayout.BACKWARD_TENSORS if backward else SparseLayout.FORWARD_TENSORS
-    fields = dict(zip(SparseLayout.INTS, ints))
-    fields.update(zip(names, tensors))
-    if not backward:
-        dummy = tensors[0].new_zeros(1, 1, 1).expand(*tensors[0].shape[:2], 1)
-        for n in ("q_num", "q_idx", "q_bits", "full_q_num", "full_q_idx"):
-            fields[n] = dummy
-    return SparseLayout(Nq=nq, Nk=nk, **fields)
-
-
 @triton_custom_op("frugal::sparse_attention_fwd_triton")
-def _fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num: torch.Tensor,
-                kv_idx: torch.Tensor, kv_bits: torch.Tensor, full_num: torch.Tensor,
-                full_idx: torch.Tensor, q_doc: torch.Tensor, kv_doc: torch.Tensor,
-                bits: torch.Tensor, BQ: int, BK: int, flags: int, lo: int, hi: int, prefix: int,
-                scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def _fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: List[torch.Tensor],
+                layout_ints: List[int], scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     from frugal.kernels import sparse_attention as kernel
 
-    layout = _layout(q.shape[2], k.shape[2], (BQ, BK, flags, lo, hi, prefix),
-                     (kv_num, kv_idx, kv_bits, full_num, full_idx, q_doc, kv_doc, bits), False)
-    return kernel.forward(q, k, v, layout, scale)
+    lay = SparseLayout.from_op_args(q.shape[2], k.shape[2], layout, layout_ints)
+    return kernel.forward(q, k, v, lay, scale)
 
 
 @_fwd_triton.register_fake
@@ -61,19 +46,13 @@ def _(q, k, v, *args):
 
 @triton_custom_op("frugal::sparse_attention_bwd_triton")
 def _bwd_triton(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                out: torch.Tensor, lse: torch.Tensor, kv_num: torch.Tensor, kv_idx: torch.Tensor,
-                kv_bits: torch.Tensor, full_num: torch.Tensor, full_idx: torch.Tensor,
-                q_num: torch.Tensor, q_idx: torch.Tensor, q_bits: torch.Tensor,
-                full_q_num: torch.Tensor, full_q_idx: torch.Tensor, q_doc: torch.Tensor,
-                kv_doc: torch.Tensor, bits: torch.Tensor, BQ: int, BK: int, flags: int, lo: int,
-                hi: int, prefix: int, scale: float
+                out: torch.Tensor, lse: torch.Tensor, layout: List[torch.Tensor],
+                layout_ints: List[int], scale: float
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from frugal.kernels import sparse_attention as kernel
 
-    layout = _layout(q.shape[2], k.shape[2], (BQ, BK, flags, lo, hi, prefix),
-                     (kv_num, kv_idx, kv_bits, full_num, full_idx, q_num, q_idx, q_bits,
-                      full_q_num, full_q_idx, q_doc, kv_doc, bits), True)
-    return kernel.backward(dout, q, k, v, out, lse, layout, scale)
+    lay = SparseLayout.from_op_args(q.shape[2], k.shape[2], layout, layout_ints)
+    return kernel.backward(dout, q, k, v, out, lse, lay, scale)
 
 
 @_bwd_triton.register_fake
@@ -107,7 +86,7 @@ _KERNELS = {"triton": (_fwd_triton, _bwd_triton), "cpu": (_cpu_fwd, _cpu_bwd)}
 class _SparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, layout, scale, backend):
-        out, lse = _KERNELS[backend][0](q, k, v, *layout.forward_args(), scale)
+        out, lse = _KERNELS[backend][0](q, k, v, *layout.op_args(), scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.layout, ctx.scale, ctx.backend = layout, scale, backend
         ctx.mark_non_differentiable(lse)
@@ -117,7 +96,7 @@ class _SparseAttention(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = _KERNELS[ctx.backend][1](dout.contiguous(), q, k, v, out, lse,
-                                              *ctx.layout.backward_args(), ctx.scale)
+                                              *ctx.layout.op_args(), ctx.scale)
         return dq, dk, dv, None, None, None
 
 
@@ -190,7 +169,10 @@ SPARSE_ATTENTION.implement("cpu", devices=("cpu",),
 
 @SPARSE_ATTENTION.implement("torch")
 def _sparse_torch(q, k, v, mask, scale):
-    out, lse = reference.sparse_attention(q, k, v, mask, scale)
+    # fp32 scores for half inputs, as the kernels keep them: fp16 scores overflow to inf (NaN
+    # rows) at scales the kernels handle.
+    up = (lambda t: t.float()) if q.dtype in (torch.float16, torch.bfloat16) else (lambda t: t)
+    out, lse = reference.sparse_attention(up(q), up(k), up(v), mask, scale)
     return out.to(q.dtype), lse
 
 
