@@ -28,9 +28,10 @@ Cost rule. The FLOPs are those of per-sequence decode; what changes is bytes: a 
 (n - 1) * P token reads of K and V per layer, for the price of one more decode call per
 distinct group size and a merge over the members' rows. A group is used when its saving is at
 least ``MIN_SAVED_TOKENS`` tokens (per layer); below that the extra calls cost about what they
-save. Groups are chosen to save the most: the sequences' table rows form a trie of block ids;
-each node either makes its members one group over their common blocks or hands them to its
-children (the next block id), whichever saves more reads.
+save. Groups are chosen to save many reads: the sequences' table rows form a trie of block
+ids; at each node a subtree forms its own groups deeper when that saves more than its members
+would add to one group over the node's common blocks, and the node's group is kept when it
+saves more than handing every subtree down (greedy per node, not an exhaustive search).
 """
 
 import os
@@ -39,10 +40,25 @@ import torch
 
 from .merge_attention_states import MERGE_ATTENTION_STATES
 
-# A group runs as a cascade only if it saves at least this many token reads of K and V per
-# layer ((n - 1) * P). Two calls more and a merge cost about as much as reading this many
-# tokens on a CPU (fp32, Hkv = 8, D = 128: 8 MiB), so smaller savings are left alone.
-MIN_SAVED_TOKENS = 1024
+# A group runs as a cascade only if it saves at least this many bytes of K and V reads per
+# layer ((n - 1) * P tokens of 2 * Hkv * D elements, with their int8 scales). The cascade's
+# extra work -- one more decode call per group size, the folded queries, a merge over the
+# members' rows -- costs a fixed amount per call, and it must not cost more than it saves.
+# SEE the README's measurement: on this CPU, that overhead is below the time to read this
+# many bytes, so smaller savings are left to the per-sequence decode.
+MIN_SAVED_BYTES = 4 << 20
+
+
+def token_bytes(cache):
+    """Bytes of K and V (and their int8 scales) one token of one layer of ``cache`` holds."""
+    item = cache.k_cache.element_size() + (4 if cache.k_scale is not None else 0) / cache.head_dim
+    return int(2 * cache.num_kv_heads * cache.head_dim * item)
+
+
+def min_saved_tokens(cache):
+    """The "auto" rule for ``cache``: the least ``(n - 1) * P`` token reads a group must save,
+    :data:`MIN_SAVED_BYTES` in tokens of this cache."""
+    return -(-MIN_SAVED_BYTES // token_bytes(cache))
 
 
 def _full_blocks(row, length, block_size):
@@ -54,7 +70,7 @@ def _full_blocks(row, length, block_size):
         return k
 
 
-def cascade_groups(rows, lens, block_size, min_saved=MIN_SAVED_TOKENS):
+def cascade_groups(rows, lens, block_size, min_saved=1):
     """The shared-prefix groups of a decode batch.
 
     Parameters
@@ -75,21 +91,29 @@ def cascade_groups(rows, lens, block_size, min_saved=MIN_SAVED_TOKENS):
     rows = [list(r[:f]) for r, f in zip(rows, full)]
 
     def visit(members, depth):
-        # members share rows[:depth]: extend the common run, then group here or in children.
+        # members share rows[:depth]: extend the common run to `depth` blocks, then decide
+        # which members group here (over `depth` blocks) and which subtrees group deeper.
         cap = min(full[i] for i in members)
         depth += len(os.path.commonprefix([rows[i][depth:cap] for i in members]))
-        here = (len(members) - 1) * depth * block_size
-        best = (here, [(tuple(members), depth)]) if depth > 0 and here >= min_saved else (0, [])
         children = {}
         for i in members:
             if full[i] > depth:
                 children.setdefault(rows[i][depth], []).append(i)
-        saved, groups = 0, []
+        here, deeper, deeper_saved = [i for i in members if full[i] == depth], [], 0
+        everything_deeper = (0, [])
         for child in children.values():
-            if len(child) > 1:
-                s, g = visit(child, depth + 1)
-                saved, groups = saved + s, groups + g
-        return (saved, groups) if saved > best[0] else best
+            s, g = visit(child, depth + 1) if len(child) > 1 else (0, [])
+            everything_deeper = (everything_deeper[0] + s, everything_deeper[1] + g)
+            # A subtree groups deeper when that saves more than its members would add to a
+            # group here (depth blocks each).
+            if s > len(child) * depth * block_size:
+                deeper, deeper_saved = deeper + g, deeper_saved + s
+            else:
+                here += child
+        saved_here = (len(here) - 1) * depth * block_size
+        mixed = (saved_here + deeper_saved, [(tuple(sorted(here)), depth)] + deeper) if (
+            depth > 0 and len(here) > 1 and saved_here >= min_saved) else (0, [])
+        return mixed if mixed[0] > everything_deeper[0] else everything_deeper
 
     return visit(list(range(len(rows))), 0)[1] if len(rows) > 1 else []
 

@@ -662,6 +662,9 @@ class PagedKVCache:
         window = self.window if window is None else window
         check_window(op, window)
         self._check_reads(op, seq_ids, seqs, counts, window)
+        decode = max(counts) == 1
+        if decode:  # a refused cascade=True raises here, before anything changes
+            self._cascade_window(op, [seq.lens[0] + 1 for seq in seqs], window, cascade)
         name = self._append_backend(backend)
         self._allocate(*self._plan(op, 0, seqs, counts), seqs)
         starts = [seq.lens[0] for seq in seqs]
@@ -674,7 +677,7 @@ class PagedKVCache:
         cu = [0]
         for t in counts:
             cu.append(cu[-1] + t)
-        shared = self._cascade(op, seqs, lens, window, cascade) if max(counts) == 1 else None
+        shared = self._cascade(op, seqs, lens, window, cascade) if decode else None
         return StepPlan(
             cache=self, seqs=tuple(seqs), versions=tuple(seq.version for seq in seqs),
             seq_ids=tuple(seq_ids),
@@ -745,29 +748,47 @@ class PagedKVCache:
         :meth:`plan`); True whenever a group shares a whole block; False never. Without a
         window only: windowed decode always runs per sequence."""
         op = "attention"
+        _check_cascade(op, cascade)
         k, v, tables, lens, (ks, vs) = self._layer_args(op, layer, seq_ids)
         window = self.window if window is None else window
-        check_window(op, window)
-        _, seqs = self._seq_list(op, seq_ids)
-        shared = self._cascade(op, seqs, [seq.lens[layer] for seq in seqs], window, cascade)
-        if shared is None:
-            return paged_attention(q, k, v, tables, lens, scale, window, ks, vs,
-                                   backend=backend, return_lse=return_lse)
+        # Checks every argument (q, scale, window) before anything runs.
         impl = _select_paged_attention(q, k, v, tables, lens, scale, window, ks, vs,
                                        backend=backend)
-        out, lse = shared.run(impl, q, k, v, normalize(q, scale, window)[0], ks, vs)
+        _, seqs = self._seq_list(op, seq_ids)
+        shared = self._cascade(op, seqs, [seq.lens[layer] for seq in seqs], window, cascade)
+        scale, window = normalize(q, scale, window)
+        if shared is None:
+            return impl.run(q, k, v, tables, lens, scale, window, ks, vs,
+                            return_lse=bool(return_lse))
+        out, lse = shared.run(impl, q, k, v, scale, ks, vs)
         return (out, lse) if return_lse else out
+
+    def _cascade_window(self, op, lens, window, cascade):
+        """Whether a decode attending to ``lens`` tokens may cascade under ``window``: it
+        may when the window covers every sequence (a query at position L - 1 reads positions
+        > L - 1 - window: all of them when L <= window). cascade=True with a window that cuts
+        into a sequence raises ValueError."""
+        if not window or max(lens, default=0) <= window:
+            return True
+        if cascade is True:
+            raise ValueError(f"{op}: cascade=True needs a window of at least every sequence's "
+                             f"length; got window {window} < {max(lens)} (a window that cuts "
+                             f"into the shared prefix changes what each sequence reads); use "
+                             f"cascade='auto' or False")
+        return False
 
     def _cascade(self, op, seqs, lens, window, cascade):
         """The :class:`frugal.cascade.CascadeDecode` of a decode over ``seqs`` attending to
-        ``lens`` tokens, or None: no group pays (``cascade`` "auto"), none shares a block
-        (True), cascade is off (False) or there is a window."""
+        ``lens`` tokens, or None: cascade is off (False), a window cuts into a sequence
+        ("auto"; True raises), no group pays under the rule of :mod:`frugal.cascade` ("auto")
+        or none shares a whole block (True)."""
         _check_cascade(op, cascade)
-        if cascade is False or window:
+        if cascade is False or not self._cascade_window(op, lens, window, cascade):
             return None
-        min_saved = _cascade.MIN_SAVED_TOKENS if cascade == "auto" else 1
         rows = [seq.blocks for seq in seqs]
-        groups = _cascade.cascade_groups(rows, lens, self.block_size, min_saved)
+        groups = _cascade.cascade_groups(rows, lens, self.block_size,
+                                         _cascade.min_saved_tokens(self) if cascade == "auto"
+                                         else 1)
         if not groups:
             return None
         return _cascade.CascadeDecode(groups, rows, lens, self.block_size, self.device)
