@@ -35,8 +35,9 @@ def test_groups_of_forks_and_the_trie_choice():
     # Row 3 holds 13 tokens: only its first 3 blocks are whole; with 12 tokens, 3 still.
     lens[3] = 12
     assert cas.cascade_groups(rows, lens, bs, min_saved=1) == [((0, 1, 2, 3), 3)]
-    # A group must save min_saved token reads.
+    # A group must save min_saved token reads and share min_prefix tokens.
     assert cas.cascade_groups(rows, lens, bs, min_saved=37) == []
+    assert cas.cascade_groups(rows, lens, bs, min_saved=1, min_prefix=13) == [((0, 1), 5)]
     # A -1 entry (a block given back) ends the shared run; a lone row forms no group.
     assert cas.cascade_groups([[-1, 1, 2], [-1, 1, 2]], [12, 12], bs, min_saved=1) == []
     assert cas.cascade_groups([[1, 2]], [8], bs, min_saved=1) == []
@@ -242,3 +243,26 @@ def test_cascade_argument_errors():
                                              rf"got {bad!r}"):
             cache.plan(["s"], cascade=bad)
     assert cache.seq_lens(["s"], 0).tolist() == [3]  # the refused plans changed nothing
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+def test_many_members_fold_many_heads(poison, backend):
+    # 12 members x 3 query heads per kv head: 36 folded heads per kv head, where the C++
+    # decode splits the work by kv head alone (8 kv heads: enough items for up to 2 threads,
+    # no partition merge) and runs items of many heads.
+    gen = torch.Generator().manual_seed(13)
+    cache = PagedKVCache(1, 64, 8, 8, 32, dtype=torch.float32)
+    cache.add_sequence(0)
+    k, v = torch.randn(2, 1, 43, 8, 32, generator=gen).unbind(0)
+    cache.append(0, [0], k, v)
+    ids = list(range(12))
+    for i in ids[1:]:
+        cache.fork(0, i)
+    for i in ids:
+        if i % 4:
+            k, v = torch.randn(2, 1, i % 4, 8, 32, generator=gen).unbind(0)
+            cache.append(0, [i], k, v)
+    q = torch.randn(12, 24, 32, generator=gen)
+    want, want_lse = expected(cache, q, ids)
+    got = cache.attention(q, 0, ids, backend=backend, return_lse=True, cascade=True)
+    check(got, want, want_lse, torch.float32)

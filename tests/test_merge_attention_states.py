@@ -181,3 +181,80 @@ def test_explain_and_empty_shapes():
     assert frugal.explain(frugal.merge_attention_states, o, s, o, s).backend == "torch"
     out, lse = frugal.merge_attention_states(o, s, o, s)
     assert out.shape == (0, 4, 8) and lse.shape == (0, 4)
+
+
+# ------------------------------------------------------------------------ the C++ in-place merge
+
+
+def cpp_merge():
+    op = getattr(torch.ops.frugal, "merge_attention_states_", None)
+    if op is None:
+        pytest.skip("frugal._C is not built")
+    return op
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_cpp_in_place_merge_with_rows_matches_the_union(poison, dtype):
+    # The cascade decode's merge: rows[i] of (out, lse) merges with row i of the other state;
+    # rows not named stay as they were. Odd sizes, a strided out_b, empty parts both ways.
+    merge = cpp_merge()
+    gen = torch.Generator().manual_seed(11)
+    (oa, la), (ob, lb), (want, want_lse) = split_case(37, 24, 19, 45, gen)
+    la, lb = la.float(), lb.float()
+    la[3] = -INF          # empty a: out b's row, bit for bit
+    lb[5] = -INF          # empty b: a's row unchanged
+    la[7] = lb[7] = -INF  # both empty: 0, -inf
+    rest = [i for i in torch.randperm(37, generator=gen).tolist() if i not in (3, 5, 7)]
+    rows = torch.tensor([5] + rest[:13] + [3, 7] + rest[13:27])
+    out = torch.randn(37, 24, generator=gen).to(dtype)
+    out[rows] = oa[rows].to(dtype)
+    out[rows[la[rows] == -INF]] = float("nan")  # an empty part's out must not be read
+    lse = torch.randn(37, generator=gen)
+    lse[rows] = la[rows]
+    keep_out, keep_lse = out.clone(), lse.clone()
+    wide = torch.full((30, 48), float("nan"), dtype=dtype)
+    out_b = wide[:, ::2]  # strided rows and columns
+    out_b.copy_(ob[rows].to(dtype))
+    out_b[lb[rows] == -INF] = float("nan")  # not read either
+    merge(out, lse, out_b, lb[rows].clone(), rows, None)
+    others = torch.ones(37, dtype=torch.bool)
+    others[rows] = False
+    assert torch.equal(out[others], keep_out[others]) and torch.equal(lse[others], keep_lse[others])
+    full = ~((la == -INF) | (lb == -INF))
+    sel = rows[full[rows]]
+    torch.testing.assert_close(out[sel].double(), want[sel], **TOL[dtype])
+    torch.testing.assert_close(lse[sel].double(), want_lse[sel], rtol=1e-6, atol=1e-5)
+    assert torch.equal(out[3], ob[3].to(dtype)) and lse[3] == lb[3]
+    assert torch.equal(out[5], keep_out[5]) and lse[5] == keep_lse[5]
+    assert torch.equal(out[7], torch.zeros_like(out[7])) and lse[7] == -INF
+
+
+def test_cpp_merge_agrees_with_the_public_op_including_nan_and_inf():
+    merge = cpp_merge()
+    gen = torch.Generator().manual_seed(12)
+    oa, ob = torch.randn(2, 40, 16, generator=gen).unbind(0)
+    la, lb = (torch.randn(2, 40, generator=gen) * 30).unbind(0)
+    la[0], lb[1], la[2], lb[2] = NAN, INF, -INF, 1e30
+    want, want_lse = frugal.merge_attention_states(oa, la, ob, lb)
+    out, lse = oa.clone(), la.clone()
+    merge(out, lse, ob, lb, None, None)
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+def test_cpp_merge_errors_name_the_argument():
+    merge = cpp_merge()
+    o, s = torch.zeros(4, 8), torch.zeros(4)
+    with pytest.raises(RuntimeError, match=r"rows\[1\] must be in \[0, 4\) \(rows of out\); "
+                                           r"got 9"):
+        merge(o, s, o[:2], s[:2], torch.tensor([0, 9]), None)
+    with pytest.raises(RuntimeError, match="rows_b must be a 1-d int64 CPU tensor; got Int"):
+        merge(o, s, o, s, None, torch.arange(4, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match=r"rows_b is None, so out_b must have at least 4 "
+                                           r"rows; got 2"):
+        merge(o, s, o[:2], s[:2], None, None)
+    with pytest.raises(RuntimeError, match="out_b must have out's dtype Float; got Half"):
+        merge(o, s, o.half(), s, None, None)
+    with pytest.raises(RuntimeError, match="lse and lse_b must be float32"):
+        merge(o, s, o, s.double(), None, None)
+    assert torch.equal(o, torch.zeros(4, 8)) and torch.equal(s, torch.zeros(4))  # untouched

@@ -769,7 +769,13 @@ struct Plan {
   int64_t max_heads = 0;
 };
 
-Plan plan_work(const std::vector<int64_t>& lo, const std::vector<int64_t>& hi, int64_t Hkv) {
+// With many query heads per kv head (G > kManyHeads: a cascade's prefix pass, its group's
+// queries folded into the heads), an item's work is compute, not memory: when one item per
+// sequence and kv head is enough work, the heads are split alone, sparing the partition merge.
+constexpr int64_t kManyHeads = 16;
+
+Plan plan_work(const std::vector<int64_t>& lo, const std::vector<int64_t>& hi, int64_t Hkv,
+               int64_t G) {
   const int64_t want = at::get_num_threads() * kMinItemsPerThread;
   int64_t active = 0, partitions = 0;
   for (size_t b = 0; b < hi.size(); ++b) {
@@ -777,7 +783,7 @@ Plan plan_work(const std::vector<int64_t>& lo, const std::vector<int64_t>& hi, i
     ++active;
     partitions += (hi[b] - lo[b] + kPartitionTokens - 1) / kPartitionTokens;
   }
-  const bool split = active < want;
+  const bool split = active < want && !(G > kManyHeads && active * Hkv >= want);
   const int64_t units = split ? partitions : active;
   const int64_t groups =
       units >= want ? 1 : std::min(Hkv, (want + units - 1) / std::max<int64_t>(units, 1));
@@ -955,7 +961,7 @@ std::tuple<at::Tensor, at::Tensor> paged_attention_impl(
     check_entries(op, block_tables, k_cache, shift, b, lo[b], len, window);
   }
 
-  const Plan plan = plan_work(lo, hi, Hkv);
+  const Plan plan = plan_work(lo, hi, Hkv, Hq / Hkv);
   dispatch_types(q.scalar_type(), k_cache.scalar_type(), [&](auto qt, auto ct) {
     paged_attention_typed<decltype(qt), decltype(ct)>(q, k_cache, v_cache, block_tables, shift,
                                                       plan, scale, k_scale, v_scale, out,

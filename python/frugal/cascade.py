@@ -21,14 +21,17 @@ decode reads them once per group, in three steps:
    suffix of length 0 has lse -inf and passes the prefix pass through unchanged.
 
 Both passes run the decode implementation the caller chose (any backend), without windows:
-a window that cuts into the prefix changes what each member reads, so windowed decode always
-runs per sequence.
+a window that cuts into a sequence changes what each member reads, so such a decode runs per
+sequence (PagedKVCache refuses ``cascade=True`` there); a window that covers every sequence
+changes nothing.
 
 Cost rule. The FLOPs are those of per-sequence decode; what changes is bytes: a group saves
 (n - 1) * P token reads of K and V per layer, for the price of one more decode call per
-distinct group size and a merge over the members' rows. A group is used when its saving is at
-least ``MIN_SAVED_TOKENS`` tokens (per layer); below that the extra calls cost about what they
-save. Groups are chosen to save many reads: the sequences' table rows form a trie of block
+distinct group size and a merge over the members' rows (on CPU tensors one C++ call,
+``frugal::merge_attention_states_``, in place with row indices). A group is used when its
+saving is at least ``MIN_SAVED_BYTES`` per layer (:func:`min_saved_tokens` in a cache's
+tokens) and its shared prefix holds at least ``MIN_PREFIX_BYTES`` (:func:`min_prefix_tokens`);
+below that the extra calls cost about what they save. Groups are chosen to save many reads: the sequences' table rows form a trie of block
 ids; at each node a subtree forms its own groups deeper when that saves more than its members
 would add to one group over the node's common blocks, and the node's group is kept when it
 saves more than handing every subtree down (greedy per node, not an exhaustive search).
@@ -38,21 +41,38 @@ import os
 
 import torch
 
+from . import _ext
 from .merge_attention_states import MERGE_ATTENTION_STATES
+
+# The C++ in-place merge with row indices (csrc/cpu/merge_states.cpp): one call, on the calling
+# thread for a decode's rows, where a dozen small PyTorch ops each open a parallel region.
+_CPU_MERGE = (torch.ops.frugal.merge_attention_states_
+              if _ext.ext() is not None and hasattr(torch.ops.frugal, "merge_attention_states_")
+              else None)
 
 # A group runs as a cascade only if it saves at least this many bytes of K and V reads per
 # layer ((n - 1) * P tokens of 2 * Hkv * D elements, with their int8 scales). The cascade's
 # extra work -- one more decode call per group size, the folded queries, a merge over the
-# members' rows -- costs a fixed amount per call, and it must not cost more than it saves.
-# SEE the README's measurement: on this CPU, that overhead is below the time to read this
-# many bytes, so smaller savings are left to the per-sequence decode.
+# members' rows -- costs a fixed amount per call. Measured on this 2-core CPU, one thread,
+# float32, Hq 32, Hkv 8, D 128, interleaved pairs: 2 sequences sharing 256 tokens (2 MiB
+# saved) 1.01x, 1024 (8 MiB) 1.08x, 4096 1.47x; 32 sharing 128 (31 MiB) 1.12x.
 MIN_SAVED_BYTES = 4 << 20
+# ... and only if its shared prefix holds at least this many bytes of K and V per layer: a
+# shorter prefix pass is too little work for its call's fixed cost (two threads, Hkv 8: 32
+# sequences sharing 128 tokens, 1 MiB, measured 0.5-0.9x; sharing 256 tokens 1.02x).
+MIN_PREFIX_BYTES = 2 << 20
 
 
 def token_bytes(cache):
     """Bytes of K and V (and their int8 scales) one token of one layer of ``cache`` holds."""
     item = cache.k_cache.element_size() + (4 if cache.k_scale is not None else 0) / cache.head_dim
     return int(2 * cache.num_kv_heads * cache.head_dim * item)
+
+
+def min_prefix_tokens(cache):
+    """The "auto" rule's least shared prefix for ``cache``: :data:`MIN_PREFIX_BYTES` in its
+    tokens."""
+    return -(-MIN_PREFIX_BYTES // token_bytes(cache))
 
 
 def min_saved_tokens(cache):
@@ -70,7 +90,7 @@ def _full_blocks(row, length, block_size):
         return k
 
 
-def cascade_groups(rows, lens, block_size, min_saved=1):
+def cascade_groups(rows, lens, block_size, min_saved=1, min_prefix=1):
     """The shared-prefix groups of a decode batch.
 
     Parameters
@@ -79,6 +99,7 @@ def cascade_groups(rows, lens, block_size, min_saved=1):
     lens : list of ints, the tokens each sequence attends to.
     block_size : int.
     min_saved : int, the least ``(n - 1) * P`` token reads a group must save.
+    min_prefix : int, the fewest shared tokens P a group may have.
 
     Returns
     -------
@@ -112,7 +133,8 @@ def cascade_groups(rows, lens, block_size, min_saved=1):
                 here += child
         saved_here = (len(here) - 1) * depth * block_size
         mixed = (saved_here + deeper_saved, [(tuple(sorted(here)), depth)] + deeper) if (
-            depth > 0 and len(here) > 1 and saved_here >= min_saved) else (0, [])
+            depth > 0 and len(here) > 1 and saved_here >= min_saved
+            and depth * block_size >= min_prefix) else (0, [])
         return mixed if mixed[0] > everything_deeper[0] else everything_deeper
 
     return visit(list(range(len(rows))), 0)[1] if len(rows) > 1 else []
@@ -133,6 +155,20 @@ class _Bucket:
         lens = [k * block_size for _, k in groups]
         self.lens = torch.tensor(lens, dtype=torch.int32).to(device)
         self.max_len = max(lens)
+        self._rows = {}
+
+    def fold_rows(self, hq, hkv):
+        """int64 [count * hq * size]: row ``members[i] * hq + h * G + g`` of the batch's q
+        [B * Hq, D] for folded head ``h * size * G + i * G + g`` of each group, group by group
+        (built on the first layer, then reused)."""
+        key = (hq, hkv)
+        if key not in self._rows:
+            g = hq // hkv
+            members = self.index.view(self.count, 1, self.size, 1)
+            heads = (torch.arange(hkv, device=self.index.device).view(1, hkv, 1, 1) * g
+                     + torch.arange(g, device=self.index.device).view(1, 1, 1, g))
+            self._rows[key] = (members * hq + heads).reshape(-1)
+        return self._rows[key]
 
 
 class CascadeDecode:
@@ -183,23 +219,27 @@ class CascadeDecode:
 
         B, Hq, D = q.shape
         hkv = k_cache.shape[2]
-        g = Hq // hkv
         out, lse = impl.run(q, k_cache, v_cache, self.suffix_tables, self.suffix_lens, scale, 0,
                             k_scale, v_scale, self.max_suffix_len,
                             ws("suffix", q, self.suffix_tables, self.max_suffix_len),
                             return_lse=True)
+        out, lse = out.contiguous(), lse.contiguous()
+        out_rows, lse_rows = out.view(B * Hq, D), lse.view(B * Hq)
+        q_rows = q.reshape(B * Hq, D)
         for bucket in self.buckets:
-            m, n = bucket.count, bucket.size
-            folded = (q.index_select(0, bucket.index).view(m, n, hkv, g, D).transpose(1, 2)
-                      .reshape(m, hkv * n * g, D))
+            rows = bucket.fold_rows(Hq, hkv)
+            folded = q_rows.index_select(0, rows).view(bucket.count, -1, D)
             o, s = impl.run(folded, k_cache, v_cache, bucket.tables, bucket.lens, scale, 0,
                             k_scale, v_scale, bucket.max_len,
-                            ws(f"prefix{n}", folded, bucket.tables, bucket.max_len),
+                            ws(f"prefix{bucket.size}", folded, bucket.tables, bucket.max_len),
                             return_lse=True)
-            o = o.view(m, hkv, n, g, D).transpose(1, 2).reshape(m * n, Hq, D)
-            s = s.view(m, hkv, n, g).transpose(1, 2).reshape(m * n, Hq)
-            o, s = self._merge.run(out.index_select(0, bucket.index),
-                                   lse.index_select(0, bucket.index), o, s)
-            out.index_copy_(0, bucket.index, o)
-            lse.index_copy_(0, bucket.index, s)
+            o, s = o.reshape(-1, D), s.reshape(-1)
+            if out.device.type == "cpu" and _CPU_MERGE is not None:
+                # In place, row rows[i] of the suffix state with row i of the prefix state.
+                _CPU_MERGE(out_rows, lse_rows, o, s, rows, None)
+            else:
+                mo, ms = self._merge.run(out_rows.index_select(0, rows),
+                                         lse_rows.index_select(0, rows), o, s)
+                out_rows.index_copy_(0, rows, mo)
+                lse_rows.index_copy_(0, rows, ms)
         return out, lse

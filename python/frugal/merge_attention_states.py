@@ -5,12 +5,19 @@ return such pairs with ``return_lse=True``."""
 
 import torch
 
-from . import reference
+from . import _ext, reference
 from .errors import DTypeError, ShapeError, check_dtype, check_same_device
 from .registry import Op
 
 _OP = "merge_attention_states"
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+if _ext.ext() is not None and hasattr(torch.ops.frugal, "merge_attention_states_"):
+
+    @torch.library.register_fake("frugal::merge_attention_states_")
+    def _merge_attention_states_fake(out, lse, out_b, lse_b, rows, rows_b):
+        return None
+
 
 # A few fused elementwise ops over [..., D]: PyTorch runs them at memory speed on every device.
 MERGE_ATTENTION_STATES = Op(_OP)

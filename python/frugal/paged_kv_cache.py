@@ -622,13 +622,15 @@ class PagedKVCache:
             :meth:`append` does.
         window : int or None; default the cache's window.
         backend : the backend of the plan's appends and attention ("auto" picks per device).
-        cascade : "auto" | True | False. A decode step (one token per sequence, no window)
-            whose sequences share leading blocks (forks, prefix-cache hits) can read each
+        cascade : "auto" | True | False. A decode step (one token per sequence, no window
+            shorter than a sequence) whose sequences share leading blocks (forks,
+            prefix-cache hits) can read each
             group's shared blocks once per layer instead of once per sequence: a prefix pass
             with the group's queries folded into the head dim, a per-sequence suffix pass and
             a merge (:mod:`frugal.cascade`; ``StepPlan.cascade`` names the groups). "auto"
             does so for the groups that save at least
-            :data:`frugal.cascade.MIN_SAVED_TOKENS` token reads ((n - 1) * shared tokens),
+            :data:`frugal.cascade.MIN_SAVED_BYTES` of K/V reads ((n - 1) * shared tokens)
+            and share at least :data:`frugal.cascade.MIN_PREFIX_BYTES`,
             True for every group sharing a whole block, False never.
 
         Raises CacheFullError (nothing changed) when too few blocks are free. The plan is
@@ -786,9 +788,10 @@ class PagedKVCache:
         if cascade is False or not self._cascade_window(op, lens, window, cascade):
             return None
         rows = [seq.blocks for seq in seqs]
+        auto = cascade == "auto"
         groups = _cascade.cascade_groups(rows, lens, self.block_size,
-                                         _cascade.min_saved_tokens(self) if cascade == "auto"
-                                         else 1)
+                                         _cascade.min_saved_tokens(self) if auto else 1,
+                                         _cascade.min_prefix_tokens(self) if auto else 1)
         if not groups:
             return None
         return _cascade.CascadeDecode(groups, rows, lens, self.block_size, self.device)
