@@ -266,3 +266,27 @@ def test_many_members_fold_many_heads(poison, backend):
     want, want_lse = expected(cache, q, ids)
     got = cache.attention(q, 0, ids, backend=backend, return_lse=True, cascade=True)
     check(got, want, want_lse, torch.float32)
+
+
+@pytest.mark.slow
+def test_cascade_plan_compiles_without_graph_breaks():
+    # A plan's per-layer call with a cascade, under torch.compile(fullgraph=True), from its
+    # first layer on (the folded-row indices are built then), the same as eager.
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(14)
+    cache = PagedKVCache(2, 32, 4, 2, 32, dtype=torch.float32)
+    cache.add_sequence(0)
+    for layer in range(2):
+        k, v = torch.randn(2, 1, 9, 2, 32, generator=gen).unbind(0)
+        cache.append(layer, [0], k, v)
+    cache.fork(0, 1)
+    cache.fork(0, 2)
+    plan = cache.plan([0, 1, 2], cascade=True)
+    assert plan.cascade.groups == (((0, 1, 2), 8),)
+    q = torch.randn(3, 4, 32, generator=gen)
+    k, v = torch.randn(2, 3, 2, 32, generator=gen).unbind(0)
+    compiled = torch.compile(lambda layer, q, k, v: plan.run(layer, q, k, v), fullgraph=True)
+    for layer in range(2):
+        got = compiled(layer, q, k, v)
+        want, _ = expected(cache, q, [0, 1, 2], layer)
+        torch.testing.assert_close(got.double(), want, **TOL[torch.float32])
