@@ -8,9 +8,10 @@ BUILT := $(VENV)/.frugal-built
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py pyproject.toml
 
 # The CUDA build of torch (runs on CPU; with nvcc it also builds the CUDA kernels) and the
-# triton it pins. Tools for tests and benchmarks besides.
+# triton it pins. Tools for tests and benchmarks besides, and transformers for
+# frugal.integrations.transformers (an optional dependency of frugal itself).
 REQUIREMENTS := torch==2.14.1 numpy ninja pybind11 "setuptools>=64" wheel pytest \
-	pytest-benchmark hypothesis matplotlib tqdm nvidia-cuda-cuobjdump
+	pytest-benchmark hypothesis matplotlib tqdm nvidia-cuda-cuobjdump "transformers>=5,<6"
 
 FLOOR_TRITON := $(shell sed -n 's/^FLOOR_TRITON = "\(.*\)".*/\1/p' python/frugal/check.py)
 FLOOR_DIR := build/floor-triton-$(FLOOR_TRITON)
@@ -73,7 +74,7 @@ $(BUILT): $(DEPS) $(SOURCES)
 # libstdc++ is preloaded too: ASan must find the real __cxa_throw when the Triton and torch
 # extensions throw C++ exceptions. detect_leaks=0: the interpreter frees nothing at exit.
 sanitize: $(DEPS)
-	FRUGAL_SANITIZE=1 $(PY) setup.py -q build --build-base $(SANITIZE_DIR) \
+	FRUGAL_SANITIZE=1 PYTHONSAFEPATH=1 $(PY) setup.py -q build --build-base $(SANITIZE_DIR) \
 		--build-lib $(SANITIZE_DIR)/lib
 	rm -rf $(SANITIZE_DIR)/log && mkdir -p $(SANITIZE_DIR)/log
 	$(SANITIZE_RUN) $(PY) -m pytest -q -p no:cacheprovider tests $(SANITIZE_SKIP); \

@@ -156,10 +156,13 @@ class BuildExt(BuildExtension):
 
 
 setup(
-    packages=["frugal", "frugal.bench", "frugal.kernels", "frugal.kernels.configs"],
+    packages=["frugal", "frugal.bench", "frugal.integrations", "frugal.integrations.transformers",
+              "frugal.kernels", "frugal.kernels.configs"],
     package_dir={
         "frugal": "python/frugal",
         "frugal.bench": "python/frugal/bench",
+        "frugal.integrations": "python/frugal/integrations",
+        "frugal.integrations.transformers": "python/frugal/integrations/transformers",
         "frugal.kernels": "kernels",
         "frugal.kernels.configs": "kernels/configs",
     },

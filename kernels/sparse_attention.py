@@ -82,7 +82,7 @@ from ._common import K_LN2, K_LOG2E, LOG2E
 from ._launch import aligned as _aligned
 from ._launch import head_block
 
-HEAD_DIMS = (32, 64, 96, 128, 256)
+HEAD_DIMS = tuple(range(8, 257, 8))  # D runs in a masked power-of-two BLOCK_D >= 32
 BLOCK_SIZES = (64, 128)  # mask block sizes the launchers accept (BQ and BK)
 FLAG_BAND, FLAG_PREFIX, FLAG_DOC, FLAG_BITS = 1, 2, 4, 8
 _INF = 1 << 30  # an unbounded band side: |k - q| never reaches it (block_mask.INF)
@@ -770,13 +770,29 @@ def _qkv_strides(q, k, v):
             v.stride(0), v.stride(1), v.stride(2)]
 
 
+# The kernels state D and every stride as multiples of 16 (their vector loads); other head
+# dims (multiples of 8) run zero-padded to the next multiple of 16: zero columns add nothing to
+# q.k, and the extra output columns are dropped (a copy in and out, O(N D) against O(N w D)).
+ALIGN_D = 16
+
+
+def _pad_d(*ts):
+    d = ts[0].shape[-1]
+    return [torch.nn.functional.pad(t, (0, -d % ALIGN_D)) for t in ts]
+
+
+def _unpad_d(t, d):
+    return t[..., :d].contiguous()
+
+
 def forward(q, k, v, layout, scale, *, config=None):
     """Block-sparse attention forward.
 
     Parameters
     ----------
     q : Tensor [B, Hq, Nq, D]; k, v : Tensor [B, Hkv, Nk, D]
-        fp16, bf16 or fp32, one dtype, Hq % Hkv == 0, D in HEAD_DIMS (already validated).
+        fp16, bf16 or fp32, one dtype, Hq % Hkv == 0, D in HEAD_DIMS (already validated;
+        D not a multiple of 16 runs zero-padded).
     layout : SparseLayout
         ``mask.layout(B, Hq, device)``.
     scale : float
@@ -790,6 +806,9 @@ def forward(q, k, v, layout, scale, *, config=None):
     lse : Tensor [B, Hq, Nq] fp32, natural log (-inf on such a row)
     """
     B, Hq, Nq, D = q.shape
+    if D % ALIGN_D:
+        out, lse = forward(*_pad_d(q, k, v), layout, scale, config=config)
+        return _unpad_d(out, D), lse
     Hkv, Nk = k.shape[1], k.shape[2]
     cfg = config or pick_config("fwd", q.dtype, D, layout.BQ, layout.BK, q.device)
     _check(layout, q, k, cfg["BLOCK_M"], cfg["BLOCK_N"])
@@ -816,6 +835,9 @@ def backward(dout, q, k, v, out, lse, layout, scale, *, configs_=None):
     dk / dv sum over the query heads of each kv head (GQA). A row with lse = -inf contributes
     nothing. ``configs_`` ({"pre", "bwd_dkdv", "bwd_dq": config}) overrides picked configs."""
     B, Hq, Nq, D = q.shape
+    if D % ALIGN_D:
+        grads = backward(*_pad_d(dout, q, k, v, out), lse, layout, scale, configs_=configs_)
+        return tuple(_unpad_d(g, D) for g in grads)
     Hkv, Nk = k.shape[1], k.shape[2]
     over = configs_ or {}
     c_dkdv = over.get("bwd_dkdv") or pick_config("bwd_dkdv", q.dtype, D, layout.BQ, layout.BK,

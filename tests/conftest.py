@@ -3,9 +3,16 @@ when there is a GPU (else those cases are skipped with a reason). Without a GPU,
 run under the interpreter (TRITON_INTERPRET=1) on CPU tensors."""
 
 import os
+import sys
 
 import pytest
 import torch
+
+# `python -m pytest` puts the working directory first on sys.path. From the repository root that
+# lets frugal's kernels/ folder (installed as frugal.kernels) hide the `kernels` package that
+# transformers 5 imports; nothing is imported from the root itself.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
@@ -70,6 +77,16 @@ def cpu_isa(request):
     mod.set_cpu_isa(request.param)
     yield request.param
     mod.set_cpu_isa(previous)
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: small models run many small ops, on which two OpenMP
+    threads of a shared 2-core machine mostly wait for each other (3x slower when loaded)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 __all__ = ["HAS_CUDA", "backends_for", "cpu_isas", "frugal"]

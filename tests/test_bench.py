@@ -379,6 +379,28 @@ def test_slope_targets_pass_and_fail():
         registry.SlopeTarget(candidate="linear")
 
 
+def test_checks_pass_fail_and_count_with_the_targets():
+    """A sweep's checks see the measured rows (and the device when they take it); a failed one
+    fails the run like a missed target, in the Markdown and the JSON record."""
+    def checks(rows, device):
+        slowest = max((r for r in rows if r.x == XS[-1]), key=lambda r: r.ms)
+        return [registry.Check("slowest is linear", slowest.candidate == "linear",
+                               f"{slowest.candidate} on {device.type}"),
+                registry.Check("rows per x", len(rows) == 3 * len(XS), f"{len(rows)}")]
+
+    run = _run(_synthetic(targets=(), checks=checks))
+    (result,) = run.results
+    assert [(c.name, c.passed) for c in result.checks] == [("slowest is linear", False),
+                                                          ("rows per x", True)]
+    assert not run.passed
+    md = run.markdown()
+    assert "synthetic: slowest is linear: quadratic on cpu: FAIL" in md
+    assert f"synthetic: rows per x: {3 * len(XS)}: PASS" in md
+    assert run.record()["sweeps"][0]["checks"][1] == {
+        "name": "rows per x", "passed": True, "measured": str(3 * len(XS))}
+    assert _run(_synthetic(targets=(), checks=lambda rows: [])).passed
+
+
 def test_flops_per_candidate_and_summary():
     sweep = _synthetic(flops=lambda x: {"linear": 1e6 * x, "dense": 4e6 * x},
                        summary=lambda rows: {"rows seen": len(rows)})
@@ -527,3 +549,55 @@ def test_cascade_sweeps_run_and_candidates_agree(name, monkeypatch):
     assert result.notes["auto chose"] == ("1: 5 sequences share 48 tokens; "
                                           "32: 5 sequences share 48 tokens")
     assert [v.target.x for v in result.verdicts] == [1, 32]
+
+
+def test_a_sweeps_own_timer_is_used_unless_run_is_given_one():
+    sweep = _synthetic(timer=lambda fn: 7.0, targets=(), nbytes=None, memory_bound=False)
+    own = bench.run([sweep], "cpu", progress=False, rounds=1)
+    assert {r.ms for r in own.results[0].rows} == {7.0}
+    given = bench.run([sweep], "cpu", timer=fake_timer, progress=False, rounds=1)
+    assert {r.ms for r in given.results[0].rows} != {7.0}
+
+
+# End-to-end generation (frugal.bench.generate)
+
+
+def test_generate_sweep_runs_and_records_tokens_and_kv_bytes(monkeypatch, one_thread):
+    # Every candidate generates once at two tiny token counts with a smaller model; frugal's
+    # greedy tokens must equal transformers', and its blocks waste at most block_size - 1 slots
+    # per sequence over the tokens they hold (all but each sequence's last sampled token).
+    pytest.importorskip("transformers", minversion="5")
+    from frugal.bench import generate
+
+    monkeypatch.setattr(generate, "MODEL", dict(generate.MODEL, hidden_size=64,
+                                                num_hidden_layers=2, vocab_size=256))
+    monkeypatch.setattr(generate, "MEAN_TOKENS", 96)
+    monkeypatch.setattr(generate, "NEW_TOKENS", 5)
+    monkeypatch.setattr(generate, "SYSTEM_TOKENS", 16)
+    generate._models.cache_clear()
+    (sweep,) = bench.sweeps(["generate"])
+    sweep = dataclasses.replace(sweep, xs=(200, 401), quick=(200, 401))
+    try:
+        run = bench.run([sweep], "cpu", quick=True, progress=False, rounds=1)
+    finally:
+        generate._models.cache_clear()
+    (result,) = run.results
+    assert {r.candidate for r in result.rows} == set(generate.CANDIDATES)
+    assert sum(map(len, generate.prompts_for(401))) + 4 * 5 == 401
+    assert result.notes["at 401"].startswith("4 sequences; prefix tokens reused ")
+    assert "frugal_int8_kv" in result.notes["KV bytes at 401"]
+    overheads = [float(s.split("(+")[1].split("%")[0])
+                 for s in result.notes["KV bytes at 401"].split(", ") if "(+" in s]
+    assert overheads and max(overheads) <= 100 * 4 * 15 / (401 - 4)
+    assert "frugal" in result.notes[
+        "KV bytes scaling exponent (slope of log bytes vs log tokens)"]
+    # The checks: tokens equal at both x; KV overhead per frugal candidate, decided against 5%
+    # (sequences of ~96 tokens waste up to 15 of them: above 5% here, below at 512 tokens).
+    checks = {c.name: c for c in result.checks}
+    tokens = checks["frugal's greedy tokens equal transformers' for every sequence"]
+    assert tokens.passed and tokens.measured == "200: 2/2, 401: 4/4"
+    kv = [c for name, c in checks.items() if name.endswith("of its tokens' at every tokens")]
+    assert len(kv) == 4 and run.passed == all(c.passed for c in result.checks)
+    for c in kv:
+        worst = max(float(p.split("+")[1].rstrip("%")) for p in c.measured.split(", "))
+        assert c.passed == (worst <= 5.0)

@@ -290,3 +290,24 @@ def test_cascade_plan_compiles_without_graph_breaks():
         got = compiled(layer, q, k, v)
         want, _ = expected(cache, q, [0, 1, 2], layer)
         torch.testing.assert_close(got.double(), want, **TOL[torch.float32])
+
+
+def test_a_windowed_copy_of_a_cascade_plan_runs_per_sequence(poison):
+    # The transformers integration copies a step's plan per layer window
+    # (dataclasses.replace(plan, window=w, ...)): a window that cuts into a sequence must not
+    # run the plan's cascade, which reads every token.
+    import dataclasses
+
+    gen = torch.Generator().manual_seed(15)
+    cache, ids = build(torch.float32, gen)
+    step = cache.plan(ids, cascade=True)
+    assert step.cascade is not None
+    k, v = torch.randn(2, len(ids), 2, 32, generator=gen).unbind(0)
+    step.append(0, k, v)
+    q = torch.randn(len(ids), 4, 32, generator=gen)
+    for window in (7, 1000):
+        copy = dataclasses.replace(step, window=window, _impls={}, _workspaces={})
+        kv = [gather(cache, s, 0) for s in ids]
+        want, want_lse = expected_decode(q, [x[-window:] for x, _ in kv],
+                                         [x[-window:] for _, x in kv], return_lse=True)
+        check(copy.attention(q, 0, return_lse=True), want, want_lse, torch.float32)

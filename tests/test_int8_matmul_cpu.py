@@ -36,7 +36,7 @@ def assert_exact(got, a, b, what):
 @pytest.mark.parametrize("K", [1, 3, 4, 5, 64, 67, 255, 1000])
 def test_int8_mm_exact(cpu_isa, poison, K):
     gen = torch.Generator().manual_seed(K)
-    for M, N in itertools.product([1, 2, 3, 5, 16, 17, 63, 130], [1, 7, 16, 33, 100]):
+    for M, N in itertools.product([1, 2, 3, 4, 5, 16, 17, 63, 130], [1, 7, 16, 33, 100]):
         a, b = rand_int8((M, K), gen), rand_int8((N, K), gen)
         assert_exact(ops.int8_mm(a, b), a, b, f"{cpu_isa} M={M} N={N} K={K}")
 
@@ -100,6 +100,31 @@ def test_int8_mm_non_contiguous(cpu_isa, poison):
             a, ops.int8_pack_weight(b), a_scale, b_scale, None, torch.float32
         )
         assert torch.equal(got, want)
+
+
+def test_few_rows_stream_b_unpacked(cpu_isa, poison):
+    # M <= 4 reads b's rows as they are (no packing): row strides other than K, N across
+    # several 64-column groups, K tails of every length, both thread counts; the results are
+    # the packed path's bits.
+    gen = torch.Generator().manual_seed(5)
+    threads = torch.get_num_threads()
+    try:
+        for n_threads, (M, N, K) in itertools.product([1, 2], [(1, 131, 77), (4, 200, 4100),
+                                                               (3, 65, 33), (2, 5, 191)]):
+            torch.set_num_threads(n_threads)
+            a = rand_int8((M, K + 3), gen)[:, 3:]
+            b = rand_int8((N, K + 9), gen)[:, 5:K + 5]
+            what = f"{cpu_isa} {n_threads} threads M={M} N={N} K={K}"
+            assert_exact(ops.int8_mm(a, b), a, b, what)
+            a_scale, b_scale = torch.rand(M, generator=gen), torch.rand(N, generator=gen)
+            got = ops.int8_scaled_mm(a, b, a_scale, b_scale, None, torch.float16)
+            packed = ops.int8_scaled_mm_packed(a, ops.int8_pack_weight(b.contiguous()), a_scale,
+                                               b_scale, None, torch.float16)
+            assert torch.equal(got, packed), what
+            assert torch.equal(got, reference.int8_scaled_mm(a, b, a_scale, b_scale, None,
+                                                             torch.float16)), what
+    finally:
+        torch.set_num_threads(threads)
 
 
 def scaled_inputs(M, N, K, gen, a_scalar, b_scalar, bias_dtype):

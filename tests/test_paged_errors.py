@@ -90,3 +90,38 @@ def test_meta_tables_cannot_be_validated():
         frugal.paged_attention(*meta)
     with pytest.raises(DeviceError, match="block_tables must be on k_cache's device"):
         frugal.paged_attention(q, k, v, tables.to("meta"), lens)
+
+
+def test_cpu_table_check_agrees_with_the_torch_check(monkeypatch):
+    """The numpy test of CPU tables (the fast path) flags exactly the tables the torch check
+    refuses: random tables, lengths, windows and q_lens, about half of them broken."""
+    from frugal import paged_ops
+
+    fast = paged_ops._cpu_tables_bad
+    gen = torch.Generator().manual_seed(3)
+    k_cache = torch.empty(6, 16, 1, 16)
+    seen = {True: 0, False: 0}
+    for trial in range(400):
+        B, width = (int(torch.randint(1, n, (1,), generator=gen)) for n in (4, 5))
+        tables = torch.randint(-2, 8, (B, width), generator=gen, dtype=torch.int32)
+        if trial % 2:
+            tables = tables.clamp(-1, 5)
+        lens = torch.randint(-1, width * 16 + 3, (B,), generator=gen, dtype=torch.int32)
+        window = [None, 1, 7, 40][trial % 4]
+        q_lens, rows = None, None
+        if trial % 3 == 0:
+            q_lens = torch.randint(-1, 20, (B,), generator=gen, dtype=torch.int32)
+            rows = int(q_lens.clamp(min=0).sum()) + (trial % 5 == 0)
+        if trial % 7 == 0:
+            tables = tables.t().contiguous().t() if B == width else tables[:, ::1]
+        bad = fast(tables, lens, 6, 16, window, q_lens, rows)
+        monkeypatch.setattr(paged_ops, "_cpu_tables_bad", lambda *a: True)  # the torch check
+        try:
+            paged_ops._check_table_contents("op", tables, lens, k_cache, window, q_lens, rows)
+            refused = False
+        except (frugal.errors.FrugalError, ValueError):
+            refused = True
+        monkeypatch.setattr(paged_ops, "_cpu_tables_bad", fast)
+        assert bad == refused, (tables, lens, window, q_lens, rows)
+        seen[bad] += 1
+    assert min(seen.values()) > 50, seen

@@ -188,9 +188,12 @@ def test_bad_input():
         sa(q, k, v, masks.causal(101, block_size=64))
     with pytest.raises(ShapeError, match="multiple of the number of k/v heads.*Hq=4 and Hkv=3"):
         sa(q, torch.randn(2, 3, n, 64), torch.randn(2, 3, n, 64), mask)
-    with pytest.raises(ShapeError, match=r"head_dim must be one of \(32, 64, 96, 128, 256\); "
-                                         r"got 48"):
-        sa(q[..., :48], k[..., :48], v[..., :48], mask)
+    with pytest.raises(ShapeError, match=r"head_dim must be a multiple of 8 in \[8, 256\]; "
+                                         r"got 44"):
+        sa(q[..., :44], k[..., :44], v[..., :44], mask)
+    with pytest.raises(ShapeError, match=r"head_dim must be a multiple of 8 in \[8, 256\]; "
+                                         r"got 264"):
+        sa(*(torch.randn(2, h, n, 264) for h in (4, 2, 2)), mask)
     with pytest.raises(DTypeError, match="same dtype"):
         sa(q, k.half(), v, mask)
     with pytest.raises(DTypeError, match="q must be float32, float16 or bfloat16"):

@@ -293,15 +293,17 @@ def test_builders_forward_backward(poison, name, Nq, Nk, bs):
     check_backward(q, k, v, dout, mask, layout, 0.125)
 
 
-@pytest.mark.parametrize("D", [32, 64, 96, 128, 256])
-@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("D,group", [
+    *((D, g) for D in (32, 64, 96, 128, 256) for g in (1, 2, 4)),
+    (8, 2), (24, 1), (48, 4), (80, 2), (112, 1), (120, 4), (192, 2)])
 def test_head_dims_and_gqa(cpu_isa, poison, D, group):
+    # Every multiple of 8: those not a multiple of 16 run zero-padded (csrc: padded_dim).
     Hkv = 2 if group < 4 else 1
     mask = masks.sliding_window(197, 90, block_size=64)
     layout = mask.layout(1, Hkv * group)
     q, k, v, dout = inputs(1, Hkv * group, Hkv, 197, 197, D, torch.float32, seed=D + group)
     check_forward(q, k, v, mask, layout, D**-0.5)
-    if D in (32, 128) or group == 2:
+    if D in (8, 32, 120, 128) or group == 2:
         check_backward(q, k, v, dout, mask, layout, D**-0.5)
 
 
@@ -374,7 +376,8 @@ def _args(layout, **over):
 
 
 @pytest.mark.parametrize("case,match", [
-    ("head_dim", "head dim must be one of 32, 64, 96, 128, 256; got 48"),
+    ("head_dim", "head dim must be a multiple of 8 in \\[8, 256\\]; got 44"),
+    ("head_dim_big", "head dim must be a multiple of 8 in \\[8, 256\\]; got 264"),
     ("heads", "must be a multiple of k's"),
     ("dtype", "k and v must have q's dtype"),
     ("kv_idx", r"kv_idx\[0, 0, 0, 0\] must be a block index in \[0, 4\); got 9"),
@@ -391,7 +394,9 @@ def test_errors(case, match):
     q, k, v, _ = inputs(1, 2, 2, N, N, 64, torch.float32)
     over = {}
     if case == "head_dim":
-        q, k, v = q[..., :48], k[..., :48], v[..., :48]
+        q, k, v = q[..., :44], k[..., :44], v[..., :44]
+    elif case == "head_dim_big":
+        q, k, v = (torch.randn(1, 2, N, 264) for _ in range(3))
     elif case == "heads":
         q = torch.randn(1, 3, N, 64)
         layout = frugal.BlockMask.from_dense(torch.rand(N, N) < 0.5, block_size=64).layout(1, 3)

@@ -310,7 +310,9 @@ def test_all_rows_empty(sa, poison):
 # ----------------------------------------------------------------------------- shapes, layouts
 
 @pytest.mark.parametrize("d,dtype", [(96, torch.float16), (128, torch.float16),
-                                     (64, torch.float32), (128, torch.float32)])
+                                     (64, torch.float32), (128, torch.float32),
+                                     (8, torch.float32), (80, torch.float16),
+                                     (120, torch.float32), (192, torch.float16)])
 def test_head_dims(sa, poison, d, dtype):
     mask = masks.sliding_window(90, 50, 75, block_size=64)
     run_case(sa, mask, 1, 2, 1, d, dtype, seed=d)

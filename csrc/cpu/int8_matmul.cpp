@@ -1,8 +1,8 @@
 // int8 GEMMs on the CPU: int8_mm, int8_scaled_mm (+ packed weight), int8_dynamic_linear_packed
 // (Int8Linear's W8A8 forward) and int8_weight_only_mm.
 //
-// Every int8 GEMM runs on the packed weight below (the unpacked ops pack each group of b as
-// they reach it), one format for every ISA path, so a buffer packed under one ISA level works
+// Every int8 GEMM of more than kStreamMaxRows rows runs on the packed weight below (the
+// unpacked ops pack each group of b as they reach it; fewer rows stream b as it is), one format for every ISA path, so a buffer packed under one ISA level works
 // under any other. The rows of a are first written as the tiles read them (the fused op
 // quantizes float rows straight into that form). The work is split into tasks of up to 4
 // groups of 64 columns times a block of rows; for each block of K, every row tile of the task
@@ -367,8 +367,70 @@ using PackRowsFn =
     c10::function_ref<void(int64_t begin, int64_t end, PackAFn pack_a, uint8_t* dst,
                            int64_t ld_dst)>;
 
+using StreamFn = void (*)(const int8_t* a, int64_t lda, int mw, const int8_t* b, int64_t ldb,
+                         int nw, int64_t K, int32_t* sums);
+
+#if FRUGAL_X86
+template <template <int, int> class Tile>
+void stream_tiles(const int8_t* a, int64_t lda, int mw, const int8_t* b, int64_t ldb, int nw,
+                  int64_t K, int32_t* sums) {
+  call_mw_nw<Tile, kStreamMaxRows>(mw, nw, a, lda, b, ldb, K, sums);
+}
+#endif
+
+// gemm for M <= kStreamMaxRows rows of a over the rows of b [N, K] as they are: packing b
+// would read and write it once more than the multiply-adds read it. The int32 sums are exact,
+// and the same epilogue writes them, so the result is bit-identical to the packed path's.
+void gemm_stream(int64_t M, const Weight& w, const Epilogue& epi, PackRowsFn pack_rows) {
+  const PackedDims& d = w.d;
+  const Isa isa = current_isa();
+  const IsaKernels ker = kernels_for(isa);
+  const int64_t lda = 4 * d.K4;
+  std::vector<int8_t> a(std::max<int64_t>(M * lda, 1));
+  pack_rows(0, M, &pack_a_signed, reinterpret_cast<uint8_t*>(a.data()), lda);
+  StreamFn fn = &stream_scalar;
+  uint32_t corr[kStreamMaxRows] = {};  // VNNI: 128 * sum_k a[m, k], subtracted (mod 2^32)
+#if FRUGAL_X86
+  if (isa >= Isa::kAvx512Vnni) {
+    fn = &stream_tiles<StreamTileVnni>;
+    for (int64_t m = 0; m < M; ++m) {
+      int64_t s = 0;
+      for (int64_t k = 0; k < d.K; ++k) s += a[m * lda + k];
+      corr[m] = static_cast<uint32_t>(128 * s);
+    }
+  } else if (isa >= Isa::kAvx512) {
+    fn = &stream_tiles<StreamTileAvx512>;
+  } else if (isa >= Isa::kAvx2) {
+    fn = &stream_tiles<StreamTileAvx2>;
+  }
+#endif
+  const int64_t groups = ceil_div(d.N, kGroupCols);
+  const int64_t grain =
+      std::max<int64_t>(1, (int64_t{1} << 16) / (kGroupCols * std::max<int64_t>(d.K, 1)));
+  at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
+    alignas(64) int32_t tile[kStreamMaxRows * kGroupCols];
+    int32_t sums[kStreamMaxRows * kStreamCols];
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t n0 = g * kGroupCols;
+      const int nc = static_cast<int>(std::min<int64_t>(kGroupCols, d.N - n0));
+      for (int c = 0; c < nc; c += kStreamCols) {
+        const int nw = static_cast<int>(std::min<int64_t>(kStreamCols, nc - c));
+        fn(a.data(), lda, static_cast<int>(M), w.rows + (n0 + c) * w.ldb, w.ldb, nw, d.K, sums);
+        for (int64_t r = 0; r < M; ++r) {
+          for (int j = 0; j < nw; ++j) {
+            tile[r * kGroupCols + c + j] =
+                static_cast<int32_t>(static_cast<uint32_t>(sums[r * nw + j]) - corr[r]);
+          }
+        }
+      }
+      ker.epilogue(tile, static_cast<int>(M), 0, n0, nc, epi);
+    }
+  });
+}
+
 // out[m, n] = epilogue((a @ b^T)[m, n]) for the M rows of a that pack_rows writes.
 void gemm(int64_t M, const Weight& w, const Epilogue& epi, PackRowsFn pack_rows) {
+  if (w.rows != nullptr && M <= kStreamMaxRows) return gemm_stream(M, w, epi, pack_rows);
   const PackedDims& d = w.d;
   const IsaKernels ker = kernels_for(current_isa());
   const int64_t K4 = d.K4;

@@ -684,4 +684,198 @@ inline void weight_only_avx2(const WeightOnlyArgs& p, int64_t n_begin, int64_t n
 
 #endif  // FRUGAL_X86
 
+// ---------------------------------------------------------------------------------------------
+// int8 x int8 for few rows of a over the row-major b [N, K] (no packing): each thread streams
+// its rows of b once. sums[r * NW + j] = sum_k a[r][k] b[j][k], exact in int32 (wrapping on
+// the way, as the tiles do). a: signed rows at stride lda, readable (zero-padded) up to
+// 4 * ceil(K / 4) bytes; b: K bytes per row.
+//   VNNI      vpdpbusd with b ^ 0x80 = b + 128 as the unsigned operand and a signed: the raw
+//             sums are over (b + 128) a; the caller subtracts 128 * sum_k a[r][k].
+//   AVX-512,  32 (16) bytes sign-extended to int16 and multiplied with vpmaddwd.
+//   AVX2
+// ---------------------------------------------------------------------------------------------
+
+constexpr int64_t kStreamMaxRows = 4;  // M up to this reads b unpacked
+constexpr int64_t kStreamCols = 4;     // rows of b per tile
+
+inline void stream_scalar(const int8_t* a, int64_t lda, int mw, const int8_t* b, int64_t ldb,
+                          int nw, int64_t K, int32_t* sums) {
+  for (int r = 0; r < mw; ++r) {
+    for (int j = 0; j < nw; ++j) {
+      uint32_t s = 0;  // wraps as the vector paths do; the result fits
+      for (int64_t k = 0; k < K; ++k) {
+        s += static_cast<uint32_t>(int32_t{a[r * lda + k]} * int32_t{b[j * ldb + k]});
+      }
+      sums[r * nw + j] = static_cast<int32_t>(s);
+    }
+  }
+}
+
+#if FRUGAL_X86
+
+template <int MW, int NW>
+struct StreamTileVnni {
+  FRUGAL_TARGET_AVX512_VNNI __attribute__((always_inline)) static inline void step(
+      __m512i (&acc)[MW][NW], const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb,
+      __mmask64 mask) {
+    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+    __m512i w[NW];
+#pragma GCC unroll 4
+    for (int j = 0; j < NW; ++j) w[j] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, b + j * ldb), flip);
+#pragma GCC unroll 4
+    for (int r = 0; r < MW; ++r) {
+      const __m512i av = _mm512_maskz_loadu_epi8(mask, a + r * lda);
+#pragma GCC unroll 4
+      for (int j = 0; j < NW; ++j) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], w[j], av);
+    }
+  }
+
+  FRUGAL_TARGET_AVX512_VNNI static void run(const int8_t* a, int64_t lda, const int8_t* b,
+                                            int64_t ldb, int64_t K, int32_t* sums) {
+    __m512i acc[MW][NW];
+#pragma GCC unroll 4
+    for (int r = 0; r < MW; ++r) {
+#pragma GCC unroll 4
+      for (int j = 0; j < NW; ++j) acc[r][j] = _mm512_setzero_si512();
+    }
+    int64_t k = 0;
+    if constexpr (MW * NW <= 8) {
+      // Few accumulators: a second set, so that consecutive vpdpbusd into one register (4-5
+      // cycles apart) do not bound the loop.
+      __m512i acc2[MW][NW];
+#pragma GCC unroll 4
+      for (int r = 0; r < MW; ++r) {
+#pragma GCC unroll 4
+        for (int j = 0; j < NW; ++j) acc2[r][j] = _mm512_setzero_si512();
+      }
+      for (; k + 128 <= K; k += 128) {
+#pragma GCC unroll 4
+        for (int j = 0; j < NW; ++j) {
+          _mm_prefetch(reinterpret_cast<const char*>(b + (NW + j) * ldb + k), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(b + (NW + j) * ldb + k + 64), _MM_HINT_T0);
+        }
+        step(acc, a + k, lda, b + k, ldb, ~__mmask64{0});
+        step(acc2, a + k + 64, lda, b + k + 64, ldb, ~__mmask64{0});
+      }
+#pragma GCC unroll 4
+      for (int r = 0; r < MW; ++r) {
+#pragma GCC unroll 4
+        for (int j = 0; j < NW; ++j) acc[r][j] = _mm512_add_epi32(acc[r][j], acc2[r][j]);
+      }
+    }
+    for (; k + 64 <= K; k += 64) {
+#pragma GCC unroll 4
+      for (int j = 0; j < NW; ++j) {
+        _mm_prefetch(reinterpret_cast<const char*>(b + (NW + j) * ldb + k), _MM_HINT_T0);
+      }
+      step(acc, a + k, lda, b + k, ldb, ~__mmask64{0});
+    }
+    if (k < K) step(acc, a + k, lda, b + k, ldb, (__mmask64{1} << (K - k)) - 1);
+#pragma GCC unroll 4
+    for (int r = 0; r < MW; ++r) {
+#pragma GCC unroll 4
+      for (int j = 0; j < NW; ++j) sums[r * NW + j] = _mm512_reduce_add_epi32(acc[r][j]);
+    }
+  }
+};
+
+template <int MW, int NW>
+struct StreamTileAvx512 {
+  FRUGAL_TARGET_AVX512 __attribute__((always_inline)) static inline void step(
+      __m512i (&acc)[MW][NW], const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb,
+      __mmask32 mask) {
+    __m512i w[NW];
+#pragma GCC unroll 4
+    for (int j = 0; j < NW; ++j) w[j] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, b + j * ldb));
+#pragma GCC unroll 4
+    for (int r = 0; r < MW; ++r) {
+      const __m512i av = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, a + r * lda));
+#pragma GCC unroll 4
+      for (int j = 0; j < NW; ++j) {
+        acc[r][j] = _mm512_add_epi32(acc[r][j], _mm512_madd_epi16(av, w[j]));
+      }
+    }
+  }
+
+  FRUGAL_TARGET_AVX512 static void run(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb,
+                                       int64_t K, int32_t* sums) {
+    __m512i acc[MW][NW];
+#pragma GCC unroll 4
+    for (int r = 0; r < MW; ++r) {
+#pragma GCC unroll 4
+      for (int j = 0; j < NW; ++j) acc[r][j] = _mm512_setzero_si512();
+    }
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+#pragma GCC unroll 4
+      for (int j = 0; j < NW; ++j) {
+        _mm_prefetch(reinterpret_cast<const char*>(b + (NW + j) * ldb + k), _MM_HINT_T0);
+      }
+      step(acc, a + k, lda, b + k, ldb, ~__mmask32{0});
+      step(acc, a + k + 32, lda, b + k + 32, ldb, ~__mmask32{0});
+    }
+    for (; k < K; k += 32) {
+      const __mmask32 mask = K - k >= 32 ? ~__mmask32{0} : (__mmask32{1} << (K - k)) - 1;
+      step(acc, a + k, lda, b + k, ldb, mask);
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < MW; ++r) {
+#pragma GCC unroll 4
+      for (int j = 0; j < NW; ++j) sums[r * NW + j] = _mm512_reduce_add_epi32(acc[r][j]);
+    }
+  }
+};
+
+template <int MW, int NW>
+struct StreamTileAvx2 {
+  FRUGAL_TARGET_AVX2 __attribute__((always_inline)) static inline void step(
+      __m256i (&acc)[MW][NW], const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb) {
+    __m256i w[NW];
+#pragma GCC unroll 4
+    for (int j = 0; j < NW; ++j) {
+      w[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + j * ldb)));
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < MW; ++r) {
+      const __m256i av =
+          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + r * lda)));
+#pragma GCC unroll 4
+      for (int j = 0; j < NW; ++j) {
+        acc[r][j] = _mm256_add_epi32(acc[r][j], _mm256_madd_epi16(av, w[j]));
+      }
+    }
+  }
+
+  FRUGAL_TARGET_AVX2 static void run(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb,
+                                     int64_t K, int32_t* sums) {
+    __m256i acc[MW][NW];
+#pragma GCC unroll 4
+    for (int r = 0; r < MW; ++r) {
+#pragma GCC unroll 4
+      for (int j = 0; j < NW; ++j) acc[r][j] = _mm256_setzero_si256();
+    }
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) step(acc, a + k, lda, b + k, ldb);
+    if (k < K) {
+      // The tail through zero-padded copies, as one more full step.
+      int8_t bt[NW][16] = {}, at[MW][16] = {};
+      for (int j = 0; j < NW; ++j) std::memcpy(bt[j], b + j * ldb + k, K - k);
+      for (int r = 0; r < MW; ++r) std::memcpy(at[r], a + r * lda + k, K - k);
+      step(acc, &at[0][0], 16, &bt[0][0], 16);
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < MW; ++r) {
+#pragma GCC unroll 4
+      for (int j = 0; j < NW; ++j) {
+        const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(acc[r][j]),
+                                        _mm256_extracti128_si256(acc[r][j], 1));
+        const __m128i q = _mm_add_epi32(h, _mm_unpackhi_epi64(h, h));
+        sums[r * NW + j] = _mm_cvtsi128_si32(_mm_add_epi32(q, _mm_shuffle_epi32(q, 1)));
+      }
+    }
+  }
+};
+
+#endif  // FRUGAL_X86
+
 }  // namespace frugal::cpu::int8_kernels

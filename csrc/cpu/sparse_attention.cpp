@@ -37,6 +37,7 @@
 // flattening wrappers compile for AVX2 (or the baseline), so the compiler vectorizes it.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/sum.h>
@@ -49,6 +50,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <memory>
 #include <numeric>
@@ -638,8 +640,9 @@ Geometry check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
               k.sizes(), " and ", v.sizes());
   TORCH_CHECK(g.Hkv >= 1 && g.Hq % g.Hkv == 0, op, ": q's head count ", g.Hq,
               " must be a multiple of k's ", g.Hkv);
-  TORCH_CHECK(g.D == 32 || g.D == 64 || g.D == 96 || g.D == 128 || g.D == 256, op,
-              ": head dim must be one of 32, 64, 96, 128, 256; got ", g.D);
+  // The kernels take 16 columns at a time; the ops pad other multiples of 8 (padded_dim).
+  TORCH_CHECK(g.D % 16 == 0 && g.D >= 16 && g.D <= 256, op,
+              ": head dim must be a multiple of 8 in [8, 256]; got ", g.D);
   TORCH_CHECK(BQ >= 16 && BQ <= 256 && BQ % 16 == 0, op,
               ": BQ must be a multiple of 16 in [16, 256]; got ", BQ);
   TORCH_CHECK(BK >= 16 && BK <= 256 && BK % 16 == 0, op,
@@ -770,7 +773,7 @@ void dispatch_float(at::ScalarType t, F&& f) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cpu(
+std::tuple<at::Tensor, at::Tensor> fwd_kernel(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::TensorList layout,
     at::IntArrayRef layout_ints, double scale) {
   constexpr const char* op = "sparse_attention_fwd";
@@ -857,7 +860,7 @@ void block_grads(const BwdData& p, int64_t b, const QSide& s, const float* kh, c
   p.kern.probs_grad(st, dpt, pt, BQp, kn, s.lse, s.delta);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_kernel(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, at::TensorList layout,
     at::IntArrayRef layout_ints, double scale) {
@@ -1017,6 +1020,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpu(
     });
   });
   return {dq, dk, dv};
+}
+
+// Head dims that are a multiple of 8 but not of 16: the register tiles take 16 columns at a
+// time, so q, k, v (and dout, out) get zero columns up to the next multiple of 16 (they add
+// nothing to q.k), and the extra output columns are dropped: O(N D) copies against the
+// O(N w D) work. Anything else goes to the kernels as it is, and their checks.
+bool needs_padding(std::initializer_list<const at::Tensor*> ts) {
+  const at::Tensor& q = **ts.begin();
+  if (q.dim() != 4 || q.size(3) % 8 != 0 || q.size(3) % 16 == 0 || q.size(3) > 256) return false;
+  for (const at::Tensor* t : ts) {
+    if (t->dim() != 4 || t->size(3) != q.size(3)) return false;
+  }
+  return true;
+}
+
+at::Tensor pad_d(const at::Tensor& x) { return at::constant_pad_nd(x, {0, 8}, 0); }
+
+at::Tensor unpad_d(const at::Tensor& x) { return x.narrow(3, 0, x.size(3) - 8).contiguous(); }
+
+std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::TensorList layout,
+    at::IntArrayRef layout_ints, double scale) {
+  if (!needs_padding({&q, &k, &v})) return fwd_kernel(q, k, v, layout, layout_ints, scale);
+  auto [out, lse] = fwd_kernel(pad_d(q), pad_d(k), pad_d(v), layout, layout_ints, scale);
+  return {unpad_d(out), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, at::TensorList layout,
+    at::IntArrayRef layout_ints, double scale) {
+  if (!needs_padding({&q, &k, &v, &dout, &out})) {
+    return bwd_kernel(dout, q, k, v, out, lse, layout, layout_ints, scale);
+  }
+  auto [dq, dk, dv] = bwd_kernel(pad_d(dout), pad_d(q), pad_d(k), pad_d(v), pad_d(out), lse,
+                                 layout, layout_ints, scale);
+  return {unpad_d(dq), unpad_d(dk), unpad_d(dv)};
 }
 
 }  // namespace

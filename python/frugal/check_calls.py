@@ -215,6 +215,13 @@ def sparse():
                     v = torch.randn(1, 2, n, D, dtype=dtype)
                     _sparse_call(f"sparse_attention {mask_name} block={block} {_name(dtype)} "
                                  f"D={D}", q, k, v, mask)
+    # Other multiples of 8: a masked BLOCK_D, row strides that are not multiples of 16 (8, 120).
+    # The rule flags do not depend on D, so one mask covers them.
+    mask = frugal.masks.causal(n, block_size=64)
+    for dtype in _FLOATS:
+        for D in (8, 80, 120, 192):
+            q, k, v = (torch.randn(1, h, n, D, dtype=dtype) for h in (4, 2, 2))
+            _sparse_call(f"sparse_attention causal block=64 {_name(dtype)} D={D}", q, k, v, mask)
 
 
 def run(families=FAMILIES):

@@ -965,7 +965,10 @@ class StepPlan:
         ks, vs = cache._scales(layer)
         kc, vc = cache.k_cache[layer], cache.v_cache[layer]
         scale, window = normalize(rows, scale, self.window)
-        if self.decode and self.cascade is not None:
+        # A copy of the plan with a window that cuts into a sequence (a layer with its own
+        # window: dataclasses.replace) runs per sequence: the cascade reads everything.
+        if self.decode and self.cascade is not None and (
+                not self.window or self.max_seq_len <= self.window):
             out, lse = self.cascade.run(
                 impl, rows, kc, vc, scale, ks, vs,
                 lambda tag, x, tables, max_len: self._workspace(impl.backend, x, tables, max_len,

@@ -18,7 +18,7 @@ from .registry import Op, cpp_kernel
 
 __all__ = ["sparse_attention", "HEAD_DIMS"]
 
-HEAD_DIMS = (32, 64, 96, 128, 256)
+HEAD_DIMS = tuple(range(8, 257, 8))  # every multiple of 8 up to 256 (FlashAttention's rule)
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _OP = "sparse_attention"
 
@@ -126,7 +126,7 @@ def _check(q, k, v, mask, scale):
         raise ShapeError(f"{_OP}: q and k must have the same head_dim; got {d} and "
                          f"{k.shape[3]}")
     if d not in HEAD_DIMS:
-        raise ShapeError(f"{_OP}: head_dim must be one of {HEAD_DIMS}; got {d}")
+        raise ShapeError(f"{_OP}: head_dim must be a multiple of 8 in [8, 256]; got {d}")
     hkv = k.shape[1]
     if hkv == 0 or hq % hkv != 0:
         raise ShapeError(f"{_OP}: the number of q heads must be a multiple of the number of k/v "
@@ -193,8 +193,8 @@ def sparse_attention(q, k, v, mask, scale=None, return_lse=False, *, backend="au
     ----------
     q : Tensor [B, Hq, Nq, D]; k, v : Tensor [B, Hkv, Nk, D]
         Same dtype (float32, float16 or bfloat16) and device, any strides. Hq must be a
-        multiple of Hkv (GQA/MQA: query head h reads kv head ``h // (Hq // Hkv)``); D one of
-        :data:`HEAD_DIMS`.
+        multiple of Hkv (GQA/MQA: query head h reads kv head ``h // (Hq // Hkv)``); D a
+        multiple of 8 up to 256 (:data:`HEAD_DIMS`).
     mask : BlockMask
         Built for (Nq, Nk) (see :mod:`frugal.masks`); its batch and head dims are 1 or B, Hq.
     scale : float, default ``D ** -0.5``

@@ -37,16 +37,18 @@ log-log plot per sweep.
 
 from . import builtin  # noqa: F401  (registers the built-in sweeps)
 from . import cascade  # noqa: F401  (registers the shared-prefix decode sweep)
+from . import generate  # noqa: F401  (registers end-to-end generation, transformers models)
 from . import gpu  # noqa: F401  (registers the GPU-only sweeps of frugal gpu-check)
 from . import paged  # noqa: F401  (registers the paged decode attention sweeps)
 from . import sparse  # noqa: F401  (registers the block-sparse attention sweeps)
-from .registry import SlopeTarget, Sweep, Target, register, sweep, sweeps
+from .registry import Check, SlopeTarget, Sweep, Target, register, sweep, sweeps
 from .runner import (BenchRun, Row, SlopeVerdict, SweepResult, Verdict, environment, fit_slope,
                      run)
 from .timing import copy_bandwidth, default_timer, read_bandwidth, time_cpu, time_cuda
 
 __all__ = [
     "BenchRun",
+    "Check",
     "Row",
     "SlopeTarget",
     "SlopeVerdict",

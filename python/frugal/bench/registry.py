@@ -49,6 +49,17 @@ class SlopeTarget:
                              f"both; got neither")
 
 
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """A claim about what a sweep measured besides time (bytes held against bytes needed,
+    tokens equal to the baseline's, ...), decided by the sweep's ``checks``: ``name`` says the
+    claim, ``measured`` the figures that decided it."""
+
+    name: str
+    passed: bool
+    measured: str
+
+
 @dataclasses.dataclass
 class Sweep:
     """One op's candidates timed over a range of token counts.
@@ -85,10 +96,17 @@ class Sweep:
         Bounds on scaling exponents the run checks likewise.
     summary : callable ``rows -> dict`` or ``(rows, device) -> dict``, optional
         Facts derived from the measured rows (a break-even point, ...), added to the notes.
+    checks : callable ``rows -> [Check]`` or ``(rows, device) -> [Check]``, optional
+        Claims about what the candidates measured besides time; the run prints a PASS/FAIL
+        line for each and counts them with the targets.
     description : str
         One line for ``frugal bench --list``.
     devices : tuple of str
         Device types the sweep runs on (a plain ``frugal bench`` skips it elsewhere).
+    timer : callable ``fn -> milliseconds``, optional
+        Times this sweep's candidates instead of the device's default timer: an end-to-end
+        sweep whose one call runs for seconds times a single call. A timer given to
+        :func:`~frugal.bench.run` still takes precedence.
     """
 
     name: str
@@ -107,8 +125,10 @@ class Sweep:
     targets: Tuple[Target, ...] = ()
     slope_targets: Tuple[SlopeTarget, ...] = ()
     summary: Optional[Callable] = None
+    checks: Optional[Callable] = None
     description: str = ""
     devices: Tuple[str, ...] = ("cpu", "cuda")
+    timer: Optional[Callable] = None
 
     def __post_init__(self):
         for field in ("xs", "quick"):

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 from tqdm import tqdm
 
-from .registry import SlopeTarget, Sweep, Target
+from .registry import Check, SlopeTarget, Sweep, Target
 from .timing import copy_fn, default_timer
 
 
@@ -84,6 +84,7 @@ class SweepResult:
     slope_verdicts: List[SlopeVerdict] = dataclasses.field(default_factory=list)
     # Memory-bound sweeps: the copy bandwidth each x's copy fractions are against (GB/s).
     copy_by_x: Dict[int, float] = dataclasses.field(default_factory=dict)
+    checks: List[Check] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -96,8 +97,9 @@ class BenchRun:
 
     @property
     def passed(self):
-        """Whether every target checked in this run was met."""
-        return all(v.passed for r in self.results for v in r.verdicts + r.slope_verdicts)
+        """Whether every target and check of this run was met."""
+        return all(v.passed for r in self.results
+                   for v in r.verdicts + r.slope_verdicts + r.checks)
 
     def markdown(self):
         """The results as Markdown: per sweep a table, the scaling exponents, the verdicts;
@@ -205,7 +207,8 @@ def run(sweeps, device=None, *, quick=False, timer=None, copy_gbps=None, progres
     quick : bool
         Use each sweep's ``quick`` token counts instead of ``xs``.
     timer : callable ``fn -> milliseconds``, optional
-        Defaults to :func:`~frugal.bench.timing.default_timer` for the device.
+        For every sweep; by default a sweep's own ``timer``, else
+        :func:`~frugal.bench.timing.default_timer` for the device.
     copy_gbps : float, optional
         The device's copy bandwidth, for every x of every memory-bound sweep. When None it is
         measured: at each x of a memory-bound sweep a 256 MiB ``dst.copy_(src)`` is timed in
@@ -231,7 +234,6 @@ def run(sweeps, device=None, *, quick=False, timer=None, copy_gbps=None, progres
     BenchRun
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    timer = timer or default_timer(device)
     if rounds is None:
         rounds = 2 if device.type == "cpu" else 1
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
@@ -246,8 +248,8 @@ def run(sweeps, device=None, *, quick=False, timer=None, copy_gbps=None, progres
             copy = None
             if s.memory_bound:
                 copy = copy_fn(device) if measured else (None, copy_gbps)
-            times, copies = _time_sweep(s, xs, device, timer, bar, rounds, copy,
-                                        compare_tuned)
+            times, copies = _time_sweep(s, xs, device, timer or s.timer or default_timer(device),
+                                        bar, rounds, copy, compare_tuned)
             timed.append((s, times, copies))
     if measured:
         copy_gbps = max((g for _, _, c in timed for g in c.values()), default=None)
@@ -288,7 +290,9 @@ def _result(sweep, times, copies, device):
     notes = sweep.notes(device) if sweep.notes else {}
     if sweep.summary:
         notes.update(_count(sweep.summary, rows, device))
-    return SweepResult(sweep, rows, slopes, notes, verdicts, slope_verdicts, dict(copies))
+    checks = list(_count(sweep.checks, rows, device)) if sweep.checks else []
+    return SweepResult(sweep, rows, slopes, notes, verdicts, slope_verdicts, dict(copies),
+                       checks)
 
 
 def _target_slope(target, rows):
@@ -431,6 +435,8 @@ def _sweep_markdown(result, env, copy_gbps):
     lines += ["", f"Scaling exponent (slope of log time vs log {sweep.x_name}): {slopes}"]
     lines += [_verdict_line(sweep, v) for v in result.verdicts]
     lines += [_slope_line(sweep, v) for v in result.slope_verdicts]
+    lines += [f"{sweep.name}: {c.name}: {c.measured}: {'PASS' if c.passed else 'FAIL'}"
+              for c in result.checks]
     return "\n".join(lines)
 
 
@@ -467,6 +473,7 @@ def _sweep_record(result):
                     for v in result.verdicts],
         "slope_targets": [{**dataclasses.asdict(v.target), "slope": v.slope,
                            "passed": v.passed} for v in result.slope_verdicts],
+        "checks": [dataclasses.asdict(c) for c in result.checks],
         "copy_gbps_by_x": {str(x): g for x, g in sorted(result.copy_by_x.items())},
     }
 
