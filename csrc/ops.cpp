@@ -57,6 +57,24 @@ TORCH_LIBRARY(frugal, m) {
       "paged_prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
       "Tensor seq_lens, Tensor cu_seqlens_q, float scale, int window, Tensor? k_scale, "
       "Tensor? v_scale) -> Tensor");
+  // The same two ops, also returning lse fp32 [B, Hq] (decode) / [N, Hq] (prefill): the natural
+  // log of the sum of exp of each row's scaled scores (-inf for a sequence of length 0, whose
+  // out is 0), for merging partial attention states (frugal.merge_attention_states).
+  m.def(
+      "paged_attention_lse(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+      "Tensor seq_lens, float scale, int window, Tensor? k_scale, Tensor? v_scale) "
+      "-> (Tensor out, Tensor lse)");
+  m.def(
+      "paged_prefill_attention_lse(Tensor q, Tensor k_cache, Tensor v_cache, "
+      "Tensor block_tables, Tensor seq_lens, Tensor cu_seqlens_q, float scale, int window, "
+      "Tensor? k_scale, Tensor? v_scale) -> (Tensor out, Tensor lse)");
+  // Merges attention states in place: row rows[i] of (out [R, D], lse [R] fp32) becomes the
+  // merge of itself with row rows_b[i] of (out_b [R_b, D], lse_b [R_b] fp32) (None: row i);
+  // out and out_b float32/float16/bfloat16, one dtype, unit stride along D; rows int64.
+  // frugal.merge_attention_states's rule (frugal/reference.py); the cascade decode's merge.
+  m.def(
+      "merge_attention_states_(Tensor(a!) out, Tensor(b!) lse, Tensor out_b, Tensor lse_b, "
+      "Tensor? rows, Tensor? rows_b) -> ()");
   // Writes k, v [N, Hkv, D] into cache slots slot_mapping [N] (int32/int64; slot = block * bs +
   // offset; a negative slot is padding and is skipped); int8 caches quantize per token and head.
   m.def(

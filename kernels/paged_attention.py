@@ -104,7 +104,7 @@ import triton
 import triton.language as tl
 
 from . import _launch, configs
-from ._common import FLT_MAX, LOG2E, round_half_even
+from ._common import FLT_MAX, K_LN2, LOG2E, round_half_even
 from ._launch import ALIGN as _ALIGN
 from ._launch import aligned as _aligned
 from ._launch import aligned_strides as _aligned_strides
@@ -123,7 +123,8 @@ _ATTN_INTS = ["window", "partition", "num_splits", "Hkv", "G", "D", "page_size",
 
 @triton.jit(do_not_specialize=_ATTN_INTS)
 def _paged_attention_kernel(
-    q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, table_ptr, lens_ptr, out_ptr, ws_o_ptr, ws_lse_ptr,
+    q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, table_ptr, lens_ptr, out_ptr, lse_ptr, ws_o_ptr,
+    ws_lse_ptr,
     qk_scale, window, partition, num_splits, Hkv, G, D, page_size, stride_tb,
     stride_qb, stride_qh, stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -229,6 +230,7 @@ def _paged_attention_kernel(
         o = acc / tl.where(l == 0.0, 1.0, l)[:, None]  # seq_len 0: zeros
         tl.store(out_ptr + rows[:, None] * D + offs_d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(lse_ptr + rows, (m + tl.log2(l)) * K_LN2, mask=g_mask)  # seq_len 0: -inf
 
 
 _MERGE_INTS = ["window", "partition", "num_splits", "tile", "Hq", "D"]
@@ -236,7 +238,7 @@ _MERGE_INTS = ["window", "partition", "num_splits", "tile", "Hq", "D"]
 
 @triton.jit(do_not_specialize=_MERGE_INTS)
 def _paged_attention_merge_kernel(
-    ws_o_ptr, ws_lse_ptr, lens_ptr, out_ptr, window, partition, num_splits, tile, Hq, D,
+    ws_o_ptr, ws_lse_ptr, lens_ptr, out_ptr, lse_ptr, window, partition, num_splits, tile, Hq, D,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Stage 2: merge one query head's partitions (max-logit / exp-sum, base 2).
@@ -268,6 +270,7 @@ def _paged_attention_merge_kernel(
     total = tl.sum(den, 0)
     out = tl.sum(acc, 0) / tl.where(total == 0.0, 1.0, total)  # seq_len 0: zeros
     tl.store(out_ptr + row * D + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+    tl.store(lse_ptr + row, (m_all + tl.log2(total)) * K_LN2)  # seq_len 0: -inf
 
 
 _PREFILL_INTS = ["window", "num_tiles", "Hkv", "G", "D", "page_size", "stride_tb", "stride_qn",
@@ -277,7 +280,7 @@ _PREFILL_INTS = ["window", "num_tiles", "Hkv", "G", "D", "page_size", "stride_tb
 
 @triton.jit(do_not_specialize=_PREFILL_INTS)
 def _paged_prefill_kernel(
-    q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, table_ptr, lens_ptr, cu_ptr, out_ptr,
+    q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, table_ptr, lens_ptr, cu_ptr, out_ptr, lse_ptr,
     qk_scale, window, num_tiles, Hkv, G, D, page_size, stride_tb, stride_qn, stride_qh,
     stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -378,6 +381,7 @@ def _paged_prefill_kernel(
     out_rows = q_rows * (Hkv * G) + heads  # rows of out [N * Hq, D]
     tl.store(out_ptr + out_rows[:, None] * D + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
              mask=m_mask[:, None] & d_mask[None, :])
+    tl.store(lse_ptr + out_rows, (m + tl.log2(l)) * K_LN2, mask=m_mask)
 
 
 _APPEND_INTS = ["Hkv", "D", "page_size", "stride_kn", "stride_kh", "stride_vn", "stride_vh",
@@ -542,9 +546,11 @@ def workspace_numel(q, k_cache, width, window=0, max_seq_len=-1):
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, window=0, k_scale=None,
                     v_scale=None, *, max_seq_len=-1, workspace=None, config=None,
-                    merge_config=None, num_sms=None):
+                    merge_config=None, num_sms=None, return_lse=False):
     """Decode attention over a paged cache; arguments as ``frugal.paged_attention`` (already
-    checked), ``window`` <= 0 for none. Returns [B, Hq, D] in q's dtype.
+    checked), ``window`` <= 0 for none. Returns [B, Hq, D] in q's dtype, and with
+    ``return_lse`` also lse float32 [B, Hq] (natural log; -inf for seq_len 0): the kernels
+    always write it (B * Hq floats), so both calls run the same compiled variants.
 
     ``max_seq_len`` >= 0 is a bound of seq_lens the caller knows on the host (the cache manager
     does): the split plan then follows the real lengths instead of the table width.
@@ -557,10 +563,14 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, window=0
     _, page_size, Hkv, _ = k_cache.shape
     width = block_tables.shape[1]
     out = torch.empty((B, Hq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq), dtype=torch.float32, device=q.device)
+    result = (out, lse) if return_lse else out
     if B == 0 or Hq == 0:
-        return out
+        return result
     if width == 0:  # every seq_len is 0
-        return out.zero_()
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return result
     capacity = width * page_size
     window = int(window) if window is not None and 0 < window < capacity else 0
     q = _aligned(q)
@@ -583,7 +593,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, window=0
         ws_o = ws_lse = _unused_fp32(q.device)  # the kernel takes the no-split branch
     block_d = head_block(D)
     _launch.launch(_paged_attention_kernel, (units, splits), q.device)(
-        q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens, out, ws_o, ws_lse,
+        q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens, out, lse, ws_o, ws_lse,
         float(scale) * LOG2E, window, partition, splits, Hkv, G, D, page_size,
         block_tables.stride(0), q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -595,10 +605,10 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, window=0
         mcfg = merge_config or configs.pick("paged_attention_merge", "D", D,
                                             _launch.device_key(q.device))
         _launch.launch(_paged_attention_merge_kernel, (B * Hq,), q.device)(
-            ws_o, ws_lse, seq_lens, out, window, partition, splits, bn, Hq, D,
+            ws_o, ws_lse, seq_lens, out, lse, window, partition, splits, bn, Hq, D,
             BLOCK_S=mcfg["BLOCK_S"], BLOCK_D=block_d, num_warps=mcfg["num_warps"],
         )
-    return out
+    return result
 
 
 def prefill_unsupported(q_dtype, D, cache_dtype=None):
@@ -618,17 +628,21 @@ def prefill_table(q_dtype):
 
 
 def paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_q_len,
-                            scale, window=0, k_scale=None, v_scale=None, *, config=None):
+                            scale, window=0, k_scale=None, v_scale=None, *, config=None,
+                            return_lse=False):
     """Chunked-prefill attention over a paged cache: q [N, Hq, D] packed, sequence b owning rows
     ``[cu_seqlens_q[b], cu_seqlens_q[b + 1])`` (at most ``max_q_len`` of them) at positions
     ``[seq_lens[b] - n_b, seq_lens[b])``; arguments already checked, ``window`` <= 0 for none.
-    Returns [N, Hq, D] in q's dtype. ``config`` overrides the picked launch config."""
+    Returns [N, Hq, D] in q's dtype, and with ``return_lse`` also lse float32 [N, Hq] (natural
+    log; always written, as in decode). ``config`` overrides the picked launch config."""
     N, Hq, D = q.shape
     B = seq_lens.shape[0]
     _, page_size, Hkv, _ = k_cache.shape
     out = torch.empty((N, Hq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((N, Hq), dtype=torch.float32, device=q.device)
+    result = (out, lse) if return_lse else out
     if N == 0 or Hq == 0 or B == 0 or max_q_len <= 0:
-        return out
+        return result
     capacity = block_tables.shape[1] * page_size
     window = int(window) if window is not None and 0 < window < capacity else 0
     q = _aligned(q)
@@ -639,14 +653,14 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, cu_seql
     cfg = config or configs.pick(prefill_table(q.dtype), "D", D, _launch.device_key(q.device))
     num_tiles = triton.cdiv(max_q_len * G, cfg["BLOCK_M"])
     _launch.launch(_paged_prefill_kernel, (B * Hkv * num_tiles,), q.device)(
-        q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens, cu_seqlens_q, out,
+        q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens, cu_seqlens_q, out, lse,
         float(scale) * LOG2E, window, num_tiles, Hkv, G, D, page_size, block_tables.stride(0),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=head_block(D),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return out
+    return result
 
 
 def paged_append(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None, *,

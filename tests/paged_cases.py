@@ -15,9 +15,10 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=1e-3,
 INT8_ATOL = 0.03
 
 
-def dense_attention(q, k, v, scale=None, window=None):
+def dense_attention(q, k, v, scale=None, window=None, return_lse=False):
     """q [n, Hq, D] at the last n positions of k, v [L, Hkv, D], in float64: causal, and each
-    query sees the last ``window`` keys up to itself."""
+    query sees the last ``window`` keys up to itself. With ``return_lse`` also the float64
+    log-sum-exp [n, Hq] of each row's scaled scores (-inf with no keys, whose out is 0)."""
     n, hq, d = q.shape
     length, hkv = k.shape[:2]
     k64 = k.double().repeat_interleave(hq // hkv, dim=1)
@@ -28,8 +29,11 @@ def dense_attention(q, k, v, scale=None, window=None):
     visible = k_pos <= q_pos
     if window is not None:
         visible &= k_pos > q_pos - window
-    p = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1)
-    return torch.einsum("hnl,lhd->nhd", p, v64)
+    s = s.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # [Hq, n]
+    p = torch.exp(s - torch.where(lse == float("-inf"), 0.0, lse)[..., None])
+    out = torch.einsum("hnl,lhd->nhd", p, v64)
+    return (out, lse.t()) if return_lse else out
 
 
 def build_paged(ks, vs, block_size, dtype, device, gen, pad="neg", window=None, extra=3):
@@ -88,9 +92,13 @@ def random_kv(lens, hkv, d, gen):
     return ks, vs
 
 
-def expected_decode(q, ks, vs, scale=None, window=None):
-    return torch.stack([dense_attention(q[b:b + 1].float(), k, v, scale, window)[0]
-                        for b, (k, v) in enumerate(zip(ks, vs))])
+def expected_decode(q, ks, vs, scale=None, window=None, return_lse=False):
+    """float64 decode of q [B, Hq, D] over ks[b], vs[b] [L_b, Hkv, D] (out [B, Hq, D], and lse
+    [B, Hq] with ``return_lse``; an empty sequence gives out 0 and lse -inf)."""
+    rows = [dense_attention(q[b:b + 1].float(), k, v, scale, window, return_lse=True)
+            for b, (k, v) in enumerate(zip(ks, vs))]
+    out = torch.stack([o[0] for o, _ in rows])
+    return (out, torch.stack([s[0] for _, s in rows])) if return_lse else out
 
 
 def assert_close(got, want, dtype=torch.float32):

@@ -518,6 +518,39 @@ def test_copy_is_timed_with_each_x_and_fractions_use_it(monkeypatch):
     assert run.record()["sweeps"][0]["copy_gbps_by_x"] == pytest.approx({"64": 1.0, "128": 2.0})
 
 
+@pytest.mark.parametrize("name", ["cascade_decode", "cascade_decode_mha"])
+def test_cascade_sweeps_run_and_candidates_agree(name, monkeypatch):
+    # Both candidates at two suffixes, on a small prefix (the real sizes take minutes), with the
+    # auto threshold lowered so that the cascade is chosen: the same result, the notes say so.
+    from frugal import cascade
+    from frugal.bench import cascade as sweep_module
+
+    monkeypatch.setattr(sweep_module, "BATCH", 5)
+    monkeypatch.setattr(sweep_module, "PREFIX", 48)
+    monkeypatch.setattr(cascade, "MIN_SAVED_BYTES", 1)
+    monkeypatch.setattr(cascade, "MIN_PREFIX_BYTES", 1)
+    (sweep,) = bench.sweeps([name])
+    sweep = dataclasses.replace(sweep, xs=(1, 32), quick=(1, 32))
+    outs = []
+
+    def timer(fn):
+        out = fn()
+        assert out.shape == (5, 32, 128) and torch.isfinite(out).all()
+        outs.append(out)
+        return 1.0 + len(outs)
+
+    run = bench.run([sweep], "cpu", quick=True, timer=timer, progress=False)
+    (result,) = run.results
+    assert {r.candidate for r in result.rows} == {"per_sequence", "cascade"}
+    # Interleaved rounds: per_sequence, cascade, per_sequence, cascade, ... at each x.
+    assert len(outs) % 2 == 0
+    for per_sequence, cascaded in zip(outs[::2], outs[1::2]):
+        torch.testing.assert_close(cascaded, per_sequence, rtol=1e-5, atol=1e-5)
+    assert result.notes["auto chose"] == ("1: 5 sequences share 48 tokens; "
+                                          "32: 5 sequences share 48 tokens")
+    assert [v.target.x for v in result.verdicts] == [1, 32]
+
+
 def test_a_sweeps_own_timer_is_used_unless_run_is_given_one():
     sweep = _synthetic(timer=lambda fn: 7.0, targets=(), nbytes=None, memory_bound=False)
     own = bench.run([sweep], "cpu", progress=False, rounds=1)

@@ -526,6 +526,7 @@ struct Problem {
   int64_t Hq, G, D, Dp;
   float scale;
   float* partial;  // per slot: m [G], l [G], acc [G, D]
+  float* lse;      // [rows, Hq] fp32: log-sum-exp of each row's scaled scores, or nullptr
   TileFn<T> tile;
 
   int64_t partial_floats() const { return G * (2 + D); }
@@ -611,6 +612,10 @@ struct Problem {
         const float inv = 1.0f / st.l[g];
         for (int64_t d = 0; d < D; ++d) o[g * D + d] = static_cast<QT>(st.acc[g * Dp + d] * inv);
       }
+      if (lse != nullptr) {
+        float* row = lse + it.b * Hq + (it.h0 + hh) * G;
+        for (int64_t g = 0; g < G; ++g) row[g] = st.m[g] + std::log(st.l[g]);
+      }
     }
   }
 
@@ -636,6 +641,7 @@ struct Problem {
       }
       const float inv = 1.0f / L;
       for (int64_t d = 0; d < D; ++d) o[g * D + d] = static_cast<QT>(sum[d] * inv);
+      if (lse != nullptr) lse[b * Hq + h * G + g] = M + std::log(L);
     }
   }
 };
@@ -763,7 +769,13 @@ struct Plan {
   int64_t max_heads = 0;
 };
 
-Plan plan_work(const std::vector<int64_t>& lo, const std::vector<int64_t>& hi, int64_t Hkv) {
+// With many query heads per kv head (G > kManyHeads: a cascade's prefix pass, its group's
+// queries folded into the heads), an item's work is compute, not memory: when one item per
+// sequence and kv head is enough work, the heads are split alone, sparing the partition merge.
+constexpr int64_t kManyHeads = 16;
+
+Plan plan_work(const std::vector<int64_t>& lo, const std::vector<int64_t>& hi, int64_t Hkv,
+               int64_t G) {
   const int64_t want = at::get_num_threads() * kMinItemsPerThread;
   int64_t active = 0, partitions = 0;
   for (size_t b = 0; b < hi.size(); ++b) {
@@ -771,7 +783,7 @@ Plan plan_work(const std::vector<int64_t>& lo, const std::vector<int64_t>& hi, i
     ++active;
     partitions += (hi[b] - lo[b] + kPartitionTokens - 1) / kPartitionTokens;
   }
-  const bool split = active < want;
+  const bool split = active < want && !(G > kManyHeads && active * Hkv >= want);
   const int64_t units = split ? partitions : active;
   const int64_t groups =
       units >= want ? 1 : std::min(Hkv, (want + units - 1) / std::max<int64_t>(units, 1));
@@ -830,15 +842,17 @@ void init_problem(Problem<QT, T>& pb, const at::Tensor& q, const at::Tensor& k_c
   pb.scale = static_cast<float>(scale);
   pb.tile = pick_tile<T>();
   pb.partial = nullptr;
+  pb.lse = nullptr;
 }
 
 template <typename QT, typename T>
 void paged_attention_typed(const at::Tensor& q, const at::Tensor& k_cache,
                            const at::Tensor& v_cache, const at::Tensor& tables, int shift,
                            const Plan& plan, double scale, const std::optional<at::Tensor>& k_scale,
-                           const std::optional<at::Tensor>& v_scale, at::Tensor& out) {
+                           const std::optional<at::Tensor>& v_scale, at::Tensor& out, float* lse) {
   Problem<QT, T> pb;
   init_problem(pb, q, k_cache, v_cache, tables, shift, scale, k_scale, v_scale, out);
+  pb.lse = lse;
   const int64_t Hkv = k_cache.size(2);
   std::vector<float> partial(plan.slots * pb.partial_floats());
   pb.partial = partial.data();
@@ -908,12 +922,13 @@ void check_entries(const char* op, const at::Tensor& block_tables, const at::Ten
   }
 }
 
-at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
-                               const at::Tensor& v_cache, const at::Tensor& block_tables,
-                               const at::Tensor& seq_lens, double scale, int64_t window,
-                               const std::optional<at::Tensor>& k_scale,
-                               const std::optional<at::Tensor>& v_scale) {
-  constexpr const char* op = "paged_attention";
+// Decode, with the log-sum-exp of every (sequence, query head) row when `with_lse` (natural
+// log of the sum of exp of the scaled scores; -inf for a sequence of length 0).
+std::tuple<at::Tensor, at::Tensor> paged_attention_impl(
+    const char* op, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, int64_t window,
+    const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale,
+    bool with_lse) {
   check_caches(op, k_cache, v_cache, k_scale, v_scale);
   TORCH_CHECK(q.dim() == 3, op, ": q must be 3-d [batch, num_heads, head_dim]; got shape ",
               q.sizes());
@@ -922,7 +937,12 @@ at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
   const int shift = block_shift(op, k_cache.size(1));
 
   at::Tensor out = at::empty({B, Hq, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
-  if (out.numel() == 0) return out;
+  at::Tensor lse;
+  if (with_lse) lse = at::empty({B, Hq}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) {
+    if (with_lse) lse.fill_(-kInf);
+    return {out, lse};
+  }
   const at::Tensor lens_t = seq_lens.contiguous();
   const int32_t* lens = lens_t.data_ptr<int32_t>();
 
@@ -935,17 +955,36 @@ at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
     lo[b] = window > 0 ? std::max<int64_t>(0, len - window) : 0;
     if (len == 0) {
       out.select(0, b).zero_();
+      if (with_lse) lse.select(0, b).fill_(-kInf);
       continue;
     }
     check_entries(op, block_tables, k_cache, shift, b, lo[b], len, window);
   }
 
-  const Plan plan = plan_work(lo, hi, Hkv);
+  const Plan plan = plan_work(lo, hi, Hkv, Hq / Hkv);
   dispatch_types(q.scalar_type(), k_cache.scalar_type(), [&](auto qt, auto ct) {
     paged_attention_typed<decltype(qt), decltype(ct)>(q, k_cache, v_cache, block_tables, shift,
-                                                      plan, scale, k_scale, v_scale, out);
+                                                      plan, scale, k_scale, v_scale, out,
+                                                      with_lse ? lse.data_ptr<float>() : nullptr);
   });
-  return out;
+  return {out, lse};
+}
+
+at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
+                               const at::Tensor& v_cache, const at::Tensor& block_tables,
+                               const at::Tensor& seq_lens, double scale, int64_t window,
+                               const std::optional<at::Tensor>& k_scale,
+                               const std::optional<at::Tensor>& v_scale) {
+  return std::get<0>(paged_attention_impl("paged_attention", q, k_cache, v_cache, block_tables,
+                                          seq_lens, scale, window, k_scale, v_scale, false));
+}
+
+std::tuple<at::Tensor, at::Tensor> paged_attention_lse_cpu(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, int64_t window,
+    const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale) {
+  return paged_attention_impl("paged_attention_lse", q, k_cache, v_cache, block_tables, seq_lens,
+                              scale, window, k_scale, v_scale, true);
 }
 
 // ----------------------------------------------------------------------------------------
@@ -1032,6 +1071,10 @@ struct PrefillProblem : Problem<QT, T> {
         const float inv = 1.0f / st.l[r];  // l > 0: every query sees at least itself
         for (int64_t d = 0; d < D; ++d) o[g * D + d] = static_cast<QT>(st.acc[r * Dp + d] * inv);
       }
+      if (this->lse != nullptr) {
+        float* row = this->lse + (row0 + t) * this->Hq + it.h * G;
+        for (int64_t g = 0; g < G; ++g) row[g] = st.m[t * G + g] + std::log(st.l[t * G + g]);
+      }
     }
   }
 };
@@ -1065,13 +1108,11 @@ std::vector<PrefillItem> plan_prefill(const std::vector<int64_t>& n, const std::
   return items;
 }
 
-at::Tensor paged_prefill_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
-                                       const at::Tensor& v_cache, const at::Tensor& block_tables,
-                                       const at::Tensor& seq_lens, const at::Tensor& cu_seqlens_q,
-                                       double scale, int64_t window,
-                                       const std::optional<at::Tensor>& k_scale,
-                                       const std::optional<at::Tensor>& v_scale) {
-  constexpr const char* op = "paged_prefill_attention";
+std::tuple<at::Tensor, at::Tensor> paged_prefill_attention_impl(
+    const char* op, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& cu_seqlens_q,
+    double scale, int64_t window, const std::optional<at::Tensor>& k_scale,
+    const std::optional<at::Tensor>& v_scale, bool with_lse) {
   check_caches(op, k_cache, v_cache, k_scale, v_scale);
   TORCH_CHECK(q.dim() == 3, op, ": q must be 3-d [num_tokens, num_heads, head_dim]; got shape ",
               q.sizes());
@@ -1087,6 +1128,8 @@ at::Tensor paged_prefill_attention_cpu(const at::Tensor& q, const at::Tensor& k_
   const int shift = block_shift(op, k_cache.size(1));
 
   at::Tensor out = at::empty({N, Hq, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor lse;
+  if (with_lse) lse = at::empty({N, Hq}, q.options().dtype(at::kFloat));
   const at::Tensor cu_t = cu_seqlens_q.contiguous();
   const at::Tensor lens_t = seq_lens.contiguous();
   const int32_t* cu = cu_t.data_ptr<int32_t>();
@@ -1107,7 +1150,7 @@ at::Tensor paged_prefill_attention_cpu(const at::Tensor& q, const at::Tensor& k_
     lo[b] = window > 0 ? std::max<int64_t>(0, len - n[b] - window + 1) : 0;
     if (n[b] > 0) check_entries(op, block_tables, k_cache, shift, b, lo[b], len, window);
   }
-  if (out.numel() == 0) return out;
+  if (out.numel() == 0) return {out, lse};
 
   int64_t rows = 0;
   const std::vector<PrefillItem> items = plan_prefill(n, lo, hi, Hkv, Hq / Hkv, &rows);
@@ -1120,9 +1163,31 @@ at::Tensor paged_prefill_attention_cpu(const at::Tensor& q, const at::Tensor& k_
     pb.cu = cu;
     pb.lens = lens;
     pb.window = window;
+    pb.lse = with_lse ? lse.data_ptr<float>() : nullptr;
     run_items(pb, items, 1, rows);
   });
-  return out;
+  return {out, lse};
+}
+
+at::Tensor paged_prefill_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
+                                       const at::Tensor& v_cache, const at::Tensor& block_tables,
+                                       const at::Tensor& seq_lens, const at::Tensor& cu_seqlens_q,
+                                       double scale, int64_t window,
+                                       const std::optional<at::Tensor>& k_scale,
+                                       const std::optional<at::Tensor>& v_scale) {
+  return std::get<0>(paged_prefill_attention_impl("paged_prefill_attention", q, k_cache, v_cache,
+                                                  block_tables, seq_lens, cu_seqlens_q, scale,
+                                                  window, k_scale, v_scale, false));
+}
+
+std::tuple<at::Tensor, at::Tensor> paged_prefill_attention_lse_cpu(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& cu_seqlens_q,
+    double scale, int64_t window, const std::optional<at::Tensor>& k_scale,
+    const std::optional<at::Tensor>& v_scale) {
+  return paged_prefill_attention_impl("paged_prefill_attention_lse", q, k_cache, v_cache,
+                                      block_tables, seq_lens, cu_seqlens_q, scale, window,
+                                      k_scale, v_scale, true);
 }
 
 // ----------------------------------------------------------------------------------------
@@ -1272,4 +1337,6 @@ TORCH_LIBRARY_IMPL(frugal, CPU, m) {
   m.impl("paged_attention", &frugal::cpu::paged_attention_cpu);
   m.impl("paged_append", &frugal::cpu::paged_append_cpu);
   m.impl("paged_prefill_attention", &frugal::cpu::paged_prefill_attention_cpu);
+  m.impl("paged_attention_lse", &frugal::cpu::paged_attention_lse_cpu);
+  m.impl("paged_prefill_attention_lse", &frugal::cpu::paged_prefill_attention_lse_cpu);
 }

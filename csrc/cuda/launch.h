@@ -37,6 +37,7 @@ struct PagedAttentionArgs {
   const void* q;                     // [rows, Hq, D], unit stride in D
   int64_t q_stride_row, q_stride_head;
   void* out;                         // [rows, Hq, D] contiguous, q's dtype
+  float* lse;                        // [rows, Hq] fp32, natural log, or nullptr: not wanted
   PagedCache k, v;
   const int32_t* block_tables;       // [B, table_width], unit stride along the row
   int64_t table_stride;

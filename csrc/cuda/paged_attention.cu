@@ -94,6 +94,7 @@ constexpr int kPrefillStages = 2;
 constexpr int kPrefillRows = kWarps * kRows;
 constexpr int kAppendWarps = 4;
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kInf = __builtin_huge_valf();
 
 // Kernel parameters, derived once on the host from PagedAttentionArgs.
@@ -111,6 +112,7 @@ struct AttnParams {
   int64_t table_s0;
   const int32_t* lens;
   const int32_t* cu;
+  float* lse;  // [rows, Hq], natural log, or nullptr
   float* ws_o;
   float* ws_lse;
   int B, Hq, Hkv, G, D, shift, capacity, window, partition, splits, tiles;
@@ -675,6 +677,7 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const AttnParams
       if (d0 == 0) p.ws_lse[ws_row] = base + log2f(l);
     } else {
       store8(static_cast<QT*>(p.out) + out_row * p.D + d0, acc);
+      if (p.lse != nullptr && d0 == 0) p.lse[out_row] = (base + log2f(l)) * kLn2;
     }
   }
 }
@@ -702,6 +705,7 @@ __global__ void __launch_bounds__(64) paged_merge_kernel(const AttnParams p) {
     for (int s = 0; s < parts; ++s) acc += exp2f(lse[s] - base) * o[s * p.D + d];
     out[d] = from_float<QT>(acc * inv);
   }
+  if (p.lse != nullptr && threadIdx.x == 0) p.lse[row] = (base + log2f(den)) * kLn2;
 }
 
 // ------------------------------------------------------------------ prefill
@@ -799,8 +803,9 @@ __global__ void __launch_bounds__(kThreads, 1) paged_prefill_kernel(const AttnPa
   st.l += __shfl_xor_sync(0xffffffffu, st.l, 2);
   if (!row_live) return;
   const float inv = 1.0f / st.l;  // every query sees at least its own position
-  QT* out = static_cast<QT*>(p.out) +
-            ((q_start + my_row / p.G) * p.Hq + h * p.G + my_row % p.G) * p.D;
+  const int64_t out_row = (q_start + my_row / p.G) * p.Hq + h * p.G + my_row % p.G;
+  if (p.lse != nullptr && t == 0) p.lse[out_row] = (st.m + log2f(st.l)) * kLn2;
+  QT* out = static_cast<QT*>(p.out) + out_row * p.D;
 #pragma unroll
   for (int i = 0; i < DB / 64; ++i) {
 #pragma unroll
@@ -964,6 +969,7 @@ AttnParams make_params(const PagedAttentionArgs& a) {
   p.table_s0 = a.table_stride;
   p.lens = a.seq_lens;
   p.cu = a.cu_seqlens_q;
+  p.lse = a.lse;
   p.B = static_cast<int>(a.batch);
   p.Hq = static_cast<int>(a.num_q_heads);
   p.Hkv = static_cast<int>(a.num_kv_heads);

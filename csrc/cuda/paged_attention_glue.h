@@ -25,6 +25,7 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <tuple>
 #include <utility>
 
 #include "cuda/launch.h"
@@ -176,13 +177,14 @@ inline at::Tensor unit_last_stride(const at::Tensor& t) {
   return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
 }
 
+// Decode; with `with_lse`, also the fp32 [B, Hq] log-sum-exp of each row (natural log; -inf
+// for a sequence of length 0), else an undefined tensor.
 template <class Backend>
-at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
-                           const at::Tensor& v_cache, const at::Tensor& block_tables,
-                           const at::Tensor& seq_lens, double scale, int64_t window,
-                           const std::optional<at::Tensor>& k_scale,
-                           const std::optional<at::Tensor>& v_scale) {
-  constexpr const char* op = "paged_attention";
+std::tuple<at::Tensor, at::Tensor> paged_attention_impl(
+    const char* op, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, int64_t window,
+    const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale,
+    bool with_lse) {
   TORCH_CHECK(q.dim() == 3, op, ": q must be 3-d [batch, num_heads, head_dim]; got shape ",
               q.sizes());
   check_device<Backend>(op, "q", q, q);
@@ -190,12 +192,18 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
   const int64_t B = q.size(0);
   check_query_and_tables<Backend>(op, q, k_cache, block_tables, seq_lens, B);
   at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
-  if (out.numel() == 0) return out;
+  at::Tensor lse;
+  if (with_lse) lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) {
+    if (with_lse) lse.fill_(-__builtin_huge_valf());
+    return {out, lse};
+  }
   const typename Backend::Guard guard(q.device());
   const at::Tensor q_c = unit_last_stride(q), tables_c = unit_last_stride(block_tables);
   const at::Tensor lens_c = seq_lens.contiguous();
-  const PagedAttentionArgs args = attention_args(q_c, out, k_cache, v_cache, tables_c, lens_c,
-                                                 scale, window, k_scale, v_scale);
+  PagedAttentionArgs args = attention_args(q_c, out, k_cache, v_cache, tables_c, lens_c, scale,
+                                           window, k_scale, v_scale);
+  args.lse = with_lse ? lse.data_ptr<float>() : nullptr;
   const PagedAttentionPlan plan = plan_paged_attention(args, Backend::knobs(q));
   Backend::on_plan(plan);
   at::Tensor ws_o, ws_lse;
@@ -207,17 +215,36 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
       args, plan, plan.splits > 1 ? ws_o.data_ptr<float>() : nullptr,
       plan.splits > 1 ? ws_lse.data_ptr<float>() : nullptr, Backend::stream());
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", Backend::error_string(err));
-  return out;
+  return {out, lse};
 }
 
 template <class Backend>
-at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_cache,
-                                   const at::Tensor& v_cache, const at::Tensor& block_tables,
-                                   const at::Tensor& seq_lens, const at::Tensor& cu_seqlens_q,
-                                   double scale, int64_t window,
-                                   const std::optional<at::Tensor>& k_scale,
-                                   const std::optional<at::Tensor>& v_scale) {
-  constexpr const char* op = "paged_prefill_attention";
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, const at::Tensor& block_tables,
+                           const at::Tensor& seq_lens, double scale, int64_t window,
+                           const std::optional<at::Tensor>& k_scale,
+                           const std::optional<at::Tensor>& v_scale) {
+  return std::get<0>(paged_attention_impl<Backend>("paged_attention", q, k_cache, v_cache,
+                                                   block_tables, seq_lens, scale, window,
+                                                   k_scale, v_scale, false));
+}
+
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor> paged_attention_lse(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, int64_t window,
+    const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale) {
+  return paged_attention_impl<Backend>("paged_attention_lse", q, k_cache, v_cache, block_tables,
+                                       seq_lens, scale, window, k_scale, v_scale, true);
+}
+
+// Chunked prefill; with `with_lse`, also the fp32 [N, Hq] log-sum-exp of each query row.
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor> paged_prefill_attention_impl(
+    const char* op, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& cu_seqlens_q,
+    double scale, int64_t window, const std::optional<at::Tensor>& k_scale,
+    const std::optional<at::Tensor>& v_scale, bool with_lse) {
   TORCH_CHECK(q.dim() == 3, op, ": q must be 3-d [num_tokens, num_heads, head_dim]; got shape ",
               q.sizes());
   check_device<Backend>(op, "q", q, q);
@@ -230,16 +257,42 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_cach
   const int64_t B = cu_seqlens_q.size(0) - 1;
   check_query_and_tables<Backend>(op, q, k_cache, block_tables, seq_lens, B);
   at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
-  if (out.numel() == 0 || B == 0) return out;
+  at::Tensor lse;
+  if (with_lse) lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0 || B == 0) return {out, lse};
   const typename Backend::Guard guard(q.device());
   const at::Tensor q_c = unit_last_stride(q), tables_c = unit_last_stride(block_tables);
   const at::Tensor lens_c = seq_lens.contiguous(), cu_c = cu_seqlens_q.contiguous();
   PagedAttentionArgs args = attention_args(q_c, out, k_cache, v_cache, tables_c, lens_c, scale,
                                            window, k_scale, v_scale);
   args.cu_seqlens_q = cu_c.const_data_ptr<int32_t>();
+  args.lse = with_lse ? lse.data_ptr<float>() : nullptr;
   const cudaError_t err = launch_paged_prefill_attention(args, Backend::stream());
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", Backend::error_string(err));
-  return out;
+  return {out, lse};
+}
+
+template <class Backend>
+at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                                   const at::Tensor& v_cache, const at::Tensor& block_tables,
+                                   const at::Tensor& seq_lens, const at::Tensor& cu_seqlens_q,
+                                   double scale, int64_t window,
+                                   const std::optional<at::Tensor>& k_scale,
+                                   const std::optional<at::Tensor>& v_scale) {
+  return std::get<0>(paged_prefill_attention_impl<Backend>(
+      "paged_prefill_attention", q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q,
+      scale, window, k_scale, v_scale, false));
+}
+
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor> paged_prefill_attention_lse(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& cu_seqlens_q,
+    double scale, int64_t window, const std::optional<at::Tensor>& k_scale,
+    const std::optional<at::Tensor>& v_scale) {
+  return paged_prefill_attention_impl<Backend>("paged_prefill_attention_lse", q, k_cache,
+                                               v_cache, block_tables, seq_lens, cu_seqlens_q,
+                                               scale, window, k_scale, v_scale, true);
 }
 
 template <class Backend>

@@ -36,4 +36,7 @@ TORCH_LIBRARY_IMPL(frugal, CUDA, m) {
   m.impl("paged_attention", &frugal::cuda::glue::paged_attention<CudaBackend>);
   m.impl("paged_prefill_attention", &frugal::cuda::glue::paged_prefill_attention<CudaBackend>);
   m.impl("paged_append", &frugal::cuda::glue::paged_append<CudaBackend>);
+  m.impl("paged_attention_lse", &frugal::cuda::glue::paged_attention_lse<CudaBackend>);
+  m.impl("paged_prefill_attention_lse",
+         &frugal::cuda::glue::paged_prefill_attention_lse<CudaBackend>);
 }

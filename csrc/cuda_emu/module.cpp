@@ -1,10 +1,10 @@
 // frugal._cuda_emu: the CUDA kernels of csrc/cuda compiled for the host through the emulation
 // of csrc/cuda_emu/emu.h, registered as torch ops on CPU tensors so the test suite runs them:
-// torch.ops.frugal_emu.paged_attention / paged_prefill_attention / paged_append /
-// sparse_attention_fwd take exactly the arguments of frugal's ops (their schemas are copied
-// from the frugal:: ones at import, so they cannot drift) and go through the same glue
-// (csrc/cuda/paged_attention_glue.h, sparse_attention_glue.h), plan and launchers as the GPU
-// build. Python-level knobs: configure() (SM count, resident blocks per
+// torch.ops.frugal_emu.paged_attention / paged_prefill_attention / paged_append (and the _lse
+// variants of the attention ops) / sparse_attention_fwd take exactly the arguments of frugal's
+// ops (their schemas are copied from the frugal:: ones at import, so they cannot drift) and go
+// through the same glue (csrc/cuda/paged_attention_glue.h, sparse_attention_glue.h), plan and
+// launchers as the GPU build. Python-level knobs: configure() (SM count, resident blocks per
 // SM and minimum partition of the split plan; the emulator's schedule and host threads),
 // last_plan() (the split plan of the last decode call), kernel_configs() (threads and dynamic
 // shared memory of every kernel, for frugal.build_info's occupancy report) and emu_selftest
@@ -77,8 +77,9 @@ void def_like_frugal(const char* name) {
 void register_ops() {
   g_def = std::make_unique<torch::Library>(torch::Library::DEF, "frugal_emu", std::nullopt,
                                            __FILE__, __LINE__);
-  for (const char* name :
-       {"paged_attention", "paged_prefill_attention", "paged_append", "sparse_attention_fwd"}) {
+  for (const char* name : {"paged_attention", "paged_prefill_attention", "paged_append",
+                           "paged_attention_lse", "paged_prefill_attention_lse",
+                           "sparse_attention_fwd"}) {
     def_like_frugal(name);
   }
   g_def->def("emu_selftest(str name, Tensor x, int arg) -> Tensor");
@@ -87,6 +88,9 @@ void register_ops() {
   g_impl->impl("paged_attention", &cuda::glue::paged_attention<EmuBackend>);
   g_impl->impl("paged_prefill_attention", &cuda::glue::paged_prefill_attention<EmuBackend>);
   g_impl->impl("paged_append", &cuda::glue::paged_append<EmuBackend>);
+  g_impl->impl("paged_attention_lse", &cuda::glue::paged_attention_lse<EmuBackend>);
+  g_impl->impl("paged_prefill_attention_lse",
+               &cuda::glue::paged_prefill_attention_lse<EmuBackend>);
   g_impl->impl("sparse_attention_fwd", &cuda::sparse_glue::sparse_attention_fwd<EmuBackend>);
   g_impl->impl("emu_selftest", &emu_selftest);
 }

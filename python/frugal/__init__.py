@@ -13,6 +13,7 @@ from .int8_matmul import (
     int8_weight_only_matmul,
     quantize_per_channel,
 )
+from .merge_attention_states import merge_attention_states
 from .nn import Int8Linear, QuantizeReport, quantize_model
 from .paged_kv_cache import (
     CacheFullError,
@@ -46,6 +47,7 @@ __all__ = [
     "SequenceError",
     "StepPlan",
     "kv_footprint",
+    "merge_attention_states",
     "paged_append",
     "paged_attention",
     "paged_prefill_attention",

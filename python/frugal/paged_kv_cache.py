@@ -13,6 +13,7 @@ import threading
 
 import torch
 
+from . import cascade as _cascade
 from .errors import (
     DeviceError,
     DTypeError,
@@ -33,6 +34,7 @@ from .paged_ops import (
     empty_cache,
     is_block_size,
     is_int,
+    _select_paged_attention,
     normalize,
     paged_attention,
     paged_prefill_attention,
@@ -110,6 +112,11 @@ def kv_footprint(lengths, block_size=16):
 
 # ---------------------------------------------------------------------------------------------
 # The manager
+
+
+def _check_cascade(op, cascade):
+    if not (cascade is True or cascade is False or cascade == "auto"):
+        raise ValueError(f"{op}: cascade must be 'auto', True or False; got {cascade!r}")
 
 
 def _short(x, limit=80):
@@ -594,7 +601,8 @@ class PagedKVCache:
     # -- per-step plans ---------------------------------------------------------------------
 
     @_locked
-    def plan(self, seq_ids, num_tokens=1, token_ids=None, *, window=None, backend="auto"):
+    def plan(self, seq_ids, num_tokens=1, token_ids=None, *, window=None, backend="auto",
+             cascade="auto"):
         """Plans one decode or prefill step of ``seq_ids`` for every layer: allocates the
         blocks their ``num_tokens`` new tokens need (copy-on-write and window trims included),
         records the tokens as written in every layer, and builds on the cache's device, from
@@ -614,6 +622,16 @@ class PagedKVCache:
             :meth:`append` does.
         window : int or None; default the cache's window.
         backend : the backend of the plan's appends and attention ("auto" picks per device).
+        cascade : "auto" | True | False. A decode step (one token per sequence, no window
+            shorter than a sequence) whose sequences share leading blocks (forks,
+            prefix-cache hits) can read each
+            group's shared blocks once per layer instead of once per sequence: a prefix pass
+            with the group's queries folded into the head dim, a per-sequence suffix pass and
+            a merge (:mod:`frugal.cascade`; ``StepPlan.cascade`` names the groups). "auto"
+            does so for the groups that save at least
+            :data:`frugal.cascade.MIN_SAVED_BYTES` of K/V reads ((n - 1) * shared tokens)
+            and share at least :data:`frugal.cascade.MIN_PREFIX_BYTES`,
+            True for every group sharing a whole block, False never.
 
         Raises CacheFullError (nothing changed) when too few blocks are free. The plan is
         valid until one of its sequences changes (an append, plan, fork, free or trim of it;
@@ -625,6 +643,7 @@ class PagedKVCache:
         seq_ids, seqs = self._seq_list(op, seq_ids)
         if not seqs:
             raise SequenceError(f"{op}: seq_ids must name at least one sequence; got []")
+        _check_cascade(op, cascade)
         if is_int(num_tokens):
             counts = [num_tokens] * len(seqs)
         elif isinstance(num_tokens, (list, tuple)) and all(map(is_int, num_tokens)):
@@ -645,6 +664,9 @@ class PagedKVCache:
         window = self.window if window is None else window
         check_window(op, window)
         self._check_reads(op, seq_ids, seqs, counts, window)
+        decode = max(counts) == 1
+        if decode:  # a refused cascade=True raises here, before anything changes
+            self._cascade_window(op, [seq.lens[0] + 1 for seq in seqs], window, cascade)
         name = self._append_backend(backend)
         self._allocate(*self._plan(op, 0, seqs, counts), seqs)
         starts = [seq.lens[0] for seq in seqs]
@@ -657,6 +679,7 @@ class PagedKVCache:
         cu = [0]
         for t in counts:
             cu.append(cu[-1] + t)
+        shared = self._cascade(op, seqs, lens, window, cascade) if decode else None
         return StepPlan(
             cache=self, seqs=tuple(seqs), versions=tuple(seq.version for seq in seqs),
             seq_ids=tuple(seq_ids),
@@ -665,6 +688,7 @@ class PagedKVCache:
             seq_lens=torch.tensor(lens, dtype=torch.int32).to(self.device),
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int32).to(self.device),
             max_q_len=max(counts), max_seq_len=max(lens), decode=max(counts) == 1,
+            cascade=shared,
         )
 
     def _check_reads(self, op, seq_ids, seqs, counts, window):
@@ -715,12 +739,62 @@ class PagedKVCache:
                 self.seq_lens(seq_ids, layer), self._scales(layer))
 
     @_locked
-    def attention(self, q, layer, seq_ids, window=None, scale=None, *, backend="auto"):
+    def attention(self, q, layer, seq_ids, window=None, scale=None, *, backend="auto",
+                  return_lse=False, cascade="auto"):
         """Decode attention of ``q`` [len(seq_ids), Hq, D] over the sequences' tokens in
-        ``layer`` (:func:`paged_attention`); window defaults to the cache's window."""
-        k, v, tables, lens, (ks, vs) = self._layer_args("attention", layer, seq_ids)
+        ``layer`` (:func:`paged_attention`); window defaults to the cache's window. With
+        ``return_lse``, (out, lse float32 [len(seq_ids), Hq]).
+
+        ``cascade``: "auto" reads the leading blocks a group of the sequences shares once for
+        the group when the cost rule of :mod:`frugal.cascade` says it pays (see
+        :meth:`plan`); True whenever a group shares a whole block; False never. Without a
+        window only: windowed decode always runs per sequence."""
+        op = "attention"
+        _check_cascade(op, cascade)
+        k, v, tables, lens, (ks, vs) = self._layer_args(op, layer, seq_ids)
         window = self.window if window is None else window
-        return paged_attention(q, k, v, tables, lens, scale, window, ks, vs, backend=backend)
+        # Checks every argument (q, scale, window) before anything runs.
+        impl = _select_paged_attention(q, k, v, tables, lens, scale, window, ks, vs,
+                                       backend=backend)
+        _, seqs = self._seq_list(op, seq_ids)
+        shared = self._cascade(op, seqs, [seq.lens[layer] for seq in seqs], window, cascade)
+        scale, window = normalize(q, scale, window)
+        if shared is None:
+            return impl.run(q, k, v, tables, lens, scale, window, ks, vs,
+                            return_lse=bool(return_lse))
+        out, lse = shared.run(impl, q, k, v, scale, ks, vs)
+        return (out, lse) if return_lse else out
+
+    def _cascade_window(self, op, lens, window, cascade):
+        """Whether a decode attending to ``lens`` tokens may cascade under ``window``: it
+        may when the window covers every sequence (a query at position L - 1 reads positions
+        > L - 1 - window: all of them when L <= window). cascade=True with a window that cuts
+        into a sequence raises ValueError."""
+        if not window or max(lens, default=0) <= window:
+            return True
+        if cascade is True:
+            raise ValueError(f"{op}: cascade=True needs a window of at least every sequence's "
+                             f"length; got window {window} < {max(lens)} (a window that cuts "
+                             f"into the shared prefix changes what each sequence reads); use "
+                             f"cascade='auto' or False")
+        return False
+
+    def _cascade(self, op, seqs, lens, window, cascade):
+        """The :class:`frugal.cascade.CascadeDecode` of a decode over ``seqs`` attending to
+        ``lens`` tokens, or None: cascade is off (False), a window cuts into a sequence
+        ("auto"; True raises), no group pays under the rule of :mod:`frugal.cascade` ("auto")
+        or none shares a whole block (True)."""
+        _check_cascade(op, cascade)
+        if cascade is False or not self._cascade_window(op, lens, window, cascade):
+            return None
+        rows = [seq.blocks for seq in seqs]
+        auto = cascade == "auto"
+        groups = _cascade.cascade_groups(rows, lens, self.block_size,
+                                         _cascade.min_saved_tokens(self) if auto else 1,
+                                         _cascade.min_prefix_tokens(self) if auto else 1)
+        if not groups:
+            return None
+        return _cascade.CascadeDecode(groups, rows, lens, self.block_size, self.device)
 
     @_locked
     def prefill_attention(self, q, layer, seq_ids, q_lens=None, window=None, scale=None, *,
@@ -773,6 +847,9 @@ class StepPlan:
         the step), cu_seqlens_q : int32 [B + 1]: on the cache's device.
     max_q_len, max_seq_len : host ints (the Triton grid and split plan need no device read).
     decode : every sequence takes one token (decode kernels; otherwise chunked prefill).
+    cascade : a :class:`frugal.cascade.CascadeDecode` when the decode reads shared prefixes
+        once per group (``cascade.groups``: (batch indices, shared tokens) per group), else
+        None (see :meth:`PagedKVCache.plan`).
 
     Per layer, :meth:`append` writes the step's keys and values, :meth:`attention` attends the
     step's queries to everything written, and :meth:`run` does both. They check shapes, dtypes
@@ -809,6 +886,7 @@ class StepPlan:
     max_q_len: int
     max_seq_len: int
     decode: bool
+    cascade: object = None
     _impls: dict = dataclasses.field(default_factory=dict)
     _workspaces: dict = dataclasses.field(default_factory=dict)
 
@@ -868,11 +946,12 @@ class StepPlan:
                 q, *tables, None, 0, 1.0, 0, ks, vs)
             self._impls[dtype] = op.select(cache.device, self.backend, *args)
 
-    def attention(self, q, layer, scale=None):
+    def attention(self, q, layer, scale=None, *, return_lse=False):
         """Attention of the step's queries in ``layer`` over everything written (the step's
         keys included: append first). q [N, Hq, D] (decode: [B, Hq, D]; or [B, T, Hq, D]) in
         the cache dtype (any float dtype over int8 caches); Hq a multiple of num_kv_heads.
-        Returns q's shape and dtype."""
+        Returns q's shape and dtype; with ``return_lse``, (out, lse float32 of q's shape
+        without head_dim). A plan with ``cascade`` reads each group's shared blocks once."""
         op = "StepPlan.attention"
         self._check_layer(op, layer)
         check_scale(op, scale)
@@ -886,25 +965,40 @@ class StepPlan:
         ks, vs = cache._scales(layer)
         kc, vc = cache.k_cache[layer], cache.v_cache[layer]
         scale, window = normalize(rows, scale, self.window)
-        if self.decode:
-            out = impl.run(rows, kc, vc, self.block_tables, self.seq_lens, scale, window, ks, vs,
-                           self.max_seq_len, self._workspace(impl.backend, rows))
+        # A copy of the plan with a window that cuts into a sequence (a layer with its own
+        # window: dataclasses.replace) runs per sequence: the cascade reads everything.
+        if self.decode and self.cascade is not None and (
+                not self.window or self.max_seq_len <= self.window):
+            out, lse = self.cascade.run(
+                impl, rows, kc, vc, scale, ks, vs,
+                lambda tag, x, tables, max_len: self._workspace(impl.backend, x, tables, max_len,
+                                                                tag))
+            result = (out, lse) if return_lse else out
+        elif self.decode:
+            result = impl.run(rows, kc, vc, self.block_tables, self.seq_lens, scale, window, ks,
+                              vs, self.max_seq_len, self._workspace(impl.backend, rows),
+                              return_lse=return_lse)
         else:
-            out = impl.run(rows, kc, vc, self.block_tables, self.seq_lens, self.cu_seqlens_q,
-                           self.max_q_len, scale, window, ks, vs)
-        return out.reshape(q.shape)
+            result = impl.run(rows, kc, vc, self.block_tables, self.seq_lens, self.cu_seqlens_q,
+                              self.max_q_len, scale, window, ks, vs, return_lse=return_lse)
+        if not return_lse:
+            return result.reshape(q.shape)
+        out, lse = result
+        return out.reshape(q.shape), lse.reshape(q.shape[:-1])
 
-    def _workspace(self, name, q):
-        """The Triton split-KV buffers for q's shape, allocated by the first layer only."""
+    def _workspace(self, name, q, tables=None, max_seq_len=None, tag=""):
+        """The Triton split-KV buffers of a decode of q over ``tables`` (default the plan's),
+        allocated by the first layer only."""
         if name != "triton":
             return None
-        key = (q.shape[1], q.shape[2])
+        tables = self.block_tables if tables is None else tables
+        max_seq_len = self.max_seq_len if max_seq_len is None else max_seq_len
+        key = (tag, *q.shape)
         if key not in self._workspaces:
             from frugal.kernels import paged_attention as kernel
 
-            n_o, n_lse = kernel.workspace_numel(q, self.cache.k_cache[0],
-                                                self.block_tables.shape[1], self.window,
-                                                self.max_seq_len)
+            n_o, n_lse = kernel.workspace_numel(q, self.cache.k_cache[0], tables.shape[1],
+                                                self.window, max_seq_len)
             self._workspaces[key] = None if n_o == 0 else (
                 torch.empty(n_o, dtype=torch.float32, device=q.device),
                 torch.empty(n_lse, dtype=torch.float32, device=q.device))

@@ -32,7 +32,7 @@ flash-style chunked prefill) and the C++ kernels
 (``frugal._C``) on CPU tensors, each falling back to the PyTorch reference where it cannot run.
 """
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -63,6 +63,14 @@ if _ext.ext() is not None and hasattr(torch.ops.frugal, "paged_attention"):
         return q.new_empty(q.shape)
 
 
+if _ext.ext() is not None and hasattr(torch.ops.frugal, "paged_attention_lse"):
+
+    @torch.library.register_fake("frugal::paged_attention_lse")
+    def _paged_attention_lse_fake(q, k_cache, v_cache, block_tables, seq_lens, scale, window,
+                                  k_scale, v_scale):
+        return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
 if _ext.ext() is not None and hasattr(torch.ops.frugal, "paged_append"):
 
     @torch.library.register_fake("frugal::paged_append")
@@ -76,18 +84,19 @@ def _paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             window: int, k_scale: Optional[torch.Tensor],
                             v_scale: Optional[torch.Tensor], max_seq_len: int,
                             ws_o: Optional[torch.Tensor],
-                            ws_lse: Optional[torch.Tensor]) -> torch.Tensor:
+                            ws_lse: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     from frugal.kernels import paged_attention as kernel
 
     return kernel.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, window,
                                   k_scale, v_scale, max_seq_len=max_seq_len,
-                                  workspace=None if ws_o is None else (ws_o, ws_lse))
+                                  workspace=None if ws_o is None else (ws_o, ws_lse),
+                                  return_lse=True)
 
 
 @_paged_attention_triton.register_fake
 def _(q, k_cache, v_cache, block_tables, seq_lens, scale, window, k_scale, v_scale, max_seq_len,
       ws_o, ws_lse):
-    return q.new_empty(q.shape)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
 @triton_custom_op("frugal::paged_append_triton",
@@ -113,24 +122,33 @@ if _ext.ext() is not None and hasattr(torch.ops.frugal, "paged_prefill_attention
         return q.new_empty(q.shape)
 
 
+if _ext.ext() is not None and hasattr(torch.ops.frugal, "paged_prefill_attention_lse"):
+
+    @torch.library.register_fake("frugal::paged_prefill_attention_lse")
+    def _paged_prefill_attention_lse_fake(q, k_cache, v_cache, block_tables, seq_lens,
+                                          cu_seqlens_q, scale, window, k_scale, v_scale):
+        return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
 @triton_custom_op("frugal::paged_prefill_attention_triton")
 def _paged_prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor,
                                     v_cache: torch.Tensor, block_tables: torch.Tensor,
                                     seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
                                     max_q_len: int, scale: float, window: int,
                                     k_scale: Optional[torch.Tensor],
-                                    v_scale: Optional[torch.Tensor]) -> torch.Tensor:
+                                    v_scale: Optional[torch.Tensor]
+                                    ) -> Tuple[torch.Tensor, torch.Tensor]:
     from frugal.kernels import paged_attention as kernel
 
     return kernel.paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens,
                                           cu_seqlens_q, max_q_len, scale, window, k_scale,
-                                          v_scale)
+                                          v_scale, return_lse=True)
 
 
 @_paged_prefill_attention_triton.register_fake
 def _(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_q_len, scale, window,
       k_scale, v_scale):
-    return q.new_empty(q.shape)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
 
@@ -366,16 +384,18 @@ PAGED_APPEND.implement("torch")(reference.paged_append)
 # Decode: (q, k_cache, v_cache, block_tables, seq_lens, scale, window, k_scale, v_scale,
 # max_seq_len, workspace) with scale a float, window an int (0: none), max_seq_len a host-known
 # bound of seq_lens (-1: unknown, the table width bounds the split plan), workspace the Triton
-# split-KV buffers (ws_o, ws_lse) to reuse or None.
+# split-KV buffers (ws_o, ws_lse) to reuse or None. Every implementation takes return_lse
+# (keyword): True returns (out, lse float32 [B, Hq]), as decode and prefill both do.
 
 @PAGED_ATTENTION.implement("triton", why_not=lambda q, kc, vc, t, n, sc, w, ks, vs, *_:
                            _triton_why_not(kc, vc, ks, vs, q.dtype))
 def _decode_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, window, k_scale, v_scale,
-                   max_seq_len=-1, workspace=None):
+                   max_seq_len=-1, workspace=None, *, return_lse=False):
     ws_o, ws_lse = workspace if workspace is not None else (None, None)
-    return torch.ops.frugal.paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens,
-                                                   scale, window, k_scale, v_scale, max_seq_len,
-                                                   ws_o, ws_lse)
+    out, lse = torch.ops.frugal.paged_attention_triton(q, k_cache, v_cache, block_tables,
+                                                       seq_lens, scale, window, k_scale, v_scale,
+                                                       max_seq_len, ws_o, ws_lse)
+    return (out, lse) if return_lse else out
 
 
 @PAGED_ATTENTION.implement("cuda", devices=("cuda",),
@@ -383,16 +403,16 @@ def _decode_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, window, k
                            why_not=lambda q, kc, vc, *_: _cuda_why_not(kc, vc))
 @PAGED_ATTENTION.implement("cpu", devices=("cpu",), requires=cpp_kernel("paged_attention", "CPU"))
 def _decode_cpp(q, k_cache, v_cache, block_tables, seq_lens, scale, window, k_scale, v_scale,
-                max_seq_len=-1, workspace=None):
-    return torch.ops.frugal.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale,
-                                            window, k_scale, v_scale)
+                max_seq_len=-1, workspace=None, *, return_lse=False):
+    op = torch.ops.frugal.paged_attention_lse if return_lse else torch.ops.frugal.paged_attention
+    return op(q, k_cache, v_cache, block_tables, seq_lens, scale, window, k_scale, v_scale)
 
 
 @PAGED_ATTENTION.implement("torch")
 def _decode_torch(q, k_cache, v_cache, block_tables, seq_lens, scale, window, k_scale, v_scale,
-                  max_seq_len=-1, workspace=None):
+                  max_seq_len=-1, workspace=None, *, return_lse=False):
     return reference.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale,
-                                     window or None, k_scale, v_scale)
+                                     window or None, k_scale, v_scale, return_lse=return_lse)
 
 
 # Prefill: (q packed [N, Hq, D], k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q,
@@ -401,10 +421,11 @@ def _decode_torch(q, k_cache, v_cache, block_tables, seq_lens, scale, window, k_
 @PAGED_PREFILL.implement("triton", why_not=lambda q, kc, vc, t, n, cu, mq, sc, w, ks, vs:
                          _triton_why_not(kc, vc, ks, vs, q.dtype, prefill=True))
 def _prefill_triton(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_q_len, scale,
-                    window, k_scale, v_scale):
-    return torch.ops.frugal.paged_prefill_attention_triton(
+                    window, k_scale, v_scale, *, return_lse=False):
+    out, lse = torch.ops.frugal.paged_prefill_attention_triton(
         q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_q_len, scale, window,
         k_scale, v_scale)
+    return (out, lse) if return_lse else out
 
 
 @PAGED_PREFILL.implement("cuda", devices=("cuda",),
@@ -413,18 +434,20 @@ def _prefill_triton(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, m
 @PAGED_PREFILL.implement("cpu", devices=("cpu",),
                          requires=cpp_kernel("paged_prefill_attention", "CPU"))
 def _prefill_cpp(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_q_len, scale,
-                 window, k_scale, v_scale):
-    return torch.ops.frugal.paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens,
-                                                    cu_seqlens_q, scale, window, k_scale,
-                                                    v_scale)
+                 window, k_scale, v_scale, *, return_lse=False):
+    op = (torch.ops.frugal.paged_prefill_attention_lse if return_lse
+          else torch.ops.frugal.paged_prefill_attention)
+    return op(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, window, k_scale,
+              v_scale)
 
 
 @PAGED_PREFILL.implement("torch")
 def _prefill_torch(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_q_len, scale,
-                   window, k_scale, v_scale):
+                   window, k_scale, v_scale, *, return_lse=False):
     q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).to(torch.int32)
     return reference.paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, q_lens,
-                                             scale, window or None, k_scale, v_scale)
+                                             scale, window or None, k_scale, v_scale,
+                                             return_lse=return_lse)
 
 
 def normalize(q, scale, window):
@@ -539,7 +562,8 @@ def _check_attention(op, q, k_cache, v_cache, block_tables, seq_lens, scale, win
 
 
 def _select_paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=None, window=None,
-                            k_scale=None, v_scale=None, *, backend="auto", explain=False):
+                            k_scale=None, v_scale=None, *, backend="auto", return_lse=False,
+                            explain=False):
     _check_attention("paged_attention", q, k_cache, v_cache, block_tables, seq_lens, scale,
                      window, k_scale, v_scale)
     return PAGED_ATTENTION.select(q.device, backend, q, k_cache, v_cache, block_tables, seq_lens,
@@ -548,7 +572,7 @@ def _select_paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=N
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=None, window=None,
-                    k_scale=None, v_scale=None, *, backend="auto"):
+                    k_scale=None, v_scale=None, *, backend="auto", return_lse=False):
     """Decode attention: one query per sequence over its paged keys and values.
 
     Parameters
@@ -566,10 +590,14 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=None, win
     backend : "auto" | "triton" | "cpu" | "torch". auto: Triton on CUDA tensors, C++ on CPU
         tensors, else PyTorch. Triton needs head_dim a multiple of 16 up to 256 and caches with
         unit stride in head_dim.
+    return_lse : bool. Also return the log-sum-exp of each row (every backend computes it).
 
     Returns
     -------
-    Tensor [B, Hq, D] in q's dtype (softmax and sums in float32).
+    Tensor [B, Hq, D] in q's dtype (softmax and sums in float32); with ``return_lse``, the pair
+    (out, lse) with lse float32 [B, Hq]: the natural log of the sum of exp of the row's scaled
+    scores (``scale * q . k`` over the keys it reads), -inf for a sequence of length 0 (whose
+    out is 0), NaN where out is NaN. :func:`frugal.merge_attention_states` combines such pairs.
 
     Table entries and lengths are checked on the host before anything runs (one sync):
     BlockTableError, never an out-of-bounds read.
@@ -577,7 +605,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=None, win
     impl = _select_paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, window,
                                    k_scale, v_scale, backend=backend)
     return impl.run(q, k_cache, v_cache, block_tables, seq_lens, *normalize(q, scale, window),
-                    k_scale, v_scale)
+                    k_scale, v_scale, return_lse=bool(return_lse))
 
 
 paged_attention._frugal_select = _select_paged_attention
@@ -585,7 +613,7 @@ paged_attention._frugal_select = _select_paged_attention
 
 def _select_paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, q_lens=None,
                                     scale=None, window=None, k_scale=None, v_scale=None, *,
-                                    backend="auto", explain=False):
+                                    backend="auto", return_lse=False, explain=False):
     _check_attention("paged_prefill_attention", q, k_cache, v_cache, block_tables, seq_lens,
                      scale, window, k_scale, v_scale, q_lens)
     return PAGED_PREFILL.select(q.device, backend, *_prefill_args(
@@ -612,7 +640,8 @@ def _prefill_args(q, k_cache, v_cache, block_tables, seq_lens, q_lens, scale, wi
 
 
 def paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, q_lens=None, scale=None,
-                            window=None, k_scale=None, v_scale=None, *, backend="auto"):
+                            window=None, k_scale=None, v_scale=None, *, backend="auto",
+                            return_lse=False):
     """Chunked prefill: each sequence's new chunk of queries attends to its cached prefix
     (paged) and causally within the chunk. The chunk's keys and values must already be in the
     cache (append first), and ``seq_lens`` counts them.
@@ -632,10 +661,14 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, q_lens=
         head_dim and stride needs as for :func:`paged_attention`, and head_dim <= 128 for
         float32 q.
 
+    return_lse : bool. Also return the log-sum-exp of each query row.
+
     Returns
     -------
     Tensor of q's shape and dtype (softmax and sums in float32). Decode is the case of one
-    query per sequence.
+    query per sequence. With ``return_lse``, the pair (out, lse), lse float32 of q's shape
+    without head_dim ([B, T, Hq] or [N, Hq]), defined as for :func:`paged_attention` (every
+    query sees at least its own key, so it is finite for finite inputs).
 
     The kernels take q packed as [N, Hq, D] with ``cu_seqlens_q`` int32 [B + 1] (the vLLM /
     FlashAttention varlen layout); 4-d q is reshaped to it, packed q's q_lens are summed into it.
@@ -644,7 +677,10 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, q_lens=
                                            scale, window, k_scale, v_scale, backend=backend)
     args = _prefill_args(q, k_cache, v_cache, block_tables, seq_lens, q_lens, scale, window,
                          k_scale, v_scale)
-    return impl.run(*args).reshape(q.shape)
+    if not return_lse:
+        return impl.run(*args).reshape(q.shape)
+    out, lse = impl.run(*args, return_lse=True)
+    return out.reshape(q.shape), lse.reshape(q.shape[:-1])
 
 
 paged_prefill_attention._frugal_select = _select_paged_prefill_attention

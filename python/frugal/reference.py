@@ -88,7 +88,8 @@ def _paged_gather(cache, scale, table_row, lo, hi):
 
 def _paged_attend(q, k_cache, v_cache, table_row, seq_len, scale, window, k_scale, v_scale):
     """Queries q [n, Hq, D] at positions [seq_len - n, seq_len) of one sequence, each attending to
-    the keys at positions p with ``q_pos - window < p <= q_pos``. float32 [n, Hq, D]."""
+    the keys at positions p with ``q_pos - window < p <= q_pos``. (out float32 [n, Hq, D], lse
+    float32 [n, Hq])."""
     n, hq, d = q.shape
     hkv = k_cache.shape[2]
     lo = 0 if window is None else max(0, seq_len - n - window + 1)
@@ -101,54 +102,84 @@ def _paged_attend(q, k_cache, v_cache, table_row, seq_len, scale, window, k_scal
         visible &= k_pos > q_pos - window
     # Query head h reads kv head h // (Hq // Hkv).
     qg = q.float().reshape(n, hkv, hq // hkv, d)
-    s = torch.einsum("nhgd,khd->hgnk", qg, k) * scale
-    p = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1)
-    return torch.einsum("hgnk,khd->nhgd", p, v).reshape(n, hq, d)
+    s = (torch.einsum("nhgd,khd->hgnk", qg, k) * scale).masked_fill(~visible, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    lse = torch.logsumexp(s, dim=-1).permute(2, 0, 1).reshape(n, hq)
+    return torch.einsum("hgnk,khd->nhgd", p, v).reshape(n, hq, d), lse
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=None, window=None,
-                    k_scale=None, v_scale=None):
+                    k_scale=None, v_scale=None, return_lse=False):
     """Decode attention over a paged KV cache: q [B, Hq, D], one query per sequence at position
     ``seq_lens[b] - 1``, attending to that sequence's keys at positions [0, seq_lens[b]) (the last
     ``window`` of them when window is given). Keys and values are read through
     ``block_tables[b]``: position p lives at offset ``p % block_size`` of block
     ``block_tables[b, p // block_size]``. Query head h reads kv head ``h // (Hq // Hkv)``.
     scale defaults to D**-0.5; a sequence of length 0 gives zeros. Computed in float32; the
-    result has q's dtype.
+    result has q's dtype. With ``return_lse``, (out, lse float32 [B, Hq]): the log-sum-exp of
+    each row's scaled scores, -inf for a sequence of length 0.
     """
     d = q.shape[-1]
     scale = d**-0.5 if scale is None else scale
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
     for b, seq_len in enumerate(seq_lens.tolist()):
         if seq_len > 0:
-            out[b] = _paged_attend(q[b:b + 1], k_cache, v_cache, block_tables[b], seq_len, scale,
-                                   window, k_scale, v_scale)[0]
-    return out.to(q.dtype)
+            o, s = _paged_attend(q[b:b + 1], k_cache, v_cache, block_tables[b], seq_len, scale,
+                                 window, k_scale, v_scale)
+            out[b], lse[b] = o[0], s[0]
+    return (out.to(q.dtype), lse) if return_lse else out.to(q.dtype)
 
 
 def paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, q_lens=None, scale=None,
-                            window=None, k_scale=None, v_scale=None):
+                            window=None, k_scale=None, v_scale=None, return_lse=False):
     """Chunked-prefill attention over a paged KV cache whose tables already hold the chunk.
 
     q is [B, T, Hq, D] (T queries per sequence) or packed [N, Hq, D] with q_lens [B] (sequence
     b owns the next q_lens[b] rows). The queries of sequence b sit at positions
     [seq_lens[b] - n_b, seq_lens[b]) and each attends to the cached keys at positions up to and
     including its own (the last ``window`` of them when window is given): the cached prefix and,
-    causally, the chunk. Otherwise as :func:`paged_attention`; the result has q's shape.
+    causally, the chunk. Otherwise as :func:`paged_attention`; the result has q's shape (and
+    lse, with ``return_lse``, q's shape without the last dim).
     """
     d = q.shape[-1]
     scale = d**-0.5 if scale is None else scale
     rows = q.reshape(-1, *q.shape[-2:])
     counts = [q.shape[1]] * q.shape[0] if q.dim() == 4 else q_lens.tolist()
     out = torch.zeros(rows.shape, dtype=torch.float32, device=q.device)
+    lse = torch.full(rows.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
     start = 0
     for b, (n, seq_len) in enumerate(zip(counts, seq_lens.tolist())):
         if n > 0:
-            out[start:start + n] = _paged_attend(rows[start:start + n], k_cache, v_cache,
-                                                 block_tables[b], seq_len, scale, window,
-                                                 k_scale, v_scale)
+            out[start:start + n], lse[start:start + n] = _paged_attend(
+                rows[start:start + n], k_cache, v_cache, block_tables[b], seq_len, scale, window,
+                k_scale, v_scale)
         start += n
-    return out.reshape(q.shape).to(q.dtype)
+    out = out.reshape(q.shape).to(q.dtype)
+    return (out, lse.reshape(q.shape[:-1])) if return_lse else out
+
+
+def merge_attention_states(out_a, lse_a, out_b, lse_b):
+    """Attention over the union of two disjoint key sets, from the attention over each:
+    out_* [..., D] with lse_* [...] (natural log of the sum of exp of the scaled scores) ->
+    (out in out_a's dtype, lse float32; float64 in and out for float64 inputs).
+
+    lse = log(e^lse_a + e^lse_b), out = (e^lse_a out_a + e^lse_b out_b) / e^lse, computed
+    relative to max(lse_a, lse_b). A part with lse -inf is empty: it weighs exactly 0 and its
+    out is not read (merging with an empty part returns the other part unchanged); both empty
+    give out 0 and lse -inf. A NaN lse gives NaN out and lse; a +inf lse gives NaN too.
+    """
+    wide = torch.float64 if lse_a.dtype == torch.float64 else torch.float32
+    la, lb = lse_a.to(wide), lse_b.to(wide)
+    m = torch.maximum(la, lb)  # NaN if either is NaN
+    base = torch.where(m == float("-inf"), 0.0, m)
+    wa, wb = torch.exp(la - base), torch.exp(lb - base)
+    total = wa + wb
+    oa = torch.where((la == float("-inf"))[..., None], 0.0,
+                     out_a.to(wide) * (wa / total)[..., None])
+    ob = torch.where((lb == float("-inf"))[..., None], 0.0,
+                     out_b.to(wide) * (wb / total)[..., None])
+    return (oa + ob).to(out_a.dtype), base + torch.log(total)
 
 
 def sparse_attention(q, k, v, mask, scale=None):

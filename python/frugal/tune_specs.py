@@ -25,8 +25,9 @@ def _with_space(op_name, space, launch):
         return
     plain = impl.run
 
-    def run(*args, config=None):
-        return plain(*args) if config is None else launch(*args, config=config)
+    def run(*args, config=None, **kwargs):
+        return (plain(*args, **kwargs) if config is None
+                else launch(*args, config=config, **kwargs))
 
     op.impls["triton"] = dataclasses.replace(impl, run=run, space=space)
 
@@ -261,11 +262,12 @@ def _decode_space(q, k_cache, *rest, quick=False):
 
 
 def _decode_launch(q, k, v, tables, lens, scale, window, ks, vs, max_seq_len=-1,
-                   workspace=None, *, config):
+                   workspace=None, *, config, return_lse=False):
     from frugal.kernels import paged_attention as kernel
 
     return kernel.paged_attention(q, k, v, tables, lens, scale, window, ks, vs,
-                                  max_seq_len=max_seq_len, config=config)
+                                  max_seq_len=max_seq_len, config=config,
+                                  return_lse=return_lse)
 
 
 registry.op("paged_attention").tune = TuneSpec(

@@ -36,6 +36,7 @@ log-log plot per sweep.
 """
 
 from . import builtin  # noqa: F401  (registers the built-in sweeps)
+from . import cascade  # noqa: F401  (registers the shared-prefix decode sweep)
 from . import generate  # noqa: F401  (registers end-to-end generation, transformers models)
 from . import gpu  # noqa: F401  (registers the GPU-only sweeps of frugal gpu-check)
 from . import paged  # noqa: F401  (registers the paged decode attention sweeps)
