@@ -202,3 +202,18 @@ def sparse_attention(q, k, v, mask, scale=None):
     p = torch.exp(s - torch.where(lse == float("-inf"), 0.0, lse)[..., None].to(s.dtype))
     out = p @ v
     return out, lse.float() if lse.dtype != torch.float64 else lse
+
+
+def apply_score_mods(s, softcap=None, alibi_slopes=None, q_pos=None, k_pos=None):
+    """Steps 2-3 of frugal.score_mods on scaled scores s [B, H, Nq, Nk] (or any shape whose
+    dims -4, -3 are batch and query head, when alibi_slopes is given): softcap c gives
+    ``c * tanh(s / c)``; alibi_slopes [H] or [B, H] subtract ``slope * |q_pos - k_pos|`` with
+    q_pos [Nq], k_pos [Nk] integer positions. Computed in s's dtype."""
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    if alibi_slopes is not None:
+        m = alibi_slopes.to(s.dtype)
+        m = m.reshape(1, -1) if m.dim() == 1 else m
+        dist = (q_pos.reshape(-1, 1) - k_pos.reshape(1, -1)).abs().to(s.dtype)
+        s = s - m[:, :, None, None] * dist
+    return s
