@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "cpu/isa.h"
+#include "cpu/knobs.h"
 #include "cpu/memory.h"
 #if defined(FRUGAL_WITH_CUTLASS)
 #include "cuda/kernel_configs_py.h"
@@ -133,6 +134,46 @@ PyObject* advise_huge_pages(PyObject*, PyObject* args) {
   return PyBool_FromLong(done);
 }
 
+// cpu_knobs() -> list of (name, default, lo, hi, doc): csrc/cpu/knobs.h.
+PyObject* cpu_knobs(PyObject*, PyObject*) {
+  const frugal::cpu::KnobInfo* infos = frugal::cpu::knob_infos();
+  PyObject* list = PyList_New(frugal::cpu::kKnobCount);
+  if (list == nullptr) return nullptr;
+  for (int i = 0; i < frugal::cpu::kKnobCount; ++i) {
+    const auto& k = infos[i];
+    PyObject* item = Py_BuildValue("(sLLLs)", k.name, static_cast<long long>(k.def),
+                                   static_cast<long long>(k.lo), static_cast<long long>(k.hi),
+                                   k.doc);
+    if (item == nullptr) {
+      Py_DECREF(list);
+      return nullptr;
+    }
+    PyList_SET_ITEM(list, i, item);
+  }
+  return list;
+}
+
+// set_cpu_knob(index, value) -> previous override (-1: none); value -1 clears the override.
+// The calling thread's only (frugal.cpu_knobs).
+PyObject* set_cpu_knob(PyObject*, PyObject* args) {
+  int index = 0;
+  long long value = 0;
+  if (!PyArg_ParseTuple(args, "iL", &index, &value)) return nullptr;
+  if (index < 0 || index >= frugal::cpu::kKnobCount) {
+    PyErr_Format(PyExc_IndexError, "set_cpu_knob: index must be in [0, %d); got %d",
+                 frugal::cpu::kKnobCount, index);
+    return nullptr;
+  }
+  const auto& k = frugal::cpu::knob_infos()[index];
+  if (value != -1 && (value < k.lo || value > k.hi)) {
+    PyErr_Format(PyExc_ValueError, "set_cpu_knob: %s must be in [%lld, %lld] (or -1: the "
+                 "default); got %lld", k.name, static_cast<long long>(k.lo),
+                 static_cast<long long>(k.hi), value);
+    return nullptr;
+  }
+  return PyLong_FromLongLong(frugal::cpu::set_knob_override(index, value));
+}
+
 // cuda_kernel_configs() -> list of {kernel, threads, dynamic_smem}: the CUTLASS kernels' launch
 // configurations (frugal.build_info's occupancy report; the binary records neither).
 PyObject* cuda_kernel_configs(PyObject*, PyObject*) {
@@ -155,6 +196,11 @@ PyMethodDef methods[] = {
     {"advise_huge_pages", advise_huge_pages, METH_VARARGS,
      "advise_huge_pages(address, nbytes) -> bool: mark the 2 MiB-aligned interior of a CPU "
      "buffer of at least 8 MiB for transparent huge pages (Linux madvise); True if marked."},
+    {"cpu_knobs", cpu_knobs, METH_NOARGS,
+     "cpu_knobs() -> list of (name, default, lo, hi, doc): the C++ CPU kernels' tunable knobs."},
+    {"set_cpu_knob", set_cpu_knob, METH_VARARGS,
+     "set_cpu_knob(index, value) -> previous override (-1: none) of the calling thread; "
+     "value -1 clears it."},
     {"cuda_kernel_configs", cuda_kernel_configs, METH_NOARGS,
      "cuda_kernel_configs() -> list of {kernel, threads, dynamic_smem} of the CUTLASS kernels "
      "(empty in a build without them)."},

@@ -45,6 +45,17 @@ def device(request):
 
 
 @pytest.fixture
+def config_dir(tmp_path, monkeypatch):
+    """frugal tune's files in a fresh directory, nothing tuned loaded before or after."""
+    from frugal import tuning
+
+    monkeypatch.setenv("FRUGAL_CONFIG_DIR", str(tmp_path))
+    tuning.forget()
+    yield tmp_path
+    tuning.forget()
+
+
+@pytest.fixture
 def poison():
     """Fill every fresh allocation (torch.empty, at::empty) with NaN / the integer max, so an
     output element a kernel forgets to write fails the comparison."""

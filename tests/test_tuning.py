@@ -17,17 +17,23 @@ from frugal.kernels import configs
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def config_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("FRUGAL_CONFIG_DIR", str(tmp_path))
-    tuning.forget()
-    yield tmp_path
-    tuning.forget()
+pytestmark = pytest.mark.usefixtures("config_dir")
 
 
 @pytest.fixture
-def no_triton(monkeypatch):
-    """The C++ and PyTorch candidates only (no Triton interpreter on CPU tensors)."""
+def no_knobs(monkeypatch):
+    """One candidate for each C++ CPU kernel: their knob spaces are left out
+    (tests/test_knobs.py tunes them)."""
+    for op in registry.OPS.values():
+        impl = op.impls.get("cpu")
+        if impl is not None and impl.space is not None:
+            monkeypatch.setitem(op.impls, "cpu", dataclasses.replace(impl, space=None))
+
+
+@pytest.fixture
+def no_triton(monkeypatch, no_knobs):
+    """The C++ and PyTorch candidates only (no Triton interpreter on CPU tensors), one per
+    backend."""
     from frugal import dispatch
 
     monkeypatch.setattr(dispatch, "triton_interpreting", lambda: False)
@@ -109,7 +115,7 @@ def test_a_wrong_candidate_is_never_chosen(monkeypatch):
             registry._MISSING.pop(("tuning_toy", backend), None)
 
 
-def test_triton_configs_are_tuned_under_the_interpreter(monkeypatch):
+def test_triton_configs_are_tuned_under_the_interpreter(monkeypatch, no_knobs):
     """The Triton candidates of a tiny space are verified for real (interpreter) and the
     winning config lands in the tuned tables, which the launcher then picks."""
     from frugal import jit_capture

@@ -1,11 +1,13 @@
 // int8 GEMMs on the CPU: int8_mm, int8_scaled_mm (+ packed weight), int8_dynamic_linear_packed
 // (Int8Linear's W8A8 forward) and int8_weight_only_mm.
 //
-// Every int8 GEMM of more than kStreamMaxRows rows runs on the packed weight below (the
-// unpacked ops pack each group of b as they reach it; fewer rows stream b as it is), one format for every ISA path, so a buffer packed under one ISA level works
-// under any other. The rows of a are first written as the tiles read them (the fused op
-// quantizes float rows straight into that form). The work is split into tasks of up to 4
-// groups of 64 columns times a block of rows; for each block of K, every row tile of the task
+// Every int8 GEMM of more than int8_stream_max_m rows (a knob, csrc/cpu/knobs.h; default and
+// at most kStreamMaxRows = 4) runs on the packed weight below (the unpacked ops pack each group
+// of b as they reach it; fewer rows stream b as it is), one format for every ISA path, so a
+// buffer packed under one ISA level works under any other. The rows of a are first written as
+// the tiles read them (the fused op quantizes float rows straight into that form). The work is
+// split into tasks of up to int8_task_groups (default 4) groups of 64 columns times a block of
+// rows; for each block of K, every row tile of the task
 // runs a register tile against each group, and after the last block the int32 tile, still in
 // cache, goes to the epilogue, which dequantizes and stores it. All paths are bit-identical: the int32 sums are exact, and the
 // epilogue does the same fp32 operations in the same order with the same rounding (no FMA).
@@ -29,6 +31,7 @@
 #include <vector>
 
 #include "cpu/isa.h"
+#include "cpu/knobs.h"
 #include "cpu/memory.h"
 #include "cpu/int8_matmul_kernels.h"
 #include "cpu/quantize.h"
@@ -349,13 +352,12 @@ IsaKernels kernels_for(Isa isa) {
   return {kMrScalar, false, &pack_a_signed, &tile_scalar, &epilogue_scalar};
 }
 
-// K is split into blocks of at most this many k4 steps (4 KB of each row), and a task takes as
-// many groups (up to kMaxTaskGroups) as keep its blocks of b within kTaskBlockBytes: while
-// every row tile of the task runs over them, a row tile's block of a (6 x 4 KB) stays in L1
-// and the blocks of b in L2. The int32 sums wait in a per-thread buffer between K blocks.
-constexpr int64_t kMaxBlockK4 = 1024;
-constexpr int64_t kMaxTaskGroups = 4;
-constexpr int64_t kTaskBlockBytes = 512 * 1024;
+// K is split into blocks of at most int8_block_k4 k4 steps (default 1024: 4 KB of each row),
+// and a task takes as many groups (up to int8_task_groups, default 4) as keep its blocks of b
+// within int8_task_block_bytes (default 512 KB): while every row tile of the task runs over
+// them, a row tile's block of a (6 x 4 KB) stays in L1 and the blocks of b in L2. The int32
+// sums wait in a per-thread buffer between K blocks. (Knobs: csrc/cpu/knobs.h.)
+constexpr int64_t kMaxTaskGroups = 64;  // int8_task_groups' upper bound: a task's group array
 // A task's multiply-adds: 2^28 take about 0.5 ms on a core that runs 2 vpdpbusd per cycle at
 // 4 GHz. The threads finish within about one task of each other, and bringing a task's groups
 // into L2 (512 KB) costs under 1% of it.
@@ -430,7 +432,12 @@ void gemm_stream(int64_t M, const Weight& w, const Epilogue& epi, PackRowsFn pac
 
 // out[m, n] = epilogue((a @ b^T)[m, n]) for the M rows of a that pack_rows writes.
 void gemm(int64_t M, const Weight& w, const Epilogue& epi, PackRowsFn pack_rows) {
-  if (w.rows != nullptr && M <= kStreamMaxRows) return gemm_stream(M, w, epi, pack_rows);
+  // The knobs, read on the calling thread (their overrides are its own).
+  const int64_t stream_max_m = std::min<int64_t>(knob(Knob::int8_stream_max_m), kStreamMaxRows);
+  const int64_t max_block_k4 = knob(Knob::int8_block_k4);
+  const int64_t task_groups = knob(Knob::int8_task_groups);
+  const int64_t task_block_bytes = knob(Knob::int8_task_block_bytes);
+  if (w.rows != nullptr && M <= stream_max_m) return gemm_stream(M, w, epi, pack_rows);
   const PackedDims& d = w.d;
   const IsaKernels ker = kernels_for(current_isa());
   const int64_t K4 = d.K4;
@@ -450,7 +457,7 @@ void gemm(int64_t M, const Weight& w, const Epilogue& epi, PackRowsFn pack_rows)
   // of a once for all its groups. Rows are split when there are too few groups to feed every
   // thread, and into tasks of at most about kMaxTaskMacs. Threads take chunks of tasks from a
   // shared counter: a thread that runs slower (a core shared with another process) takes fewer.
-  const int64_t k_blocks = std::max<int64_t>(1, ceil_div(K4, kMaxBlockK4));
+  const int64_t k_blocks = std::max<int64_t>(1, ceil_div(K4, max_block_k4));
   const int64_t block_k4 = ceil_div(K4, k_blocks);
   const int64_t groups = ceil_div(d.N, kGroupCols);
   const int64_t threads = at::get_num_threads();
@@ -459,8 +466,8 @@ void gemm(int64_t M, const Weight& w, const Epilogue& epi, PackRowsFn pack_rows)
       w.data == nullptr  // rows of b packed per call take a buffer per group: one per task
           ? 1
           : std::clamp<int64_t>(
-                std::min(groups / (4 * threads), kTaskBlockBytes / group_block_bytes), 1,
-                kMaxTaskGroups);
+                std::min(groups / (4 * threads), task_block_bytes / group_block_bytes), 1,
+                task_groups);
   const int64_t sets = ceil_div(groups, set_size);
   const int64_t set_macs = set_size * kGroupCols * 4 * std::max<int64_t>(K4, 1) * M;
   const int64_t row_blocks = std::min(

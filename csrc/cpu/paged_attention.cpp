@@ -23,8 +23,8 @@
 // touching every 128 B or more: 0.6x; letting one thread touch at a time: 0.85x.
 //
 // Work split: let B' be the number of sequences with seq_len > 0 and want = threads *
-// kMinItemsPerThread. One item per sequence covers all kv heads and the whole attended range.
-// When B' < want, each sequence's range is cut into partitions of kPartitionTokens (split-KV);
+// paged_min_items_per_thread. One item per sequence covers all kv heads and the whole attended range.
+// When B' < want, each sequence's range is cut into partitions of paged_partition_tokens;
 // when that still gives fewer than `want` items, the kv heads are cut into groups too. A
 // partitioned item leaves its unnormalized (m, l, acc) per query head, and a second pass merges
 // the partitions: M = max m_i, out = sum_i acc_i e^(m_i - M) / sum_i l_i e^(m_i - M). Items
@@ -53,6 +53,7 @@
 #include <vector>
 
 #include "cpu/isa.h"
+#include "cpu/knobs.h"
 #include "cpu/vec_load.h"
 #include "cpu/vec_math.h"
 
@@ -63,10 +64,10 @@
 namespace frugal::cpu {
 namespace {
 
-// Tokens per partition when the context is split (split-KV).
-constexpr int64_t kPartitionTokens = 512;
-// Split the work when it gives fewer items than this many per thread.
-constexpr int64_t kMinItemsPerThread = 4;
+// The work split's constants are knobs (csrc/cpu/knobs.h), read on the calling thread:
+// paged_partition_tokens (default 512), tokens per partition when the context is split
+// (split-KV); paged_min_items_per_thread (default 4), split the work when it gives fewer items
+// than this many per thread; paged_many_heads and paged_prefill_rows below.
 // Tokens per tile: one AVX-512 vector of scores per query head.
 constexpr int kTile = 16;
 constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -769,21 +770,22 @@ struct Plan {
   int64_t max_heads = 0;
 };
 
-// With many query heads per kv head (G > kManyHeads: a cascade's prefix pass, its group's
-// queries folded into the heads), an item's work is compute, not memory: when one item per
-// sequence and kv head is enough work, the heads are split alone, sparing the partition merge.
-constexpr int64_t kManyHeads = 16;
-
+// With many query heads per kv head (G > paged_many_heads, default 16: a cascade's prefix
+// pass, its group's queries folded into the heads), an item's work is compute, not memory: when
+// one item per sequence and kv head is enough work, the heads are split alone, sparing the
+// partition merge.
 Plan plan_work(const std::vector<int64_t>& lo, const std::vector<int64_t>& hi, int64_t Hkv,
                int64_t G) {
-  const int64_t want = at::get_num_threads() * kMinItemsPerThread;
+  const int64_t partition_tokens = knob(Knob::paged_partition_tokens);
+  const int64_t many_heads = knob(Knob::paged_many_heads);
+  const int64_t want = at::get_num_threads() * knob(Knob::paged_min_items_per_thread);
   int64_t active = 0, partitions = 0;
   for (size_t b = 0; b < hi.size(); ++b) {
     if (hi[b] == 0) continue;
     ++active;
-    partitions += (hi[b] - lo[b] + kPartitionTokens - 1) / kPartitionTokens;
+    partitions += (hi[b] - lo[b] + partition_tokens - 1) / partition_tokens;
   }
-  const bool split = active < want && !(G > kManyHeads && active * Hkv >= want);
+  const bool split = active < want && !(G > many_heads && active * Hkv >= want);
   const int64_t units = split ? partitions : active;
   const int64_t groups =
       units >= want ? 1 : std::min(Hkv, (want + units - 1) / std::max<int64_t>(units, 1));
@@ -792,11 +794,11 @@ Plan plan_work(const std::vector<int64_t>& lo, const std::vector<int64_t>& hi, i
   plan.max_heads = hn;
   for (size_t b = 0; b < hi.size(); ++b) {
     if (hi[b] == 0) continue;
-    const int64_t parts = split ? (hi[b] - lo[b] + kPartitionTokens - 1) / kPartitionTokens : 1;
+    const int64_t parts = split ? (hi[b] - lo[b] + partition_tokens - 1) / partition_tokens : 1;
     if (parts > 1) plan.merges.push_back({static_cast<int64_t>(b), plan.slots, parts});
     for (int64_t i = 0; i < parts; ++i) {
-      const int64_t p0 = lo[b] + i * kPartitionTokens;
-      const int64_t p1 = parts == 1 ? hi[b] : std::min(hi[b], p0 + kPartitionTokens);
+      const int64_t p0 = lo[b] + i * partition_tokens;
+      const int64_t p1 = parts == 1 ? hi[b] : std::min(hi[b], p0 + partition_tokens);
       for (int64_t h = 0; h < Hkv; h += hn) {
         const int64_t n = std::min(hn, Hkv - h);
         plan.items.push_back({static_cast<int64_t>(b), h, n, p0, p1, parts > 1 ? plan.slots : -1});
@@ -1000,13 +1002,13 @@ std::tuple<at::Tensor, at::Tensor> paged_attention_lse_cpu(
 // through the decode kernel's tile step (scores, online softmax, acc += P V, the same vector
 // code per ISA); each row carries a 16-bit mask of the tile positions it sees (causal limit and
 // window), so the positions past a row's own are skipped by the softmax (weight 0) and a row
-// with nothing live in a tile keeps its state. TQ = kPrefillRows / G rows fit the scratch in L2;
-// when that gives fewer than threads * kMinItemsPerThread items, TQ is halved (down to 1 token)
+// with nothing live in a tile keeps its state. TQ = paged_prefill_rows / G rows fit the scratch
+// in L2; when that gives fewer than threads * paged_min_items_per_thread items, TQ is halved (down to 1 token)
 // so that short chunks still fill every core. There is no split-KV: an item covers its whole
 // span, so one long sequence with a one-token chunk and one kv head runs on one thread.
 
-// Query rows per prefill item (TQ = kPrefillRows / G tokens, at least one).
-constexpr int64_t kPrefillRows = 64;
+// Query rows per prefill item: TQ = paged_prefill_rows (a knob, default 64) / G tokens, at
+// least one.
 
 struct PrefillItem {
   int64_t b, h, t0, tn;  // chunk tokens [t0, t0 + tn) of sequence b, kv head h
@@ -1084,13 +1086,13 @@ struct PrefillProblem : Problem<QT, T> {
 std::vector<PrefillItem> plan_prefill(const std::vector<int64_t>& n, const std::vector<int64_t>& lo,
                                       const std::vector<int64_t>& hi, int64_t Hkv, int64_t G,
                                       int64_t* rows) {
-  const int64_t want = at::get_num_threads() * kMinItemsPerThread;
+  const int64_t want = at::get_num_threads() * knob(Knob::paged_min_items_per_thread);
   const auto count = [&](int64_t tq) {
     int64_t items = 0;
     for (int64_t nb : n) items += Hkv * ((nb + tq - 1) / tq);
     return items;
   };
-  int64_t tq = std::max<int64_t>(1, kPrefillRows / G);
+  int64_t tq = std::max<int64_t>(1, knob(Knob::paged_prefill_rows) / G);
   while (tq > 1 && count(tq) < want) tq = (tq + 1) / 2;
   *rows = tq * G;
   std::vector<PrefillItem> items;

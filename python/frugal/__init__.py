@@ -4,6 +4,7 @@ import torch  # noqa: F401  (loads libtorch before frugal._C)
 
 from . import errors, masks, reference
 from .block_mask import BlockMask, SparseLayout
+from .knobs import cpu_knobs
 from .dispatch import BACKENDS, Choice, explain, set_debug
 from .errors import BackendError, DeviceError, DTypeError, FrugalError, ShapeError
 from .int8_matmul import (
@@ -53,6 +54,7 @@ __all__ = [
     "paged_prefill_attention",
     "BackendError",
     "Choice",
+    "cpu_knobs",
     "DTypeError",
     "DeviceError",
     "FrugalError",

@@ -95,6 +95,22 @@ def _info(args):
         data = tuning.load(device)
         path = tuning.file_for(device)
         print(f"  tuned file: {path if data else 'none valid (' + path + '); shipped configs'}")
+    from frugal import knobs as cpu_knobs
+
+    knobs = cpu_knobs.knobs()
+    if knobs:
+        tuned = {}
+        data = tuning.load("cpu")
+        for table, buckets in ((data or {}).get("tables") or {}).items():
+            if table.startswith("cpu_"):
+                for b in buckets:
+                    for name, value in b.items():
+                        if name in knobs and value != knobs[name].default:
+                            tuned.setdefault(name, set()).add(value)
+        print("C++ CPU kernel knobs (frugal.cpu_knobs; default [range], tuned values):")
+        for name, k in knobs.items():
+            extra = f"; tuned: {', '.join(map(str, sorted(tuned[name])))}" if name in tuned else ""
+            print(f"  {name} = {k.default} [{k.lo}, {k.hi}]{extra}: {k.doc}")
     return 0
 
 

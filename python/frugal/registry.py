@@ -53,6 +53,7 @@ class Impl:
     why_not: Optional[Callable] = None
     space: Optional[Callable] = None
     describe: Optional[str] = None
+    knob_table: Optional[str] = None  # C++ CPU kernels: the tuned table of their knobs
 
     def unavailable(self, device, *args, **kwargs):
         """Why this implementation cannot run these arguments on ``device`` (None: it can)."""
@@ -163,6 +164,13 @@ class Op:
             if tuned is not None and tuned.backend == impl.backend:
                 how += f", tuned ({tuned.source})"
             note = f"; skipped {'; '.join(skipped)}" if skipped else ""
+            if impl.knob_table is not None and self.tune is not None:
+                from . import knobs
+
+                values, entry = knobs.tuned_values(impl.knob_table, self.tune.size_of(args))
+                if values:
+                    note += "; knobs " + ", ".join(f"{k}={v}" for k, v in values.items()) + \
+                        f" ({entry})"
             text = impl.describe or dispatch.describe(impl.backend)
             choice = dispatch.Choice(self.name, impl.backend, f"{how}: {text}{note}")
             dispatch.log(choice)

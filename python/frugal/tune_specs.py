@@ -32,6 +32,37 @@ def _with_space(op_name, space, launch):
     op.impls["triton"] = dataclasses.replace(impl, run=run, space=space)
 
 
+def _with_cpu_knobs(op_name, table, relevant=None):
+    """Gives ``op_name``'s C++ CPU implementation the knob space of ``table`` (space.json) and
+    a run that takes knob values (``config=``) or else applies the tuned file's
+    (:func:`frugal.knobs.with_tuned`). ``relevant`` drops candidates whose
+    knobs cannot matter for ``args``: ``relevant(args)`` names the knobs that can; the others
+    keep their defaults, and candidates that then coincide are one."""
+    from . import knobs as cpu_knobs
+
+    op = registry.op(op_name)
+    impl = op.impls.get("cpu")
+    if impl is None or not cpu_knobs.knobs():
+        return
+
+    def space(*args, quick=False):
+        from frugal.kernels import configs
+
+        defaults = {n: k.default for n, k in cpu_knobs.knobs().items()}
+        out = []
+        names = None if relevant is None else relevant(args)
+        for cfg in configs.space(table, quick):
+            if names is not None:
+                cfg = {n: v if n in names else defaults[n] for n, v in cfg.items()}
+            if cfg not in out:
+                out.append(cfg)
+        return [(table, cfg) for cfg in out]
+
+    op.impls["cpu"] = dataclasses.replace(
+        impl, run=cpu_knobs.with_tuned(impl.run, table, op.tune.size_of), space=space,
+        knob_table=table)
+
+
 def _within(got, want, bound, what):
     """None when |got - want| <= bound everywhere (NaN where want is NaN), else the reason."""
     got, want = got.double(), want.double()
@@ -180,6 +211,18 @@ registry.op("int8_matmul").tune = TuneSpec(
 _with_space("int8_matmul", _mm_space, _matmul_launch)
 
 
+def _int8_knobs_relevant(args):
+    """The stream threshold matters only at M <= 4 (an unpacked weight); the task and K-block
+    knobs only on the packed path above it."""
+    if args[0].shape[0] <= 4:
+        return {"int8_stream_max_m"}
+    return {"int8_block_k4", "int8_task_groups", "int8_task_block_bytes"}
+
+
+for _name in ("int8_mm", "int8_matmul"):
+    _with_cpu_knobs(_name, "cpu_int8_gemm", _int8_knobs_relevant)
+
+
 def _weight_only_inputs(m, device, gen):
     n, k = _gemm_nk(device)
     dtype = torch.bfloat16 if _gpu(device) else torch.float32
@@ -274,6 +317,9 @@ registry.op("paged_attention").tune = TuneSpec(
     dim="D", sizes=lambda quick, device: [128] if quick else [64, 128, 256],
     inputs=_decode_inputs, check=_decode_check, size_of=lambda args: args[0].shape[-1])
 _with_space("paged_attention", _decode_space, _decode_launch)
+# The C++ decode's work split (split-KV partition, items per thread). The tuning inputs have
+# fewer sequences than a 2-core machine wants items, so the split is what they exercise.
+_with_cpu_knobs("paged_attention", "cpu_paged_attention")
 
 
 # ----------------------------------------------------------------------------- sparse

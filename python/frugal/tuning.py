@@ -351,6 +351,25 @@ def _buckets(results, key):
     return buckets
 
 
+KNOB_MARGIN = 0.03  # a CPU knob candidate must beat the defaults by 3% to be kept
+
+
+def _default_unless_faster(rows):
+    """The rows of a knob table with each size's candidates other than the defaults dropped
+    unless they beat the defaults' time by KNOB_MARGIN (timing noise must not pick knobs)."""
+    from . import knobs as cpu_knobs
+
+    defaults = {n: k.default for n, k in cpu_knobs.knobs().items()}
+    base = {}
+    for r in rows:
+        if r.status == "ok" and r.ms is not None and all(
+                defaults.get(k) == v for k, v in r.config.items()):
+            base[r.size] = r.ms
+    return [r for r in rows if r.size not in base or r.ms is None
+            or r.ms <= base[r.size] * (1 - KNOB_MARGIN)
+            or all(defaults.get(k) == v for k, v in r.config.items())]
+
+
 def summarize(results_by_op, device):
     """The tuned-file data of measured results."""
     ops, tables = {}, {}
@@ -359,12 +378,20 @@ def summarize(results_by_op, device):
         ops[name] = [{"max": b["max"], "backend": b["_win"].backend, "ms": b["_win"].ms}
                      for b in buckets]
         # Launch configs: per table, the fastest config per size among its Triton candidates.
+        # C++ CPU knob tables (cpu_*): likewise, keyed on the op's dim, but a size keeps the
+        # knobs' defaults unless its winner beat them by KNOB_MARGIN.
         triton = [r for r in results if r.table is not None]
         for table in sorted({r.table for r in triton}):
             rows = [r for r in triton if r.table == table]
             from frugal.kernels import configs
 
-            dim = configs.table_dim(table)
+            if table.startswith("cpu_"):
+                from . import registry
+
+                dim = registry.op(name).tune.dim
+                rows = _default_unless_faster(rows)
+            else:
+                dim = configs.table_dim(table)
             tb = _buckets(rows, key=lambda r: json.dumps(r.config, sort_keys=True))
             tables[table] = [{f"max_{dim}": b["max"], **b["_win"].config} for b in tb]
     return {"format": FORMAT, "device": device_name(device), **_versions(),
