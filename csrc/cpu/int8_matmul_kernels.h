@@ -722,6 +722,27 @@ FRUGAL_TARGET_AVX512 inline int32_t hsum_wrap(__m512i v) {
   return _mm_cvtsi128_si32(_mm_add_epi32(q, _mm_shuffle_epi32(q, 1)));
 }
 
+// The accumulators of a stream tile: zeroed, then each reduced to one int32 (wrapping).
+template <int MW, int NW>
+FRUGAL_TARGET_AVX512 __attribute__((always_inline)) inline void zero_tiles(
+    __m512i (&acc)[MW][NW]) {
+#pragma GCC unroll 4
+  for (int r = 0; r < MW; ++r) {
+#pragma GCC unroll 4
+    for (int j = 0; j < NW; ++j) acc[r][j] = _mm512_setzero_si512();
+  }
+}
+
+template <int MW, int NW>
+FRUGAL_TARGET_AVX512 __attribute__((always_inline)) inline void store_tile_sums(
+    __m512i (&acc)[MW][NW], int32_t* sums) {
+#pragma GCC unroll 4
+  for (int r = 0; r < MW; ++r) {
+#pragma GCC unroll 4
+    for (int j = 0; j < NW; ++j) sums[r * NW + j] = hsum_wrap(acc[r][j]);
+  }
+}
+
 template <int MW, int NW>
 struct StreamTileVnni {
   FRUGAL_TARGET_AVX512_VNNI __attribute__((always_inline)) static inline void step(
@@ -742,21 +763,13 @@ struct StreamTileVnni {
   FRUGAL_TARGET_AVX512_VNNI static void run(const int8_t* a, int64_t lda, const int8_t* b,
                                             int64_t ldb, int64_t K, int32_t* sums) {
     __m512i acc[MW][NW];
-#pragma GCC unroll 4
-    for (int r = 0; r < MW; ++r) {
-#pragma GCC unroll 4
-      for (int j = 0; j < NW; ++j) acc[r][j] = _mm512_setzero_si512();
-    }
+    zero_tiles(acc);
     int64_t k = 0;
     if constexpr (MW * NW <= 8) {
       // Few accumulators: a second set, so that consecutive vpdpbusd into one register (4-5
       // cycles apart) do not bound the loop.
       __m512i acc2[MW][NW];
-#pragma GCC unroll 4
-      for (int r = 0; r < MW; ++r) {
-#pragma GCC unroll 4
-        for (int j = 0; j < NW; ++j) acc2[r][j] = _mm512_setzero_si512();
-      }
+      zero_tiles(acc2);
       for (; k + 128 <= K; k += 128) {
 #pragma GCC unroll 4
         for (int j = 0; j < NW; ++j) {
@@ -780,11 +793,7 @@ struct StreamTileVnni {
       step(acc, a + k, lda, b + k, ldb, ~__mmask64{0});
     }
     if (k < K) step(acc, a + k, lda, b + k, ldb, (__mmask64{1} << (K - k)) - 1);
-#pragma GCC unroll 4
-    for (int r = 0; r < MW; ++r) {
-#pragma GCC unroll 4
-      for (int j = 0; j < NW; ++j) sums[r * NW + j] = hsum_wrap(acc[r][j]);
-    }
+    store_tile_sums(acc, sums);
   }
 };
 
@@ -809,11 +818,7 @@ struct StreamTileAvx512 {
   FRUGAL_TARGET_AVX512 static void run(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb,
                                        int64_t K, int32_t* sums) {
     __m512i acc[MW][NW];
-#pragma GCC unroll 4
-    for (int r = 0; r < MW; ++r) {
-#pragma GCC unroll 4
-      for (int j = 0; j < NW; ++j) acc[r][j] = _mm512_setzero_si512();
-    }
+    zero_tiles(acc);
     int64_t k = 0;
     for (; k + 64 <= K; k += 64) {
 #pragma GCC unroll 4
@@ -827,11 +832,7 @@ struct StreamTileAvx512 {
       const __mmask32 mask = K - k >= 32 ? ~__mmask32{0} : (__mmask32{1} << (K - k)) - 1;
       step(acc, a + k, lda, b + k, ldb, mask);
     }
-#pragma GCC unroll 4
-    for (int r = 0; r < MW; ++r) {
-#pragma GCC unroll 4
-      for (int j = 0; j < NW; ++j) sums[r * NW + j] = hsum_wrap(acc[r][j]);
-    }
+    store_tile_sums(acc, sums);
   }
 };
 
