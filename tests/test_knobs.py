@@ -131,13 +131,13 @@ def test_the_tuner_searches_the_knobs_and_a_cpu_call_runs_with_the_winner(monkey
     path, data, results = tuning.tune([op], CPU, timer=timer, progress=False, rounds=1)
     tried = [r for r in results["int8_mm"] if r.backend == "cpu"]
     assert all(r.status == "ok" for r in tried) and len(tried) > 2
-    table = data["tables"]["cpu_int8_gemm"]
+    table = data["tables"]["cpu_int8_mm"]
     assert table[-1] == {"max_M": None, **want}
     assert {k: v for k, v in table[0].items() if k != "max_M"} != want
 
     # A cpu call at M = 64 runs inside the winner's knobs: observe them through the run.
     seen = []
-    run = knobs.with_tuned(lambda *args: seen.append(knobs.current()), "cpu_int8_gemm",
+    run = knobs.with_tuned(lambda *args: seen.append(knobs.current()), "cpu_int8_mm",
                            op.tune.size_of)
     run(torch.zeros(64, 8, dtype=torch.int8), None)
     assert {k: seen[-1][k] for k in want} == want
@@ -153,8 +153,8 @@ def test_the_tuner_searches_the_knobs_and_a_cpu_call_runs_with_the_winner(monkey
     assert torch.equal(frugal.int8_mm(a, b), reference.int8_mm(a, b))
     reason = frugal.explain(frugal.int8_mm, a, b, backend="cpu").reason
     last = len(table) - 1
-    assert "knobs " in reason and f"{path}: tables.cpu_int8_gemm[{last}])" in reason
-    assert "tables.cpu_int8_gemm[0])" in frugal.explain(frugal.int8_mm, a[:1], b,
+    assert "knobs " in reason and f"{path}: tables.cpu_int8_mm[{last}])" in reason
+    assert "tables.cpu_int8_mm[0])" in frugal.explain(frugal.int8_mm, a[:1], b,
                                                         backend="cpu").reason
 
 

@@ -273,3 +273,31 @@ def test_the_cuda_kernels_are_tuner_candidates_on_a_gpu(monkeypatch):
         found = backends(name, *args)
         assert "cuda" in found and "triton" in found, (name, found)
     assert "cuda" not in backends("int8_mm", a[:, :40], b[:, :40])  # K % 16 != 0
+
+
+def test_noise_cannot_replace_the_default_backend():
+    from frugal.tuning import Result
+
+    rows = [Result("int8_mm", 1, "cpu", None, None, "ok", 1.00),
+            Result("int8_mm", 1, "torch", None, None, "ok", 0.98),
+            Result("int8_mm", 64, "cpu", None, None, "wrong: off", None),
+            Result("int8_mm", 64, "torch", None, None, "ok", 3.0)]
+    data = tuning.summarize({"int8_mm": rows}, CPU)
+    assert [b["backend"] for b in data["ops"]["int8_mm"]] == ["cpu", "torch"]  # 2%: noise
+    rows[1].ms = 0.9
+    data = tuning.summarize({"int8_mm": rows}, CPU)
+    assert data["ops"]["int8_mm"] == [{"max": None, "backend": "torch", "ms": 0.9}]
+
+
+def test_the_cpu_tuning_timer_takes_the_fastest_run():
+    import itertools
+    import time
+
+    from frugal.bench.timing import time_cpu
+
+    def make():  # 2 of every 3 runs preempted for 5 ms: the median is a preempted run
+        delays = itertools.cycle([0.005, 0.005, 0.0])
+        return lambda: time.sleep(next(delays))
+
+    assert tuning.tuning_timer(CPU)(make()) < 2.0
+    assert time_cpu(make(), min_time=0.05) > 4.0

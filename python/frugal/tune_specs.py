@@ -32,10 +32,11 @@ def _with_space(op_name, space, launch):
     op.impls["triton"] = dataclasses.replace(impl, run=run, space=space)
 
 
-def _with_cpu_knobs(op_name, table, relevant=None):
-    """Gives ``op_name``'s C++ CPU implementation the knob space of ``table`` (space.json) and
-    a run that takes knob values (``config=``) or else applies the tuned file's
-    (:func:`frugal.knobs.with_tuned`). ``relevant`` drops candidates whose
+def _with_cpu_knobs(op_name, space_name, relevant=None):
+    """Gives ``op_name``'s C++ CPU implementation the knob space ``space_name`` (space.json)
+    and a run that takes knob values (``config=``) or else applies the tuned file's table
+    ``cpu_<op_name>`` (:func:`frugal.knobs.with_tuned`; ops that share a kernel share a space,
+    each tunes its own table). ``relevant`` drops candidates whose
     knobs cannot matter for ``args``: ``relevant(args)`` names the knobs that can; the others
     keep their defaults, and candidates that then coincide are one."""
     from . import knobs as cpu_knobs
@@ -44,6 +45,7 @@ def _with_cpu_knobs(op_name, table, relevant=None):
     impl = op.impls.get("cpu")
     if impl is None or not cpu_knobs.knobs():
         return
+    table = f"cpu_{op_name}"
 
     def space(*args, quick=False):
         from frugal.kernels import configs
@@ -51,7 +53,7 @@ def _with_cpu_knobs(op_name, table, relevant=None):
         defaults = {n: k.default for n, k in cpu_knobs.knobs().items()}
         out = []
         names = None if relevant is None else relevant(args)
-        for cfg in configs.space(table, quick):
+        for cfg in configs.space(space_name, quick):
             if names is not None:
                 cfg = {n: v if n in names else defaults[n] for n, v in cfg.items()}
             if cfg not in out:
@@ -319,7 +321,7 @@ registry.op("paged_attention").tune = TuneSpec(
 _with_space("paged_attention", _decode_space, _decode_launch)
 # The C++ decode's work split (split-KV partition, items per thread). The tuning inputs have
 # fewer sequences than a 2-core machine wants items, so the split is what they exercise.
-_with_cpu_knobs("paged_attention", "cpu_paged_attention")
+_with_cpu_knobs("paged_attention", "cpu_paged_decode")
 
 
 # ----------------------------------------------------------------------------- sparse

@@ -10,9 +10,11 @@ op's bucket dimension (rows M, head dim D, ...), every implementation that can r
    the JIT builds it; one that cannot launch or spills is dropped);
 2. verified: run once on fresh random inputs against the op's reference with its accuracy
    rule; a candidate that misses it is dropped and can never be chosen;
-3. timed with the bench timer, in interleaved rounds.
+3. timed with the bench timer (on a CPU its fastest run, not the median: see
+   :func:`tuning_timer`), in interleaved rounds.
 
-The winners become a file per device in the user's directory (``FRUGAL_CONFIG_DIR``, default
+A candidate replaces the default choice -- auto's first verified backend, a C++ kernel's knob
+defaults -- only when it is at least NOISE_MARGIN (3%) faster. The winners become a file per device in the user's directory (``FRUGAL_CONFIG_DIR``, default
 ``~/.cache/frugal``): per op, buckets of sizes with their fastest verified backend (adjacent
 sizes with one winner merge), and per launch-config table the winning configs, in the format of
 ``kernels/configs/*.json``. The file is keyed by device, frugal and Triton versions and a hash of
@@ -288,13 +290,23 @@ def _candidates(op, device, args, quick):
     return out
 
 
+def tuning_timer(device):
+    """The bench timer, except on a CPU the fastest run rather than the median: on a shared
+    machine another process taking a core (or a two-thread parallel region waiting for its
+    descheduled thread) only ever adds time, and the median of a loaded machine's runs can be
+    a scheduler time slice rather than the kernel."""
+    from .bench.timing import default_timer, time_cpu
+
+    if torch.device(device).type == "cuda":
+        return default_timer(device)
+    return functools.partial(time_cpu, stat=min)
+
+
 def tune_op(op, device, *, quick=True, timer=None, rounds=2, deadline=None, bar=None,
             seed=0):
     """Measure ``op`` on ``device``; returns the list of :class:`Result`."""
-    from .bench.timing import default_timer
-
     spec = op.tune
-    timer = timer or default_timer(device)
+    timer = timer or tuning_timer(device)
     results = []
     gen = torch.Generator().manual_seed(seed)
     for size in spec.sizes(quick, device):
@@ -351,12 +363,27 @@ def _buckets(results, key):
     return buckets
 
 
-KNOB_MARGIN = 0.03  # a CPU knob candidate must beat the defaults by 3% to be kept
+# A candidate must beat the default choice by this much to replace it: timing noise must not
+# choose a backend or a CPU knob value.
+NOISE_MARGIN = 0.03
+
+
+def _default_backend_unless_faster(results):
+    """``results`` with each size's other backends dropped unless their best time beats the
+    default backend's (auto's first verified candidate there) by NOISE_MARGIN."""
+    first, best = {}, {}
+    for r in results:
+        if r.status == "ok" and r.ms is not None:
+            first.setdefault(r.size, r.backend)
+            key = (r.size, r.backend)
+            best[key] = min(best.get(key, r.ms), r.ms)
+    return [r for r in results if r.size not in first or r.backend == first[r.size]
+            or r.ms is None or r.ms <= best[r.size, first[r.size]] * (1 - NOISE_MARGIN)]
 
 
 def _default_unless_faster(rows):
     """The rows of a knob table with each size's candidates other than the defaults dropped
-    unless they beat the defaults' time by KNOB_MARGIN (timing noise must not pick knobs)."""
+    unless they beat the defaults' time by NOISE_MARGIN."""
     from . import knobs as cpu_knobs
 
     defaults = {n: k.default for n, k in cpu_knobs.knobs().items()}
@@ -366,7 +393,7 @@ def _default_unless_faster(rows):
                 defaults.get(k) == v for k, v in r.config.items()):
             base[r.size] = r.ms
     return [r for r in rows if r.size not in base or r.ms is None
-            or r.ms <= base[r.size] * (1 - KNOB_MARGIN)
+            or r.ms <= base[r.size] * (1 - NOISE_MARGIN)
             or all(defaults.get(k) == v for k, v in r.config.items())]
 
 
@@ -374,12 +401,12 @@ def summarize(results_by_op, device):
     """The tuned-file data of measured results."""
     ops, tables = {}, {}
     for name, results in results_by_op.items():
-        buckets = _buckets(results, key=lambda r: r.backend)
+        buckets = _buckets(_default_backend_unless_faster(results), key=lambda r: r.backend)
         ops[name] = [{"max": b["max"], "backend": b["_win"].backend, "ms": b["_win"].ms}
                      for b in buckets]
         # Launch configs: per table, the fastest config per size among its Triton candidates.
         # C++ CPU knob tables (cpu_*): likewise, keyed on the op's dim, but a size keeps the
-        # knobs' defaults unless its winner beat them by KNOB_MARGIN.
+        # knobs' defaults unless its winner beat them by NOISE_MARGIN.
         triton = [r for r in results if r.table is not None]
         for table in sorted({r.table for r in triton}):
             rows = [r for r in triton if r.table == table]
