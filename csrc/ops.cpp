@@ -7,6 +7,7 @@
 #include "cpu/isa.h"
 #include "cpu/knobs.h"
 #include "cpu/memory.h"
+#include "cpu/paged_checks.h"
 #if defined(FRUGAL_WITH_CUTLASS)
 #include "cuda/kernel_configs_py.h"
 #endif
@@ -134,6 +135,30 @@ PyObject* advise_huge_pages(PyObject*, PyObject* args) {
   return PyBool_FromLong(done);
 }
 
+// paged_tables_bad(table, rows, width, s0, s1, lens, ls, q_lens, qs, q_rows, num_blocks,
+// block_size, window) -> bool: frugal::cpu::paged_tables_bad on int32 CPU buffers given by
+// address and element strides (q_lens 0: none). The caller (frugal.paged_ops) has checked the
+// tensors' dtypes, devices and shapes and keeps them alive.
+PyObject* paged_tables_bad(PyObject*, PyObject* args) {
+  unsigned long long table = 0, lens = 0, q_lens = 0;
+  long long rows = 0, width = 0, s0 = 0, s1 = 0, ls = 0, qs = 0, q_rows = 0, num_blocks = 0,
+            block_size = 0, window = 0;
+  if (!PyArg_ParseTuple(args, "KLLLLKLKLLLLL", &table, &rows, &width, &s0, &s1, &lens, &ls,
+                        &q_lens, &qs, &q_rows, &num_blocks, &block_size, &window)) {
+    return nullptr;
+  }
+  if (table == 0 || lens == 0 || rows < 0 || width < 0 || block_size <= 0) {
+    PyErr_SetString(PyExc_ValueError, "paged_tables_bad: null buffer or negative size");
+    return nullptr;
+  }
+  frugal::cpu::PagedTables t{reinterpret_cast<const int32_t*>(static_cast<uintptr_t>(table)),
+                             rows, width, s0, s1,
+                             reinterpret_cast<const int32_t*>(static_cast<uintptr_t>(lens)), ls,
+                             reinterpret_cast<const int32_t*>(static_cast<uintptr_t>(q_lens)),
+                             qs, q_rows, num_blocks, block_size, window};
+  return PyBool_FromLong(frugal::cpu::paged_tables_bad(t));
+}
+
 // cpu_knobs() -> list of (name, default, lo, hi, doc): csrc/cpu/knobs.h.
 PyObject* cpu_knobs(PyObject*, PyObject*) {
   const frugal::cpu::KnobInfo* infos = frugal::cpu::knob_infos();
@@ -196,6 +221,9 @@ PyMethodDef methods[] = {
     {"advise_huge_pages", advise_huge_pages, METH_VARARGS,
      "advise_huge_pages(address, nbytes) -> bool: mark the 2 MiB-aligned interior of a CPU "
      "buffer of at least 8 MiB for transparent huge pages (Linux madvise); True if marked."},
+    {"paged_tables_bad", paged_tables_bad, METH_VARARGS,
+     "paged_tables_bad(table, rows, width, s0, s1, lens, ls, q_lens, qs, q_rows, num_blocks, "
+     "block_size, window) -> bool: the paged ops' host check of CPU block tables."},
     {"cpu_knobs", cpu_knobs, METH_NOARGS,
      "cpu_knobs() -> list of (name, default, lo, hi, doc): the C++ CPU kernels' tunable knobs."},
     {"set_cpu_knob", set_cpu_knob, METH_VARARGS,

@@ -125,3 +125,37 @@ def test_cpu_table_check_agrees_with_the_torch_check(monkeypatch):
         assert bad == refused, (tables, lens, window, q_lens, rows)
         seen[bad] += 1
     assert min(seen.values()) > 50, seen
+
+
+def test_the_cpp_table_check_agrees_with_numpy_on_random_tables(monkeypatch):
+    """paged_ops._cpu_tables_bad in C++ (csrc/cpu/paged_checks.cpp) and in numpy give the same
+    verdict on random tables with a few bad entries, lengths and q_lens, strided tables
+    included."""
+    from frugal import paged_ops
+
+    if paged_ops._C_TABLES_BAD is None:
+        pytest.skip("frugal._C is not built")
+    gen = torch.Generator().manual_seed(0)
+    verdicts = set()
+    for trial in range(400):
+        rows, width, bs, nb = (int(x) for x in torch.randint(1, 6, (4,), generator=gen))
+        bs *= 4
+        table = torch.randint(-1, nb, (rows, width * 2), generator=gen, dtype=torch.int32)
+        if trial % 3 == 0:
+            table[torch.randint(0, rows, (1,), generator=gen), 0] = int(
+                torch.randint(-3, nb + 3, (1,), generator=gen))
+        table = table[:, ::2] if trial % 2 else table[:, :width]
+        lens = torch.randint(-1, width * bs + 2, (rows,), generator=gen, dtype=torch.int32)
+        window = None if trial % 4 else int(torch.randint(1, 3 * bs, (1,), generator=gen))
+        q_lens = None
+        q_rows = None
+        if trial % 5 == 1:
+            q_lens = (torch.rand(rows, generator=gen) * lens.clamp(min=0)).to(torch.int32)
+            q_rows = int(q_lens.sum()) + (1 if trial % 10 == 1 else 0)
+        monkeypatch.setattr(paged_ops, "_C_TABLES_BAD", None)
+        want = bool(paged_ops._cpu_tables_bad(table, lens, nb, bs, window, q_lens, q_rows))
+        monkeypatch.undo()
+        got = paged_ops._cpu_tables_bad(table, lens, nb, bs, window, q_lens, q_rows)
+        assert got is want, (trial, table, lens, window, q_lens, q_rows)
+        verdicts.add(want)
+    assert verdicts == {True, False}

@@ -106,27 +106,33 @@ def _inside_block():
     return bool(getattr(_LOCAL, "stack", None))
 
 
+_NONE = ({}, None)
+_CPU = torch.device("cpu")
+_CPU_KEY = (_CPU.type, _CPU.index)
+
+
 def tuned_values(table, size):
     """The knob values the CPU's tuned file gives ``table`` at ``size`` ({} without one, when
-    tuned choices are off, or inside a :func:`cpu_knobs` block), and the entry's name."""
+    tuned choices are off, or inside a :func:`cpu_knobs` block), and the entry's name. (On
+    every cpu call: a few dict reads when nothing is tuned.)"""
     from . import tuning
 
-    if not tuning._ENABLED[0] or _inside_block():
-        return {}, None
-    data = tuning._LOADED.get(("cpu", None), tuning)  # the module: not read yet
-    if data is tuning:
-        data = tuning.load(torch.device("cpu"))
-    if not data:
-        return {}, None
+    if not tuning._ENABLED[0]:
+        return _NONE
+    data = tuning._LOADED.get(_CPU_KEY, _CPU)  # _CPU: not read yet
+    if data is _CPU:
+        data = tuning.load(_CPU)
+    if not data or _inside_block():
+        return _NONE
     buckets = data.get("tables", {}).get(table)
     if not buckets:
-        return {}, None
+        return _NONE
     for i, bucket in enumerate(buckets):
         bound = next((v for k, v in bucket.items() if k.startswith("max_")), None)
         if bound is None or size <= bound:
             return ({k: v for k, v in bucket.items() if not k.startswith("max_")},
                     f"{data['path']}: tables.{table}[{i}]")
-    return {}, None
+    return _NONE
 
 
 def with_tuned(run, table, size_of):
