@@ -601,3 +601,22 @@ def test_generate_sweep_runs_and_records_tokens_and_kv_bytes(monkeypatch, one_th
     for c in kv:
         worst = max(float(p.split("+")[1].rstrip("%")) for p in c.measured.split(", "))
         assert c.passed == (worst <= 5.0)
+
+
+def test_fastest_times_each_candidate_by_its_fastest_run(monkeypatch):
+    """--fastest: a candidate preempted on most runs is timed by its clean runs (the median
+    would be a preempted one)."""
+    import itertools
+    import time
+
+    from frugal.bench.registry import Sweep
+
+    delays = itertools.cycle([0.004, 0.004, 0.0])
+    sweep = Sweep(name="fastest_test", op="quantize_per_token", x_name="x", xs=(1,),
+                  quick=(1,), baseline="a", setup=lambda x, device: {
+                      "a": lambda: time.sleep(next(delays))})
+    run = bench.run([sweep], "cpu", progress=False, copy_gbps=10.0, fastest=True, rounds=1)
+    assert run.results[0].rows[0].ms < 2.0
+    assert "timer: fastest run" in run.markdown()
+    run = bench.run([sweep], "cpu", progress=False, copy_gbps=10.0, rounds=1)
+    assert run.results[0].rows[0].ms > 3.0

@@ -57,6 +57,10 @@ def _parser():
     bench.add_argument("--rounds", type=int, default=None, metavar="R",
                        help="time each x's candidates R times, interleaved, keeping each one's "
                             "best (default 2 on CPU, 1 on CUDA)")
+    bench.add_argument("--fastest", action="store_true",
+                       help="on a CPU, each candidate's fastest run instead of its median (for "
+                            "a machine shared with other work: another process only ever adds "
+                            "time)")
     bench.set_defaults(func=_bench)
 
     commands.add_parser("check", help="run frugal.check (arguments are passed on to it)",
@@ -139,7 +143,7 @@ def _bench(args):
               file=sys.stderr)
         return 2
     result = bench.run(sweeps, device, quick=args.quick, rounds=args.rounds,
-                       compare_tuned=args.compare_tuned)
+                       compare_tuned=args.compare_tuned, fastest=args.fastest)
     print(result.markdown())
     for path in result.save(args.out):
         print(f"wrote {path}", file=sys.stderr)

@@ -3,6 +3,7 @@ exponents, and renders the results as a Markdown table, a JSON record and log-lo
 
 import dataclasses
 import datetime
+import functools
 import inspect
 import json
 import pathlib
@@ -19,7 +20,7 @@ from matplotlib.ticker import NullLocator
 from tqdm import tqdm
 
 from .registry import Check, SlopeTarget, Sweep, Target
-from .timing import copy_fn, default_timer
+from .timing import copy_fn, default_timer, time_cpu
 
 
 @dataclasses.dataclass
@@ -196,7 +197,7 @@ def _cpu_isa():
 
 
 def run(sweeps, device=None, *, quick=False, timer=None, copy_gbps=None, progress=True,
-        rounds=None, compare_tuned=False):
+        rounds=None, compare_tuned=False, fastest=False):
     """Time every candidate of every sweep at each of its token counts.
 
     Parameters
@@ -208,7 +209,9 @@ def run(sweeps, device=None, *, quick=False, timer=None, copy_gbps=None, progres
         Use each sweep's ``quick`` token counts instead of ``xs``.
     timer : callable ``fn -> milliseconds``, optional
         For every sweep; by default a sweep's own ``timer``, else
-        :func:`~frugal.bench.timing.default_timer` for the device.
+        :func:`~frugal.bench.timing.default_timer` for the device (with ``fastest`` on a
+        CPU, its fastest run instead of the median: for a machine shared with other work,
+        where the median can be a scheduler time slice).
     copy_gbps : float, optional
         The device's copy bandwidth, for every x of every memory-bound sweep. When None it is
         measured: at each x of a memory-bound sweep a 256 MiB ``dst.copy_(src)`` is timed in
@@ -239,6 +242,8 @@ def run(sweeps, device=None, *, quick=False, timer=None, copy_gbps=None, progres
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"run: rounds must be a positive int; got {rounds!r}")
     env = environment(device)
+    if fastest and torch.device(device).type == "cpu":
+        env["timer"] = "fastest run (--fastest)"
     total = sum(len(s.quick if quick else s.xs) for s in sweeps)
     measured = copy_gbps is None
     timed = []
@@ -248,7 +253,10 @@ def run(sweeps, device=None, *, quick=False, timer=None, copy_gbps=None, progres
             copy = None
             if s.memory_bound:
                 copy = copy_fn(device) if measured else (None, copy_gbps)
-            times, copies = _time_sweep(s, xs, device, timer or s.timer or default_timer(device),
+            base = default_timer(device)
+            if fastest and torch.device(device).type == "cpu":
+                base = functools.partial(time_cpu, stat=min)
+            times, copies = _time_sweep(s, xs, device, timer or s.timer or base,
                                         bar, rounds, copy, compare_tuned)
             timed.append((s, times, copies))
     if measured:
@@ -396,6 +404,8 @@ def _sweep_markdown(result, env, copy_gbps):
     title = f"### {sweep.name} on {env['device']} ({env['device_name']})"
     if env["device"] == "cpu" and env.get("cpu_isa"):
         title += f"\n\nCPU: {env['cpu_isa']}; {env['cpu_threads']} threads"
+        if env.get("timer"):
+            title += f"; timer: {env['timer']}"
     lines = [title + (f": {_params(sweep)}" if sweep.params else "")]
     if sweep.memory_bound:
         by_x = result.copy_by_x
