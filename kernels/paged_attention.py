@@ -6,11 +6,13 @@ tables, with split-KV for batches too small to fill the GPU) and ``paged_prefill
 Layout (one layer): caches [num_blocks, page_size, Hkv, D]; position p of sequence b lives at
 offset ``p % page_size`` of block ``block_tables[b, p // page_size]``; int8 caches keep fp32
 scales [num_blocks, page_size, Hkv] (contiguous) beside them. The launchers expect what the
-public API's availability check guarantees: D a multiple of 16 in [16, 256], caches with unit
-stride in D and their other strides multiples of 16 elements (always so for contiguous caches
+public API's availability check guarantees: D a multiple of 8 in [8, 256], caches with unit
+stride in D and their other strides multiples of 8 elements (always so for contiguous caches
 with such D). q, k and v that break the alignment are copied (they are small); the caches never
-are. The kernels restate the alignment to the compiler (``x // 16 * 16``, like the int8 GEMM's
-``ALIGNED``), so K/V rows load as 16-byte vectors; every integer argument is
+are. Tiles pad D to ``BLOCK_D = head_block(D)`` (a power of two >= 32: D = 80 or 120 runs in a
+masked 128) and mask the padding. The kernels restate the alignment to the compiler
+(``x // 8 * 8``, like the int8 GEMM's ``ALIGNED``), so K/V rows load as 16-byte vectors at
+fp16; every integer argument is
 ``do_not_specialize``: a value of 1 or a multiple of 16 compiles nothing new.
 
 paged_append
@@ -105,13 +107,13 @@ import triton.language as tl
 
 from . import _launch, configs
 from ._common import FLT_MAX, K_LN2, LOG2E, round_half_even
-from ._launch import ALIGN as _ALIGN
-from ._launch import aligned as _aligned
-from ._launch import aligned_strides as _aligned_strides
-from ._launch import head_block
+from ._launch import aligned, aligned_strides, head_block
 
 BLOCK_G = 16  # query rows per program: the smallest tensor-core tile M
-MIN_HEAD_DIM = 16
+# Head dims and strides are multiples of ALIGN elements (16 bytes at fp16: one vector load); the
+# tiles pad D to BLOCK_D = head_block(D), a power of two, and mask the rest.
+ALIGN = 8
+MIN_HEAD_DIM = 8
 MAX_HEAD_DIM = 256
 # fp32 q runs the prefill dots as tf32x3, whose split operands spill registers past this.
 PREFILL_FP32_MAX_HEAD_DIM = 128
@@ -138,15 +140,15 @@ def _paged_attention_kernel(
     h = (pid // chunks) % Hkv
     b = pid // chunks // Hkv
     # Alignment the launcher guarantees, stated so the compiler can see it.
-    D = D // 16 * 16
-    stride_qb = stride_qb // 16 * 16
-    stride_qh = stride_qh // 16 * 16
-    stride_kb = stride_kb // 16 * 16
-    stride_ko = stride_ko // 16 * 16
-    stride_kh = stride_kh // 16 * 16
-    stride_vb = stride_vb // 16 * 16
-    stride_vo = stride_vo // 16 * 16
-    stride_vh = stride_vh // 16 * 16
+    D = D // 8 * 8
+    stride_qb = stride_qb // 8 * 8
+    stride_qh = stride_qh // 8 * 8
+    stride_kb = stride_kb // 8 * 8
+    stride_ko = stride_ko // 8 * 8
+    stride_kh = stride_kh // 8 * 8
+    stride_vb = stride_vb // 8 * 8
+    stride_vo = stride_vo // 8 * 8
+    stride_vh = stride_vh // 8 * 8
 
     seq_len = tl.load(lens_ptr + b)
     lo = tl.where(window > 0, tl.maximum(seq_len - window, 0), 0)
@@ -243,7 +245,7 @@ def _paged_attention_merge_kernel(
 ):
     # Stage 2: merge one query head's partitions (max-logit / exp-sum, base 2).
     row = tl.program_id(0).to(tl.int64)  # b * Hq + head
-    D = D // 16 * 16
+    D = D // 8 * 8
     seq_len = tl.load(lens_ptr + row // Hq)
     lo = tl.where(window > 0, tl.maximum(seq_len - window, 0), 0)
     n_parts = tl.cdiv(seq_len - lo // tile * tile, partition)  # those stage 1 wrote
@@ -291,15 +293,15 @@ def _paged_prefill_kernel(
     tile = num_tiles - 1 - pid % num_tiles  # the last tokens (the longest spans) first
     b = pid // num_tiles // Hkv
     h = pid // num_tiles % Hkv
-    D = D // 16 * 16
-    stride_qn = stride_qn // 16 * 16
-    stride_qh = stride_qh // 16 * 16
-    stride_kb = stride_kb // 16 * 16
-    stride_ko = stride_ko // 16 * 16
-    stride_kh = stride_kh // 16 * 16
-    stride_vb = stride_vb // 16 * 16
-    stride_vo = stride_vo // 16 * 16
-    stride_vh = stride_vh // 16 * 16
+    D = D // 8 * 8
+    stride_qn = stride_qn // 8 * 8
+    stride_qh = stride_qh // 8 * 8
+    stride_kb = stride_kb // 8 * 8
+    stride_ko = stride_ko // 8 * 8
+    stride_kh = stride_kh // 8 * 8
+    stride_vb = stride_vb // 8 * 8
+    stride_vo = stride_vo // 8 * 8
+    stride_vh = stride_vh // 8 * 8
 
     q_start = tl.load(cu_ptr + b)
     n_q = tl.load(cu_ptr + b + 1) - q_start
@@ -419,17 +421,17 @@ def _paged_append_kernel(
     slot = tl.load(slot_ptr + tok)
     if slot < 0:
         return  # padding
-    D = D // 16 * 16
-    stride_kn = stride_kn // 16 * 16
-    stride_kh = stride_kh // 16 * 16
-    stride_vn = stride_vn // 16 * 16
-    stride_vh = stride_vh // 16 * 16
-    stride_kcb = stride_kcb // 16 * 16
-    stride_kco = stride_kco // 16 * 16
-    stride_kch = stride_kch // 16 * 16
-    stride_vcb = stride_vcb // 16 * 16
-    stride_vco = stride_vco // 16 * 16
-    stride_vch = stride_vch // 16 * 16
+    D = D // 8 * 8
+    stride_kn = stride_kn // 8 * 8
+    stride_kh = stride_kh // 8 * 8
+    stride_vn = stride_vn // 8 * 8
+    stride_vh = stride_vh // 8 * 8
+    stride_kcb = stride_kcb // 8 * 8
+    stride_kco = stride_kco // 8 * 8
+    stride_kch = stride_kch // 8 * 8
+    stride_vcb = stride_vcb // 8 * 8
+    stride_vco = stride_vco // 8 * 8
+    stride_vch = stride_vch // 8 * 8
     slot64 = slot.to(tl.int64)
     block = slot64 // page_size
     in_page = slot64 % page_size
@@ -476,13 +478,13 @@ def unsupported(k_cache, v_cache, k_scale=None, v_scale=None, q_dtype=None):
         return (f"Triton {triton.__version__} cannot compile float32 q over an int8 cache "
                 f"(Triton >= 3.3 can)")
     D = k_cache.shape[3]
-    if not (MIN_HEAD_DIM <= D <= MAX_HEAD_DIM and D % _ALIGN == 0):
-        return (f"the Triton kernels need head_dim a multiple of 16 from {MIN_HEAD_DIM} to "
+    if not (MIN_HEAD_DIM <= D <= MAX_HEAD_DIM and D % ALIGN == 0):
+        return (f"the Triton kernels need head_dim a multiple of {ALIGN} from {MIN_HEAD_DIM} to "
                 f"{MAX_HEAD_DIM}; got {D}")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.stride(3) != 1 or not _aligned_strides(t, range(3)):
+        if t.stride(3) != 1 or not aligned_strides(t, range(3), ALIGN):
             return (f"the Triton kernels need {name} with unit stride in head_dim and its other "
-                    f"strides multiples of 16 elements; got strides {tuple(t.stride())}")
+                    f"strides multiples of {ALIGN} elements; got strides {tuple(t.stride())}")
     for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
         if s is not None and not s.is_contiguous():
             return f"the Triton kernels need a contiguous {name}"
@@ -573,7 +575,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, window=0
         return result
     capacity = width * page_size
     window = int(window) if window is not None and 0 < window < capacity else 0
-    q = _aligned(q)
+    q = aligned(q, ALIGN)
     if block_tables.stride(1) != 1:
         block_tables = block_tables.contiguous()
     seq_lens = seq_lens.contiguous()
@@ -645,7 +647,7 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, cu_seql
         return result
     capacity = block_tables.shape[1] * page_size
     window = int(window) if window is not None and 0 < window < capacity else 0
-    q = _aligned(q)
+    q = aligned(q, ALIGN)
     if block_tables.stride(1) != 1:
         block_tables = block_tables.contiguous()
     seq_lens, cu_seqlens_q = seq_lens.contiguous(), cu_seqlens_q.contiguous()
@@ -670,7 +672,7 @@ def paged_append(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=Non
     N, Hkv, D = k.shape
     if N == 0 or Hkv == 0:
         return
-    k, v = _aligned(k), _aligned(v)
+    k, v = aligned(k, ALIGN), aligned(v, ALIGN)
     if slot_mapping.dtype != torch.int32:
         slot_mapping = slot_mapping.to(torch.int32)  # slots < num_blocks * page_size < 2**31
     slot_mapping = slot_mapping.contiguous()

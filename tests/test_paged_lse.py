@@ -173,16 +173,6 @@ def test_prefill_lse_matches_float64(poison, backend, dtype, window):
 # ------------------------------------------------------------------------ CUDA (emulated)
 
 
-@pytest.fixture
-def emu():
-    emu = pytest.importorskip("frugal._cuda_emu", reason="frugal._cuda_emu is not built")
-    before = emu.configure()
-    emu.configure(num_sms=132, blocks_per_sm=2, min_partition=512, schedule="forward", seed=0)
-    yield emu
-    emu.configure(**{k: before[k] for k in ("num_sms", "blocks_per_sm", "min_partition",
-                                              "schedule", "seed")})
-
-
 @pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "int8"], ids=str)
 def test_cuda_emulated_decode_lse(poison, emu, dtype, split):

@@ -515,7 +515,7 @@ def paged_append(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=Non
     k_scale, v_scale : Tensor [num_blocks, block_size, Hkv] float32, for int8 caches only: each
         head vector is stored as :func:`frugal.quantize_per_token` quantizes it, its scale here.
     backend : "auto" | "triton" | "cpu" | "torch". auto: Triton on CUDA tensors, C++ on CPU
-        tensors, else PyTorch. Triton needs head_dim a multiple of 16 up to 256 and caches with
+        tensors, else PyTorch. Triton needs head_dim a multiple of 8 up to 256 and caches with
         unit stride in head_dim; every backend writes the same bytes (and int8 scales).
 
     Raises BlockTableError for slots out of range or repeated, before anything is written.
@@ -588,7 +588,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=None, win
     window : int or None. Query at position p reads keys at positions ``p - window < j <= p``.
     k_scale, v_scale : Tensor [num_blocks, block_size, Hkv] float32, for int8 caches only.
     backend : "auto" | "triton" | "cpu" | "torch". auto: Triton on CUDA tensors, C++ on CPU
-        tensors, else PyTorch. Triton needs head_dim a multiple of 16 up to 256 and caches with
+        tensors, else PyTorch. Triton needs head_dim a multiple of 8 up to 256 and caches with
         unit stride in head_dim.
     return_lse : bool. Also return the log-sum-exp of each row (every backend computes it).
 
