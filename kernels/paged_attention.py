@@ -72,6 +72,12 @@ split, stage 1 writes the result in q's dtype and stage 2 is not launched.
 seq_len 0 gives zeros; a NaN anywhere the query reads (e.g. an int8 scale of NaN) gives NaN,
 as in the reference.
 
+Score modifiers (``frugal.score_mods``), in decode and prefill alike: the constexpr flags
+SOFTCAP and ALIBI add, after the scale, ``c2 tanh(s / c2)`` (c2 = softcap * log2(e): the cap in
+the base-2 domain the scores live in, equal to the natural-scale cap times log2(e)) and then
+``- slope * log2(e) * |q_pos - k_pos|`` (slopes [B, Hq]; decode's query at seq_len - 1, prefill
+rows at their own positions). With both off the kernels compile without that code.
+
 paged_prefill_attention
 -----------------------
 q is packed [N, Hq, D] (vLLM / FlashAttention varlen): sequence b owns rows [cu[b], cu[b + 1]),
@@ -106,7 +112,7 @@ import triton
 import triton.language as tl
 
 from . import _launch, configs
-from ._common import FLT_MAX, K_LN2, LOG2E, round_half_even
+from ._common import FLT_MAX, K_LN2, K_LOG2E, LOG2E, round_half_even, tanh
 from ._launch import aligned, aligned_strides, head_block
 
 BLOCK_G = 16  # query rows per program: the smallest tensor-core tile M
@@ -118,6 +124,18 @@ MAX_HEAD_DIM = 256
 # fp32 q runs the prefill dots as tf32x3, whose split operands spill registers past this.
 PREFILL_FP32_MAX_HEAD_DIM = 128
 
+@triton.jit
+def _score_mods(s, softcap2, slope2, q_pos, k_pos, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+    # Steps 2-3 of frugal.score_mods on base-2 scores s = log2(e) * scale * q.k: the natural
+    # score's cap c tanh(x / c) is c2 tanh(s / c2) in base 2 (softcap2 = c log2(e)); slope2
+    # [rows] is the ALiBi slope times log2(e), q_pos a row's position (scalar or [rows, 1]).
+    if SOFTCAP:
+        s = softcap2 * tanh(s / softcap2)
+    if ALIBI:
+        s = s - slope2[:, None] * tl.abs(q_pos - k_pos).to(tl.float32)
+    return s
+
+
 _ATTN_INTS = ["window", "partition", "num_splits", "Hkv", "G", "D", "page_size", "stride_tb",
               "stride_qb", "stride_qh", "stride_kb", "stride_ko", "stride_kh", "stride_vb",
               "stride_vo", "stride_vh"]
@@ -126,10 +144,11 @@ _ATTN_INTS = ["window", "partition", "num_splits", "Hkv", "G", "D", "page_size",
 @triton.jit(do_not_specialize=_ATTN_INTS)
 def _paged_attention_kernel(
     q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, table_ptr, lens_ptr, out_ptr, lse_ptr, ws_o_ptr,
-    ws_lse_ptr,
-    qk_scale, window, partition, num_splits, Hkv, G, D, page_size, stride_tb,
+    ws_lse_ptr, alibi_ptr,
+    qk_scale, softcap2, window, partition, num_splits, Hkv, G, D, page_size, stride_tb,
     stride_qb, stride_qh, stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     # Stage 1: one (sequence, kv head, 16-row chunk of its query heads, partition). See the
     # module docstring.
@@ -179,6 +198,8 @@ def _paged_attention_kernel(
     table_row = table_ptr + b64 * stride_tb
     k_head = k_ptr + h * stride_kh
     v_head = v_ptr + h * stride_vh
+    if ALIBI:  # each row's slope times log2(e); the query sits at seq_len - 1
+        slope2 = tl.load(alibi_ptr + b64 * Hkv * G + heads, mask=g_mask, other=0.0) * K_LOG2E
     # Each tile's pages are loaded one iteration ahead: K/V addresses that hang on a table load
     # of the same iteration keep the pipeliner from multi-buffering them (one stage only).
     pos = start + offs_n
@@ -204,6 +225,8 @@ def _paged_attention_kernel(
             s = qk * (k_s * qk_scale)[None, :]
         else:
             s = qk * qk_scale
+        s = _score_mods(s, softcap2, slope2 if ALIBI else 0.0, seq_len - 1, pos[None, :],
+                        SOFTCAP, ALIBI)
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp2(m - m_new)
@@ -283,9 +306,10 @@ _PREFILL_INTS = ["window", "num_tiles", "Hkv", "G", "D", "page_size", "stride_tb
 @triton.jit(do_not_specialize=_PREFILL_INTS)
 def _paged_prefill_kernel(
     q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, table_ptr, lens_ptr, cu_ptr, out_ptr, lse_ptr,
-    qk_scale, window, num_tiles, Hkv, G, D, page_size, stride_tb, stride_qn, stride_qh,
-    stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh,
+    alibi_ptr, qk_scale, softcap2, window, num_tiles, Hkv, G, D, page_size, stride_tb,
+    stride_qn, stride_qh, stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     # One q tile (BLOCK_M rows of the (token, query head) pairs of one kv head, token-major) of
     # one sequence. See the module docstring.
@@ -334,6 +358,9 @@ def _paged_prefill_kernel(
     table_row = table_ptr + b.to(tl.int64) * stride_tb
     k_head = k_ptr + h * stride_kh
     v_head = v_ptr + h * stride_vh
+    if ALIBI:  # each row's slope times log2(e)
+        slope2 = tl.load(alibi_ptr + b.to(tl.int64) * Hkv * G + heads, mask=m_mask,
+                         other=0.0) * K_LOG2E
     first_tile = lo // BLOCK_N * BLOCK_N
     pos = first_tile + offs_n  # pages one iteration ahead, as in decode
     page = tl.load(table_row + pos // page_size, mask=(pos >= lo) & (pos < hi),
@@ -358,6 +385,8 @@ def _paged_prefill_kernel(
             s = qk * (k_s * qk_scale)[None, :]
         else:
             s = qk * qk_scale
+        s = _score_mods(s, softcap2, slope2 if ALIBI else 0.0, q_pos[:, None], pos[None, :],
+                        SOFTCAP, ALIBI)
         seen = (pos[None, :] <= q_pos[:, None]) & (pos[None, :] > q_pos[:, None] - span)
         s = tl.where(seen & valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
@@ -548,7 +577,8 @@ def workspace_numel(q, k_cache, width, window=0, max_seq_len=-1):
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, window=0, k_scale=None,
                     v_scale=None, *, max_seq_len=-1, workspace=None, config=None,
-                    merge_config=None, num_sms=None, return_lse=False):
+                    merge_config=None, num_sms=None, return_lse=False, softcap=0.0,
+                    alibi_slopes=None):
     """Decode attention over a paged cache; arguments as ``frugal.paged_attention`` (already
     checked), ``window`` <= 0 for none. Returns [B, Hq, D] in q's dtype, and with
     ``return_lse`` also lse float32 [B, Hq] (natural log; -inf for seq_len 0): the kernels
@@ -559,7 +589,9 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, window=0
     ``workspace`` (ws_o, ws_lse) are fp32 buffers of at least :func:`workspace_numel` elements
     to use for split-KV instead of allocating (a plan reuses them for every layer).
     ``config`` / ``merge_config`` override the picked launch configs and ``num_sms`` the SM
-    count of the split rule (tests, tuning).
+    count of the split rule (tests, tuning). ``softcap`` (0.0: none) and ``alibi_slopes``
+    (None or contiguous float32 [B, Hq]) modify the scores (frugal.score_mods); without them
+    the kernel compiles without their code (constexpr flags).
     """
     B, Hq, D = q.shape
     _, page_size, Hkv, _ = k_cache.shape
@@ -596,12 +628,12 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, window=0
     block_d = head_block(D)
     _launch.launch(_paged_attention_kernel, (units, splits), q.device)(
         q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens, out, lse, ws_o, ws_lse,
-        float(scale) * LOG2E, window, partition, splits, Hkv, G, D, page_size,
-        block_tables.stride(0), q.stride(0), q.stride(1),
+        alibi_slopes, float(scale) * LOG2E, float(softcap) * LOG2E, window, partition, splits,
+        Hkv, G, D, page_size, block_tables.stride(0), q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        BLOCK_G=BLOCK_G, BLOCK_N=bn, BLOCK_D=block_d,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        BLOCK_G=BLOCK_G, BLOCK_N=bn, BLOCK_D=block_d, SOFTCAP=softcap > 0,
+        ALIBI=alibi_slopes is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if splits > 1:
         mcfg = merge_config or configs.pick("paged_attention_merge", "D", D,
@@ -631,12 +663,13 @@ def prefill_table(q_dtype):
 
 def paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_q_len,
                             scale, window=0, k_scale=None, v_scale=None, *, config=None,
-                            return_lse=False):
+                            return_lse=False, softcap=0.0, alibi_slopes=None):
     """Chunked-prefill attention over a paged cache: q [N, Hq, D] packed, sequence b owning rows
     ``[cu_seqlens_q[b], cu_seqlens_q[b + 1])`` (at most ``max_q_len`` of them) at positions
     ``[seq_lens[b] - n_b, seq_lens[b])``; arguments already checked, ``window`` <= 0 for none.
     Returns [N, Hq, D] in q's dtype, and with ``return_lse`` also lse float32 [N, Hq] (natural
-    log; always written, as in decode). ``config`` overrides the picked launch config."""
+    log; always written, as in decode). ``config`` overrides the picked launch config;
+    ``softcap`` and ``alibi_slopes`` as in :func:`paged_attention`."""
     N, Hq, D = q.shape
     B = seq_lens.shape[0]
     _, page_size, Hkv, _ = k_cache.shape
@@ -656,10 +689,12 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, cu_seql
     num_tiles = triton.cdiv(max_q_len * G, cfg["BLOCK_M"])
     _launch.launch(_paged_prefill_kernel, (B * Hkv * num_tiles,), q.device)(
         q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens, cu_seqlens_q, out, lse,
-        float(scale) * LOG2E, window, num_tiles, Hkv, G, D, page_size, block_tables.stride(0),
+        alibi_slopes, float(scale) * LOG2E, float(softcap) * LOG2E, window, num_tiles, Hkv, G, D,
+        page_size, block_tables.stride(0),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=head_block(D),
+        SOFTCAP=softcap > 0, ALIBI=alibi_slopes is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return result

@@ -9,79 +9,45 @@ lengths, GQA, int8 caches and return_lse, and fresh allocations poisoned."""
 import pytest
 import torch
 from conftest import backends_for
-from paged_cases import TOL, build_paged, dense_attention, expected_decode, random_kv, rounded
+from paged_cases import (
+    INT8_TOL,
+    ODD_Q_LENS,
+    TOL,
+    check_out_lse,
+    expected_decode,
+    expected_prefill,
+    out_tol,
+    paged_case,
+)
 
-from frugal import reference
 from frugal.paged_ops import paged_append, paged_attention, paged_prefill_attention
 
 BACKENDS = backends_for("cpu")
 HEAD_DIMS = [8, 24, 80, 120, 192]
-LSE_TOL = dict(rtol=1e-5, atol=2e-5)
-INT8_TOL = dict(rtol=1e-4, atol=1e-4)  # fp32 q over exactly dequantized values
-LENS = [1, 37, 19, 0, 8]
-Q_LENS = [1, 5, 19, 0, 2]
-
-
-def make(d, cache_dtype, seed, lens=LENS, hkv=2, group=3, bs=8, q_rows=None):
-    """(q, caches, tables, seq_lens, ks, vs): ks, vs the values the cache holds, in float."""
-    gen = torch.Generator().manual_seed(seed)
-    ks, vs = random_kv(lens, hkv, d, gen)
-    k_cache, v_cache, k_scale, v_scale, tables, seq_lens = build_paged(
-        ks, vs, bs, cache_dtype, "cpu", gen, pad="poison")
-    q_dtype = torch.float32 if cache_dtype == torch.int8 else cache_dtype
-    q = torch.randn(q_rows or len(lens), hkv * group, d, generator=gen).to(q_dtype)
-    if cache_dtype == torch.int8:
-        ks, vs = ([reference.dequantize(*reference.quantize_per_token(x)) for x in xs]
-                  for xs in (ks, vs))
-    else:
-        ks, vs = rounded(ks, cache_dtype), rounded(vs, cache_dtype)
-    return q, (k_cache, v_cache, k_scale, v_scale), tables, seq_lens, ks, vs
-
-
-def tol(q, cache_dtype):
-    return INT8_TOL if cache_dtype == torch.int8 else TOL[q.dtype]
-
-
-def check(got, want, want_lse, t):
-    out, lse = got
-    assert out.shape == want.shape and torch.isfinite(out).all()
-    torch.testing.assert_close(out.double(), want, **t)
-    torch.testing.assert_close(lse.double(), want_lse, **LSE_TOL)
-
-
-def expected_prefill(q, ks, vs, q_lens):
-    outs, lses, start = [], [], 0
-    for k, v, n in zip(ks, vs, q_lens):
-        if n:
-            o, s = dense_attention(q[start:start + n].double(), k, v, return_lse=True)
-            outs.append(o)
-            lses.append(s)
-        start += n
-    return torch.cat(outs), torch.cat(lses)
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float16, torch.int8], ids=str)
 @pytest.mark.parametrize("d", HEAD_DIMS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_decode_and_prefill(poison, backend, d, cache_dtype):
-    q, caches, tables, seq_lens, ks, vs = make(d, cache_dtype, seed=d)
+    q, caches, tables, seq_lens, ks, vs = paged_case(d, cache_dtype, seed=d)
     kc, vc, ksc, vsc = caches
     want, want_lse = expected_decode(q, ks, vs, return_lse=True)
     got = paged_attention(q, kc, vc, tables, seq_lens, None, None, ksc, vsc, backend=backend,
                           return_lse=True)
-    check(got, want, want_lse, tol(q, cache_dtype))
+    check_out_lse(got, want, want_lse, out_tol(q, cache_dtype))
     assert torch.equal(got[0][3], torch.zeros_like(got[0][3])) and (got[1][3] == -torch.inf).all()
 
     # Triton's float32 prefill stops at D = 128 (its tf32x3 operands spill beyond): fp16 q.
     fp16 = backend == "triton" and d > 128
     gen = torch.Generator().manual_seed(d + 1)
-    qp = torch.randn(sum(Q_LENS), q.shape[1], d, generator=gen)
+    qp = torch.randn(sum(ODD_Q_LENS), q.shape[1], d, generator=gen)
     qp = qp.half() if fp16 else qp.to(q.dtype)
-    q_lens = torch.tensor(Q_LENS, dtype=torch.int32)
+    q_lens = torch.tensor(ODD_Q_LENS, dtype=torch.int32)
     got = paged_prefill_attention(qp, kc, vc, tables, seq_lens, q_lens, None, None, ksc, vsc,
                                   backend=backend, return_lse=True)
-    t = TOL[qp.dtype] if fp16 else tol(q, cache_dtype)
-    check(got, *expected_prefill(qp, ks, vs, Q_LENS), t)
+    t = TOL[qp.dtype] if fp16 else out_tol(q, cache_dtype)
+    check_out_lse(got, *expected_prefill(qp, ks, vs, ODD_Q_LENS), t)
 
 
 @pytest.mark.parametrize("d", [24, 120])
@@ -93,13 +59,13 @@ def test_triton_decode_split_kv(poison, dtype, d):
         pytest.skip("no GPU and TRITON_INTERPRET is not set")
     from frugal.kernels import paged_attention as kernel
 
-    q, caches, tables, seq_lens, ks, vs = make(d, dtype, seed=d + 5, lens=[70, 3, 0, 41])
+    q, caches, tables, seq_lens, ks, vs = paged_case(d, dtype, seed=d + 5, lens=[70, 3, 0, 41])
     cfg = kernel.pick_config(q, d)
     cfg = {**cfg, "min_partition": cfg["BLOCK_N"]}
     assert kernel.split_plan(cfg, 4 * 2, tables.shape[1] * 8, 132)[0] > 1
     got = kernel.paged_attention(q, *caches[:2], tables, seq_lens, d**-0.5, 0, *caches[2:],
                                  config=cfg, num_sms=132, return_lse=True)
-    check(got, *expected_decode(q, ks, vs, return_lse=True), TOL[dtype])
+    check_out_lse(got, *expected_decode(q, ks, vs, return_lse=True), TOL[dtype])
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.int8], ids=str)
@@ -126,15 +92,15 @@ def test_append_bit_identical(backend, cache_dtype):
 @pytest.mark.parametrize("d", [24, 120])
 def test_cuda_emulated(poison, emu, d, cache_dtype):
     emu.configure(min_partition=16)
-    q, caches, tables, seq_lens, ks, vs = make(d, cache_dtype, seed=d + 9)
+    q, caches, tables, seq_lens, ks, vs = paged_case(d, cache_dtype, seed=d + 9)
     ops = torch.ops.frugal_emu
     got = ops.paged_attention_lse(q, *caches[:2], tables, seq_lens, d**-0.5, 0, *caches[2:])
     assert emu.last_plan()["splits"] > 1
     t = dict(rtol=2e-3, atol=2e-3) if cache_dtype != torch.int8 else INT8_TOL
-    check(got, *expected_decode(q, ks, vs, return_lse=True), t)
+    check_out_lse(got, *expected_decode(q, ks, vs, return_lse=True), t)
     gen = torch.Generator().manual_seed(d)
-    qp = torch.randn(sum(Q_LENS), q.shape[1], d, generator=gen).to(q.dtype)
-    cu = torch.tensor([0] + torch.tensor(Q_LENS).cumsum(0).tolist(), dtype=torch.int32)
+    qp = torch.randn(sum(ODD_Q_LENS), q.shape[1], d, generator=gen).to(q.dtype)
+    cu = torch.tensor([0] + torch.tensor(ODD_Q_LENS).cumsum(0).tolist(), dtype=torch.int32)
     got = ops.paged_prefill_attention_lse(qp, *caches[:2], tables, seq_lens, cu, d**-0.5, 0,
                                           *caches[2:])
-    check(got, *expected_prefill(qp, ks, vs, Q_LENS), t)
+    check_out_lse(got, *expected_prefill(qp, ks, vs, ODD_Q_LENS), t)

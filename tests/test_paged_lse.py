@@ -13,6 +13,7 @@ from paged_cases import (
     build_paged,
     dense_attention,
     expected_decode,
+    expected_prefill,
     gather,
     random_kv,
     rounded,
@@ -128,16 +129,6 @@ def test_decode_lse_non_contiguous_q_and_bf16(poison):
 
 
 # ------------------------------------------------------------------------ prefill
-
-
-def expected_prefill(q, ks, vs, q_lens, scale=None, window=None):
-    outs, lses, start = [], [], 0
-    for k, v, n in zip(ks, vs, q_lens):
-        o, s = dense_attention(q[start:start + n].float(), k, v, scale, window, return_lse=True)
-        outs.append(o)
-        lses.append(s)
-        start += n
-    return torch.cat(outs), torch.cat(lses)
 
 
 @pytest.mark.parametrize("window", [None, 5])
