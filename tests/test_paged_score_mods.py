@@ -95,6 +95,26 @@ def test_window_and_fp16(poison, backend):
     check_out_lse((got[0].reshape(15, 4, D), got[1].reshape(15, 4)), *want, TOL[torch.float16])
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.int8], ids=str)
+def test_cpu_isa_paths(cpu_isa, poison, cache_dtype):
+    """The modifier variant of each CPU kernel path (scalar, AVX2, AVX-512): decode, whose
+    600-token sequence splits into 512-token partitions merged by lse, and prefill."""
+    lens = [1, 600, 19, 0, 8]
+    q, caches, tables, seq_lens, ks, vs = paged_case(D, cache_dtype, seed=13, lens=lens)
+    slopes, rows = slopes_for("BH", len(lens), q.shape[1], seed=6)
+    kw = dict(softcap=2.0, alibi_slopes=slopes)
+    got = paged_attention(q, *caches[:2], tables, seq_lens, SCALE, None, *caches[2:],
+                          backend="cpu", return_lse=True, **kw)
+    want = expected_decode(q, ks, vs, SCALE, return_lse=True, softcap=2.0, slopes=rows)
+    check_out_lse(got, *want, out_tol(q, cache_dtype))
+    q_lens = torch.tensor(ODD_Q_LENS, dtype=torch.int32)
+    qp = torch.randn(sum(ODD_Q_LENS), q.shape[1], D, generator=torch.Generator().manual_seed(3))
+    got = paged_prefill_attention(qp, *caches[:2], tables, seq_lens, q_lens, SCALE, 4,
+                                  *caches[2:], backend="cpu", return_lse=True, **kw)
+    want = expected_prefill(qp, ks, vs, ODD_Q_LENS, SCALE, 4, softcap=2.0, slopes=rows)
+    check_out_lse(got, *want, out_tol(qp, cache_dtype))
+
+
 def test_triton_split_kv(poison):
     if "triton" not in BACKENDS:
         pytest.skip("no GPU and TRITON_INTERPRET is not set")
