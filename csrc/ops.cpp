@@ -47,29 +47,36 @@ TORCH_LIBRARY(frugal, m) {
   // position p of sequence b is at offset p % block_size of block block_tables[b, p / bs].
   // Decode: q [B, Hq, D] at position seq_lens[b] - 1 attends to positions
   // (seq_lens[b] - 1 - window, seq_lens[b]) (all when window <= 0); q head h reads kv head
-  // h / (Hq / Hkv); seq_len 0 gives zeros. Result in q's dtype.
+  // h / (Hq / Hkv); seq_len 0 gives zeros. Result in q's dtype. Score modifiers
+  // (frugal/score_mods.py): softcap > 0 caps each scaled score s to softcap * tanh(s /
+  // softcap) (0: none); alibi_slopes fp32 [B, Hq] contiguous (or None) then subtracts
+  // slope * (q_pos - k_pos), the query at q_pos = seq_lens[b] - 1.
   m.def(
       "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-      "Tensor seq_lens, float scale, int window, Tensor? k_scale, Tensor? v_scale) -> Tensor");
+      "Tensor seq_lens, float scale, int window, Tensor? k_scale, Tensor? v_scale, "
+      "float softcap=0., Tensor? alibi_slopes=None) -> Tensor");
   // Chunked prefill: q [N, Hq, D] packed, sequence b owning rows [cu_seqlens_q[b],
   // cu_seqlens_q[b + 1]) (int32 [B + 1], cu_seqlens_q[0] = 0, cu_seqlens_q[B] = N), at positions
   // [seq_lens[b] - n_b, seq_lens[b]); the chunk is already in the cache. The query at position p
   // attends to positions (p - window, p] (all up to p when window <= 0). Result [N, Hq, D].
+  // softcap and alibi_slopes [B, Hq] as in decode, the query's q_pos its position p.
   m.def(
       "paged_prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
       "Tensor seq_lens, Tensor cu_seqlens_q, float scale, int window, Tensor? k_scale, "
-      "Tensor? v_scale) -> Tensor");
+      "Tensor? v_scale, float softcap=0., Tensor? alibi_slopes=None) -> Tensor");
   // The same two ops, also returning lse fp32 [B, Hq] (decode) / [N, Hq] (prefill): the natural
-  // log of the sum of exp of each row's scaled scores (-inf for a sequence of length 0, whose
-  // out is 0), for merging partial attention states (frugal.merge_attention_states).
+  // log of the sum of exp of each row's scaled (and modified) scores (-inf for a sequence of
+  // length 0, whose out is 0), for merging partial attention states
+  // (frugal.merge_attention_states).
   m.def(
       "paged_attention_lse(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-      "Tensor seq_lens, float scale, int window, Tensor? k_scale, Tensor? v_scale) "
-      "-> (Tensor out, Tensor lse)");
+      "Tensor seq_lens, float scale, int window, Tensor? k_scale, Tensor? v_scale, "
+      "float softcap=0., Tensor? alibi_slopes=None) -> (Tensor out, Tensor lse)");
   m.def(
       "paged_prefill_attention_lse(Tensor q, Tensor k_cache, Tensor v_cache, "
       "Tensor block_tables, Tensor seq_lens, Tensor cu_seqlens_q, float scale, int window, "
-      "Tensor? k_scale, Tensor? v_scale) -> (Tensor out, Tensor lse)");
+      "Tensor? k_scale, Tensor? v_scale, float softcap=0., Tensor? alibi_slopes=None) "
+      "-> (Tensor out, Tensor lse)");
   // Merges attention states in place: row rows[i] of (out [R, D], lse [R] fp32) becomes the
   // merge of itself with row rows_b[i] of (out_b [R_b, D], lse_b [R_b] fp32) (None: row i);
   // out and out_b float32/float16/bfloat16, one dtype, unit stride along D; rows int64.

@@ -45,14 +45,14 @@ def head_block(D):
     return max(32, triton.next_power_of_2(D))
 
 
-def aligned_strides(t, dims):
-    return all(t.stride(i) % ALIGN == 0 for i in dims if t.shape[i] > 1)
+def aligned_strides(t, dims, align=ALIGN):
+    return all(t.stride(i) % align == 0 for i in dims if t.shape[i] > 1)
 
 
-def aligned(t):
-    """t [..., D] with unit stride in D and every other stride a multiple of 16 elements (a
-    copy when it is not); D itself is a multiple of 16."""
-    if (t.shape[-1] <= 1 or t.stride(-1) == 1) and aligned_strides(t, range(t.dim() - 1)):
+def aligned(t, align=ALIGN):
+    """t [..., D] with unit stride in D and every other stride a multiple of ``align`` elements
+    (a copy when it is not); D itself is a multiple of ``align``."""
+    if (t.shape[-1] <= 1 or t.stride(-1) == 1) and aligned_strides(t, range(t.dim() - 1), align):
         return t
     return t.contiguous()
 

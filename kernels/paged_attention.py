@@ -6,11 +6,13 @@ tables, with split-KV for batches too small to fill the GPU) and ``paged_prefill
 Layout (one layer): caches [num_blocks, page_size, Hkv, D]; position p of sequence b lives at
 offset ``p % page_size`` of block ``block_tables[b, p // page_size]``; int8 caches keep fp32
 scales [num_blocks, page_size, Hkv] (contiguous) beside them. The launchers expect what the
-public API's availability check guarantees: D a multiple of 16 in [16, 256], caches with unit
-stride in D and their other strides multiples of 16 elements (always so for contiguous caches
+public API's availability check guarantees: D a multiple of 8 in [8, 256], caches with unit
+stride in D and their other strides multiples of 8 elements (always so for contiguous caches
 with such D). q, k and v that break the alignment are copied (they are small); the caches never
-are. The kernels restate the alignment to the compiler (``x // 16 * 16``, like the int8 GEMM's
-``ALIGNED``), so K/V rows load as 16-byte vectors; every integer argument is
+are. Tiles pad D to ``BLOCK_D = head_block(D)`` (a power of two >= 32: D = 80 or 120 runs in a
+masked 128) and mask the padding. The kernels restate the alignment to the compiler
+(``x // 8 * 8``, like the int8 GEMM's ``ALIGNED``), so K/V rows load as 16-byte vectors at
+fp16; every integer argument is
 ``do_not_specialize``: a value of 1 or a multiple of 16 compiles nothing new.
 
 paged_append
@@ -70,6 +72,12 @@ split, stage 1 writes the result in q's dtype and stage 2 is not launched.
 seq_len 0 gives zeros; a NaN anywhere the query reads (e.g. an int8 scale of NaN) gives NaN,
 as in the reference.
 
+Score modifiers (``frugal.score_mods``), in decode and prefill alike: the constexpr flags
+SOFTCAP and ALIBI add, after the scale, ``c2 tanh(s / c2)`` (c2 = softcap * log2(e): the cap in
+the base-2 domain the scores live in, equal to the natural-scale cap times log2(e)) and then
+``- slope * log2(e) * |q_pos - k_pos|`` (slopes [B, Hq]; decode's query at seq_len - 1, prefill
+rows at their own positions). With both off the kernels compile without that code.
+
 paged_prefill_attention
 -----------------------
 q is packed [N, Hq, D] (vLLM / FlashAttention varlen): sequence b owns rows [cu[b], cu[b + 1]),
@@ -104,17 +112,29 @@ import triton
 import triton.language as tl
 
 from . import _launch, configs
-from ._common import FLT_MAX, K_LN2, LOG2E, round_half_even
-from ._launch import ALIGN as _ALIGN
-from ._launch import aligned as _aligned
-from ._launch import aligned_strides as _aligned_strides
-from ._launch import head_block
+from ._common import FLT_MAX, K_LN2, K_LOG2E, LOG2E, round_half_even, tanh
+from ._launch import aligned, aligned_strides, head_block
 
 BLOCK_G = 16  # query rows per program: the smallest tensor-core tile M
-MIN_HEAD_DIM = 16
+# Head dims and strides are multiples of ALIGN elements (16 bytes at fp16: one vector load); the
+# tiles pad D to BLOCK_D = head_block(D), a power of two, and mask the rest.
+ALIGN = 8
+MIN_HEAD_DIM = 8
 MAX_HEAD_DIM = 256
 # fp32 q runs the prefill dots as tf32x3, whose split operands spill registers past this.
 PREFILL_FP32_MAX_HEAD_DIM = 128
+
+@triton.jit
+def _score_mods(s, softcap2, slope2, q_pos, k_pos, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+    # Steps 2-3 of frugal.score_mods on base-2 scores s = log2(e) * scale * q.k: the natural
+    # score's cap c tanh(x / c) is c2 tanh(s / c2) in base 2 (softcap2 = c log2(e)); slope2
+    # [rows] is the ALiBi slope times log2(e), q_pos a row's position (scalar or [rows, 1]).
+    if SOFTCAP:
+        s = softcap2 * tanh(s / softcap2)
+    if ALIBI:
+        s = s - slope2[:, None] * tl.abs(q_pos - k_pos).to(tl.float32)
+    return s
+
 
 _ATTN_INTS = ["window", "partition", "num_splits", "Hkv", "G", "D", "page_size", "stride_tb",
               "stride_qb", "stride_qh", "stride_kb", "stride_ko", "stride_kh", "stride_vb",
@@ -124,10 +144,11 @@ _ATTN_INTS = ["window", "partition", "num_splits", "Hkv", "G", "D", "page_size",
 @triton.jit(do_not_specialize=_ATTN_INTS)
 def _paged_attention_kernel(
     q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, table_ptr, lens_ptr, out_ptr, lse_ptr, ws_o_ptr,
-    ws_lse_ptr,
-    qk_scale, window, partition, num_splits, Hkv, G, D, page_size, stride_tb,
+    ws_lse_ptr, alibi_ptr,
+    qk_scale, softcap2, window, partition, num_splits, Hkv, G, D, page_size, stride_tb,
     stride_qb, stride_qh, stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     # Stage 1: one (sequence, kv head, 16-row chunk of its query heads, partition). See the
     # module docstring.
@@ -138,15 +159,15 @@ def _paged_attention_kernel(
     h = (pid // chunks) % Hkv
     b = pid // chunks // Hkv
     # Alignment the launcher guarantees, stated so the compiler can see it.
-    D = D // 16 * 16
-    stride_qb = stride_qb // 16 * 16
-    stride_qh = stride_qh // 16 * 16
-    stride_kb = stride_kb // 16 * 16
-    stride_ko = stride_ko // 16 * 16
-    stride_kh = stride_kh // 16 * 16
-    stride_vb = stride_vb // 16 * 16
-    stride_vo = stride_vo // 16 * 16
-    stride_vh = stride_vh // 16 * 16
+    D = D // 8 * 8
+    stride_qb = stride_qb // 8 * 8
+    stride_qh = stride_qh // 8 * 8
+    stride_kb = stride_kb // 8 * 8
+    stride_ko = stride_ko // 8 * 8
+    stride_kh = stride_kh // 8 * 8
+    stride_vb = stride_vb // 8 * 8
+    stride_vo = stride_vo // 8 * 8
+    stride_vh = stride_vh // 8 * 8
 
     seq_len = tl.load(lens_ptr + b)
     lo = tl.where(window > 0, tl.maximum(seq_len - window, 0), 0)
@@ -177,6 +198,8 @@ def _paged_attention_kernel(
     table_row = table_ptr + b64 * stride_tb
     k_head = k_ptr + h * stride_kh
     v_head = v_ptr + h * stride_vh
+    if ALIBI:  # each row's slope times log2(e); the query sits at seq_len - 1
+        slope2 = tl.load(alibi_ptr + b64 * Hkv * G + heads, mask=g_mask, other=0.0) * K_LOG2E
     # Each tile's pages are loaded one iteration ahead: K/V addresses that hang on a table load
     # of the same iteration keep the pipeliner from multi-buffering them (one stage only).
     pos = start + offs_n
@@ -202,6 +225,8 @@ def _paged_attention_kernel(
             s = qk * (k_s * qk_scale)[None, :]
         else:
             s = qk * qk_scale
+        s = _score_mods(s, softcap2, slope2 if ALIBI else 0.0, seq_len - 1, pos[None, :],
+                        SOFTCAP, ALIBI)
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp2(m - m_new)
@@ -243,7 +268,7 @@ def _paged_attention_merge_kernel(
 ):
     # Stage 2: merge one query head's partitions (max-logit / exp-sum, base 2).
     row = tl.program_id(0).to(tl.int64)  # b * Hq + head
-    D = D // 16 * 16
+    D = D // 8 * 8
     seq_len = tl.load(lens_ptr + row // Hq)
     lo = tl.where(window > 0, tl.maximum(seq_len - window, 0), 0)
     n_parts = tl.cdiv(seq_len - lo // tile * tile, partition)  # those stage 1 wrote
@@ -281,9 +306,10 @@ _PREFILL_INTS = ["window", "num_tiles", "Hkv", "G", "D", "page_size", "stride_tb
 @triton.jit(do_not_specialize=_PREFILL_INTS)
 def _paged_prefill_kernel(
     q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, table_ptr, lens_ptr, cu_ptr, out_ptr, lse_ptr,
-    qk_scale, window, num_tiles, Hkv, G, D, page_size, stride_tb, stride_qn, stride_qh,
-    stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh,
+    alibi_ptr, qk_scale, softcap2, window, num_tiles, Hkv, G, D, page_size, stride_tb,
+    stride_qn, stride_qh, stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     # One q tile (BLOCK_M rows of the (token, query head) pairs of one kv head, token-major) of
     # one sequence. See the module docstring.
@@ -291,15 +317,15 @@ def _paged_prefill_kernel(
     tile = num_tiles - 1 - pid % num_tiles  # the last tokens (the longest spans) first
     b = pid // num_tiles // Hkv
     h = pid // num_tiles % Hkv
-    D = D // 16 * 16
-    stride_qn = stride_qn // 16 * 16
-    stride_qh = stride_qh // 16 * 16
-    stride_kb = stride_kb // 16 * 16
-    stride_ko = stride_ko // 16 * 16
-    stride_kh = stride_kh // 16 * 16
-    stride_vb = stride_vb // 16 * 16
-    stride_vo = stride_vo // 16 * 16
-    stride_vh = stride_vh // 16 * 16
+    D = D // 8 * 8
+    stride_qn = stride_qn // 8 * 8
+    stride_qh = stride_qh // 8 * 8
+    stride_kb = stride_kb // 8 * 8
+    stride_ko = stride_ko // 8 * 8
+    stride_kh = stride_kh // 8 * 8
+    stride_vb = stride_vb // 8 * 8
+    stride_vo = stride_vo // 8 * 8
+    stride_vh = stride_vh // 8 * 8
 
     q_start = tl.load(cu_ptr + b)
     n_q = tl.load(cu_ptr + b + 1) - q_start
@@ -332,6 +358,9 @@ def _paged_prefill_kernel(
     table_row = table_ptr + b.to(tl.int64) * stride_tb
     k_head = k_ptr + h * stride_kh
     v_head = v_ptr + h * stride_vh
+    if ALIBI:  # each row's slope times log2(e)
+        slope2 = tl.load(alibi_ptr + b.to(tl.int64) * Hkv * G + heads, mask=m_mask,
+                         other=0.0) * K_LOG2E
     first_tile = lo // BLOCK_N * BLOCK_N
     pos = first_tile + offs_n  # pages one iteration ahead, as in decode
     page = tl.load(table_row + pos // page_size, mask=(pos >= lo) & (pos < hi),
@@ -356,6 +385,8 @@ def _paged_prefill_kernel(
             s = qk * (k_s * qk_scale)[None, :]
         else:
             s = qk * qk_scale
+        s = _score_mods(s, softcap2, slope2 if ALIBI else 0.0, q_pos[:, None], pos[None, :],
+                        SOFTCAP, ALIBI)
         seen = (pos[None, :] <= q_pos[:, None]) & (pos[None, :] > q_pos[:, None] - span)
         s = tl.where(seen & valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
@@ -419,17 +450,17 @@ def _paged_append_kernel(
     slot = tl.load(slot_ptr + tok)
     if slot < 0:
         return  # padding
-    D = D // 16 * 16
-    stride_kn = stride_kn // 16 * 16
-    stride_kh = stride_kh // 16 * 16
-    stride_vn = stride_vn // 16 * 16
-    stride_vh = stride_vh // 16 * 16
-    stride_kcb = stride_kcb // 16 * 16
-    stride_kco = stride_kco // 16 * 16
-    stride_kch = stride_kch // 16 * 16
-    stride_vcb = stride_vcb // 16 * 16
-    stride_vco = stride_vco // 16 * 16
-    stride_vch = stride_vch // 16 * 16
+    D = D // 8 * 8
+    stride_kn = stride_kn // 8 * 8
+    stride_kh = stride_kh // 8 * 8
+    stride_vn = stride_vn // 8 * 8
+    stride_vh = stride_vh // 8 * 8
+    stride_kcb = stride_kcb // 8 * 8
+    stride_kco = stride_kco // 8 * 8
+    stride_kch = stride_kch // 8 * 8
+    stride_vcb = stride_vcb // 8 * 8
+    stride_vco = stride_vco // 8 * 8
+    stride_vch = stride_vch // 8 * 8
     slot64 = slot.to(tl.int64)
     block = slot64 // page_size
     in_page = slot64 % page_size
@@ -476,13 +507,13 @@ def unsupported(k_cache, v_cache, k_scale=None, v_scale=None, q_dtype=None):
         return (f"Triton {triton.__version__} cannot compile float32 q over an int8 cache "
                 f"(Triton >= 3.3 can)")
     D = k_cache.shape[3]
-    if not (MIN_HEAD_DIM <= D <= MAX_HEAD_DIM and D % _ALIGN == 0):
-        return (f"the Triton kernels need head_dim a multiple of 16 from {MIN_HEAD_DIM} to "
+    if not (MIN_HEAD_DIM <= D <= MAX_HEAD_DIM and D % ALIGN == 0):
+        return (f"the Triton kernels need head_dim a multiple of {ALIGN} from {MIN_HEAD_DIM} to "
                 f"{MAX_HEAD_DIM}; got {D}")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.stride(3) != 1 or not _aligned_strides(t, range(3)):
+        if t.stride(3) != 1 or not aligned_strides(t, range(3), ALIGN):
             return (f"the Triton kernels need {name} with unit stride in head_dim and its other "
-                    f"strides multiples of 16 elements; got strides {tuple(t.stride())}")
+                    f"strides multiples of {ALIGN} elements; got strides {tuple(t.stride())}")
     for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
         if s is not None and not s.is_contiguous():
             return f"the Triton kernels need a contiguous {name}"
@@ -546,7 +577,8 @@ def workspace_numel(q, k_cache, width, window=0, max_seq_len=-1):
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, window=0, k_scale=None,
                     v_scale=None, *, max_seq_len=-1, workspace=None, config=None,
-                    merge_config=None, num_sms=None, return_lse=False):
+                    merge_config=None, num_sms=None, return_lse=False, softcap=0.0,
+                    alibi_slopes=None):
     """Decode attention over a paged cache; arguments as ``frugal.paged_attention`` (already
     checked), ``window`` <= 0 for none. Returns [B, Hq, D] in q's dtype, and with
     ``return_lse`` also lse float32 [B, Hq] (natural log; -inf for seq_len 0): the kernels
@@ -557,7 +589,9 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, window=0
     ``workspace`` (ws_o, ws_lse) are fp32 buffers of at least :func:`workspace_numel` elements
     to use for split-KV instead of allocating (a plan reuses them for every layer).
     ``config`` / ``merge_config`` override the picked launch configs and ``num_sms`` the SM
-    count of the split rule (tests, tuning).
+    count of the split rule (tests, tuning). ``softcap`` (0.0: none) and ``alibi_slopes``
+    (None or contiguous float32 [B, Hq]) modify the scores (frugal.score_mods); without them
+    the kernel compiles without their code (constexpr flags).
     """
     B, Hq, D = q.shape
     _, page_size, Hkv, _ = k_cache.shape
@@ -573,7 +607,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, window=0
         return result
     capacity = width * page_size
     window = int(window) if window is not None and 0 < window < capacity else 0
-    q = _aligned(q)
+    q = aligned(q, ALIGN)
     if block_tables.stride(1) != 1:
         block_tables = block_tables.contiguous()
     seq_lens = seq_lens.contiguous()
@@ -594,12 +628,12 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, window=0
     block_d = head_block(D)
     _launch.launch(_paged_attention_kernel, (units, splits), q.device)(
         q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens, out, lse, ws_o, ws_lse,
-        float(scale) * LOG2E, window, partition, splits, Hkv, G, D, page_size,
-        block_tables.stride(0), q.stride(0), q.stride(1),
+        alibi_slopes, float(scale) * LOG2E, float(softcap) * LOG2E, window, partition, splits,
+        Hkv, G, D, page_size, block_tables.stride(0), q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        BLOCK_G=BLOCK_G, BLOCK_N=bn, BLOCK_D=block_d,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        BLOCK_G=BLOCK_G, BLOCK_N=bn, BLOCK_D=block_d, SOFTCAP=softcap > 0,
+        ALIBI=alibi_slopes is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if splits > 1:
         mcfg = merge_config or configs.pick("paged_attention_merge", "D", D,
@@ -629,12 +663,13 @@ def prefill_table(q_dtype):
 
 def paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_q_len,
                             scale, window=0, k_scale=None, v_scale=None, *, config=None,
-                            return_lse=False):
+                            return_lse=False, softcap=0.0, alibi_slopes=None):
     """Chunked-prefill attention over a paged cache: q [N, Hq, D] packed, sequence b owning rows
     ``[cu_seqlens_q[b], cu_seqlens_q[b + 1])`` (at most ``max_q_len`` of them) at positions
     ``[seq_lens[b] - n_b, seq_lens[b])``; arguments already checked, ``window`` <= 0 for none.
     Returns [N, Hq, D] in q's dtype, and with ``return_lse`` also lse float32 [N, Hq] (natural
-    log; always written, as in decode). ``config`` overrides the picked launch config."""
+    log; always written, as in decode). ``config`` overrides the picked launch config;
+    ``softcap`` and ``alibi_slopes`` as in :func:`paged_attention`."""
     N, Hq, D = q.shape
     B = seq_lens.shape[0]
     _, page_size, Hkv, _ = k_cache.shape
@@ -645,7 +680,7 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, cu_seql
         return result
     capacity = block_tables.shape[1] * page_size
     window = int(window) if window is not None and 0 < window < capacity else 0
-    q = _aligned(q)
+    q = aligned(q, ALIGN)
     if block_tables.stride(1) != 1:
         block_tables = block_tables.contiguous()
     seq_lens, cu_seqlens_q = seq_lens.contiguous(), cu_seqlens_q.contiguous()
@@ -654,10 +689,12 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, cu_seql
     num_tiles = triton.cdiv(max_q_len * G, cfg["BLOCK_M"])
     _launch.launch(_paged_prefill_kernel, (B * Hkv * num_tiles,), q.device)(
         q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens, cu_seqlens_q, out, lse,
-        float(scale) * LOG2E, window, num_tiles, Hkv, G, D, page_size, block_tables.stride(0),
+        alibi_slopes, float(scale) * LOG2E, float(softcap) * LOG2E, window, num_tiles, Hkv, G, D,
+        page_size, block_tables.stride(0),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=head_block(D),
+        SOFTCAP=softcap > 0, ALIBI=alibi_slopes is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return result
@@ -670,7 +707,7 @@ def paged_append(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=Non
     N, Hkv, D = k.shape
     if N == 0 or Hkv == 0:
         return
-    k, v = _aligned(k), _aligned(v)
+    k, v = aligned(k, ALIGN), aligned(v, ALIGN)
     if slot_mapping.dtype != torch.int32:
         slot_mapping = slot_mapping.to(torch.int32)  # slots < num_blocks * page_size < 2**31
     slot_mapping = slot_mapping.contiguous()

@@ -101,3 +101,15 @@ def one_thread():
 
 
 __all__ = ["HAS_CUDA", "backends_for", "cpu_isas", "frugal"]
+
+
+@pytest.fixture
+def emu():
+    """frugal._cuda_emu (the CUDA kernels run on the CPU) planning as on an H100: 132 SMs, 2
+    resident blocks, 512-position partitions, forward schedule; restored afterwards."""
+    emu = pytest.importorskip("frugal._cuda_emu", reason="frugal._cuda_emu is not built")
+    before = emu.configure()
+    emu.configure(num_sms=132, blocks_per_sm=2, min_partition=512, schedule="forward", seed=0)
+    yield emu
+    emu.configure(**{k: before[k] for k in ("num_sms", "blocks_per_sm", "min_partition",
+                                              "schedule", "seed")})

@@ -13,12 +13,19 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=1e-3,
 # int8 KV (per-token, per-head absmax / 127) against float64 on the unquantized values, for
 # unit-normal q, k, v and head_dim 64 or 128: the stated tolerance of the int8 mode.
 INT8_ATOL = 0.03
+INT8_TOL = dict(rtol=1e-4, atol=1e-4)  # fp32 q over exactly dequantized values
+LSE_TOL = dict(rtol=1e-5, atol=2e-5)  # lse from fp32 scores of exactly-rounded inputs
+# Decode lengths (1, odd, empty) and chunks of them for prefill (one, some, all, none).
+ODD_LENS = [1, 37, 19, 0, 8]
+ODD_Q_LENS = [1, 5, 19, 0, 2]
 
 
-def dense_attention(q, k, v, scale=None, window=None, return_lse=False):
+def dense_attention(q, k, v, scale=None, window=None, return_lse=False, softcap=None,
+                    slopes=None):
     """q [n, Hq, D] at the last n positions of k, v [L, Hkv, D], in float64: causal, and each
     query sees the last ``window`` keys up to itself. With ``return_lse`` also the float64
-    log-sum-exp [n, Hq] of each row's scaled scores (-inf with no keys, whose out is 0)."""
+    log-sum-exp [n, Hq] of each row's scaled scores (-inf with no keys, whose out is 0).
+    ``softcap`` and ``slopes`` (ALiBi, [Hq]) modify the scores as frugal.score_mods says."""
     n, hq, d = q.shape
     length, hkv = k.shape[:2]
     k64 = k.double().repeat_interleave(hq // hkv, dim=1)
@@ -26,6 +33,8 @@ def dense_attention(q, k, v, scale=None, window=None, return_lse=False):
     s = torch.einsum("nhd,lhd->hnl", q.double(), k64) * (d**-0.5 if scale is None else scale)
     q_pos = torch.arange(length - n, length)[:, None]
     k_pos = torch.arange(length)[None, :]
+    s = reference.apply_score_mods(s[None], softcap, None if slopes is None else
+                                   slopes.double().reshape(1, hq), q_pos, k_pos)[0]
     visible = k_pos <= q_pos
     if window is not None:
         visible &= k_pos > q_pos - window
@@ -92,13 +101,65 @@ def random_kv(lens, hkv, d, gen):
     return ks, vs
 
 
-def expected_decode(q, ks, vs, scale=None, window=None, return_lse=False):
+def paged_case(d, cache_dtype, seed, lens=ODD_LENS, hkv=2, group=3, bs=8, q_rows=None):
+    """Sequences of ``lens`` tokens in a paged cache of ``cache_dtype`` (block size ``bs``, tables
+    poisoned past the end) and decode queries: (q [len(lens) or q_rows, Hkv * group, d] in the
+    cache dtype (float32 over int8), (k_cache, v_cache, k_scale, v_scale), tables, seq_lens,
+    ks, vs), ks and vs the values the cache holds, in float."""
+    gen = torch.Generator().manual_seed(seed)
+    ks, vs = random_kv(lens, hkv, d, gen)
+    k_cache, v_cache, k_scale, v_scale, tables, seq_lens = build_paged(
+        ks, vs, bs, cache_dtype, "cpu", gen, pad="poison")
+    q_dtype = torch.float32 if cache_dtype == torch.int8 else cache_dtype
+    q = torch.randn(q_rows or len(lens), hkv * group, d, generator=gen).to(q_dtype)
+    if cache_dtype == torch.int8:
+        ks, vs = ([reference.dequantize(*reference.quantize_per_token(x)) for x in xs]
+                  for xs in (ks, vs))
+    else:
+        ks, vs = rounded(ks, cache_dtype), rounded(vs, cache_dtype)
+    return q, (k_cache, v_cache, k_scale, v_scale), tables, seq_lens, ks, vs
+
+
+def expected_decode(q, ks, vs, scale=None, window=None, return_lse=False, softcap=None,
+                    slopes=None):
     """float64 decode of q [B, Hq, D] over ks[b], vs[b] [L_b, Hkv, D] (out [B, Hq, D], and lse
-    [B, Hq] with ``return_lse``; an empty sequence gives out 0 and lse -inf)."""
-    rows = [dense_attention(q[b:b + 1].float(), k, v, scale, window, return_lse=True)
+    [B, Hq] with ``return_lse``; an empty sequence gives out 0 and lse -inf). ``slopes``: ALiBi
+    [B, Hq]."""
+    rows = [dense_attention(q[b:b + 1].float(), k, v, scale, window, return_lse=True,
+                            softcap=softcap, slopes=None if slopes is None else slopes[b])
             for b, (k, v) in enumerate(zip(ks, vs))]
     out = torch.stack([o[0] for o, _ in rows])
     return (out, torch.stack([s[0] for _, s in rows])) if return_lse else out
+
+
+def expected_prefill(q, ks, vs, q_lens, scale=None, window=None, softcap=None, slopes=None):
+    """float64 (out, lse) of packed q [N, Hq, D], sequence b owning the next q_lens[b] rows at its
+    last positions; ``slopes`` ALiBi [B, Hq]."""
+    outs, lses, start = [], [], 0
+    for b, (k, v, n) in enumerate(zip(ks, vs, q_lens)):
+        if n:
+            o, s = dense_attention(q[start:start + n].double(), k, v, scale, window,
+                                   return_lse=True, softcap=softcap,
+                                   slopes=None if slopes is None else slopes[b])
+            outs.append(o)
+            lses.append(s)
+        start += n
+    return torch.cat(outs), torch.cat(lses)
+
+
+def out_tol(q, cache_dtype):
+    """The tolerance of an output for q over a cache of ``cache_dtype`` against float64."""
+    return INT8_TOL if cache_dtype == torch.int8 else TOL[q.dtype]
+
+
+def check_out_lse(got, want, want_lse, tol):
+    """got (out, lse) against float64 (want, want_lse): out within ``tol``, finite, lse within
+    LSE_TOL."""
+    out, lse = got
+    assert out.shape == want.shape and lse.shape == want_lse.shape
+    assert torch.isfinite(out).all(), "non-finite output: a poisoned slot or unwritten element"
+    torch.testing.assert_close(out.cpu().double(), want, **tol)
+    torch.testing.assert_close(lse.cpu().double(), want_lse, **LSE_TOL)
 
 
 def assert_close(got, want, dtype=torch.float32):

@@ -260,11 +260,11 @@ def test_api_int8_and_explain(pa, poison):
 
 
 def test_triton_refuses_unsupported_layouts(pa):
-    k_cache = torch.zeros(4, 16, 2, 8, device=DEVICE)  # head_dim 8
+    k_cache = torch.zeros(4, 16, 2, 12, device=DEVICE)  # head_dim 12
     tables = torch.zeros(1, 1, dtype=torch.int32, device=DEVICE)
     lens = torch.ones(1, dtype=torch.int32, device=DEVICE)
-    q = torch.zeros(1, 2, 8, device=DEVICE)
-    with pytest.raises(BackendError, match=r"head_dim a multiple of 16 from 16 to 256; got 8"):
+    q = torch.zeros(1, 2, 12, device=DEVICE)
+    with pytest.raises(BackendError, match=r"head_dim a multiple of 8 from 8 to 256; got 12"):
         paged_attention(q, k_cache, k_cache, tables, lens, backend="triton")
     wide = torch.zeros(4, 16, 2, 64, device=DEVICE)[..., ::2]  # head_dim 32 with stride 2
     assert "unit stride in head_dim" in pa.unsupported(wide, wide)

@@ -13,6 +13,7 @@ from paged_cases import (
     build_paged,
     dense_attention,
     expected_decode,
+    expected_prefill,
     gather,
     random_kv,
     rounded,
@@ -130,16 +131,6 @@ def test_decode_lse_non_contiguous_q_and_bf16(poison):
 # ------------------------------------------------------------------------ prefill
 
 
-def expected_prefill(q, ks, vs, q_lens, scale=None, window=None):
-    outs, lses, start = [], [], 0
-    for k, v, n in zip(ks, vs, q_lens):
-        o, s = dense_attention(q[start:start + n].float(), k, v, scale, window, return_lse=True)
-        outs.append(o)
-        lses.append(s)
-        start += n
-    return torch.cat(outs), torch.cat(lses)
-
-
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, "int8"], ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -171,16 +162,6 @@ def test_prefill_lse_matches_float64(poison, backend, dtype, window):
 
 
 # ------------------------------------------------------------------------ CUDA (emulated)
-
-
-@pytest.fixture
-def emu():
-    emu = pytest.importorskip("frugal._cuda_emu", reason="frugal._cuda_emu is not built")
-    before = emu.configure()
-    emu.configure(num_sms=132, blocks_per_sm=2, min_partition=512, schedule="forward", seed=0)
-    yield emu
-    emu.configure(**{k: before[k] for k in ("num_sms", "blocks_per_sm", "min_partition",
-                                              "schedule", "seed")})
 
 
 @pytest.mark.parametrize("split", [False, True])

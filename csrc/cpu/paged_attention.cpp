@@ -29,6 +29,11 @@
 // partitioned item leaves its unnormalized (m, l, acc) per query head, and a second pass merges
 // the partitions: M = max m_i, out = sum_i acc_i e^(m_i - M) / sum_i l_i e^(m_i - M). Items
 // run longest first, taken from a shared counter, so a batch of mixed lengths balances.
+//
+// Score modifiers (frugal/score_mods.py; decode and prefill): the tile functions' kMods
+// variants cap each tile's scores (c tanh(s / c)) and subtract the ALiBi bias
+// slope |q_pos - k_pos| between the scores and the softmax. A call without modifiers runs the
+// plain variants, which hold no trace of them.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -56,6 +61,7 @@
 #include "cpu/knobs.h"
 #include "cpu/vec_load.h"
 #include "cpu/vec_math.h"
+#include "score_mods.h"
 
 #if FRUGAL_X86
 #include <immintrin.h>
@@ -95,6 +101,7 @@ struct Tile {
   float k_scale[kTile];
   float v_scale[kTile];
   int n;
+  int64_t p0;  // position of the tile's first token
 };
 
 // The item's state for one kv head. q is pre-multiplied by the softmax scale; rows of q and acc
@@ -109,7 +116,56 @@ struct State {
   // Prefill: per row, the tile positions it may attend to (bit i: position i of the tile);
   // nullptr for decode, where every row sees the tile's n positions.
   const uint16_t* live = nullptr;
+  // Score modifiers (frugal/score_mods.py), read by the tile functions' kMods variants only:
+  // softcap (0: none); row r's ALiBi slope slope[r % group] (slope nullptr: none) and its
+  // query position q_first + r / group (rows are token-major, `group` query heads a token).
+  float softcap = 0.0f;
+  const float* slope = nullptr;
+  int64_t q_first = 0, group = 1;
 };
+
+// tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2|x|) <= 1 (exp_neg of vec_math.h): a loop over
+// it vectorizes where one over std::tanh's call does not. Absolute error about 1e-7, as the
+// Triton kernels' tanh; +-inf give +-1, NaN stays NaN.
+inline float tanh_exp(float x) {
+  const float e = exp_neg(-2.0f * std::fabs(x));
+  return std::copysign((1.0f - e) / (1.0f + e), x);
+}
+
+// The ALiBi bias of row r against tile position i: slope * |q_pos - k_pos|.
+template <typename T>
+inline float alibi_bias(const State& st, const Tile<T>& t, int64_t r, int i) {
+  const int64_t dist = st.q_first + r / st.group - (t.p0 + i);
+  return st.slope[r % st.group] * static_cast<float>(dist < 0 ? -dist : dist);
+}
+
+// Row r's score x against tile position i, modified: softcap, then the ALiBi bias.
+template <typename T>
+inline float modified(const State& st, const Tile<T>& t, int64_t r, int i, float x) {
+  if (st.softcap > 0.0f) x = st.softcap * tanh_exp(x / st.softcap);
+  return st.slope != nullptr ? x - alibi_bias(st, t, r, i) : x;
+}
+
+// The vector paths' modifier step, between the scores and the softmax: the tile's scores in
+// natural scale (int8: times k_scale here, which their softmax then leaves out), modified; one
+// loop per step, each simple enough to vectorize.
+template <typename T>
+void modify_scores(State& st, const Tile<T>& t) {
+  constexpr bool kInt8 = std::is_same_v<T, int8_t>;
+  const float c = st.softcap;
+  for (int64_t r = 0; r < st.G; ++r) {
+    float* s = st.s + r * kTile;
+    if constexpr (kInt8) {
+      for (int i = 0; i < t.n; ++i) s[i] *= t.k_scale[i];
+    }
+    if (c > 0.0f) {
+      for (int i = 0; i < t.n; ++i) s[i] = c * tanh_exp(s[i] / c);
+    }
+    if (st.slope != nullptr) {
+      for (int i = 0; i < t.n; ++i) s[i] -= alibi_bias(st, t, r, i);
+    }
+  }
+}
 
 template <typename T>
 using TileFn = void (*)(State&, const Tile<T>&);
@@ -125,7 +181,7 @@ inline int64_t group_width(int64_t left, int64_t widest) {
 // ----------------------------------------------------------------------------------------
 // Scalar
 
-template <typename T>
+template <typename T, bool kMods>
 void tile_scalar(State& st, const Tile<T>& t) {
   constexpr bool kInt8 = std::is_same_v<T, int8_t>;
   for (int64_t g = 0; g < st.G; ++g) {
@@ -141,6 +197,7 @@ void tile_scalar(State& st, const Tile<T>& t) {
       float dot = 0.0f;
       for (int64_t d = 0; d < st.D; ++d) dot += q[d] * to_float(t.k[i][d]);
       s[i] = kInt8 ? dot * t.k_scale[i] : dot;
+      if constexpr (kMods) s[i] = modified(st, t, g, i, s[i]);
       mx = std::max(mx, s[i]);
     }
     const float m_new = std::max(st.m[g], mx);
@@ -284,7 +341,7 @@ FRUGAL_TARGET_AVX512 void accumulate_avx512(State& st, const Tile<T>& t, int64_t
   for (; c < chunks; ++c) accumulate_block_avx512<GN, 1>(st, t, g0, c);
 }
 
-template <typename T>
+template <typename T, bool kMods>
 FRUGAL_TARGET_AVX512 void softmax_avx512(State& st, const Tile<T>& t) {
   constexpr bool kInt8 = std::is_same_v<T, int8_t>;
   const __mmask16 tile_live = lanes16(t.n);
@@ -293,7 +350,7 @@ FRUGAL_TARGET_AVX512 void softmax_avx512(State& st, const Tile<T>& t) {
         st.live != nullptr ? static_cast<__mmask16>(tile_live & st.live[g]) : tile_live;
     float* s = st.s + g * kTile;
     __m512 x = _mm512_loadu_ps(s);
-    if (kInt8) x = _mm512_mul_ps(x, _mm512_loadu_ps(t.k_scale));
+    if (kInt8 && !kMods) x = _mm512_mul_ps(x, _mm512_loadu_ps(t.k_scale));
     x = _mm512_mask_mov_ps(_mm512_set1_ps(-kInf), live, x);
     const float m_old = st.m[g];
     const float m_new = std::max(m_old, _mm512_reduce_max_ps(x));
@@ -313,7 +370,7 @@ FRUGAL_TARGET_AVX512 void softmax_avx512(State& st, const Tile<T>& t) {
   }
 }
 
-template <typename T>
+template <typename T, bool kMods>
 FRUGAL_TARGET_AVX512 void tile_avx512(State& st, const Tile<T>& t) {
   for (int64_t g0 = 0, w = 0; g0 < st.G; g0 += w) {
     switch (w = group_width(st.G - g0, 4)) {
@@ -327,7 +384,8 @@ FRUGAL_TARGET_AVX512 void tile_avx512(State& st, const Tile<T>& t) {
         scores_avx512<1>(st, t, g0);
     }
   }
-  softmax_avx512(st, t);
+  if constexpr (kMods) modify_scores(st, t);
+  softmax_avx512<T, kMods>(st, t);
   for (int64_t g0 = 0, w = 0; g0 < st.G; g0 += w) {
     switch (w = group_width(st.G - g0, 8)) {
       case 8:
@@ -396,7 +454,7 @@ FRUGAL_TARGET_AVX2 void accumulate_avx2(State& st, const Tile<T>& t, int64_t g0)
   }
 }
 
-template <typename T>
+template <typename T, bool kMods>
 FRUGAL_TARGET_AVX2 void softmax_avx2(State& st, const Tile<T>& t) {
   constexpr bool kInt8 = std::is_same_v<T, int8_t>;
   const __m256 index = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
@@ -417,7 +475,7 @@ FRUGAL_TARGET_AVX2 void softmax_avx2(State& st, const Tile<T>& t) {
     __m256 x[2];
     for (int h = 0; h < 2; ++h) {
       x[h] = _mm256_loadu_ps(s + 8 * h);
-      if (kInt8) x[h] = _mm256_mul_ps(x[h], _mm256_loadu_ps(t.k_scale + 8 * h));
+      if (kInt8 && !kMods) x[h] = _mm256_mul_ps(x[h], _mm256_loadu_ps(t.k_scale + 8 * h));
       x[h] = _mm256_blendv_ps(neg_inf, x[h], live[h]);
     }
     const float m_old = st.m[g];
@@ -443,7 +501,7 @@ FRUGAL_TARGET_AVX2 void softmax_avx2(State& st, const Tile<T>& t) {
   }
 }
 
-template <typename T>
+template <typename T, bool kMods>
 FRUGAL_TARGET_AVX2 void tile_avx2(State& st, const Tile<T>& t) {
   for (int64_t g0 = 0, w = 0; g0 < st.G; g0 += w) {
     switch (w = group_width(st.G - g0, 8)) {
@@ -460,7 +518,8 @@ FRUGAL_TARGET_AVX2 void tile_avx2(State& st, const Tile<T>& t) {
         scores_avx2<1>(st, t, g0);
     }
   }
-  softmax_avx2(st, t);
+  if constexpr (kMods) modify_scores(st, t);
+  softmax_avx2<T, kMods>(st, t);
   for (int64_t g0 = 0, w = 0; g0 < st.G; g0 += w) {
     switch (w = group_width(st.G - g0, 8)) {
       case 8:
@@ -480,14 +539,21 @@ FRUGAL_TARGET_AVX2 void tile_avx2(State& st, const Tile<T>& t) {
 
 #endif  // FRUGAL_X86
 
-template <typename T>
-TileFn<T> pick_tile() {
+// The tile function of the current ISA; with `mods`, its variant that applies the score
+// modifiers (the plain one pays nothing for them).
+template <typename T, bool kMods>
+TileFn<T> pick_tile_isa() {
 #if FRUGAL_X86
   const Isa isa = current_isa();
-  if (isa >= Isa::kAvx512) return &tile_avx512<T>;
-  if (isa >= Isa::kAvx2) return &tile_avx2<T>;
+  if (isa >= Isa::kAvx512) return &tile_avx512<T, kMods>;
+  if (isa >= Isa::kAvx2) return &tile_avx2<T, kMods>;
 #endif
-  return &tile_scalar<T>;
+  return &tile_scalar<T, kMods>;
+}
+
+template <typename T>
+TileFn<T> pick_tile(bool mods) {
+  return mods ? pick_tile_isa<T, true>() : pick_tile_isa<T, false>();
 }
 
 // ----------------------------------------------------------------------------------------
@@ -526,6 +592,9 @@ struct Problem {
   int block_shift;
   int64_t Hq, G, D, Dp;
   float scale;
+  float softcap;        // 0: none
+  const float* alibi;   // [B, Hq] ALiBi slopes, or nullptr
+  const int32_t* lens;  // [B]
   float* partial;  // per slot: m [G], l [G], acc [G, D]
   float* lse;      // [rows, Hq] fp32: log-sum-exp of each row's scaled scores, or nullptr
   TileFn<T> tile;
@@ -537,7 +606,10 @@ struct Problem {
     constexpr bool kInt8 = std::is_same_v<T, int8_t>;
     const int32_t* row = tables + b * table_s0;
     const int64_t mask = (int64_t{1} << block_shift) - 1;
-    for (int64_t hh = 0; hh < hn; ++hh) t[hh].n = n;
+    for (int64_t hh = 0; hh < hn; ++hh) {
+      t[hh].n = n;
+      t[hh].p0 = p0;
+    }
     for (int i = 0; i < n; ++i) {
       const int64_t pos = p0 + i;
       const int64_t block = row[(pos >> block_shift) * table_s1];
@@ -572,9 +644,18 @@ struct Problem {
     asm volatile("" : : "r"(sink));
   }
 
+  // The modifiers of the G query heads of kv head h of sequence b, at query position q_pos.
+  void set_mods(State& st, int64_t b, int64_t h, int64_t q_pos) const {
+    st.softcap = softcap;
+    st.slope = alibi != nullptr ? alibi + b * Hq + h * G : nullptr;
+    st.q_first = q_pos;
+    st.group = G;
+  }
+
   void run(const Item& it, Workspace<T>& ws) const {
     for (int64_t hh = 0; hh < it.hn; ++hh) {
       State& st = ws.states[hh];
+      set_mods(st, it.b, it.h0 + hh, lens[it.b] - 1);
       const QT* qh = q + it.b * q_s0 + (it.h0 + hh) * G * q_s1;
       for (int64_t g = 0; g < G; ++g) {
         float* qr = st.q + g * Dp;
@@ -812,11 +893,28 @@ Plan plan_work(const std::vector<int64_t>& lo, const std::vector<int64_t>& hi, i
   return plan;
 }
 
+// The score modifiers of a call, checked (check_mods).
+struct Mods {
+  double softcap;
+  const float* alibi;
+};
+
+// The call's score modifiers, checked (alibi_slopes on the CPU).
+Mods check_mods(const char* op, double softcap, const std::optional<at::Tensor>& alibi_slopes,
+                int64_t B, int64_t Hq) {
+  check_score_mods(op, softcap, alibi_slopes, B, Hq);
+  if (!alibi_slopes.has_value()) return {softcap, nullptr};
+  TORCH_CHECK(alibi_slopes->device().is_cpu(), op, ": alibi_slopes must be a CPU tensor; got ",
+              alibi_slopes->device());
+  return {softcap, alibi_slopes->data_ptr<float>()};
+}
+
 // The fields decode and prefill share: q [rows, Hq, D] (any strides), out [rows, Hq, D]
-// (contiguous), the caches, tables and scale.
+// (contiguous), the caches, tables, lengths, scale and score modifiers.
 template <typename QT, typename T>
 void init_problem(Problem<QT, T>& pb, const at::Tensor& q, const at::Tensor& k_cache,
-                  const at::Tensor& v_cache, const at::Tensor& tables, int shift, double scale,
+                  const at::Tensor& v_cache, const at::Tensor& tables, const int32_t* lens,
+                  int shift, double scale, const Mods& mods,
                   const std::optional<at::Tensor>& k_scale,
                   const std::optional<at::Tensor>& v_scale, at::Tensor& out) {
   pb.q = static_cast<const QT*>(q.data_ptr());
@@ -842,18 +940,22 @@ void init_problem(Problem<QT, T>& pb, const at::Tensor& q, const at::Tensor& k_c
   pb.D = q.size(2);
   pb.Dp = (pb.D + 15) / 16 * 16;
   pb.scale = static_cast<float>(scale);
-  pb.tile = pick_tile<T>();
+  pb.softcap = static_cast<float>(mods.softcap);
+  pb.alibi = mods.alibi;
+  pb.lens = lens;
+  pb.tile = pick_tile<T>(pb.softcap > 0.0f || pb.alibi != nullptr);
   pb.partial = nullptr;
   pb.lse = nullptr;
 }
 
 template <typename QT, typename T>
 void paged_attention_typed(const at::Tensor& q, const at::Tensor& k_cache,
-                           const at::Tensor& v_cache, const at::Tensor& tables, int shift,
-                           const Plan& plan, double scale, const std::optional<at::Tensor>& k_scale,
+                           const at::Tensor& v_cache, const at::Tensor& tables,
+                           const int32_t* lens, int shift, const Plan& plan, double scale,
+                           const Mods& mods, const std::optional<at::Tensor>& k_scale,
                            const std::optional<at::Tensor>& v_scale, at::Tensor& out, float* lse) {
   Problem<QT, T> pb;
-  init_problem(pb, q, k_cache, v_cache, tables, shift, scale, k_scale, v_scale, out);
+  init_problem(pb, q, k_cache, v_cache, tables, lens, shift, scale, mods, k_scale, v_scale, out);
   pb.lse = lse;
   const int64_t Hkv = k_cache.size(2);
   std::vector<float> partial(plan.slots * pb.partial_floats());
@@ -930,12 +1032,13 @@ std::tuple<at::Tensor, at::Tensor> paged_attention_impl(
     const char* op, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
     const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, int64_t window,
     const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale,
-    bool with_lse) {
+    double softcap, const std::optional<at::Tensor>& alibi_slopes, bool with_lse) {
   check_caches(op, k_cache, v_cache, k_scale, v_scale);
   TORCH_CHECK(q.dim() == 3, op, ": q must be 3-d [batch, num_heads, head_dim]; got shape ",
               q.sizes());
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k_cache.size(2);
   check_query_and_tables(op, q, k_cache, block_tables, seq_lens, B);
+  const Mods mods = check_mods(op, softcap, alibi_slopes, B, Hq);
   const int shift = block_shift(op, k_cache.size(1));
 
   at::Tensor out = at::empty({B, Hq, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
@@ -965,8 +1068,9 @@ std::tuple<at::Tensor, at::Tensor> paged_attention_impl(
 
   const Plan plan = plan_work(lo, hi, Hkv, Hq / Hkv);
   dispatch_types(q.scalar_type(), k_cache.scalar_type(), [&](auto qt, auto ct) {
-    paged_attention_typed<decltype(qt), decltype(ct)>(q, k_cache, v_cache, block_tables, shift,
-                                                      plan, scale, k_scale, v_scale, out,
+    paged_attention_typed<decltype(qt), decltype(ct)>(q, k_cache, v_cache, block_tables, lens,
+                                                      shift, plan, scale, mods, k_scale, v_scale,
+                                                      out,
                                                       with_lse ? lse.data_ptr<float>() : nullptr);
   });
   return {out, lse};
@@ -976,17 +1080,20 @@ at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
                                const at::Tensor& v_cache, const at::Tensor& block_tables,
                                const at::Tensor& seq_lens, double scale, int64_t window,
                                const std::optional<at::Tensor>& k_scale,
-                               const std::optional<at::Tensor>& v_scale) {
+                               const std::optional<at::Tensor>& v_scale, double softcap,
+                               const std::optional<at::Tensor>& alibi_slopes) {
   return std::get<0>(paged_attention_impl("paged_attention", q, k_cache, v_cache, block_tables,
-                                          seq_lens, scale, window, k_scale, v_scale, false));
+                                          seq_lens, scale, window, k_scale, v_scale, softcap,
+                                          alibi_slopes, false));
 }
 
 std::tuple<at::Tensor, at::Tensor> paged_attention_lse_cpu(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
     const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, int64_t window,
-    const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale) {
+    const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale,
+    double softcap, const std::optional<at::Tensor>& alibi_slopes) {
   return paged_attention_impl("paged_attention_lse", q, k_cache, v_cache, block_tables, seq_lens,
-                              scale, window, k_scale, v_scale, true);
+                              scale, window, k_scale, v_scale, softcap, alibi_slopes, true);
 }
 
 // ----------------------------------------------------------------------------------------
@@ -1017,9 +1124,8 @@ struct PrefillItem {
 
 template <typename QT, typename T>
 struct PrefillProblem : Problem<QT, T> {
-  const int32_t* cu;    // [B + 1]: sequence b owns q rows [cu[b], cu[b + 1])
-  const int32_t* lens;  // [B]
-  int64_t window;       // <= 0: none
+  const int32_t* cu;  // [B + 1]: sequence b owns q rows [cu[b], cu[b + 1])
+  int64_t window;     // <= 0: none
 
   void run(const PrefillItem& it, Workspace<T>& ws) const {
     const int64_t G = this->G, D = this->D, Dp = this->Dp;
@@ -1030,7 +1136,8 @@ struct PrefillProblem : Problem<QT, T> {
     uint16_t* live = ws.live.data();
     st.live = live;
     const int64_t row0 = cu[it.b] + it.t0;  // q row of the item's first token
-    const int64_t first = lens[it.b] - (cu[it.b + 1] - cu[it.b]) + it.t0;  // its position
+    const int64_t first = this->lens[it.b] - (cu[it.b + 1] - cu[it.b]) + it.t0;  // its position
+    this->set_mods(st, it.b, it.h, first);
     for (int64_t t = 0; t < it.tn; ++t) {
       const QT* qt = this->q + (row0 + t) * this->q_s0 + it.h * G * this->q_s1;
       for (int64_t g = 0; g < G; ++g) {
@@ -1114,7 +1221,8 @@ std::tuple<at::Tensor, at::Tensor> paged_prefill_attention_impl(
     const char* op, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
     const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& cu_seqlens_q,
     double scale, int64_t window, const std::optional<at::Tensor>& k_scale,
-    const std::optional<at::Tensor>& v_scale, bool with_lse) {
+    const std::optional<at::Tensor>& v_scale, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes, bool with_lse) {
   check_caches(op, k_cache, v_cache, k_scale, v_scale);
   TORCH_CHECK(q.dim() == 3, op, ": q must be 3-d [num_tokens, num_heads, head_dim]; got shape ",
               q.sizes());
@@ -1127,6 +1235,7 @@ std::tuple<at::Tensor, at::Tensor> paged_prefill_attention_impl(
   const int64_t B = cu_seqlens_q.size(0) - 1;
   const int64_t N = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k_cache.size(2);
   check_query_and_tables(op, q, k_cache, block_tables, seq_lens, B);
+  const Mods mods = check_mods(op, softcap, alibi_slopes, B, Hq);
   const int shift = block_shift(op, k_cache.size(1));
 
   at::Tensor out = at::empty({N, Hq, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
@@ -1160,10 +1269,9 @@ std::tuple<at::Tensor, at::Tensor> paged_prefill_attention_impl(
     using QT = decltype(qt);
     using T = decltype(ct);
     PrefillProblem<QT, T> pb;
-    init_problem<QT, T>(pb, q, k_cache, v_cache, block_tables, shift, scale, k_scale, v_scale,
-                        out);
+    init_problem<QT, T>(pb, q, k_cache, v_cache, block_tables, lens, shift, scale, mods, k_scale,
+                        v_scale, out);
     pb.cu = cu;
-    pb.lens = lens;
     pb.window = window;
     pb.lse = with_lse ? lse.data_ptr<float>() : nullptr;
     run_items(pb, items, 1, rows);
@@ -1176,20 +1284,23 @@ at::Tensor paged_prefill_attention_cpu(const at::Tensor& q, const at::Tensor& k_
                                        const at::Tensor& seq_lens, const at::Tensor& cu_seqlens_q,
                                        double scale, int64_t window,
                                        const std::optional<at::Tensor>& k_scale,
-                                       const std::optional<at::Tensor>& v_scale) {
+                                       const std::optional<at::Tensor>& v_scale, double softcap,
+                                       const std::optional<at::Tensor>& alibi_slopes) {
   return std::get<0>(paged_prefill_attention_impl("paged_prefill_attention", q, k_cache, v_cache,
                                                   block_tables, seq_lens, cu_seqlens_q, scale,
-                                                  window, k_scale, v_scale, false));
+                                                  window, k_scale, v_scale, softcap, alibi_slopes,
+                                                  false));
 }
 
 std::tuple<at::Tensor, at::Tensor> paged_prefill_attention_lse_cpu(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
     const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& cu_seqlens_q,
     double scale, int64_t window, const std::optional<at::Tensor>& k_scale,
-    const std::optional<at::Tensor>& v_scale) {
+    const std::optional<at::Tensor>& v_scale, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   return paged_prefill_attention_impl("paged_prefill_attention_lse", q, k_cache, v_cache,
                                       block_tables, seq_lens, cu_seqlens_q, scale, window,
-                                      k_scale, v_scale, true);
+                                      k_scale, v_scale, softcap, alibi_slopes, true);
 }
 
 // ----------------------------------------------------------------------------------------

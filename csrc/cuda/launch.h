@@ -46,6 +46,8 @@ struct PagedAttentionArgs {
   int64_t batch, rows, num_q_heads, num_kv_heads, head_dim, block_size, table_width;
   float scale;                       // softmax scale
   int64_t window;                    // <= 0: none
+  float softcap;                     // > 0: scores s become softcap * tanh(s / softcap)
+  const float* alibi_slopes;         // [B, Hq] contiguous, or nullptr: no ALiBi bias
 };
 
 // The split-KV plan of a decode launch (see csrc/cuda/paged_attention.cu): made on the host

@@ -67,6 +67,11 @@
 // search over cu_seqlens_q, at most B of them find nothing to do, and a sequence's last tokens
 // (the longest spans) run first.
 //
+// Score modifiers (frugal/score_mods.py): the kMods instantiations of decode and prefill cap
+// each base-2 score x as c2 tanh(x / c2) (c2 = softcap * log2(e)) and subtract slope * log2(e)
+// * |q_pos - k_pos| before the online softmax; the launchers pick them only when a call has
+// a modifier, so the plain kernels are the ones without.
+//
 // paged_append. One warp per (token, kv head, k or v) row, a lane per 8 elements; int8 caches
 // quantize each row as quantize_per_token does (absmax over the warp by shuffles, IEEE
 // division by 127, round half to even, zero row -> scale 0, inf / NaN -> scale NaN and zeros).
@@ -117,6 +122,8 @@ struct AttnParams {
   float* ws_lse;
   int B, Hq, Hkv, G, D, shift, capacity, window, partition, splits, tiles;
   float scale_log2;
+  float softcap_log2;   // softcap * log2(e); 0: none
+  const float* alibi;   // [B, Hq] ALiBi slopes, or nullptr
   bool kv_aligned;
 };
 
@@ -450,12 +457,37 @@ __device__ __forceinline__ void init_state(State<DB>& st) {
     for (int j = 0; j < 8; ++j) st.o[i][j][0] = st.o[i][j][1] = 0.0f;
 }
 
+// Score modifiers (frugal/score_mods.py) of row g in the kMods kernels: its ALiBi slope times
+// log2(e) (0: none) and its query position.
+struct RowMods {
+  float slope2;
+  int q_pos;
+};
+
+// The row's mods: the slope of query head `head` of sequence b, at query position q_pos.
+__device__ __forceinline__ RowMods row_mods(const AttnParams& p, int b, int head, bool live,
+                                            int q_pos) {
+  const float slope = p.alibi != nullptr && live ? p.alibi[b * p.Hq + head] : 0.0f;
+  return {slope * kLog2e, q_pos};
+}
+
+// Steps 2-3 of frugal/score_mods.py on a base-2 score x = s log2(e): the natural score's cap
+// c tanh(s / c) is, in base 2, c2 tanh(x / c2) with c2 = c log2(e); then the ALiBi bias of the
+// key at k_pos, slope2 |q_pos - k_pos|.
+__device__ __forceinline__ float modified(const AttnParams& p, float x, const RowMods& r,
+                                          int k_pos) {
+  if (p.softcap_log2 > 0.0f) x = p.softcap_log2 * tanhf(x / p.softcap_log2);
+  return x - r.slope2 * fabsf(static_cast<float>(r.q_pos - k_pos));
+}
+
 // One tile for the warp's 8 rows: S = Q K^T, online softmax, O += P V. keep0 / keep1: whether
-// row g may see positions 2t / 2t+1 of the tile.
-template <typename QT, typename KT, int DB>
+// row g may see positions 2t / 2t+1 of the tile, pos0 (position 2t); kMods: modify the scores
+// by `mods`.
+template <typename QT, typename KT, int DB, bool kMods>
 __device__ __forceinline__ void attend_tile(const AttnParams& p, unsigned char* tile,
                                             const unsigned char* qf, int lane, bool keep0,
-                                            bool keep1, State<DB>& st) {
+                                            bool keep1, int pos0, const RowMods& mods,
+                                            State<DB>& st) {
   using L = TileLayout<KT, DB>;
   using M = typename Math<QT>::M;
   constexpr int QP = Math<QT>::kParts;
@@ -504,8 +536,13 @@ __device__ __forceinline__ void attend_tile(const AttnParams& p, unsigned char* 
     vs0 = sc.z;
     vs1 = sc.w;
   }
-  const float s0 = keep0 ? c[0] * sc0 : -kInf;
-  const float s1 = keep1 ? c[1] * sc1 : -kInf;
+  float x0 = c[0] * sc0, x1 = c[1] * sc1;
+  if constexpr (kMods) {
+    x0 = modified(p, x0, mods, pos0);
+    x1 = modified(p, x1, mods, pos0 + 1);
+  }
+  const float s0 = keep0 ? x0 : -kInf;
+  const float s1 = keep1 ? x1 : -kInf;
   float mt = fmaxf(s0, s1);
   mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 1));
   mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 2));
@@ -566,7 +603,7 @@ __device__ __forceinline__ void store8(T* dst, const float v[8]) {
 
 // ------------------------------------------------------------------ decode
 
-template <typename QT, typename KT, int DB>
+template <typename QT, typename KT, int DB, bool kMods>
 __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const AttnParams p) {
   using L = TileLayout<KT, DB>;
   constexpr int S = decode_stages<KT, DB>();
@@ -611,6 +648,9 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const AttnParams
 
   State<DB> st;
   init_state(st);
+  const int row_g = c * kRows + (lane >> 2);
+  const RowMods mods =
+      kMods ? row_mods(p, b, h * p.G + row_g, row_g < p.G, seq_len - 1) : RowMods{0.0f, 0};
 #pragma unroll
   for (int j = 0; j < S - 1; ++j) {
     if (j < mine) issue(j);
@@ -623,8 +663,9 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const AttnParams
     const int n0 = start + (warp + j * kWarps) * kTile;
     const int t = lane & 3;
     const int pos0 = n0 + 2 * t, pos1 = pos0 + 1;
-    attend_tile<QT, KT, DB>(p, ring + (j % S) * L::kBytes, qf, lane,
-                            pos0 >= lo && pos0 < end, pos1 >= lo && pos1 < end, st);
+    attend_tile<QT, KT, DB, kMods>(p, ring + (j % S) * L::kBytes, qf, lane,
+                                   pos0 >= lo && pos0 < end, pos1 >= lo && pos1 < end, pos0,
+                                   mods, st);
   }
   st.l += __shfl_xor_sync(0xffffffffu, st.l, 1);
   st.l += __shfl_xor_sync(0xffffffffu, st.l, 2);
@@ -712,7 +753,7 @@ __global__ void __launch_bounds__(64) paged_merge_kernel(const AttnParams p) {
 
 // minBlocks 1: without it ptxas 13 caps the sm_90a build at 168 registers and spills 16 bytes
 // at D = 256 (it takes 176 when allowed; sm_80 took 174 either way).
-template <typename QT, typename KT, int DB>
+template <typename QT, typename KT, int DB, bool kMods>
 __global__ void __launch_bounds__(kThreads, 1) paged_prefill_kernel(const AttnParams p) {
   using L = TileLayout<KT, DB>;
   constexpr int kStageBytes = kPrefillSub * L::kBytes;
@@ -776,6 +817,9 @@ __global__ void __launch_bounds__(kThreads, 1) paged_prefill_kernel(const AttnPa
   const int64_t my_row = row0 + warp * kRows + g;
   const int my_pos = seq_len - n_q + static_cast<int>(my_row / p.G);  // past rows: masked below
   const bool row_live = my_row < rows;
+  const RowMods mods = kMods ? row_mods(p, b, h * p.G + static_cast<int>(my_row % p.G), row_live,
+                                        my_pos)
+                             : RowMods{0.0f, 0};
   State<DB> st;
   init_state(st);
 #pragma unroll
@@ -796,7 +840,8 @@ __global__ void __launch_bounds__(kThreads, 1) paged_prefill_kernel(const AttnPa
                       (p.window <= 0 || pos0 > my_pos - p.window);
       const bool k1 = row_live && pos1 >= lo && pos1 <= my_pos &&
                       (p.window <= 0 || pos1 > my_pos - p.window);
-      attend_tile<QT, KT, DB>(p, stage + u * L::kBytes, qf, lane, k0, k1, st);
+      attend_tile<QT, KT, DB, kMods>(p, stage + u * L::kBytes, qf, lane, k0, k1, pos0, mods,
+                                     st);
     }
   }
   st.l += __shfl_xor_sync(0xffffffffu, st.l, 1);
@@ -979,6 +1024,8 @@ AttnParams make_params(const PagedAttentionArgs& a) {
   p.capacity = static_cast<int>(std::min<int64_t>(a.table_width * a.block_size, INT32_MAX));
   p.window = a.window > 0 && a.window < p.capacity ? static_cast<int>(a.window) : 0;
   p.scale_log2 = a.scale * kLog2e;
+  p.softcap_log2 = a.softcap > 0.0f ? a.softcap * kLog2e : 0.0f;
+  p.alibi = a.alibi_slopes;
   const int64_t es = elem_size(a.cache_dtype);
   const int64_t align = std::min<int64_t>(16, 8 * es);  // cp.async of one chunk
   p.kv_aligned = aligned_bytes(a.k.data, es, {a.k.stride_block, a.k.stride_offset, a.k.stride_head},
@@ -988,14 +1035,19 @@ AttnParams make_params(const PagedAttentionArgs& a) {
   return p;
 }
 
-// Calls fn(QT{}, KT{}, bucket) for the dtypes and head-dim bucket of args.
+// Calls fn(QT{}, KT{}, bucket, kMods) for the dtypes, head-dim bucket and score modifiers
+// (any: the kMods kernels; none: the plain ones, which pay nothing for them) of args.
 template <typename F>
-cudaError_t dispatch(DType q, DType cache, int64_t D, F&& fn) {
+cudaError_t dispatch(DType q, DType cache, int64_t D, bool mods, F&& fn) {
+  const auto with_mods = [&](auto qt, auto kt, auto db) -> cudaError_t {
+    if (mods) return fn(qt, kt, db, std::true_type{});
+    return fn(qt, kt, db, std::false_type{});
+  };
   const auto with_bucket = [&](auto qt, auto kt) -> cudaError_t {
     switch (head_bucket(D)) {
-      case 64: return fn(qt, kt, std::integral_constant<int, 64>{});
-      case 128: return fn(qt, kt, std::integral_constant<int, 128>{});
-      default: return fn(qt, kt, std::integral_constant<int, 256>{});
+      case 64: return with_mods(qt, kt, std::integral_constant<int, 64>{});
+      case 128: return with_mods(qt, kt, std::integral_constant<int, 128>{});
+      default: return with_mods(qt, kt, std::integral_constant<int, 256>{});
     }
   };
   const auto with_q = [&](auto qt) -> cudaError_t {
@@ -1013,6 +1065,8 @@ cudaError_t dispatch(DType q, DType cache, int64_t D, F&& fn) {
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+bool has_mods(const AttnParams& p) { return p.softcap_log2 > 0.0f || p.alibi != nullptr; }
+
 }  // namespace
 
 PagedAttentionPlan plan_paged_attention(const PagedAttentionArgs& args, const PlanKnobs& knobs) {
@@ -1021,11 +1075,12 @@ PagedAttentionPlan plan_paged_attention(const PagedAttentionArgs& args, const Pl
   const int64_t G = p.G;
   plan.units = args.batch * args.num_kv_heads * cdiv(G, kRows);
   int per_sm = 1;
-  dispatch(args.q_dtype, args.cache_dtype, args.head_dim, [&](auto qt, auto kt, auto db) {
+  dispatch(args.q_dtype, args.cache_dtype, args.head_dim, has_mods(p),
+           [&](auto qt, auto kt, auto db, auto mods) {
     using QT = decltype(qt);
     using KT = decltype(kt);
     constexpr int DB = decltype(db)::value;
-    per_sm = dev::blocks_per_sm(paged_decode_kernel<QT, KT, DB>, kThreads,
+    per_sm = dev::blocks_per_sm(paged_decode_kernel<QT, KT, DB, decltype(mods)::value>, kThreads,
                                 decode_smem<QT, KT, DB>());
     return cudaSuccess;
   });
@@ -1065,12 +1120,14 @@ cudaError_t launch_paged_attention(const PagedAttentionArgs& args, const PagedAt
   p.ws_o = ws_o;
   p.ws_lse = ws_lse;
   if (plan.units == 0) return cudaSuccess;
-  return dispatch(args.q_dtype, args.cache_dtype, args.head_dim, [&](auto qt, auto kt, auto db) {
+  return dispatch(args.q_dtype, args.cache_dtype, args.head_dim, has_mods(p),
+                  [&](auto qt, auto kt, auto db, auto mods) {
     using QT = decltype(qt);
     using KT = decltype(kt);
     constexpr int DB = decltype(db)::value;
     const dim3 grid(static_cast<unsigned>(plan.units), static_cast<unsigned>(plan.splits));
-    cudaError_t e = dev::launch(paged_decode_kernel<QT, KT, DB>, grid, dim3(kThreads),
+    cudaError_t e = dev::launch(paged_decode_kernel<QT, KT, DB, decltype(mods)::value>, grid,
+                                dim3(kThreads),
                                 decode_smem<QT, KT, DB>(), stream, p);
     if (e != cudaSuccess || plan.splits == 1) return e;
     const dim3 rows(static_cast<unsigned>(args.batch * args.num_q_heads));
@@ -1082,12 +1139,14 @@ cudaError_t launch_paged_prefill_attention(const PagedAttentionArgs& args, cudaS
   const AttnParams p = make_params(args);
   const int64_t tiles = args.rows * p.G / kPrefillRows + args.batch;
   if (args.rows == 0 || args.batch == 0 || args.num_kv_heads == 0) return cudaSuccess;
-  return dispatch(args.q_dtype, args.cache_dtype, args.head_dim, [&](auto qt, auto kt, auto db) {
+  return dispatch(args.q_dtype, args.cache_dtype, args.head_dim, has_mods(p),
+                  [&](auto qt, auto kt, auto db, auto mods) {
     using QT = decltype(qt);
     using KT = decltype(kt);
     constexpr int DB = decltype(db)::value;
     const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(args.num_kv_heads));
-    return dev::launch(paged_prefill_kernel<QT, KT, DB>, grid, dim3(kThreads),
+    return dev::launch(paged_prefill_kernel<QT, KT, DB, decltype(mods)::value>, grid,
+                       dim3(kThreads),
                        prefill_smem<QT, KT, DB>(), stream, p);
   });
 }
@@ -1159,18 +1218,21 @@ const KernelLaunchConfig* paged_attention_kernel_configs() {
     for (DType q : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
       for (bool int8 : {false, true}) {
         for (int64_t D : {64, 128, 256}) {
-          dispatch(q, int8 ? DType::kInt8 : q, D, [&](auto qt, auto kt, auto db) {
-            using QT = decltype(qt);
-            using KT = decltype(kt);
-            constexpr int DB = decltype(db)::value;
-            const std::string args = std::string(type_name<QT>()) + ", " + type_name<KT>() +
-                                     ", " + std::to_string(DB);
-            rows.push_back({"paged_decode_kernel<" + args + ">",
-                            {kThreads, decode_smem<QT, KT, DB>()}});
-            rows.push_back({"paged_prefill_kernel<" + args + ">",
-                            {kThreads, prefill_smem<QT, KT, DB>()}});
-            return cudaSuccess;
-          });
+          for (bool mods : {false, true}) {
+            dispatch(q, int8 ? DType::kInt8 : q, D, mods, [&](auto qt, auto kt, auto db, auto m) {
+              using QT = decltype(qt);
+              using KT = decltype(kt);
+              constexpr int DB = decltype(db)::value;
+              const std::string args = std::string(type_name<QT>()) + ", " + type_name<KT>() +
+                                       ", " + std::to_string(DB) +
+                                       (decltype(m)::value ? ", true" : ", false");
+              rows.push_back({"paged_decode_kernel<" + args + ">",
+                              {kThreads, decode_smem<QT, KT, DB>()}});
+              rows.push_back({"paged_prefill_kernel<" + args + ">",
+                              {kThreads, prefill_smem<QT, KT, DB>()}});
+              return cudaSuccess;
+            });
+          }
         }
       }
       const char* qn = q == DType::kFloat32   ? "float"

@@ -29,6 +29,7 @@
 #include <utility>
 
 #include "cuda/launch.h"
+#include "score_mods.h"
 
 namespace frugal::cuda::glue {
 
@@ -130,6 +131,18 @@ void check_query_and_tables(const char* op, const at::Tensor& q, const at::Tenso
   check_device<Backend>(op, "seq_lens", seq_lens, q);
 }
 
+// The call's score modifiers, checked (alibi_slopes on q's device): the slopes' pointer or
+// nullptr.
+template <class Backend>
+const float* check_mods(const char* op, double softcap,
+                        const std::optional<at::Tensor>& alibi_slopes, int64_t B, int64_t Hq,
+                        const at::Tensor& q) {
+  check_score_mods(op, softcap, alibi_slopes, B, Hq);
+  if (!alibi_slopes.has_value()) return nullptr;
+  check_device<Backend>(op, "alibi_slopes", *alibi_slopes, q);
+  return alibi_slopes->const_data_ptr<float>();
+}
+
 inline PagedCache cache_view(const at::Tensor& c, const std::optional<at::Tensor>& s) {
   PagedCache v{c.data_ptr(), c.stride(0), c.stride(1), c.stride(2), nullptr, 0, 0, 0};
   if (s.has_value()) {
@@ -148,7 +161,8 @@ inline PagedAttentionArgs attention_args(const at::Tensor& q_c, const at::Tensor
                                          const at::Tensor& tables_c, const at::Tensor& lens_c,
                                          double scale, int64_t window,
                                          const std::optional<at::Tensor>& k_scale,
-                                         const std::optional<at::Tensor>& v_scale) {
+                                         const std::optional<at::Tensor>& v_scale,
+                                         double softcap, const float* alibi_slopes) {
   PagedAttentionArgs a{};
   a.q_dtype = dtype_of(q_c.scalar_type());
   a.cache_dtype = dtype_of(k_cache.scalar_type());
@@ -170,6 +184,8 @@ inline PagedAttentionArgs attention_args(const at::Tensor& q_c, const at::Tensor
   a.table_width = tables_c.size(1);
   a.scale = static_cast<float>(scale);
   a.window = window;
+  a.softcap = static_cast<float>(softcap);
+  a.alibi_slopes = alibi_slopes;
   return a;
 }
 
@@ -184,13 +200,14 @@ std::tuple<at::Tensor, at::Tensor> paged_attention_impl(
     const char* op, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
     const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, int64_t window,
     const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale,
-    bool with_lse) {
+    double softcap, const std::optional<at::Tensor>& alibi_slopes, bool with_lse) {
   TORCH_CHECK(q.dim() == 3, op, ": q must be 3-d [batch, num_heads, head_dim]; got shape ",
               q.sizes());
   check_device<Backend>(op, "q", q, q);
   check_caches<Backend>(op, k_cache, v_cache, k_scale, v_scale, q);
   const int64_t B = q.size(0);
   check_query_and_tables<Backend>(op, q, k_cache, block_tables, seq_lens, B);
+  const float* slopes = check_mods<Backend>(op, softcap, alibi_slopes, B, q.size(1), q);
   at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor lse;
   if (with_lse) lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
@@ -202,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor> paged_attention_impl(
   const at::Tensor q_c = unit_last_stride(q), tables_c = unit_last_stride(block_tables);
   const at::Tensor lens_c = seq_lens.contiguous();
   PagedAttentionArgs args = attention_args(q_c, out, k_cache, v_cache, tables_c, lens_c, scale,
-                                           window, k_scale, v_scale);
+                                           window, k_scale, v_scale, softcap, slopes);
   args.lse = with_lse ? lse.data_ptr<float>() : nullptr;
   const PagedAttentionPlan plan = plan_paged_attention(args, Backend::knobs(q));
   Backend::on_plan(plan);
@@ -223,19 +240,23 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
                            const at::Tensor& v_cache, const at::Tensor& block_tables,
                            const at::Tensor& seq_lens, double scale, int64_t window,
                            const std::optional<at::Tensor>& k_scale,
-                           const std::optional<at::Tensor>& v_scale) {
+                           const std::optional<at::Tensor>& v_scale, double softcap,
+                           const std::optional<at::Tensor>& alibi_slopes) {
   return std::get<0>(paged_attention_impl<Backend>("paged_attention", q, k_cache, v_cache,
                                                    block_tables, seq_lens, scale, window,
-                                                   k_scale, v_scale, false));
+                                                   k_scale, v_scale, softcap, alibi_slopes,
+                                                   false));
 }
 
 template <class Backend>
 std::tuple<at::Tensor, at::Tensor> paged_attention_lse(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
     const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, int64_t window,
-    const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale) {
+    const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale,
+    double softcap, const std::optional<at::Tensor>& alibi_slopes) {
   return paged_attention_impl<Backend>("paged_attention_lse", q, k_cache, v_cache, block_tables,
-                                       seq_lens, scale, window, k_scale, v_scale, true);
+                                       seq_lens, scale, window, k_scale, v_scale, softcap,
+                                       alibi_slopes, true);
 }
 
 // Chunked prefill; with `with_lse`, also the fp32 [N, Hq] log-sum-exp of each query row.
@@ -244,7 +265,8 @@ std::tuple<at::Tensor, at::Tensor> paged_prefill_attention_impl(
     const char* op, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
     const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& cu_seqlens_q,
     double scale, int64_t window, const std::optional<at::Tensor>& k_scale,
-    const std::optional<at::Tensor>& v_scale, bool with_lse) {
+    const std::optional<at::Tensor>& v_scale, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes, bool with_lse) {
   TORCH_CHECK(q.dim() == 3, op, ": q must be 3-d [num_tokens, num_heads, head_dim]; got shape ",
               q.sizes());
   check_device<Backend>(op, "q", q, q);
@@ -256,6 +278,7 @@ std::tuple<at::Tensor, at::Tensor> paged_prefill_attention_impl(
   check_device<Backend>(op, "cu_seqlens_q", cu_seqlens_q, q);
   const int64_t B = cu_seqlens_q.size(0) - 1;
   check_query_and_tables<Backend>(op, q, k_cache, block_tables, seq_lens, B);
+  const float* slopes = check_mods<Backend>(op, softcap, alibi_slopes, B, q.size(1), q);
   at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor lse;
   if (with_lse) lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
@@ -264,7 +287,7 @@ std::tuple<at::Tensor, at::Tensor> paged_prefill_attention_impl(
   const at::Tensor q_c = unit_last_stride(q), tables_c = unit_last_stride(block_tables);
   const at::Tensor lens_c = seq_lens.contiguous(), cu_c = cu_seqlens_q.contiguous();
   PagedAttentionArgs args = attention_args(q_c, out, k_cache, v_cache, tables_c, lens_c, scale,
-                                           window, k_scale, v_scale);
+                                           window, k_scale, v_scale, softcap, slopes);
   args.cu_seqlens_q = cu_c.const_data_ptr<int32_t>();
   args.lse = with_lse ? lse.data_ptr<float>() : nullptr;
   const cudaError_t err = launch_paged_prefill_attention(args, Backend::stream());
@@ -278,10 +301,11 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_cach
                                    const at::Tensor& seq_lens, const at::Tensor& cu_seqlens_q,
                                    double scale, int64_t window,
                                    const std::optional<at::Tensor>& k_scale,
-                                   const std::optional<at::Tensor>& v_scale) {
+                                   const std::optional<at::Tensor>& v_scale, double softcap,
+                                   const std::optional<at::Tensor>& alibi_slopes) {
   return std::get<0>(paged_prefill_attention_impl<Backend>(
       "paged_prefill_attention", q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q,
-      scale, window, k_scale, v_scale, false));
+      scale, window, k_scale, v_scale, softcap, alibi_slopes, false));
 }
 
 template <class Backend>
@@ -289,10 +313,12 @@ std::tuple<at::Tensor, at::Tensor> paged_prefill_attention_lse(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
     const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& cu_seqlens_q,
     double scale, int64_t window, const std::optional<at::Tensor>& k_scale,
-    const std::optional<at::Tensor>& v_scale) {
+    const std::optional<at::Tensor>& v_scale, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   return paged_prefill_attention_impl<Backend>("paged_prefill_attention_lse", q, k_cache,
                                                v_cache, block_tables, seq_lens, cu_seqlens_q,
-                                               scale, window, k_scale, v_scale, true);
+                                               scale, window, k_scale, v_scale, softcap,
+                                               alibi_slopes, true);
 }
 
 template <class Backend>

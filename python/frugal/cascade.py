@@ -20,6 +20,13 @@ decode reads them once per group, in three steps:
 3. *Merge.* :func:`frugal.merge_attention_states` of the two passes, per group member. A
    suffix of length 0 has lse -inf and passes the prefix pass through unchanged.
 
+Score modifiers (:mod:`frugal.score_mods`) pass through both: a softcap as it is; ALiBi slopes
+[B, Hq] follow the queries (folded with them in the prefix pass). The suffix pass shifts a
+member's query and keys by P alike, so its distances are its own. The prefix pass puts every
+member's query at P - 1 where it is at P + s - 1 (s its suffix length): each of its scores is
+lower by slope * s in truth, a constant per row, so its out is right and its lse is lowered by
+slope * s before the merge.
+
 Both passes run the decode implementation the caller chose (any backend), without windows:
 a window that cuts into a sequence changes what each member reads, so such a decode runs per
 sequence (PagedKVCache refuses ``cascade=True`` there); a window that covers every sequence
@@ -209,31 +216,47 @@ class CascadeDecode:
         self._merge = MERGE_ATTENTION_STATES.select(torch.device(device), "auto", None, None,
                                                     None, None)
 
-    def run(self, impl, q, k_cache, v_cache, scale, k_scale, v_scale, workspace=None):
+    def run(self, impl, q, k_cache, v_cache, scale, k_scale, v_scale, workspace=None, *,
+            softcap=0.0, alibi_slopes=None):
         """Decode of q [B, Hq, D] (float scale; no window) with the decode implementation
         ``impl`` (a :class:`frugal.registry.Impl`): (out [B, Hq, D] in q's dtype, lse float32
         [B, Hq]). ``workspace(tag, q, tables, max_seq_len)`` gives each pass its split-KV
-        buffers (or None)."""
+        buffers (or None). ``softcap`` (0.0: none) and ``alibi_slopes`` (float32 [B, Hq] or
+        None) modify the scores, each query at its own sequence's last position (see the
+        module docstring)."""
         def ws(tag, x, tables, max_len):
             return None if workspace is None else workspace(tag, x, tables, max_len)
 
         B, Hq, D = q.shape
         hkv = k_cache.shape[2]
+        # Positions in the suffix pass are offset by P for the query and its keys alike: the
+        # ALiBi distances stay the same.
         out, lse = impl.run(q, k_cache, v_cache, self.suffix_tables, self.suffix_lens, scale, 0,
                             k_scale, v_scale, self.max_suffix_len,
                             ws("suffix", q, self.suffix_tables, self.max_suffix_len),
-                            return_lse=True)
+                            return_lse=True, softcap=softcap, alibi_slopes=alibi_slopes)
         out, lse = out.contiguous(), lse.contiguous()
         out_rows, lse_rows = out.view(B * Hq, D), lse.view(B * Hq)
         q_rows = q.reshape(B * Hq, D)
+        if alibi_slopes is not None:
+            slope_rows = alibi_slopes.reshape(B * Hq)
+            # A member's query is P + suffix_len - 1: its suffix length farther from every
+            # prefix key than the prefix pass's query at P - 1.
+            shift_rows = self.suffix_lens.repeat_interleave(Hq).to(torch.float32)
         for bucket in self.buckets:
             rows = bucket.fold_rows(Hq, hkv)
             folded = q_rows.index_select(0, rows).view(bucket.count, -1, D)
+            slopes = (None if alibi_slopes is None
+                      else slope_rows.index_select(0, rows).view(bucket.count, -1))
             o, s = impl.run(folded, k_cache, v_cache, bucket.tables, bucket.lens, scale, 0,
                             k_scale, v_scale, bucket.max_len,
                             ws(f"prefix{bucket.size}", folded, bucket.tables, bucket.max_len),
-                            return_lse=True)
+                            return_lse=True, softcap=softcap, alibi_slopes=slopes)
             o, s = o.reshape(-1, D), s.reshape(-1)
+            if slopes is not None:
+                # ALiBi after the cap: each prefix score is lower by slope * suffix_len, a
+                # constant per row, which leaves o as it is and lowers its lse by as much.
+                s = s - slopes.reshape(-1) * shift_rows.index_select(0, rows)
             if out.device.type == "cpu" and _CPU_MERGE is not None:
                 # In place, row rows[i] of the suffix state with row i of the prefix state.
                 _CPU_MERGE(out_rows, lse_rows, o, s, rows, None)

@@ -18,6 +18,7 @@ import torch
 
 import frugal
 from frugal.errors import BackendError
+from frugal.score_mods import alibi_slopes_like_bloom
 
 FAMILIES = ("quantize", "int8", "paged", "sparse")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -132,23 +133,24 @@ def _paged_case(q_dtype, cache_dtype, D, hkv, G, block_size, lens, window, gen):
     return k_cache, v_cache, table, seq_lens, k_scale, v_scale
 
 
-def _paged_calls(q_dtype, cache_dtype, D, hkv, G, block_size, lens, window, gen):
+def _paged_calls(q_dtype, cache_dtype, D, hkv, G, block_size, lens, window, gen, **mods):
     kc, vc, table, seq_lens, ks, vs = _paged_case(q_dtype, cache_dtype, D, hkv, G, block_size,
                                                   lens, window, gen)
     B, hq = len(lens), hkv * G
     tag = (f"q={_name(q_dtype)} cache={_name(cache_dtype)} D={D} Hkv={hkv} G={G} "
-           f"bs={block_size} B={B} window={window}")
+           f"bs={block_size} B={B} window={window}"
+           + "".join(f" {k}" for k, v in mods.items() if v is not None))
     q = torch.randn(B, hq, D, dtype=q_dtype)
     _call(f"paged_attention {tag}", frugal.paged_attention, q, kc, vc, table, seq_lens,
-          None, window, ks, vs)
+          None, window, ks, vs, **mods)
     chunk = min(lens)
     q4 = torch.randn(B, chunk, hq, D, dtype=q_dtype)
     _call(f"paged_prefill_attention {tag} chunk={chunk}", frugal.paged_prefill_attention, q4,
-          kc, vc, table, seq_lens, None, None, window, ks, vs)
+          kc, vc, table, seq_lens, None, None, window, ks, vs, **mods)
     q_lens = torch.tensor([max(1, n // 3) for n in lens], dtype=torch.int32)
     packed = torch.randn(int(q_lens.sum()), hq, D, dtype=q_dtype)
     _call(f"paged_prefill_attention {tag} packed", frugal.paged_prefill_attention, packed, kc,
-          vc, table, seq_lens, q_lens, None, window, ks, vs)
+          vc, table, seq_lens, q_lens, None, window, ks, vs, **mods)
     new = torch.randn(B, hkv, D, dtype=q_dtype)
     slots = (table[:, 0].long() * block_size).to(torch.int32)
     _call(f"paged_append {tag}", frugal.paged_append, new, new.clone(), kc, vc, slots, ks, vs)
@@ -157,6 +159,9 @@ def _paged_calls(q_dtype, cache_dtype, D, hkv, G, block_size, lens, window, gen)
 def paged():
     gen = torch.Generator().manual_seed(0)
     for q_dtype, cache_dtype in _PAGED_DTYPES:
+        # First, so that the report names it: a head dim that is a multiple of 8, not of 16
+        # (the BLOCK_D = 128 variants of D = 128, masked).
+        _paged_calls(q_dtype, cache_dtype, 120, 2, 4, 16, [300, 7], None, gen)
         for D in (32, 64, 128, 256):
             # One long sequence (split-KV and the merge kernel) per GQA group size, a short
             # batch with page size 1 and a window, and a batch that fills the GPU unsplit.
@@ -170,6 +175,10 @@ def paged():
             k = torch.randn(3, 2, D + 8, dtype=q_dtype)[:, :, 8:]
             _call(f"paged_append int64 slots D={D}", frugal.paged_append, k, k, kc, vc,
                   torch.tensor([0, -1, 5]), ks, vs)
+    # The score modifiers (constexpr flags adding their code to the same tiles): one launch
+    # each per attention kernel -- decode (split-KV), prefill -- not a cross product.
+    for mods in (dict(softcap=30.0), dict(alibi_slopes=alibi_slopes_like_bloom(8))):
+        _paged_calls(torch.float16, torch.float16, 128, 2, 4, 16, [2000], None, gen, **mods)
 
 
 # --------------------------------------------------------------------------- sparse
@@ -268,7 +277,7 @@ def _random_int8(rng):
 
 def _random_paged(rng):
     q_dtype, cache_dtype = rng.choice(_PAGED_DTYPES)
-    D = 16 * rng.randint(1, 16)
+    D = 8 * rng.randint(1, 32)
     hkv = rng.choice([1, 2, 4])
     G = rng.choice([1, 2, 4, 8, 16, 32])
     block_size = rng.choice([1, 2, 8, 16, 32, 64, 128, 256])

@@ -30,6 +30,7 @@ from .paged_ops import (
     PAGED_ATTENTION,
     PAGED_PREFILL,
     BlockTableError,
+    check_score_mods,
     check_window,
     empty_cache,
     is_block_size,
@@ -39,6 +40,7 @@ from .paged_ops import (
     paged_attention,
     paged_prefill_attention,
 )
+from .score_mods import check_alibi_slopes, check_softcap
 
 
 class CacheFullError(FrugalError, RuntimeError):
@@ -602,7 +604,7 @@ class PagedKVCache:
 
     @_locked
     def plan(self, seq_ids, num_tokens=1, token_ids=None, *, window=None, backend="auto",
-             cascade="auto"):
+             cascade="auto", alibi_slopes=None):
         """Plans one decode or prefill step of ``seq_ids`` for every layer: allocates the
         blocks their ``num_tokens`` new tokens need (copy-on-write and window trims included),
         records the tokens as written in every layer, and builds on the cache's device, from
@@ -632,6 +634,10 @@ class PagedKVCache:
             :data:`frugal.cascade.MIN_SAVED_BYTES` of K/V reads ((n - 1) * shared tokens)
             and share at least :data:`frugal.cascade.MIN_PREFIX_BYTES`,
             True for every group sharing a whole block, False never.
+        alibi_slopes : float32 [Hq] or [len(seq_ids), Hq] on the cache's device, or None: the
+            ALiBi slopes of every layer's attention (:mod:`frugal.score_mods`), checked here
+            once (a host sync), not per layer. The softcap is an argument of
+            :meth:`StepPlan.attention`.
 
         Raises CacheFullError (nothing changed) when too few blocks are free. The plan is
         valid until one of its sequences changes (an append, plan, fork, free or trim of it;
@@ -663,6 +669,10 @@ class PagedKVCache:
             self._check_known_ids(op, 0, seq_ids, seqs, counts, ids)
         window = self.window if window is None else window
         check_window(op, window)
+        if alibi_slopes is not None:  # [H] or [B, H], H the query heads (of any layer's q)
+            alibi_slopes = check_alibi_slopes(op, alibi_slopes, len(seqs),
+                                              alibi_slopes.shape[-1] if alibi_slopes.dim() else 0,
+                                              self.device)
         self._check_reads(op, seq_ids, seqs, counts, window)
         decode = max(counts) == 1
         if decode:  # a refused cascade=True raises here, before anything changes
@@ -688,7 +698,7 @@ class PagedKVCache:
             seq_lens=torch.tensor(lens, dtype=torch.int32).to(self.device),
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int32).to(self.device),
             max_q_len=max(counts), max_seq_len=max(lens), decode=max(counts) == 1,
-            cascade=shared,
+            cascade=shared, alibi_slopes=alibi_slopes,
         )
 
     def _check_reads(self, op, seq_ids, seqs, counts, window):
@@ -740,7 +750,7 @@ class PagedKVCache:
 
     @_locked
     def attention(self, q, layer, seq_ids, window=None, scale=None, *, backend="auto",
-                  return_lse=False, cascade="auto"):
+                  return_lse=False, cascade="auto", softcap=None, alibi_slopes=None):
         """Decode attention of ``q`` [len(seq_ids), Hq, D] over the sequences' tokens in
         ``layer`` (:func:`paged_attention`); window defaults to the cache's window. With
         ``return_lse``, (out, lse float32 [len(seq_ids), Hq]).
@@ -748,7 +758,8 @@ class PagedKVCache:
         ``cascade``: "auto" reads the leading blocks a group of the sequences shares once for
         the group when the cost rule of :mod:`frugal.cascade` says it pays (see
         :meth:`plan`); True whenever a group shares a whole block; False never. Without a
-        window only: windowed decode always runs per sequence."""
+        window only: windowed decode always runs per sequence. ``softcap`` and
+        ``alibi_slopes`` as :func:`paged_attention` takes them."""
         op = "attention"
         _check_cascade(op, cascade)
         k, v, tables, lens, (ks, vs) = self._layer_args(op, layer, seq_ids)
@@ -756,13 +767,14 @@ class PagedKVCache:
         # Checks every argument (q, scale, window) before anything runs.
         impl = _select_paged_attention(q, k, v, tables, lens, scale, window, ks, vs,
                                        backend=backend)
+        mods = check_score_mods(op, q, softcap, alibi_slopes, q.shape[0])
         _, seqs = self._seq_list(op, seq_ids)
         shared = self._cascade(op, seqs, [seq.lens[layer] for seq in seqs], window, cascade)
         scale, window = normalize(q, scale, window)
         if shared is None:
             return impl.run(q, k, v, tables, lens, scale, window, ks, vs,
-                            return_lse=bool(return_lse))
-        out, lse = shared.run(impl, q, k, v, scale, ks, vs)
+                            return_lse=bool(return_lse), **mods)
+        out, lse = shared.run(impl, q, k, v, scale, ks, vs, **mods)
         return (out, lse) if return_lse else out
 
     def _cascade_window(self, op, lens, window, cascade):
@@ -798,16 +810,18 @@ class PagedKVCache:
 
     @_locked
     def prefill_attention(self, q, layer, seq_ids, q_lens=None, window=None, scale=None, *,
-                          backend="auto"):
+                          backend="auto", softcap=None, alibi_slopes=None):
         """Chunked-prefill attention (:func:`paged_prefill_attention`) of the sequences' latest
         chunk, already appended in ``layer``: q [len(seq_ids), T, Hq, D], or packed [N, Hq, D]
-        with q_lens (list or int32 tensor); window defaults to the cache's window."""
+        with q_lens (list or int32 tensor); window defaults to the cache's window; softcap and
+        alibi_slopes as the op takes them."""
         k, v, tables, lens, (ks, vs) = self._layer_args("prefill_attention", layer, seq_ids)
         if isinstance(q_lens, (list, tuple)):
             q_lens = torch.tensor(q_lens, dtype=torch.int32, device=self.device)
         window = self.window if window is None else window
         return paged_prefill_attention(q, k, v, tables, lens, q_lens, scale, window, ks, vs,
-                                       backend=backend)
+                                       backend=backend, softcap=softcap,
+                                       alibi_slopes=alibi_slopes)
 
     @_locked
     def usage(self):
@@ -850,6 +864,7 @@ class StepPlan:
     cascade : a :class:`frugal.cascade.CascadeDecode` when the decode reads shared prefixes
         once per group (``cascade.groups``: (batch indices, shared tokens) per group), else
         None (see :meth:`PagedKVCache.plan`).
+    alibi_slopes : float32 [B, Hq] (checked, contiguous) or None: the plan's ALiBi slopes.
 
     Per layer, :meth:`append` writes the step's keys and values, :meth:`attention` attends the
     step's queries to everything written, and :meth:`run` does both. They check shapes, dtypes
@@ -887,6 +902,7 @@ class StepPlan:
     max_seq_len: int
     decode: bool
     cascade: object = None
+    alibi_slopes: object = None
     _impls: dict = dataclasses.field(default_factory=dict)
     _workspaces: dict = dataclasses.field(default_factory=dict)
 
@@ -946,21 +962,27 @@ class StepPlan:
                 q, *tables, None, 0, 1.0, 0, ks, vs)
             self._impls[dtype] = op.select(cache.device, self.backend, *args)
 
-    def attention(self, q, layer, scale=None, *, return_lse=False):
+    def attention(self, q, layer, scale=None, *, return_lse=False, softcap=None):
         """Attention of the step's queries in ``layer`` over everything written (the step's
         keys included: append first). q [N, Hq, D] (decode: [B, Hq, D]; or [B, T, Hq, D]) in
         the cache dtype (any float dtype over int8 caches); Hq a multiple of num_kv_heads.
         Returns q's shape and dtype; with ``return_lse``, (out, lse float32 of q's shape
-        without head_dim). A plan with ``cascade`` reads each group's shared blocks once."""
+        without head_dim). A plan with ``cascade`` reads each group's shared blocks once.
+        ``softcap`` (float > 0 or None) and the plan's ``alibi_slopes`` modify the scores
+        (:mod:`frugal.score_mods`)."""
         op = "StepPlan.attention"
         self._check_layer(op, layer)
         check_scale(op, scale)
+        mods = dict(softcap=check_softcap(op, softcap), alibi_slopes=self.alibi_slopes)
         cache = self.cache
         dtypes = FLOATS if cache.dtype == torch.int8 else (cache.dtype,)
         rows = self._rows(op, "q", q, None, dtypes)
         if rows.shape[1] % cache.num_kv_heads:
             raise ShapeError(f"{op}: q's head count {rows.shape[1]} must be a multiple of the "
                              f"cache's num_kv_heads {cache.num_kv_heads}")
+        if self.alibi_slopes is not None and self.alibi_slopes.shape[1] != rows.shape[1]:
+            raise ShapeError(f"{op}: the plan's alibi_slopes have {self.alibi_slopes.shape[1]} "
+                             f"heads; q has {rows.shape[1]}")
         impl = self._impls[rows.dtype]
         ks, vs = cache._scales(layer)
         kc, vc = cache.k_cache[layer], cache.v_cache[layer]
@@ -972,15 +994,16 @@ class StepPlan:
             out, lse = self.cascade.run(
                 impl, rows, kc, vc, scale, ks, vs,
                 lambda tag, x, tables, max_len: self._workspace(impl.backend, x, tables, max_len,
-                                                                tag))
+                                                                tag), **mods)
             result = (out, lse) if return_lse else out
         elif self.decode:
             result = impl.run(rows, kc, vc, self.block_tables, self.seq_lens, scale, window, ks,
                               vs, self.max_seq_len, self._workspace(impl.backend, rows),
-                              return_lse=return_lse)
+                              return_lse=return_lse, **mods)
         else:
             result = impl.run(rows, kc, vc, self.block_tables, self.seq_lens, self.cu_seqlens_q,
-                              self.max_q_len, scale, window, ks, vs, return_lse=return_lse)
+                              self.max_q_len, scale, window, ks, vs, return_lse=return_lse,
+                              **mods)
         if not return_lse:
             return result.reshape(q.shape)
         out, lse = result
@@ -1004,7 +1027,7 @@ class StepPlan:
                 torch.empty(n_lse, dtype=torch.float32, device=q.device))
         return self._workspaces[key]
 
-    def run(self, layer, q, k, v, scale=None):
+    def run(self, layer, q, k, v, scale=None, softcap=None):
         """:meth:`append` then :meth:`attention`: one layer of the step."""
         self.append(layer, k, v)
-        return self.attention(q, layer, scale)
+        return self.attention(q, layer, scale, softcap=softcap)

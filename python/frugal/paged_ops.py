@@ -50,6 +50,7 @@ from .errors import (
     check_tensor,
 )
 from .registry import Op, cpp_kernel
+from .score_mods import check_alibi_slopes, check_softcap
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 CACHE_DTYPES = FLOATS + (torch.int8,)
@@ -59,7 +60,7 @@ if _ext.ext() is not None and hasattr(torch.ops.frugal, "paged_attention"):
 
     @torch.library.register_fake("frugal::paged_attention")
     def _paged_attention_fake(q, k_cache, v_cache, block_tables, seq_lens, scale, window,
-                              k_scale, v_scale):
+                              k_scale, v_scale, softcap=0.0, alibi_slopes=None):
         return q.new_empty(q.shape)
 
 
@@ -67,7 +68,7 @@ if _ext.ext() is not None and hasattr(torch.ops.frugal, "paged_attention_lse"):
 
     @torch.library.register_fake("frugal::paged_attention_lse")
     def _paged_attention_lse_fake(q, k_cache, v_cache, block_tables, seq_lens, scale, window,
-                                  k_scale, v_scale):
+                                  k_scale, v_scale, softcap=0.0, alibi_slopes=None):
         return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
@@ -83,19 +84,20 @@ def _paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                             window: int, k_scale: Optional[torch.Tensor],
                             v_scale: Optional[torch.Tensor], max_seq_len: int,
-                            ws_o: Optional[torch.Tensor],
-                            ws_lse: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+                            ws_o: Optional[torch.Tensor], ws_lse: Optional[torch.Tensor],
+                            softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None
+                            ) -> Tuple[torch.Tensor, torch.Tensor]:
     from frugal.kernels import paged_attention as kernel
 
     return kernel.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, window,
                                   k_scale, v_scale, max_seq_len=max_seq_len,
                                   workspace=None if ws_o is None else (ws_o, ws_lse),
-                                  return_lse=True)
+                                  return_lse=True, softcap=softcap, alibi_slopes=alibi_slopes)
 
 
 @_paged_attention_triton.register_fake
 def _(q, k_cache, v_cache, block_tables, seq_lens, scale, window, k_scale, v_scale, max_seq_len,
-      ws_o, ws_lse):
+      ws_o, ws_lse, softcap=0.0, alibi_slopes=None):
     return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
@@ -118,7 +120,8 @@ if _ext.ext() is not None and hasattr(torch.ops.frugal, "paged_prefill_attention
 
     @torch.library.register_fake("frugal::paged_prefill_attention")
     def _paged_prefill_attention_fake(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q,
-                                      scale, window, k_scale, v_scale):
+                                      scale, window, k_scale, v_scale, softcap=0.0,
+                                      alibi_slopes=None):
         return q.new_empty(q.shape)
 
 
@@ -126,7 +129,8 @@ if _ext.ext() is not None and hasattr(torch.ops.frugal, "paged_prefill_attention
 
     @torch.library.register_fake("frugal::paged_prefill_attention_lse")
     def _paged_prefill_attention_lse_fake(q, k_cache, v_cache, block_tables, seq_lens,
-                                          cu_seqlens_q, scale, window, k_scale, v_scale):
+                                          cu_seqlens_q, scale, window, k_scale, v_scale,
+                                          softcap=0.0, alibi_slopes=None):
         return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
@@ -136,18 +140,20 @@ def _paged_prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor,
                                     seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
                                     max_q_len: int, scale: float, window: int,
                                     k_scale: Optional[torch.Tensor],
-                                    v_scale: Optional[torch.Tensor]
+                                    v_scale: Optional[torch.Tensor], softcap: float = 0.0,
+                                    alibi_slopes: Optional[torch.Tensor] = None
                                     ) -> Tuple[torch.Tensor, torch.Tensor]:
     from frugal.kernels import paged_attention as kernel
 
     return kernel.paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens,
                                           cu_seqlens_q, max_q_len, scale, window, k_scale,
-                                          v_scale, return_lse=True)
+                                          v_scale, return_lse=True, softcap=softcap,
+                                          alibi_slopes=alibi_slopes)
 
 
 @_paged_prefill_attention_triton.register_fake
 def _(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_q_len, scale, window,
-      k_scale, v_scale):
+      k_scale, v_scale, softcap=0.0, alibi_slopes=None):
     return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
@@ -398,16 +404,20 @@ PAGED_APPEND.implement("torch")(reference.paged_append)
 # max_seq_len, workspace) with scale a float, window an int (0: none), max_seq_len a host-known
 # bound of seq_lens (-1: unknown, the table width bounds the split plan), workspace the Triton
 # split-KV buffers (ws_o, ws_lse) to reuse or None. Every implementation takes return_lse
-# (keyword): True returns (out, lse float32 [B, Hq]), as decode and prefill both do.
+# (keyword): True returns (out, lse float32 [B, Hq]), as decode and prefill both do; and the
+# score modifiers (keywords, as check_score_mods makes them): softcap a float (0.0: none),
+# alibi_slopes None or contiguous float32 [B, Hq].
 
 @PAGED_ATTENTION.implement("triton", why_not=lambda q, kc, vc, t, n, sc, w, ks, vs, *_:
                            _triton_why_not(kc, vc, ks, vs, q.dtype))
 def _decode_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, window, k_scale, v_scale,
-                   max_seq_len=-1, workspace=None, *, return_lse=False):
+                   max_seq_len=-1, workspace=None, *, return_lse=False, softcap=0.0,
+                   alibi_slopes=None):
     ws_o, ws_lse = workspace if workspace is not None else (None, None)
     out, lse = torch.ops.frugal.paged_attention_triton(q, k_cache, v_cache, block_tables,
                                                        seq_lens, scale, window, k_scale, v_scale,
-                                                       max_seq_len, ws_o, ws_lse)
+                                                       max_seq_len, ws_o, ws_lse, softcap,
+                                                       alibi_slopes)
     return (out, lse) if return_lse else out
 
 
@@ -416,16 +426,20 @@ def _decode_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, window, k
                            why_not=lambda q, kc, vc, *_: _cuda_why_not(kc, vc))
 @PAGED_ATTENTION.implement("cpu", devices=("cpu",), requires=cpp_kernel("paged_attention", "CPU"))
 def _decode_cpp(q, k_cache, v_cache, block_tables, seq_lens, scale, window, k_scale, v_scale,
-                max_seq_len=-1, workspace=None, *, return_lse=False):
+                max_seq_len=-1, workspace=None, *, return_lse=False, softcap=0.0,
+                alibi_slopes=None):
     op = torch.ops.frugal.paged_attention_lse if return_lse else torch.ops.frugal.paged_attention
-    return op(q, k_cache, v_cache, block_tables, seq_lens, scale, window, k_scale, v_scale)
+    return op(q, k_cache, v_cache, block_tables, seq_lens, scale, window, k_scale, v_scale,
+              softcap, alibi_slopes)
 
 
 @PAGED_ATTENTION.implement("torch")
 def _decode_torch(q, k_cache, v_cache, block_tables, seq_lens, scale, window, k_scale, v_scale,
-                  max_seq_len=-1, workspace=None, *, return_lse=False):
+                  max_seq_len=-1, workspace=None, *, return_lse=False, softcap=0.0,
+                  alibi_slopes=None):
     return reference.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale,
-                                     window or None, k_scale, v_scale, return_lse=return_lse)
+                                     window or None, k_scale, v_scale, return_lse=return_lse,
+                                     softcap=softcap or None, alibi_slopes=alibi_slopes)
 
 
 # Prefill: (q packed [N, Hq, D], k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q,
@@ -434,10 +448,11 @@ def _decode_torch(q, k_cache, v_cache, block_tables, seq_lens, scale, window, k_
 @PAGED_PREFILL.implement("triton", why_not=lambda q, kc, vc, t, n, cu, mq, sc, w, ks, vs:
                          _triton_why_not(kc, vc, ks, vs, q.dtype, prefill=True))
 def _prefill_triton(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_q_len, scale,
-                    window, k_scale, v_scale, *, return_lse=False):
+                    window, k_scale, v_scale, *, return_lse=False, softcap=0.0,
+                    alibi_slopes=None):
     out, lse = torch.ops.frugal.paged_prefill_attention_triton(
         q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_q_len, scale, window,
-        k_scale, v_scale)
+        k_scale, v_scale, softcap, alibi_slopes)
     return (out, lse) if return_lse else out
 
 
@@ -447,26 +462,35 @@ def _prefill_triton(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, m
 @PAGED_PREFILL.implement("cpu", devices=("cpu",),
                          requires=cpp_kernel("paged_prefill_attention", "CPU"))
 def _prefill_cpp(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_q_len, scale,
-                 window, k_scale, v_scale, *, return_lse=False):
+                 window, k_scale, v_scale, *, return_lse=False, softcap=0.0, alibi_slopes=None):
     op = (torch.ops.frugal.paged_prefill_attention_lse if return_lse
           else torch.ops.frugal.paged_prefill_attention)
     return op(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, window, k_scale,
-              v_scale)
+              v_scale, softcap, alibi_slopes)
 
 
 @PAGED_PREFILL.implement("torch")
 def _prefill_torch(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_q_len, scale,
-                   window, k_scale, v_scale, *, return_lse=False):
+                   window, k_scale, v_scale, *, return_lse=False, softcap=0.0,
+                   alibi_slopes=None):
     q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).to(torch.int32)
     return reference.paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, q_lens,
                                              scale, window or None, k_scale, v_scale,
-                                             return_lse=return_lse)
+                                             return_lse=return_lse, softcap=softcap or None,
+                                             alibi_slopes=alibi_slopes)
 
 
 def normalize(q, scale, window):
     """(scale, window) as the implementations take them: D**-0.5 for None, 0 for no window."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return scale, 0 if not window else min(window, MAX_WINDOW)
+
+
+def check_score_mods(op, q, softcap, alibi_slopes, batch):
+    """The implementations' keywords for the score modifiers (:mod:`frugal.score_mods`),
+    checked: softcap a float (0.0: none), alibi_slopes None or float32 [batch, Hq]."""
+    return dict(softcap=check_softcap(op, softcap),
+                alibi_slopes=check_alibi_slopes(op, alibi_slopes, batch, q.shape[-2], q.device))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -528,7 +552,7 @@ def paged_append(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=Non
     k_scale, v_scale : Tensor [num_blocks, block_size, Hkv] float32, for int8 caches only: each
         head vector is stored as :func:`frugal.quantize_per_token` quantizes it, its scale here.
     backend : "auto" | "triton" | "cpu" | "torch". auto: Triton on CUDA tensors, C++ on CPU
-        tensors, else PyTorch. Triton needs head_dim a multiple of 16 up to 256 and caches with
+        tensors, else PyTorch. Triton needs head_dim a multiple of 8 up to 256 and caches with
         unit stride in head_dim; every backend writes the same bytes (and int8 scales).
 
     Raises BlockTableError for slots out of range or repeated, before anything is written.
@@ -576,16 +600,18 @@ def _check_attention(op, q, k_cache, v_cache, block_tables, seq_lens, scale, win
 
 def _select_paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=None, window=None,
                             k_scale=None, v_scale=None, *, backend="auto", return_lse=False,
-                            explain=False):
+                            softcap=None, alibi_slopes=None, explain=False):
     _check_attention("paged_attention", q, k_cache, v_cache, block_tables, seq_lens, scale,
                      window, k_scale, v_scale)
+    check_score_mods("paged_attention", q, softcap, alibi_slopes, q.shape[0])
     return PAGED_ATTENTION.select(q.device, backend, q, k_cache, v_cache, block_tables, seq_lens,
                                   *normalize(q, scale, window), k_scale, v_scale,
                                   explain=explain)
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=None, window=None,
-                    k_scale=None, v_scale=None, *, backend="auto", return_lse=False):
+                    k_scale=None, v_scale=None, *, backend="auto", return_lse=False,
+                    softcap=None, alibi_slopes=None):
     """Decode attention: one query per sequence over its paged keys and values.
 
     Parameters
@@ -601,15 +627,20 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=None, win
     window : int or None. Query at position p reads keys at positions ``p - window < j <= p``.
     k_scale, v_scale : Tensor [num_blocks, block_size, Hkv] float32, for int8 caches only.
     backend : "auto" | "triton" | "cpu" | "torch". auto: Triton on CUDA tensors, C++ on CPU
-        tensors, else PyTorch. Triton needs head_dim a multiple of 16 up to 256 and caches with
+        tensors, else PyTorch. Triton needs head_dim a multiple of 8 up to 256 and caches with
         unit stride in head_dim.
     return_lse : bool. Also return the log-sum-exp of each row (every backend computes it).
+    softcap : float > 0 or None. Caps each score s = ``scale * q . k`` to ``c * tanh(s / c)``
+        (Gemma-2), as :mod:`frugal.score_mods` defines.
+    alibi_slopes : Tensor float32 [Hq] or [B, Hq] on q's device, or None. Subtracts
+        ``slope * (q_pos - k_pos)`` from each score (ALiBi; q_pos = ``seq_lens[b] - 1``), after
+        the softcap.
 
     Returns
     -------
     Tensor [B, Hq, D] in q's dtype (softmax and sums in float32); with ``return_lse``, the pair
     (out, lse) with lse float32 [B, Hq]: the natural log of the sum of exp of the row's scaled
-    scores (``scale * q . k`` over the keys it reads), -inf for a sequence of length 0 (whose
+    (and modified) scores over the keys it reads, -inf for a sequence of length 0 (whose
     out is 0), NaN where out is NaN. :func:`frugal.merge_attention_states` combines such pairs.
 
     Table entries and lengths are checked on the host before anything runs (one sync):
@@ -617,8 +648,9 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=None, win
     """
     impl = _select_paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, window,
                                    k_scale, v_scale, backend=backend)
+    mods = check_score_mods("paged_attention", q, softcap, alibi_slopes, q.shape[0])
     return impl.run(q, k_cache, v_cache, block_tables, seq_lens, *normalize(q, scale, window),
-                    k_scale, v_scale, return_lse=bool(return_lse))
+                    k_scale, v_scale, return_lse=bool(return_lse), **mods)
 
 
 paged_attention._frugal_select = _select_paged_attention
@@ -626,9 +658,11 @@ paged_attention._frugal_select = _select_paged_attention
 
 def _select_paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, q_lens=None,
                                     scale=None, window=None, k_scale=None, v_scale=None, *,
-                                    backend="auto", return_lse=False, explain=False):
+                                    backend="auto", return_lse=False, softcap=None,
+                                    alibi_slopes=None, explain=False):
     _check_attention("paged_prefill_attention", q, k_cache, v_cache, block_tables, seq_lens,
                      scale, window, k_scale, v_scale, q_lens)
+    check_score_mods("paged_prefill_attention", q, softcap, alibi_slopes, seq_lens.shape[0])
     return PAGED_PREFILL.select(q.device, backend, *_prefill_args(
         q, k_cache, v_cache, block_tables, seq_lens, q_lens, scale, window, k_scale, v_scale),
         explain=explain)
@@ -654,7 +688,7 @@ def _prefill_args(q, k_cache, v_cache, block_tables, seq_lens, q_lens, scale, wi
 
 def paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, q_lens=None, scale=None,
                             window=None, k_scale=None, v_scale=None, *, backend="auto",
-                            return_lse=False):
+                            return_lse=False, softcap=None, alibi_slopes=None):
     """Chunked prefill: each sequence's new chunk of queries attends to its cached prefix
     (paged) and causally within the chunk. The chunk's keys and values must already be in the
     cache (append first), and ``seq_lens`` counts them.
@@ -675,6 +709,8 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, q_lens=
         float32 q.
 
     return_lse : bool. Also return the log-sum-exp of each query row.
+    softcap, alibi_slopes : as :func:`paged_attention` (slopes [Hq] or [B, Hq]); the query at
+        position p has ALiBi distance ``p - k_pos`` to the keys it reads.
 
     Returns
     -------
@@ -688,11 +724,13 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, q_lens=
     """
     impl = _select_paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, q_lens,
                                            scale, window, k_scale, v_scale, backend=backend)
+    mods = check_score_mods("paged_prefill_attention", q, softcap, alibi_slopes,
+                            seq_lens.shape[0])
     args = _prefill_args(q, k_cache, v_cache, block_tables, seq_lens, q_lens, scale, window,
                          k_scale, v_scale)
     if not return_lse:
-        return impl.run(*args).reshape(q.shape)
-    out, lse = impl.run(*args, return_lse=True)
+        return impl.run(*args, **mods).reshape(q.shape)
+    out, lse = impl.run(*args, return_lse=True, **mods)
     return out.reshape(q.shape), lse.reshape(q.shape[:-1])
 
 

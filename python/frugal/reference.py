@@ -86,10 +86,12 @@ def _paged_gather(cache, scale, table_row, lo, hi):
     return x.reshape(-1, *cache.shape[2:])[lo - first * bs:hi - first * bs]
 
 
-def _paged_attend(q, k_cache, v_cache, table_row, seq_len, scale, window, k_scale, v_scale):
+def _paged_attend(q, k_cache, v_cache, table_row, seq_len, scale, window, k_scale, v_scale,
+                  softcap=None, slopes=None):
     """Queries q [n, Hq, D] at positions [seq_len - n, seq_len) of one sequence, each attending to
-    the keys at positions p with ``q_pos - window < p <= q_pos``. (out float32 [n, Hq, D], lse
-    float32 [n, Hq])."""
+    the keys at positions p with ``q_pos - window < p <= q_pos``, scores modified by
+    ``softcap`` and ALiBi ``slopes`` [Hq] (:func:`apply_score_mods`). (out float32 [n, Hq, D],
+    lse float32 [n, Hq])."""
     n, hq, d = q.shape
     hkv = k_cache.shape[2]
     lo = 0 if window is None else max(0, seq_len - n - window + 1)
@@ -102,14 +104,18 @@ def _paged_attend(q, k_cache, v_cache, table_row, seq_len, scale, window, k_scal
         visible &= k_pos > q_pos - window
     # Query head h reads kv head h // (Hq // Hkv).
     qg = q.float().reshape(n, hkv, hq // hkv, d)
-    s = (torch.einsum("nhgd,khd->hgnk", qg, k) * scale).masked_fill(~visible, float("-inf"))
+    s = torch.einsum("nhgd,khd->hgnk", qg, k) * scale
+    s = apply_score_mods(s.reshape(1, hq, n, -1), softcap,
+                         None if slopes is None else slopes.reshape(1, hq), q_pos, k_pos)
+    s = s.reshape(hkv, hq // hkv, n, -1).masked_fill(~visible, float("-inf"))
     p = torch.softmax(s, dim=-1)
     lse = torch.logsumexp(s, dim=-1).permute(2, 0, 1).reshape(n, hq)
     return torch.einsum("hgnk,khd->nhgd", p, v).reshape(n, hq, d), lse
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=None, window=None,
-                    k_scale=None, v_scale=None, return_lse=False):
+                    k_scale=None, v_scale=None, return_lse=False, softcap=None,
+                    alibi_slopes=None):
     """Decode attention over a paged KV cache: q [B, Hq, D], one query per sequence at position
     ``seq_lens[b] - 1``, attending to that sequence's keys at positions [0, seq_lens[b]) (the last
     ``window`` of them when window is given). Keys and values are read through
@@ -117,22 +123,33 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=None, win
     ``block_tables[b, p // block_size]``. Query head h reads kv head ``h // (Hq // Hkv)``.
     scale defaults to D**-0.5; a sequence of length 0 gives zeros. Computed in float32; the
     result has q's dtype. With ``return_lse``, (out, lse float32 [B, Hq]): the log-sum-exp of
-    each row's scaled scores, -inf for a sequence of length 0.
+    each row's scaled scores, -inf for a sequence of length 0. ``softcap`` (None or a float)
+    and ``alibi_slopes`` ([Hq] or [B, Hq]) modify the scores as :mod:`frugal.score_mods`
+    says, the query at position ``seq_lens[b] - 1``.
     """
     d = q.shape[-1]
     scale = d**-0.5 if scale is None else scale
+    slopes = _slope_rows(alibi_slopes, q.shape[0])
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
     for b, seq_len in enumerate(seq_lens.tolist()):
         if seq_len > 0:
             o, s = _paged_attend(q[b:b + 1], k_cache, v_cache, block_tables[b], seq_len, scale,
-                                 window, k_scale, v_scale)
+                                 window, k_scale, v_scale, softcap, slopes[b])
             out[b], lse[b] = o[0], s[0]
     return (out.to(q.dtype), lse) if return_lse else out.to(q.dtype)
 
 
+def _slope_rows(alibi_slopes, batch):
+    """ALiBi slopes [H] or [B, H] (or None) -> one row (or None) per sequence."""
+    if alibi_slopes is None:
+        return [None] * batch
+    return list(alibi_slopes.expand(batch, alibi_slopes.shape[-1]).unbind(0))
+
+
 def paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, q_lens=None, scale=None,
-                            window=None, k_scale=None, v_scale=None, return_lse=False):
+                            window=None, k_scale=None, v_scale=None, return_lse=False,
+                            softcap=None, alibi_slopes=None):
     """Chunked-prefill attention over a paged KV cache whose tables already hold the chunk.
 
     q is [B, T, Hq, D] (T queries per sequence) or packed [N, Hq, D] with q_lens [B] (sequence
@@ -146,6 +163,7 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, q_lens=
     scale = d**-0.5 if scale is None else scale
     rows = q.reshape(-1, *q.shape[-2:])
     counts = [q.shape[1]] * q.shape[0] if q.dim() == 4 else q_lens.tolist()
+    slopes = _slope_rows(alibi_slopes, len(counts))
     out = torch.zeros(rows.shape, dtype=torch.float32, device=q.device)
     lse = torch.full(rows.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
     start = 0
@@ -153,7 +171,7 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, q_lens=
         if n > 0:
             out[start:start + n], lse[start:start + n] = _paged_attend(
                 rows[start:start + n], k_cache, v_cache, block_tables[b], seq_len, scale, window,
-                k_scale, v_scale)
+                k_scale, v_scale, softcap, slopes[b])
         start += n
     out = out.reshape(q.shape).to(q.dtype)
     return (out, lse.reshape(q.shape[:-1])) if return_lse else out

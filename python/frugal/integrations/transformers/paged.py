@@ -42,11 +42,9 @@ class PagedStep:
     def attend(self, module, query, key, value, *, scaling=None, dropout=0.0,
                sliding_window=None, softcap=None):
         """``plan.run`` of the module's layer: query [1, Hq, N, D], key/value [1, Hkv, N, D]
-        (the step's N packed tokens) -> [1, N, Hq, D]."""
+        (the step's N packed tokens) -> [1, N, Hq, D]; ``softcap`` (Gemma-2's attention logit
+        cap) goes to the kernels."""
         op = "PagedStep.attend"
-        if softcap is not None:
-            raise BackendError(f"{op}: attention logit softcapping ({softcap}) is not in "
-                               f"frugal's paged attention (Gemma-2)")
         if dropout:
             raise BackendError(f"{op}: attention dropout p={dropout} in generation; call "
                                f"model.eval() first")
@@ -60,7 +58,7 @@ class PagedStep:
                              f"the last {window}: build the cache with window=None")
         plan = self._plan_for(sliding_window)
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
-        return plan.run(module.layer_idx, q, k, v, scale=scaling)[None]
+        return plan.run(module.layer_idx, q, k, v, scale=scaling, softcap=softcap)[None]
 
 
 class PagedModel:
@@ -95,11 +93,6 @@ class PagedModel:
         op = "PagedModel"
         check_model(op, model)
         config = text_config(model)
-        softcap = getattr(config, "attn_logit_softcapping", None)
-        if softcap is not None:
-            raise BackendError(f"{op}: {type(model).__name__} caps attention logits (softcap "
-                               f"{softcap}), which frugal's paged attention does not do; "
-                               f"generate with transformers' own generate() instead")
         layers = attention_layers(model)
         if [m.layer_idx for m in layers] != list(range(len(layers))):
             raise ShapeError(f"{op}: attention layers must be numbered 0..{len(layers) - 1}; "
