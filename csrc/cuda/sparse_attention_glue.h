@@ -14,6 +14,7 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -67,9 +68,10 @@ inline int clamp_int(int64_t x) {
 }
 
 template <class Backend>
-std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd(const at::Tensor& q, const at::Tensor& k,
-                                                        const at::Tensor& v, at::TensorList layout,
-                                                        at::IntArrayRef layout_ints, double scale) {
+std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::TensorList layout,
+    at::IntArrayRef layout_ints, double scale, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   constexpr const char* op = "sparse_attention_fwd";
   // The forward's lists (the q-side lists are the backward's); names as in csrc/sparse_layout.h.
   const SparseLayoutArgs L = SparseLayoutArgs::from(op, layout, layout_ints);
@@ -99,6 +101,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd(const at::Tensor& q, con
               ": the CUDA kernel takes mask blocks of 64 or 128; got BQ=", BQ, ", BK=", BK);
   TORCH_CHECK(flags >= 0 && flags <= 15, op, ": flags must be in [0, 15]; got ", flags);
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite; got ", scale);
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, op,
+              ": softcap must be finite and >= 0 (0: no cap); got ", softcap);
   TORCH_CHECK(Nq < (int64_t{1} << 31) && Nk < (int64_t{1} << 31), op,
               ": Nq and Nk must be < 2**31; got ", Nq, ", ", Nk);
   const int64_t nQB = (Nq + BQ - 1) / BQ;
@@ -116,6 +120,15 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd(const at::Tensor& q, con
                                        q, false);
     const int64_t nbits = L.bits.dim() == 3 ? L.bits.size(0) : 1;
     bits_c = layout_tensor<Backend>("bits", L.bits, {nbits, BQ, BK / 32}, q, false);
+  }
+  if (alibi_slopes.has_value()) {
+    const at::Tensor& a = *alibi_slopes;
+    TORCH_CHECK(a.scalar_type() == at::kFloat, op, ": alibi_slopes must be float32; got ",
+                a.scalar_type());
+    check_on<Backend>("alibi_slopes", a, q);
+    TORCH_CHECK(a.dim() == 2 && a.size(0) == B && a.size(1) == Hq && a.is_contiguous(), op,
+                ": alibi_slopes must be a contiguous [B, Hq] = [", B, ", ", Hq, "] tensor; got ",
+                a.sizes(), " with strides ", a.strides());
   }
   if (has_doc) {
     q_doc_c = layout_tensor<Backend>("q_doc", L.q_doc, {B, Nq}, q, false);
@@ -171,6 +184,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd(const at::Tensor& q, con
   a.hi = band ? clamp_int(L.hi) : static_cast<int>(kInf);
   a.prefix = band && (flags & kFlagPrefix) ? clamp_int(L.prefix < 0 ? 0 : L.prefix) : 0;
   a.scale = static_cast<float>(scale);
+  a.softcap = static_cast<float>(softcap);
+  a.alibi = alibi_slopes.has_value() ? alibi_slopes->const_data_ptr<float>() : nullptr;
   const cudaError_t err = launch_sparse_attention_fwd(a, Backend::stream());
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", Backend::error_string(err));
   return {out, lse};
