@@ -1036,7 +1036,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_kernel(
   const int64_t BQp = g.BQp, D = g.D;
   const int64_t tb_words = BK * bit_words(g.BQ);
   const int64_t qside = 2 * D * BQp + 3 * BQp + tb_words;
-  const int64_t blocks = 4 * BK * BQp;
+  // S^T, dP^T, P^T and, with a softcap, its derivative (the scratch is as before without one).
+  const bool cap = md.softcap > 0.0f;
+  const int64_t blocks = (cap ? 4 : 3) * BK * BQp;
 
   dispatch_float(q.scalar_type(), [&](auto t) {
     using T = decltype(t);
@@ -1053,7 +1055,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_kernel(
       float* st = ws.take(BK * BQp);
       float* dpt = ws.take(BK * BQp);
       float* pt = ws.take(BK * BQp);
-      float* dcap = ws.take(BK * BQp);
+      float* dcap = cap ? ws.take(BK * BQp) : nullptr;
       float* acc = ws.take(g.BQ * D);
       for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) {
         const int64_t item = order[i];
@@ -1094,7 +1096,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_kernel(
       float* st = ws.take(BK * BQp);
       float* dpt = ws.take(BK * BQp);
       float* pt = ws.take(BK * BQp);
-      float* dcap = ws.take(BK * BQp);
+      float* dcap = cap ? ws.take(BK * BQp) : nullptr;
       float* dka = ws.take(BK * D);
       float* dva = ws.take(BK * D);
       for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) {
