@@ -1,13 +1,14 @@
 """The C++ CPU block-sparse attention forward (torch.ops.frugal.sparse_attention_fwd) against torch
 SDPA causal on the same q, k, v: B=1, H=8, D=64, fp32 (issue 4's CPU targets).
 
-    .venv/bin/python benchmarks/bench_sparse_attention_cpu.py [--n 4096 16384] [--reps 5]
+    .venv/bin/python benchmarks/bench_sparse_attention_cpu.py [--n 4096 16384] [--reps 5] [--mods]
 
 Runs are interleaved (SDPA, causal block mask, sliding window, ... in turn, `reps` rounds) and
 each reports its best time, so a load that comes and goes hits every candidate alike. GFLOP/s
 counts 4 * BQ * BK * D per computed block (the work the kernel does, padding included), and for
 SDPA the 2 * N^2 * D of the causal half. Targets: sliding window w=512 at N=16k >= 10x faster than
-SDPA causal; causal as a block mask within 1.3x of SDPA causal (ratio SDPA / ours >= 0.77)."""
+SDPA causal; causal as a block mask within 1.3x of SDPA causal (ratio SDPA / ours >= 0.77).
+``--mods`` adds each mask with softcap 30 and ALiBi (frugal.score_mods): the modifiers' cost."""
 
 import argparse
 import time
@@ -15,6 +16,7 @@ import time
 import torch
 
 from frugal import masks
+from frugal.score_mods import alibi_slopes_like_bloom
 
 
 def best_times(fns, reps):
@@ -39,6 +41,8 @@ def main():
                     help="block sizes (BQ = BK) of the masks")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--mods", action="store_true",
+                    help="also time each mask with softcap=30 and ALiBi slopes")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -57,10 +61,15 @@ def main():
                                 masks.sliding_window(n, args.window, block_size=bs))):
                 lay = mask.layout(1, H)
                 fargs = (*lay.op_args(), D**-0.5)
-                fns[name] = (lambda a: lambda: torch.ops.frugal.sparse_attention_fwd(q, k, v, *a))(
-                    fargs)
+                variants = {name: fargs}
+                if args.mods:
+                    slopes = alibi_slopes_like_bloom(H)[None].contiguous()
+                    variants[name + " mods"] = (*fargs, 30.0, slopes)
                 blocks = int(lay.full_num.sum() + lay.kv_num.sum())
-                flops[name] = 4.0 * blocks * bs * bs * D
+                for label, a in variants.items():
+                    fns[label] = (lambda a: lambda: torch.ops.frugal.sparse_attention_fwd(
+                        q, k, v, *a))(a)
+                    flops[label] = 4.0 * blocks * bs * bs * D
         best = best_times(fns, args.reps)
         for name, t in best.items():
             print(f"{n:>6} {name:<22} {t * 1e3:>9.1f} {flops[name] / t / 1e9:>8.1f} "

@@ -98,12 +98,19 @@ TORCH_LIBRARY(frugal, m) {
   // dk/dv summed over the query heads of each kv head.
   // layout / layout_ints: the SparseLayout's lists in the orders of csrc/sparse_layout.h
   // (SparseLayout.TENSORS / .INTS, e.g. kv_num, kv_idx, ..., and BQ, BK, flags, lo, hi, prefix).
+  // softcap / alibi_slopes: the score modifiers of python/frugal/score_mods.py (softcap > 0
+  // caps the scaled scores, 0 is off; alibi_slopes fp32 [B, Hq] contiguous on q's device, query
+  // i at position i + Nk - Nq), applied before the mask; lse is of the modified scores and the
+  // backward scales dS by the softcap's derivative (the slopes get no gradient). They are call
+  // arguments, not layout entries: the layout is the mask's (cached on the mask per device),
+  // the modifiers are the model's.
   m.def(
       "sparse_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor[] layout, int[] layout_ints, "
-      "float scale) -> (Tensor out, Tensor lse)");
+      "float scale, float softcap=0., Tensor? alibi_slopes=None) -> (Tensor out, Tensor lse)");
   m.def(
       "sparse_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-      "Tensor[] layout, int[] layout_ints, float scale) -> (Tensor dq, Tensor dk, Tensor dv)");
+      "Tensor[] layout, int[] layout_ints, float scale, float softcap=0., "
+      "Tensor? alibi_slopes=None) -> (Tensor dq, Tensor dk, Tensor dv)");
 }
 
 namespace {

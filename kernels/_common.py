@@ -22,8 +22,12 @@ def round_half_even(r):
 
 @triton.jit
 def tanh(x):
-    # libdevice.tanh does not run under the interpreter: from exp2(-2|x|), which cannot
-    # overflow; absolute error about 1e-7.
-    e = tl.exp2(tl.abs(x) * -2.8853900817779268)  # e^(-2|x|): -2 log2(e)
-    t = (1.0 - e) / (1.0 + e)
+    # tanh through exp (tl has no tanh in every supported Triton, and libdevice.tanh does not
+    # run under the interpreter): (1 - e) / (1 + e) with e = e^(-2|x|) = exp2(-2 log2(e) |x|),
+    # which cannot overflow, the sign put back; below |x| = 0.1, where 1 - e cancels, the
+    # series x (1 - x^2 / 3 + 2 x^4 / 15). +-inf give +-1, NaN stays NaN.
+    a = tl.abs(x)
+    e = tl.exp2(a * -2.8853900817779268)
+    x2 = x * x
+    t = tl.where(a < 0.1, a * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0))), (1.0 - e) / (1.0 + e))
     return tl.where(x < 0, -t, t)

@@ -27,6 +27,16 @@ keeps m = -inf; the exponent offset is then 0 instead of m, so ``exp2(-inf - (-i
 runs and nothing becomes NaN. At the end a row with l = 0 stores out = 0 and lse = -inf;
 otherwise lse = (m + log2 l) * ln 2 (natural log, as the API documents).
 
+Score modifiers (``frugal.score_mods``; constexpr HAS_SOFTCAP / HAS_ALIBI, so a call without
+them compiles and runs the kernels without them): applied to every tile's scores right after
+the product, before the element rule. The scores are already in base 2 (s2 = s log2(e)), so the
+cap runs there as ``cap2 tanh(s2 / cap2)`` with ``cap2 = softcap log2(e)`` -- the same
+function of the natural-scale score, scaled by log2(e) -- and ALiBi as ``slope log2(e) |q_pos -
+k_pos|``. tanh is built from exp (no tanh in every supported Triton). The backward multiplies P
+by the cap's derivative ``1 - tanh^2`` before the dP product, which gives dS of the uncapped
+scores (and keeps tanh from being live across that product: the fp32 D = 256 tiles spilled).
+A config entry may carry ``"mods"`` overrides for launches with a modifier (``pick_config``).
+
 Dots: fp16/bf16 operands on tensor cores with an fp32 accumulator (P is rounded to the input
 dtype for the P @ V dot, as FlashAttention does). fp32 inputs run IEEE fp32 dots
 (``input_precision="ieee"``, CUDA cores): TF32 (10-bit mantissa) would miss the accuracy rule
@@ -78,7 +88,7 @@ import triton
 import triton.language as tl
 
 from . import _launch, configs
-from ._common import K_LN2, K_LOG2E, LOG2E
+from ._common import K_LN2, K_LOG2E, LOG2E, tanh
 from ._launch import aligned as _aligned
 from ._launch import head_block
 
@@ -169,14 +179,31 @@ def _walk(num_ptr, idx_ptr, N, B_):
     return n, n - ragged.to(tl.int32), last
 
 
+@triton.jit
+def _score_mods(s, qpos, kpos, cap2, slope2, shift,
+                HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    # frugal.score_mods on base-2 scores s = scale log2(e) q.k at broadcastable query / key
+    # indices: the softcap c is cap2 tanh(s / cap2) with cap2 = c log2(e) (c tanh(s_e / c) in
+    # base 2), ALiBi subtracts slope2 |q_pos - k_pos| with slope2 = slope log2(e) and query i at
+    # position i + shift. Returns (s, t): t = tanh(s / cap2) for the backward's 1 - t^2.
+    t = 0.0
+    if HAS_SOFTCAP:
+        t = tanh(s / cap2)
+        s = cap2 * t
+    if HAS_ALIBI:
+        s = s - slope2 * tl.abs((qpos + shift - kpos).to(tl.float32))
+    return s, t
+
+
 # ----------------------------------------------------------------------------- forward
 
 @triton.jit
 def _fwd_tile(acc, l, m, q, rows, qd, k_head, v_head, n0, kb, offs_n, offs_d, d_mask,
               stride_kn, stride_vn, qk_scale, Nq, Nk, BK, lo, hi, prefix, kdoc_row,
-              bits_blk, s_bits_r, q0,
+              bits_blk, s_bits_r, q0, cap2, slope2, shift,
               MASKED: tl.constexpr, HAS_BAND: tl.constexpr, HAS_PREFIX: tl.constexpr,
-              HAS_DOC: tl.constexpr, HAS_BITS: tl.constexpr, IEEE: tl.constexpr):
+              HAS_DOC: tl.constexpr, HAS_BITS: tl.constexpr, IEEE: tl.constexpr,
+              HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
     # One [BLOCK_M, BLOCK_N] step of the online softmax over keys n0 + offs_n. MASKED: the
     # key bound and the element rule (flags) apply; otherwise no element test at all.
     cols = n0 + offs_n
@@ -188,6 +215,8 @@ def _fwd_tile(acc, l, m, q, rows, qd, k_head, v_head, n0, kb, offs_n, offs_d, d_
         kv_mask = d_mask[None, :]
     k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
     s = _dot(q, tl.trans(k), IEEE) * qk_scale
+    s, _ = _score_mods(s, rows[:, None], cols[None, :], cap2, slope2, shift, HAS_SOFTCAP,
+                       HAS_ALIBI)
     if MASKED:
         kd = 0
         if HAS_DOC:
@@ -212,15 +241,15 @@ def _fwd_tile(acc, l, m, q, rows, qd, k_head, v_head, n0, kb, offs_n, offs_d, d_
 @triton.jit(do_not_specialize=_FWD_INTS)
 def _sparse_fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
-    pnum_ptr, pidx_ptr, pbits_ptr, fnum_ptr, fidx_ptr, qdoc_ptr, kdoc_ptr, bits_ptr,
-    qk_scale, Nq, Nk, BQ, BK, Hq, G, D, lo, hi, prefix,
+    pnum_ptr, pidx_ptr, pbits_ptr, fnum_ptr, fidx_ptr, qdoc_ptr, kdoc_ptr, bits_ptr, alibi_ptr,
+    qk_scale, cap2, Nq, Nk, BQ, BK, Hq, G, D, lo, hi, prefix,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     s_pnum_b, s_pnum_h, s_pidx_b, s_pidx_h, s_pidx_r, s_pbits_b, s_pbits_h, s_pbits_r,
     s_fnum_b, s_fnum_h, s_fidx_b, s_fidx_h, s_fidx_r, s_qdoc_b, s_kdoc_b, s_bits_i, s_bits_r,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BAND: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_DOC: tl.constexpr,
-    HAS_BITS: tl.constexpr,
+    HAS_BITS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
 ):
     IEEE: tl.constexpr = q_ptr.dtype.element_ty == tl.float32
     # Alignment the launcher guarantees, stated so the compiler can see it.
@@ -245,6 +274,10 @@ def _sparse_fwd_kernel(
     hk = h // G
     qb = m0 // BQ
     q0 = qb * BQ
+    shift = Nk - Nq  # query i sits at position i + Nk - Nq (score modifiers)
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(alibi_ptr + bh) * K_LOG2E
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -275,7 +308,9 @@ def _sparse_fwd_kernel(
                               stride_kn, stride_vn, qk_scale, Nq, Nk, BK, lo, hi, prefix,
                               kdoc_row, bits_ptr, s_bits_r, q0,
                               MASKED=False, HAS_BAND=False, HAS_PREFIX=False, HAS_DOC=False,
-                              HAS_BITS=False, IEEE=IEEE)
+                              HAS_BITS=False, IEEE=IEEE,
+                              cap2=cap2, slope2=slope2, shift=shift, HAS_SOFTCAP=HAS_SOFTCAP,
+                              HAS_ALIBI=HAS_ALIBI)
     if n_even < n_full:
         for t in range(0, tl.cdiv(Nk - last * BK, BLOCK_N)):
             acc, l, m = _fwd_tile(acc, l, m, q, rows, qd, k_head, v_head,
@@ -283,7 +318,9 @@ def _sparse_fwd_kernel(
                                   offs_d, d_mask, stride_kn, stride_vn, qk_scale, Nq, Nk, BK,
                                   lo, hi, prefix, kdoc_row, bits_ptr, s_bits_r, q0,
                                   MASKED=True, HAS_BAND=False, HAS_PREFIX=False, HAS_DOC=False,
-                                  HAS_BITS=False, IEEE=IEEE)
+                                  HAS_BITS=False, IEEE=IEEE,
+                                  cap2=cap2, slope2=slope2, shift=shift, HAS_SOFTCAP=HAS_SOFTCAP,
+                                  HAS_ALIBI=HAS_ALIBI)
 
     # Partial blocks: bounds and the element rule.
     pidx_row = pidx_ptr + b * s_pidx_b + h * s_pidx_h + qb * s_pidx_r
@@ -299,7 +336,9 @@ def _sparse_fwd_kernel(
                               stride_kn, stride_vn, qk_scale, Nq, Nk, BK, lo, hi, prefix,
                               kdoc_row, bits_blk, s_bits_r, q0,
                               MASKED=True, HAS_BAND=HAS_BAND, HAS_PREFIX=HAS_PREFIX,
-                              HAS_DOC=HAS_DOC, HAS_BITS=HAS_BITS, IEEE=IEEE)
+                              HAS_DOC=HAS_DOC, HAS_BITS=HAS_BITS, IEEE=IEEE,
+                              cap2=cap2, slope2=slope2, shift=shift, HAS_SOFTCAP=HAS_SOFTCAP,
+                              HAS_ALIBI=HAS_ALIBI)
 
     empty = l == 0.0  # no allowed key: out 0, lse -inf
     l_safe = tl.where(empty, 1.0, l)
@@ -353,9 +392,10 @@ def _lse2(lse):
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, cols, kd, q_head, do_head, lse_row, delta_row, m0, offs_m, offs_d,
                d_mask, stride_qm, stride_dom, qk_scale, Nq, Nk, lo, hi, prefix, qdoc_row,
-               bits_blk, s_bits_r, q0, kofs, kcol,
+               bits_blk, s_bits_r, q0, kofs, kcol, cap2, slope2, shift,
                MASKED: tl.constexpr, HAS_BAND: tl.constexpr, HAS_PREFIX: tl.constexpr,
-               HAS_DOC: tl.constexpr, HAS_BITS: tl.constexpr, IEEE: tl.constexpr):
+               HAS_DOC: tl.constexpr, HAS_BITS: tl.constexpr, IEEE: tl.constexpr,
+               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
     # Queries m0 + offs_m against this program's keys, transposed ([BLOCK_N, BLOCK_M]).
     rows = m0 + offs_m
     q_ptrs = q_head + m0.to(tl.int64) * stride_qm + offs_m[:, None] * stride_qm + offs_d[None, :]
@@ -373,6 +413,8 @@ def _dkdv_tile(dk, dv, k, v, cols, kd, q_head, do_head, lse_row, delta_row, m0, 
     q = tl.load(q_ptrs, mask=ld_mask, other=0.0)
     do = tl.load(do_ptrs, mask=ld_mask, other=0.0)
     s = _dot(k, tl.trans(q), IEEE) * qk_scale
+    s, t = _score_mods(s, rows[None, :], cols[:, None], cap2, slope2, shift, HAS_SOFTCAP,
+                       HAS_ALIBI)
     if MASKED:
         qd = 0
         if HAS_DOC:
@@ -386,6 +428,11 @@ def _dkdv_tile(dk, dv, k, v, cols, kd, q_head, do_head, lse_row, delta_row, m0, 
         s = tl.where(ok, s, float("-inf"))
     p = tl.exp2(s - lse2[None, :])
     dv = _dot_acc(p.to(do.dtype), do, dv, IEEE)
+    if HAS_SOFTCAP:
+        # dS of the uncapped scores: the cap's derivative folded into P before the dp product,
+        # so that t is not live across it (with ALiBi and the generic rule, fp32 at D = 256
+        # spilled otherwise).
+        p = p * (1.0 - t * t)
     dp = _dot(v, tl.trans(do), IEEE)
     ds = p * (dp - delta[None, :])
     dk = _dot_acc(ds.to(q.dtype), q, dk, IEEE)
@@ -395,15 +442,15 @@ def _dkdv_tile(dk, dv, k, v, cols, kd, q_head, do_head, lse_row, delta_row, m0, 
 @triton.jit(do_not_specialize=_DKDV_INTS)
 def _sparse_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-    pnum_ptr, pidx_ptr, pbits_ptr, fnum_ptr, fidx_ptr, qdoc_ptr, kdoc_ptr, bits_ptr,
-    qk_scale, scale, Nq, Nk, BQ, BK, Hkv, G, D, lo, hi, prefix,
+    pnum_ptr, pidx_ptr, pbits_ptr, fnum_ptr, fidx_ptr, qdoc_ptr, kdoc_ptr, bits_ptr, alibi_ptr,
+    qk_scale, scale, cap2, Nq, Nk, BQ, BK, Hkv, G, D, lo, hi, prefix,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
     s_pnum_b, s_pnum_h, s_pidx_b, s_pidx_h, s_pidx_r, s_pbits_b, s_pbits_h, s_pbits_r,
     s_fnum_b, s_fnum_h, s_fidx_b, s_fidx_h, s_fidx_r, s_qdoc_b, s_kdoc_b, s_bits_i, s_bits_r,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BAND: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_DOC: tl.constexpr,
-    HAS_BITS: tl.constexpr,
+    HAS_BITS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
 ):
     # The lists read here are the transposed ones (q-blocks per kv-block): pnum/pidx/pbits are
     # q_num/q_idx/q_bits, fnum/fidx are full_q_num/full_q_idx.
@@ -449,9 +496,13 @@ def _sparse_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     SUB = BQ // BLOCK_M  # sub-tiles per q-block
+    shift = Nk - Nq  # query i sits at position i + Nk - Nq (score modifiers)
 
     for g in range(0, G):  # the query heads of this kv head, each with its own lists
         h = hk * G + g
+        slope2 = 0.0
+        if HAS_ALIBI:
+            slope2 = tl.load(alibi_ptr + b * Hq + h) * K_LOG2E
         q_head = q_ptr + b * stride_qb + h * stride_qh
         do_head = do_ptr + b * stride_dob + h * stride_doh
         lse_row = lse_ptr + (b * Hq + h) * Nq
@@ -467,7 +518,9 @@ def _sparse_bwd_dkdv_kernel(
                                 stride_qm, stride_dom, qk_scale, Nq, Nk, lo, hi, prefix,
                                 qdoc_row, bits_ptr, s_bits_r, qb * BQ, n0 - k0, kcol,
                                 MASKED=False, HAS_BAND=False, HAS_PREFIX=False, HAS_DOC=False,
-                                HAS_BITS=False, IEEE=IEEE)
+                                HAS_BITS=False, IEEE=IEEE,
+                                cap2=cap2, slope2=slope2, shift=shift, HAS_SOFTCAP=HAS_SOFTCAP,
+                                HAS_ALIBI=HAS_ALIBI)
         if n_even < n_full:
             for t in range(0, tl.cdiv(Nq - last * BQ, BLOCK_M)):
                 dk, dv = _dkdv_tile(dk, dv, k, v, cols, kd, q_head, do_head, lse_row,
@@ -475,7 +528,9 @@ def _sparse_bwd_dkdv_kernel(
                                     stride_qm, stride_dom, qk_scale, Nq, Nk, lo, hi, prefix,
                                     qdoc_row, bits_ptr, s_bits_r, last * BQ, n0 - k0, kcol,
                                     MASKED=True, HAS_BAND=False, HAS_PREFIX=False, HAS_DOC=False,
-                                    HAS_BITS=False, IEEE=IEEE)
+                                    HAS_BITS=False, IEEE=IEEE,
+                                    cap2=cap2, slope2=slope2, shift=shift, HAS_SOFTCAP=HAS_SOFTCAP,
+                                    HAS_ALIBI=HAS_ALIBI)
 
         pidx_row = pidx_ptr + b * s_pidx_b + h * s_pidx_h + kb * s_pidx_r
         pbits_row = pbits_ptr + b * s_pbits_b + h * s_pbits_h + kb * s_pbits_r
@@ -490,7 +545,9 @@ def _sparse_bwd_dkdv_kernel(
                                 stride_qm, stride_dom, qk_scale, Nq, Nk, lo, hi, prefix,
                                 qdoc_row, bits_blk, s_bits_r, qb * BQ, n0 - k0, kcol,
                                 MASKED=True, HAS_BAND=HAS_BAND, HAS_PREFIX=HAS_PREFIX,
-                                HAS_DOC=HAS_DOC, HAS_BITS=HAS_BITS, IEEE=IEEE)
+                                HAS_DOC=HAS_DOC, HAS_BITS=HAS_BITS, IEEE=IEEE,
+                                cap2=cap2, slope2=slope2, shift=shift, HAS_SOFTCAP=HAS_SOFTCAP,
+                                HAS_ALIBI=HAS_ALIBI)
 
     out_rows = bhk * Nk + cols
     offs = out_rows[:, None] * D + offs_d[None, :]
@@ -501,9 +558,10 @@ def _sparse_bwd_dkdv_kernel(
 @triton.jit
 def _dq_tile(dq, q, do, lse2, delta, rows, qd, k_head, v_head, n0, kb, offs_n, offs_d, d_mask,
              stride_kn, stride_vn, qk_scale, Nq, Nk, BK, lo, hi, prefix, kdoc_row, bits_blk,
-             s_bits_r, q0,
+             s_bits_r, q0, cap2, slope2, shift,
              MASKED: tl.constexpr, HAS_BAND: tl.constexpr, HAS_PREFIX: tl.constexpr,
-             HAS_DOC: tl.constexpr, HAS_BITS: tl.constexpr, IEEE: tl.constexpr):
+             HAS_DOC: tl.constexpr, HAS_BITS: tl.constexpr, IEEE: tl.constexpr,
+             HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
     cols = n0 + offs_n
     k_ptrs = k_head + n0.to(tl.int64) * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :]
     v_ptrs = v_head + n0.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
@@ -514,6 +572,8 @@ def _dq_tile(dq, q, do, lse2, delta, rows, qd, k_head, v_head, n0, kb, offs_n, o
     k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
     v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
     s = _dot(q, tl.trans(k), IEEE) * qk_scale
+    s, t = _score_mods(s, rows[:, None], cols[None, :], cap2, slope2, shift, HAS_SOFTCAP,
+                       HAS_ALIBI)
     if MASKED:
         kd = 0
         if HAS_DOC:
@@ -526,6 +586,8 @@ def _dq_tile(dq, q, do, lse2, delta, rows, qd, k_head, v_head, n0, kb, offs_n, o
                       HAS_BAND, HAS_PREFIX, HAS_DOC, HAS_BITS)
         s = tl.where(ok, s, float("-inf"))
     p = tl.exp2(s - lse2[:, None])
+    if HAS_SOFTCAP:
+        p = p * (1.0 - t * t)  # dS of the uncapped scores (as in _dkdv_tile)
     dp = _dot(do, tl.trans(v), IEEE)
     ds = p * (dp - delta[:, None])
     return _dot_acc(ds.to(k.dtype), k, dq, IEEE)
@@ -534,8 +596,8 @@ def _dq_tile(dq, q, do, lse2, delta, rows, qd, k_head, v_head, n0, kb, offs_n, o
 @triton.jit(do_not_specialize=_DQ_INTS)
 def _sparse_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-    pnum_ptr, pidx_ptr, pbits_ptr, fnum_ptr, fidx_ptr, qdoc_ptr, kdoc_ptr, bits_ptr,
-    qk_scale, scale, Nq, Nk, BQ, BK, Hq, G, D, lo, hi, prefix,
+    pnum_ptr, pidx_ptr, pbits_ptr, fnum_ptr, fidx_ptr, qdoc_ptr, kdoc_ptr, bits_ptr, alibi_ptr,
+    qk_scale, scale, cap2, Nq, Nk, BQ, BK, Hq, G, D, lo, hi, prefix,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     s_pnum_b, s_pnum_h, s_pidx_b, s_pidx_h, s_pidx_r, s_pbits_b, s_pbits_h, s_pbits_r,
@@ -543,7 +605,7 @@ def _sparse_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dom,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BAND: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_DOC: tl.constexpr,
-    HAS_BITS: tl.constexpr,
+    HAS_BITS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
 ):
     IEEE: tl.constexpr = q_ptr.dtype.element_ty == tl.float32
     D = D // 16 * 16
@@ -570,6 +632,10 @@ def _sparse_bwd_dq_kernel(
     hk = h // G
     qb = m0 // BQ
     q0 = qb * BQ
+    shift = Nk - Nq  # query i sits at position i + Nk - Nq (score modifiers)
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(alibi_ptr + bh) * K_LOG2E
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -600,7 +666,9 @@ def _sparse_bwd_dq_kernel(
                       kb * BK + (j % SUB) * BLOCK_N, kb, offs_n, offs_d, d_mask, stride_kn,
                       stride_vn, qk_scale, Nq, Nk, BK, lo, hi, prefix, kdoc_row, bits_ptr,
                       s_bits_r, q0, MASKED=False, HAS_BAND=False, HAS_PREFIX=False, HAS_DOC=False,
-                      HAS_BITS=False, IEEE=IEEE)
+                      HAS_BITS=False, IEEE=IEEE,
+                      cap2=cap2, slope2=slope2, shift=shift, HAS_SOFTCAP=HAS_SOFTCAP,
+                      HAS_ALIBI=HAS_ALIBI)
     if n_even < n_full:
         for t in range(0, tl.cdiv(Nk - last * BK, BLOCK_N)):
             dq = _dq_tile(dq, q, do, lse2, delta, rows, qd, k_head, v_head,
@@ -608,7 +676,9 @@ def _sparse_bwd_dq_kernel(
                           offs_d, d_mask, stride_kn, stride_vn, qk_scale, Nq, Nk, BK, lo, hi,
                           prefix, kdoc_row, bits_ptr, s_bits_r, q0,
                           MASKED=True, HAS_BAND=False, HAS_PREFIX=False, HAS_DOC=False,
-                          HAS_BITS=False, IEEE=IEEE)
+                          HAS_BITS=False, IEEE=IEEE,
+                          cap2=cap2, slope2=slope2, shift=shift, HAS_SOFTCAP=HAS_SOFTCAP,
+                          HAS_ALIBI=HAS_ALIBI)
 
     pidx_row = pidx_ptr + b * s_pidx_b + h * s_pidx_h + qb * s_pidx_r
     pbits_row = pbits_ptr + b * s_pbits_b + h * s_pbits_h + qb * s_pbits_r
@@ -622,7 +692,9 @@ def _sparse_bwd_dq_kernel(
                       kb * BK + (j % SUB) * BLOCK_N, kb, offs_n, offs_d, d_mask, stride_kn,
                       stride_vn, qk_scale, Nq, Nk, BK, lo, hi, prefix, kdoc_row, bits_blk,
                       s_bits_r, q0, MASKED=True, HAS_BAND=HAS_BAND, HAS_PREFIX=HAS_PREFIX,
-                      HAS_DOC=HAS_DOC, HAS_BITS=HAS_BITS, IEEE=IEEE)
+                      HAS_DOC=HAS_DOC, HAS_BITS=HAS_BITS, IEEE=IEEE,
+                      cap2=cap2, slope2=slope2, shift=shift, HAS_SOFTCAP=HAS_SOFTCAP,
+                      HAS_ALIBI=HAS_ALIBI)
 
     tl.store(dq_ptr + (bh * Nq + rows)[:, None] * D + offs_d[None, :],
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=ld_mask)
@@ -669,10 +741,15 @@ def clamp(cfg, BQ, BK):
     return cfg
 
 
-def pick_config(kind, dtype, D, BQ, BK, device=None):
-    """The launch config of ``kind`` for this dtype, head dim and mask block size."""
+def pick_config(kind, dtype, D, BQ, BK, device=None, mods=False):
+    """The launch config of ``kind`` for this dtype, head dim and mask block size. ``mods``: a
+    score modifier is on; a config's optional ``"mods"`` entry then overrides some of its
+    values (where the modifiers' extra live values made ptxas spill with the plain config)."""
     cfg = configs.pick(table(kind, dtype), "D", D,
                        None if device is None else _launch.device_key(torch.device(device)))
+    extra = cfg.pop("mods", {})
+    if mods:
+        cfg.update(extra)
     return clamp(cfg, BQ, BK)
 
 
@@ -765,6 +842,13 @@ def _flag_kwargs(layout):
     return {"HAS_BAND": True, "HAS_PREFIX": True, "HAS_DOC": generic, "HAS_BITS": generic}
 
 
+def _mods(softcap, alibi, dummy):
+    """(alibi tensor, cap2, constexpr flags) of the score modifiers: softcap 0.0 is off, alibi
+    None or fp32 [B, Hq] contiguous; ``dummy`` (an fp32 tensor) stands in for absent slopes."""
+    flags = {"HAS_SOFTCAP": softcap > 0.0, "HAS_ALIBI": alibi is not None}
+    return (dummy if alibi is None else alibi), float(softcap) * LOG2E, flags
+
+
 def _qkv_strides(q, k, v):
     return [q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2)]
@@ -785,7 +869,7 @@ def _unpad_d(t, d):
     return t[..., :d].contiguous()
 
 
-def forward(q, k, v, layout, scale, *, config=None):
+def forward(q, k, v, layout, scale, softcap=0.0, alibi_slopes=None, *, config=None):
     """Block-sparse attention forward.
 
     Parameters
@@ -797,6 +881,8 @@ def forward(q, k, v, layout, scale, *, config=None):
         ``mask.layout(B, Hq, device)``.
     scale : float
         Softmax scale.
+    softcap, alibi_slopes : float (0.0: none), fp32 [B, Hq] contiguous or None
+        The score modifiers (``frugal.score_mods``; already validated).
     config : dict, optional
         Overrides the picked launch config (tests, tuning).
 
@@ -807,10 +893,12 @@ def forward(q, k, v, layout, scale, *, config=None):
     """
     B, Hq, Nq, D = q.shape
     if D % ALIGN_D:
-        out, lse = forward(*_pad_d(q, k, v), layout, scale, config=config)
+        out, lse = forward(*_pad_d(q, k, v), layout, scale, softcap, alibi_slopes,
+                           config=config)
         return _unpad_d(out, D), lse
     Hkv, Nk = k.shape[1], k.shape[2]
-    cfg = config or pick_config("fwd", q.dtype, D, layout.BQ, layout.BK, q.device)
+    mods = softcap > 0.0 or alibi_slopes is not None
+    cfg = config or pick_config("fwd", q.dtype, D, layout.BQ, layout.BK, q.device, mods)
     _check(layout, q, k, cfg["BLOCK_M"], cfg["BLOCK_N"])
     out = torch.empty((B, Hq, Nq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
@@ -818,32 +906,38 @@ def forward(q, k, v, layout, scale, *, config=None):
         return out.zero_(), lse.fill_(float("-inf"))
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     tensors, list_strides = _list_args(layout, transposed=False)
+    alibi, cap2, mod_flags = _mods(softcap, alibi_slopes, lse)
     grid = (triton.cdiv(Nq, cfg["BLOCK_M"]) * B * Hq,)
     _launch.launch(_sparse_fwd_kernel, grid, q.device)(
-        q, k, v, out, lse, *tensors,
-        float(scale) * LOG2E, Nq, Nk, layout.BQ, layout.BK, Hq, Hq // Hkv, D,
+        q, k, v, out, lse, *tensors, alibi,
+        float(scale) * LOG2E, cap2, Nq, Nk, layout.BQ, layout.BK, Hq, Hq // Hkv, D,
         *_band(layout), *_qkv_strides(q, k, v),
         *list_strides,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=head_block(D),
-        **_flag_kwargs(layout), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **_flag_kwargs(layout), **mod_flags, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, layout, scale, *, configs_=None):
+def backward(dout, q, k, v, out, lse, layout, scale, softcap=0.0, alibi_slopes=None, *,
+             configs_=None):
     """Block-sparse attention backward: (dq, dk, dv) in the inputs' dtype, computed in fp32;
     dk / dv sum over the query heads of each kv head (GQA). A row with lse = -inf contributes
-    nothing. ``configs_`` ({"pre", "bwd_dkdv", "bwd_dq": config}) overrides picked configs."""
+    nothing. softcap / alibi_slopes as in :func:`forward` (the forward's). ``configs_``
+    ({"pre", "bwd_dkdv", "bwd_dq": config}) overrides picked configs."""
     B, Hq, Nq, D = q.shape
     if D % ALIGN_D:
-        grads = backward(*_pad_d(dout, q, k, v, out), lse, layout, scale, configs_=configs_)
+        grads = backward(*_pad_d(dout, q, k, v, out), lse, layout, scale, softcap, alibi_slopes,
+                         configs_=configs_)
         return tuple(_unpad_d(g, D) for g in grads)
     Hkv, Nk = k.shape[1], k.shape[2]
     over = configs_ or {}
+    mods = softcap > 0.0 or alibi_slopes is not None
     c_dkdv = over.get("bwd_dkdv") or pick_config("bwd_dkdv", q.dtype, D, layout.BQ, layout.BK,
-                                                  q.device)
+                                                  q.device, mods)
     c_dq = over.get("bwd_dq") or pick_config("bwd_dq", q.dtype, D, layout.BQ, layout.BK,
-                                              q.device)
+                                              q.device, mods)
     c_pre = over.get("pre") or configs.pick("sparse_attention_bwd_pre", "D", D,
                                             _launch.device_key(q.device))
     _check(layout, q, k, c_dkdv["BLOCK_M"], c_dkdv["BLOCK_N"])
@@ -868,12 +962,14 @@ def backward(dout, q, k, v, out, lse, layout, scale, *, configs_=None):
     common = (Nq, Nk, layout.BQ, layout.BK)
     band = _band(layout)
     do_strides = [dout.stride(0), dout.stride(1), dout.stride(2)]
-    flags = _flag_kwargs(layout)
+    alibi, cap2, mod_flags = _mods(softcap, alibi_slopes, delta)
+    flags = {**_flag_kwargs(layout), **mod_flags}
 
     tensors, list_strides = _list_args(layout, transposed=True)
     _launch.launch(_sparse_bwd_dkdv_kernel, (triton.cdiv(Nk, c_dkdv["BLOCK_N"]) * B * Hkv,),
                    q.device)(
-        q, k, v, dout, lse, delta, dk, dv, *tensors, qk_scale, float(scale), *common, Hkv,
+        q, k, v, dout, lse, delta, dk, dv, *tensors, alibi, qk_scale, float(scale), cap2,
+        *common, Hkv,
         Hq // Hkv, D, *band, *_qkv_strides(q, k, v), *do_strides, *list_strides,
         BLOCK_M=c_dkdv["BLOCK_M"], BLOCK_N=c_dkdv["BLOCK_N"], BLOCK_D=block_d, **flags,
         num_warps=c_dkdv["num_warps"], num_stages=c_dkdv["num_stages"],
@@ -881,7 +977,8 @@ def backward(dout, q, k, v, out, lse, layout, scale, *, configs_=None):
     tensors, list_strides = _list_args(layout, transposed=False)
     _launch.launch(_sparse_bwd_dq_kernel, (triton.cdiv(Nq, c_dq["BLOCK_M"]) * B * Hq,),
                    q.device)(
-        q, k, v, dout, lse, delta, dq, *tensors, qk_scale, float(scale), *common, Hq,
+        q, k, v, dout, lse, delta, dq, *tensors, alibi, qk_scale, float(scale), cap2,
+        *common, Hq,
         Hq // Hkv, D, *band, *_qkv_strides(q, k, v), *list_strides, *do_strides,
         BLOCK_M=c_dq["BLOCK_M"], BLOCK_N=c_dq["BLOCK_N"], BLOCK_D=block_d, **flags,
         num_warps=c_dq["num_warps"], num_stages=c_dq["num_stages"],

@@ -22,6 +22,7 @@ import torch
 import frugal
 from frugal import masks
 from frugal.block_mask import BlockMask
+from sparse_cases import assert_rule, random_docs
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -69,16 +70,6 @@ def grads(q, k, v, allowed, scale, dout, dtype):
     return (out.detach(), lse.detach(), *(t.grad for t in leaves))
 
 
-def assert_rule(name, got, ref, plain, dtype):
-    """FlashAttention's rule: |got - ref| <= 2 |plain - ref| + floor (max norms)."""
-    assert got.dtype == dtype and got.shape == ref.shape, (name, got.dtype, got.shape)
-    assert torch.isfinite(got).all(), f"{name}: NaN/inf (an unwritten or poisoned element)"
-    err = (got.double() - ref).abs().max().item()
-    base = (plain.double() - ref).abs().max().item()
-    floor = FLOOR[dtype] * max(1.0, ref.abs().max().item())
-    assert err <= 2 * base + floor, f"{name}: max error {err:.3g} > 2 x {base:.3g} + {floor:.2g}"
-
-
 def run_case(sa, mask, B, hq, hkv, d, dtype, seed, bnhd=False, scale=None, flags=None):
     """Forward and backward of the kernels on ``mask`` against float64 and plain ``dtype``."""
     nq, nk = mask.seq_lens
@@ -98,7 +89,7 @@ def run_case(sa, mask, B, hq, hkv, d, dtype, seed, bnhd=False, scale=None, flags
     plain = grads(q, k, v, allowed, scale, dout, dtype)
     for name, got, r, p in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv),
                                ref[:1] + ref[2:], plain[:1] + plain[2:]):
-        assert_rule(name, got, r, p, dtype)
+        assert_rule(name, got, r, p, dtype, FLOOR[dtype])
 
     # lse: fp32, natural log, -inf exactly on the empty rows, which give out 0 and dq 0.
     ref_lse = ref[1]
@@ -109,12 +100,6 @@ def run_case(sa, mask, B, hq, hkv, d, dtype, seed, bnhd=False, scale=None, flags
     assert lse_err <= 1e-5 * max(1.0, ref_lse[~empty].abs().max().item() if (~empty).any() else 1)
     assert (out[empty] == 0).all() and (dq[empty] == 0).all()
     return layout, empty
-
-
-def random_docs(n, B, gen, num_docs=3):
-    """doc ids [B, n]: sorted runs of random lengths."""
-    cuts = torch.sort(torch.randint(0, n, (B, num_docs - 1), generator=gen), -1).values
-    return (torch.arange(n)[None, None, :] >= cuts[:, :, None]).sum(1).to(torch.int32)
 
 
 # ----------------------------------------------------------------------------- element rules
@@ -344,7 +329,8 @@ def test_subtile_configs(sa, poison):
     ref = grads(q, k, v, allowed, 0.2, dout, torch.float64)
     for name, got, other, r in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv),
                                    (want_out, *want), (ref[0], *ref[2:])):
-        assert_rule(name, got, r, other, torch.float32)  # as accurate as the default tiles
+        # as accurate as the default tiles
+        assert_rule(name, got, r, other, torch.float32, FLOOR[torch.float32])
 
 
 def test_public_api_matches_direct_call(sa, poison):

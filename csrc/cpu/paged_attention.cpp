@@ -124,13 +124,7 @@ struct State {
   int64_t q_first = 0, group = 1;
 };
 
-// tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2|x|) <= 1 (exp_neg of vec_math.h): a loop over
-// it vectorizes where one over std::tanh's call does not. Absolute error about 1e-7, as the
-// Triton kernels' tanh; +-inf give +-1, NaN stays NaN.
-inline float tanh_exp(float x) {
-  const float e = exp_neg(-2.0f * std::fabs(x));
-  return std::copysign((1.0f - e) / (1.0f + e), x);
-}
+// tanh_exp (vec_math.h): tanh through exp_neg, so that a loop over it vectorizes.
 
 // The ALiBi bias of row r against tile position i: slope * |q_pos - k_pos|.
 template <typename T>

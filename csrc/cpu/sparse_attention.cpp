@@ -32,6 +32,11 @@
 // of the group (GQA sums them): dv += P^T dO, dk += dS^T Q. Every product is the same GEMM
 // micro-kernel. An empty row (lse = -inf) gives P = 0 and contributes nothing.
 //
+// Score modifiers (python/frugal/score_mods.py): softcap and ALiBi rewrite S^T right after the
+// product, before the element rule, as one pass over the block (tanh through exp, so it
+// vectorizes); without them that pass is not called at all. The backward keeps the softcap's
+// derivative 1 - tanh^2 of each element and scales dS^T by it.
+//
 // ISA paths: AVX-512 and AVX2 share the GEMM template (one vector-register type each); the
 // softmax and gradient steps are intrinsics under AVX-512, and elsewhere portable code that
 // flattening wrappers compile for AVX2 (or the baseline), so the compiler vectorizes it.
@@ -54,6 +59,7 @@
 #include <limits>
 #include <memory>
 #include <numeric>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -61,6 +67,7 @@
 #include "cpu/isa.h"
 #include "cpu/memory.h"
 #include "cpu/vec_math.h"
+#include "score_mods.h"
 #include "sparse_layout.h"
 
 #if FRUGAL_X86
@@ -191,6 +198,52 @@ inline void apply_rule(const Rule& r, int64_t b, float* st, int64_t ld, int64_t 
   }
 }
 
+// The score modifiers of one call (python/frugal/score_mods.py).
+struct Mods {
+  float softcap = 0.0f;          // > 0: s = softcap * tanh(s / softcap)
+  const float* alibi = nullptr;  // [B, Hq] slopes, contiguous: s -= slope * |q_pos - k_pos|
+  int64_t Hq = 0, shift = 0;     // query i sits at position i + shift (shift = Nk - Nq)
+  bool any() const { return softcap > 0.0f || alibi != nullptr; }
+};
+
+template <bool kCap, bool kAlibi, bool kGrad>
+inline void mods_typed(const Mods& md, float slope, float* st, int64_t ld, int64_t k0, int64_t kn,
+                       int64_t q0, float* dcap) {
+  const float c = md.softcap;
+  for (int64_t k = 0; k < kn; ++k) {
+    float* row = st + k * ld;
+    float* drow = kGrad ? dcap + k * ld : nullptr;
+    const float d0 = static_cast<float>(q0 + md.shift - (k0 + k));  // q_pos - k_pos, column 0
+    for (int64_t q = 0; q < ld; ++q) {
+      float x = row[q];
+      if constexpr (kCap) {
+        const float t = tanh_exp(x / c);
+        x = c * t;
+        if constexpr (kGrad) drow[q] = 1.0f - t * t;
+      }
+      if constexpr (kAlibi) x -= slope * std::fabs(d0 + static_cast<float>(q));
+      row[q] = x;
+    }
+  }
+}
+
+// Applies the modifiers to scores S^T [kn, ld] of keys k0 .. k0 + kn and queries q0 .. q0 + ld
+// of (b, h); with dcap (softcap on), also stores the softcap's derivative 1 - tanh^2 there.
+inline void apply_mods(const Mods& md, int64_t b, int64_t h, float* st, int64_t ld, int64_t k0,
+                       int64_t kn, int64_t q0, float* dcap) {
+  const float slope = md.alibi ? md.alibi[b * md.Hq + h] : 0.0f;
+  const bool cap = md.softcap > 0.0f, alibi = md.alibi != nullptr, grad = cap && dcap;
+  if (cap && alibi) {
+    grad ? mods_typed<true, true, true>(md, slope, st, ld, k0, kn, q0, dcap)
+         : mods_typed<true, true, false>(md, slope, st, ld, k0, kn, q0, dcap);
+  } else if (cap) {
+    grad ? mods_typed<true, false, true>(md, slope, st, ld, k0, kn, q0, dcap)
+         : mods_typed<true, false, false>(md, slope, st, ld, k0, kn, q0, dcap);
+  } else if (alibi) {
+    mods_typed<false, true, false>(md, slope, st, ld, k0, kn, q0, dcap);
+  }
+}
+
 // ----------------------------------------------------------------------------------------
 // Kernels: portable versions (vectorized by the compiler where the target allows)
 
@@ -271,6 +324,7 @@ struct Kernels {
   void (*probs_grad)(float*, const float*, float*, int64_t, int64_t, const float*, const float*);
   void (*rule)(const Rule&, int64_t, float*, int64_t, int64_t, int64_t, int64_t, int64_t,
                const int32_t*, int64_t, uint32_t*);
+  void (*mods)(const Mods&, int64_t, int64_t, float*, int64_t, int64_t, int64_t, int64_t, float*);
 };
 
 void gemm_base(float* c, int64_t ldc, int64_t M, int64_t N, const float* a, int64_t ai,
@@ -283,6 +337,10 @@ void softmax_base(float* st, int64_t ld, int64_t kn, float* m, float* l, float* 
 void rule_base(const Rule& r, int64_t b, float* st, int64_t ld, int64_t k0, int64_t kn,
                int64_t q0, int64_t qn, const int32_t* qdoc, int64_t bits_row, uint32_t* tb) {
   apply_rule(r, b, st, ld, k0, kn, q0, qn, qdoc, bits_row, tb);
+}
+void mods_base(const Mods& md, int64_t b, int64_t h, float* st, int64_t ld, int64_t k0,
+               int64_t kn, int64_t q0, float* dcap) {
+  apply_mods(md, b, h, st, ld, k0, kn, q0, dcap);
 }
 void probs_grad_base(float* st, const float* dpt, float* pt, int64_t ld, int64_t kn,
                      const float* lse, const float* delta) {
@@ -421,6 +479,12 @@ FRUGAL_TARGET_AVX2 FRUGAL_FLATTEN void rule_avx2(const Rule& r, int64_t b, float
   apply_rule(r, b, st, ld, k0, kn, q0, qn, qdoc, bits_row, tb);
 }
 
+FRUGAL_TARGET_AVX2 FRUGAL_FLATTEN void mods_avx2(const Mods& md, int64_t b, int64_t h, float* st,
+                                                 int64_t ld, int64_t k0, int64_t kn, int64_t q0,
+                                                 float* dcap) {
+  apply_mods(md, b, h, st, ld, k0, kn, q0, dcap);
+}
+
 FRUGAL_TARGET_AVX2 FRUGAL_FLATTEN void softmax_avx2(float* st, int64_t ld, int64_t kn, float* m,
                                                     float* l, float* alpha) {
   softmax_portable(st, ld, kn, m, l, alpha);
@@ -438,6 +502,12 @@ FRUGAL_TARGET_AVX512 FRUGAL_FLATTEN void rule_avx512(const Rule& r, int64_t b, f
                                                      int64_t q0, int64_t qn, const int32_t* qdoc,
                                                      int64_t bits_row, uint32_t* tb) {
   apply_rule(r, b, st, ld, k0, kn, q0, qn, qdoc, bits_row, tb);
+}
+
+FRUGAL_TARGET_AVX512 FRUGAL_FLATTEN void mods_avx512(const Mods& md, int64_t b, int64_t h,
+                                                     float* st, int64_t ld, int64_t k0,
+                                                     int64_t kn, int64_t q0, float* dcap) {
+  apply_mods(md, b, h, st, ld, k0, kn, q0, dcap);
 }
 
 FRUGAL_TARGET_AVX512 void softmax_avx512(float* st, int64_t ld, int64_t kn, float* m, float* l,
@@ -499,10 +569,11 @@ Kernels pick_kernels() {
 #if FRUGAL_X86
   const Isa isa = current_isa();
   if (isa >= Isa::kAvx512)
-    return {&gemm_avx512, &softmax_avx512, &probs_grad_avx512, &rule_avx512};
-  if (isa >= Isa::kAvx2) return {&gemm_avx2, &softmax_avx2, &probs_grad_avx2, &rule_avx2};
+    return {&gemm_avx512, &softmax_avx512, &probs_grad_avx512, &rule_avx512, &mods_avx512};
+  if (isa >= Isa::kAvx2)
+    return {&gemm_avx2, &softmax_avx2, &probs_grad_avx2, &rule_avx2, &mods_avx2};
 #endif
-  return {&gemm_base, &softmax_base, &probs_grad_base, &rule_base};
+  return {&gemm_base, &softmax_base, &probs_grad_base, &rule_base, &mods_base};
 }
 
 // ----------------------------------------------------------------------------------------
@@ -683,6 +754,23 @@ Geometry check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
   return g;
 }
 
+// The call's score modifiers: softcap finite and >= 0 (0: off), alibi_slopes fp32 [B, Hq]
+// contiguous on the CPU (frugal.score_mods.check_alibi_slopes makes it so).
+Mods check_mods(const char* op, const Geometry& g, double softcap,
+                const std::optional<at::Tensor>& alibi_slopes) {
+  check_score_mods(op, softcap, alibi_slopes, g.B, g.Hq);
+  Mods md;
+  md.softcap = static_cast<float>(softcap);
+  md.Hq = g.Hq;
+  md.shift = g.Nk - g.Nq;
+  if (alibi_slopes.has_value()) {
+    const at::Tensor& a = *alibi_slopes;
+    TORCH_CHECK(a.device().is_cpu(), op, ": alibi_slopes must be a CPU tensor; got ", a.device());
+    md.alibi = a.data_ptr<float>();
+  }
+  return md;
+}
+
 // Packs rows [q0, q0 + qn) of x[b, h] (any strides) transposed, times s, into xt [D, ld]
 // (columns past qn zero).
 template <typename T>
@@ -707,8 +795,9 @@ void load_qdoc(const Rule& r, int64_t b, int64_t q0, int64_t qn, int32_t* out) {
 
 template <typename T>
 void forward_typed(const at::Tensor& q, const at::Tensor& kf, const at::Tensor& vf,
-                   const Geometry& g, const Rule& rule, const List& full, const List& part,
-                   const std::vector<int64_t>& cost, at::Tensor& out, at::Tensor& lse) {
+                   const Geometry& g, const Rule& rule, const Mods& md, const List& full,
+                   const List& part, const std::vector<int64_t>& cost, at::Tensor& out,
+                   at::Tensor& lse) {
   const Kernels kern = pick_kernels();
   const int64_t BQp = g.BQp, D = g.D;
   const float* kp = kf.data_ptr<float>();
@@ -716,6 +805,7 @@ void forward_typed(const at::Tensor& q, const at::Tensor& kf, const at::Tensor& 
   T* op = static_cast<T*>(out.data_ptr());
   float* lp = lse.data_ptr<float>();
   const std::vector<int64_t> order = by_cost(cost);
+  const bool mods = md.any();
   const int64_t tb_words = g.BK * bit_words(g.BQ);
   const int64_t scratch = D * BQp + g.BK * BQp + g.BQ * D + 4 * BQp + tb_words;
   run_dynamic(order, [&](std::atomic<int64_t>& next, int64_t n, int64_t) {
@@ -744,6 +834,7 @@ void forward_typed(const at::Tensor& q, const at::Tensor& kf, const at::Tensor& 
       for_each_block(full, part, b, h, qb, [&](int64_t kb, bool partial, int64_t bits_row) {
         const int64_t k0 = kb * g.BK, kn = std::min(g.BK, g.Nk - k0);
         kern.gemm(st, BQp, kn, BQp, kh + k0 * ks, ks, 1, D, qt, BQp, Init::kZero, nullptr);
+        if (mods) kern.mods(md, b, h, st, BQp, k0, kn, q0, nullptr);
         if (partial) kern.rule(rule, b, st, BQp, k0, kn, q0, qn, qdoc, bits_row, tb);
         kern.softmax(st, BQp, kn, m, l, alpha);
         kern.gemm(o, D, qn, D, st, 1, BQp, kn, vh + k0 * vs, vs, Init::kScale, alpha);
@@ -775,7 +866,8 @@ void dispatch_float(at::ScalarType t, F&& f) {
 
 std::tuple<at::Tensor, at::Tensor> fwd_kernel(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::TensorList layout,
-    at::IntArrayRef layout_ints, double scale) {
+    at::IntArrayRef layout_ints, double scale, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   constexpr const char* op = "sparse_attention_fwd";
   const SparseLayoutArgs L = SparseLayoutArgs::from(op, layout, layout_ints);
   const at::Tensor &kv_num = L.kv_num, &kv_idx = L.kv_idx, &kv_bits = L.kv_bits;
@@ -785,6 +877,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_kernel(
   Rule rule;
   const Geometry g =
       check_inputs(op, q, k, v, BQ, BK, flags, scale, q_doc, kv_doc, bits, rule, lo, hi, prefix);
+  const Mods md = check_mods(op, g, softcap, alibi_slopes);
   const bool has_bits = flags & kFlagBits;
   const int64_t nbits = has_bits ? bits.size(0) : 0;
   const auto nf = check_list(op, g, false, "full_num", "full_idx", nullptr, full_num, full_idx,
@@ -803,7 +896,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_kernel(
   const List full{Idx(full_num), Idx(full_idx), Idx()};
   const List part{Idx(kv_num), Idx(kv_idx), has_bits ? Idx(kv_bits) : Idx()};
   dispatch_float(q.scalar_type(), [&](auto t) {
-    forward_typed<decltype(t)>(q, kf, vf, g, rule, full, part, cost, out, lse);
+    forward_typed<decltype(t)>(q, kf, vf, g, rule, md, full, part, cost, out, lse);
   });
   return {out, lse};
 }
@@ -814,6 +907,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_kernel(
 struct BwdData {
   const Geometry* g;
   const Rule* rule;
+  const Mods* mods;
   Kernels kern;
   const float *qf, *kf, *vf, *dof, *lse, *delta;  // fp32, contiguous
 };
@@ -848,22 +942,28 @@ void load_qside(const BwdData& p, int64_t b, int64_t h, int64_t q0, int64_t qn, 
   if (p.rule->flags & kFlagDoc) load_qdoc(*p.rule, b, q0, qn, s.qdoc);
 }
 
-// dS^T (in st) and P^T (in pt) of keys [k0, k0 + kn) against the q-block in s.
-void block_grads(const BwdData& p, int64_t b, const QSide& s, const float* kh, const float* vh,
-                 int64_t k0, int64_t kn, int64_t q0, int64_t qn, bool partial, int64_t bits_row,
-                 float* st, float* dpt, float* pt) {
+// dS^T (in st; of the unmodified scores) and P^T (in pt) of keys [k0, k0 + kn) against the
+// q-block in s of query head h. dcap: scratch like st for the softcap's derivative.
+void block_grads(const BwdData& p, int64_t b, int64_t h, const QSide& s, const float* kh,
+                 const float* vh, int64_t k0, int64_t kn, int64_t q0, int64_t qn, bool partial,
+                 int64_t bits_row, float* st, float* dpt, float* pt, float* dcap) {
   const Geometry& g = *p.g;
   const int64_t BQp = g.BQp, D = g.D;
   p.kern.gemm(st, BQp, kn, BQp, kh + k0 * D, D, 1, D, s.qt, BQp, Init::kZero, nullptr);
+  if (p.mods->any()) p.kern.mods(*p.mods, b, h, st, BQp, k0, kn, q0, dcap);
   if (partial) p.kern.rule(*p.rule, b, st, BQp, k0, kn, q0, qn, s.qdoc, bits_row, s.tb);
   p.kern.gemm(dpt, BQp, kn, BQp, vh + k0 * D, D, 1, D, s.dot, BQp, Init::kZero, nullptr);
   p.kern.probs_grad(st, dpt, pt, BQp, kn, s.lse, s.delta);
+  if (p.mods->softcap > 0.0f) {
+    for (int64_t x = 0; x < kn * BQp; ++x) st[x] *= dcap[x];
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_kernel(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, at::TensorList layout,
-    at::IntArrayRef layout_ints, double scale) {
+    at::IntArrayRef layout_ints, double scale, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   constexpr const char* op = "sparse_attention_bwd";
   const SparseLayoutArgs L = SparseLayoutArgs::from(op, layout, layout_ints);
   const at::Tensor &kv_num = L.kv_num, &kv_idx = L.kv_idx, &kv_bits = L.kv_bits;
@@ -875,6 +975,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_kernel(
   Rule rule;
   const Geometry g =
       check_inputs(op, q, k, v, BQ, BK, flags, scale, q_doc, kv_doc, bits, rule, lo, hi, prefix);
+  const Mods md = check_mods(op, g, softcap, alibi_slopes);
   TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), op,
               ": dout and out must have q's shape ", q.sizes(), "; got ", dout.sizes(), " and ",
               out.sizes());
@@ -915,6 +1016,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_kernel(
   const at::Tensor delta = at::sum(at::mul(dof, out.to(at::kFloat)), {-1}).contiguous();
   const BwdData p{&g,
                   &rule,
+                  &md,
                   pick_kernels(),
                   qf.data_ptr<float>(),
                   kf.data_ptr<float>(),
@@ -929,7 +1031,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_kernel(
   const int64_t BQp = g.BQp, D = g.D;
   const int64_t tb_words = BK * bit_words(g.BQ);
   const int64_t qside = 2 * D * BQp + 3 * BQp + tb_words;
-  const int64_t blocks = 3 * BK * BQp;
+  // S^T, dP^T, P^T and, with a softcap, its derivative (the scratch is as before without one).
+  const bool cap = md.softcap > 0.0f;
+  const int64_t blocks = (cap ? 4 : 3) * BK * BQp;
 
   dispatch_float(q.scalar_type(), [&](auto t) {
     using T = decltype(t);
@@ -946,6 +1050,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_kernel(
       float* st = ws.take(BK * BQp);
       float* dpt = ws.take(BK * BQp);
       float* pt = ws.take(BK * BQp);
+      float* dcap = cap ? ws.take(BK * BQp) : nullptr;
       float* acc = ws.take(g.BQ * D);
       for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) {
         const int64_t item = order[i];
@@ -958,7 +1063,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_kernel(
         std::fill(acc, acc + g.BQ * D, 0.0f);
         for_each_block(full, part, b, h, qb, [&](int64_t kb, bool partial, int64_t bits_row) {
           const int64_t k0 = kb * BK, kn = std::min(BK, g.Nk - k0);
-          block_grads(p, b, s, kh, vh, k0, kn, q0, qn, partial, bits_row, st, dpt, pt);
+          block_grads(p, b, h, s, kh, vh, k0, kn, q0, qn, partial, bits_row, st, dpt, pt, dcap);
           // dq += dS K (the scale is applied once at the end).
           p.kern.gemm(acc, D, qn, D, st, 1, BQp, kn, kh + k0 * D, D, Init::kAccumulate, nullptr);
         });
@@ -986,6 +1091,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_kernel(
       float* st = ws.take(BK * BQp);
       float* dpt = ws.take(BK * BQp);
       float* pt = ws.take(BK * BQp);
+      float* dcap = cap ? ws.take(BK * BQp) : nullptr;
       float* dka = ws.take(BK * D);
       float* dva = ws.take(BK * D);
       for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) {
@@ -1002,7 +1108,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_kernel(
                          [&](int64_t qb, bool partial, int64_t bits_row) {
             const int64_t q0 = qb * g.BQ, qn = std::min(g.BQ, g.Nq - q0);
             load_qside(p, b, h, q0, qn, s);
-            block_grads(p, b, s, kh, vh, k0, kn, q0, qn, partial, bits_row, st, dpt, pt);
+            block_grads(p, b, h, s, kh, vh, k0, kn, q0, qn, partial, bits_row, st, dpt, pt,
+                        dcap);
             // dv += P^T dO, dk += dS^T Q (scale applied at the end).
             p.kern.gemm(dva, D, kn, D, pt, BQp, 1, qn, p.dof + (bh * g.Nq + q0) * D, D,
                         Init::kAccumulate, nullptr);
@@ -1041,21 +1148,26 @@ at::Tensor unpad_d(const at::Tensor& x) { return x.narrow(3, 0, x.size(3) - 8).c
 
 std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::TensorList layout,
-    at::IntArrayRef layout_ints, double scale) {
-  if (!needs_padding({&q, &k, &v})) return fwd_kernel(q, k, v, layout, layout_ints, scale);
-  auto [out, lse] = fwd_kernel(pad_d(q), pad_d(k), pad_d(v), layout, layout_ints, scale);
+    at::IntArrayRef layout_ints, double scale, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
+  if (!needs_padding({&q, &k, &v})) {
+    return fwd_kernel(q, k, v, layout, layout_ints, scale, softcap, alibi_slopes);
+  }
+  auto [out, lse] = fwd_kernel(pad_d(q), pad_d(k), pad_d(v), layout, layout_ints, scale, softcap,
+                               alibi_slopes);
   return {unpad_d(out), lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, at::TensorList layout,
-    at::IntArrayRef layout_ints, double scale) {
+    at::IntArrayRef layout_ints, double scale, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   if (!needs_padding({&q, &k, &v, &dout, &out})) {
-    return bwd_kernel(dout, q, k, v, out, lse, layout, layout_ints, scale);
+    return bwd_kernel(dout, q, k, v, out, lse, layout, layout_ints, scale, softcap, alibi_slopes);
   }
   auto [dq, dk, dv] = bwd_kernel(pad_d(dout), pad_d(q), pad_d(k), pad_d(v), pad_d(out), lse,
-                                 layout, layout_ints, scale);
+                                 layout, layout_ints, scale, softcap, alibi_slopes);
   return {unpad_d(dq), unpad_d(dk), unpad_d(dv)};
 }
 

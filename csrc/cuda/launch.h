@@ -138,6 +138,10 @@ struct SparseAttentionFwdArgs {
   int64_t B, Hq, Hkv, Nq, Nk, D, BQ, BK;
   int lo, hi, prefix;
   float scale;
+  // Score modifiers (python/frugal/score_mods.py): softcap > 0 caps the scaled scores (0: off);
+  // alibi fp32 [B, Hq] contiguous slopes (nullptr: off), query i at position i + Nk - Nq.
+  float softcap;
+  const float* alibi;
 };
 
 cudaError_t launch_sparse_attention_fwd(const SparseAttentionFwdArgs& args, cudaStream_t stream);

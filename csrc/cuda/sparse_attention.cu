@@ -39,6 +39,11 @@
 // the end). A row that has seen no allowed key keeps m = -inf and exponentiates against 0, so
 // nothing becomes NaN; at the end l = 0 gives out = 0 and lse = -inf. P is rounded to the input
 // type for the P V product, as FlashAttention does.
+//
+// Score modifiers (python/frugal/score_mods.py), in the kMods instantiations only (the others
+// are the kernel without them, instruction for instruction): on the base-2 scores x =
+// s log2(e), the softcap c is c2 tanh(x / c2) with c2 = c log2(e) (the same function of s,
+// scaled), and ALiBi subtracts slope log2(e) |q_pos - k_pos|, before the mask.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -54,10 +59,12 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kMaxThreads = 128;
 
-// Compile-time shape of the kernel for head dim D.
-template <int D>
+// Compile-time shape of the kernel for head dim D (kMods: the score-modifier instantiation,
+// which at D = 128 takes one m16 tile a warp: with two, the modifiers' per-element positions
+// and constants took the registers past 255 and ptxas spilled, sm_80).
+template <int D, bool kMods = false>
 struct Shape {
-  static constexpr int kMT = D <= 128 ? 2 : 1;    // m16 tiles per warp
+  static constexpr int kMT = D < 128 || (D == 128 && !kMods) ? 2 : 1;  // m16 tiles per warp
   static constexpr int kMaxRows = 4 * 16 * kMT;   // rows per CTA at 4 warps
   static constexpr int kBN = D <= 64 ? 64 : 32;   // keys per tile
   static constexpr int kPitch = D + 8;            // shared-memory row, elements (16-byte pad)
@@ -121,10 +128,10 @@ __device__ inline void load_rows(T* smem, const T* g, int64_t stride, int r0, in
   }
 }
 
-template <typename T, int D>
+template <typename T, int D, bool kMods>
 __global__ void __launch_bounds__(kMaxThreads)
     sparse_attention_fwd_kernel(SparseAttentionFwdArgs p) {
-  using S = Shape<D>;
+  using S = Shape<D, kMods>;
   constexpr int MT = S::kMT, BN = S::kBN, P = S::kPitch;
   constexpr bool kBF16 = std::is_same_v<T, __nv_bfloat16>;
   const int warps = blockDim.x / 32, rows = warps * 16 * MT;
@@ -189,6 +196,17 @@ __global__ void __launch_bounds__(kMaxThreads)
     l[mt][0] = l[mt][1] = 0.0f;
   }
   const float qk_scale = p.scale * kLog2e;
+  // Modifiers in base 2 (kMods): the cap c log2(e) (0: off), the slope times log2(e), and the
+  // offset of q_pos - k_pos (query r at position r + Nk - Nq).
+  // tanh(x / cap2) = (1 - e) / (1 + e) with e = 2^(-|x| inv2), inv2 = 2 / softcap, sign of x:
+  // exp2f and a reciprocal, not tanhf, whose longer sequence made ptxas spill at D = 128.
+  [[maybe_unused]] float cap2 = 0.0f, inv2 = 0.0f, slope2 = 0.0f;
+  [[maybe_unused]] const int shift = Nk - Nq;
+  if constexpr (kMods) {
+    cap2 = p.softcap * kLog2e;
+    inv2 = p.softcap > 0.0f ? 2.0f / p.softcap : 0.0f;
+    if (p.alibi != nullptr) slope2 = __ldg(p.alibi + bh) * kLog2e;
+  }
 
   if (walk.t_all > 0) {
     load_rows<T, D>(sq, q, p.q_stride_n, m0, rows, Nq, chunks);
@@ -254,6 +272,13 @@ __global__ void __launch_bounds__(kMaxThreads)
             const int hf = e / 2;
             const int r = m0 + wrow + 16 * mt + g + 8 * hf, c = cur.n0 + 8 * j + 2 * t4 + e % 2;
             float x = s[mt][j][e] * qk_scale;
+            if constexpr (kMods) {
+              if (cap2 > 0.0f) {
+                const float e = exp2f(-fabsf(x) * inv2);
+                x = copysignf(cap2 * (1.0f - e) * __frcp_rn(1.0f + e), x);
+              }
+              x -= slope2 * fabsf(static_cast<float>(r + shift - c));
+            }
             if (cur.mask != Mask::kNone) {
               bool ok = c < Nk;
               if (cur.mask == Mask::kRule) {
@@ -369,23 +394,31 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
-template <typename T, int D>
+template <typename T, int D, bool kMods>
 struct Launch {
+  using S = Shape<D, kMods>;
   static int rows(int64_t BQ) {
-    return static_cast<int>(BQ < Shape<D>::kMaxRows ? BQ : Shape<D>::kMaxRows);
+    return static_cast<int>(BQ < S::kMaxRows ? BQ : S::kMaxRows);
   }
+  static int threads(int rows) { return rows / (16 * S::kMT) * 32; }
   static size_t smem(int rows) {
-    return static_cast<size_t>(rows + 2 * Shape<D>::kBN) * Shape<D>::kPitch * sizeof(T);
+    return static_cast<size_t>(rows + 2 * S::kBN) * S::kPitch * sizeof(T);
   }
   static cudaError_t run(const SparseAttentionFwdArgs& a, cudaStream_t stream) {
     const int r = rows(a.BQ);
-    const int threads = r / (16 * Shape<D>::kMT) * 32;
     const int64_t grid = (a.Nq + r - 1) / r * a.B * a.Hq;
     if (grid > 0x7fffffff) return cudaErrorInvalidConfiguration;
-    return dev::launch(sparse_attention_fwd_kernel<T, D>, dim3(static_cast<unsigned>(grid)),
-                       dim3(threads), smem(r), stream, a);
+    return dev::launch(sparse_attention_fwd_kernel<T, D, kMods>,
+                       dim3(static_cast<unsigned>(grid)), dim3(threads(r)), smem(r), stream, a);
   }
 };
+
+// The kernel with the score modifiers where a call has one, else the one without.
+template <typename T, int D>
+cudaError_t launch_d(const SparseAttentionFwdArgs& a, cudaStream_t stream) {
+  if (a.softcap > 0.0f || a.alibi != nullptr) return Launch<T, D, true>::run(a, stream);
+  return Launch<T, D, false>::run(a, stream);
+}
 
 template <typename T>
 cudaError_t launch_typed(const SparseAttentionFwdArgs& a, cudaStream_t stream) {
@@ -393,11 +426,11 @@ cudaError_t launch_typed(const SparseAttentionFwdArgs& a, cudaStream_t stream) {
   // (up to 47% of the MMA work wasted on padding at D = 136; a size per multiple of 16 would
   // triple the kernels to build).
   if (a.D < 8 || a.D > 256 || a.D % 8 != 0) return cudaErrorInvalidValue;
-  if (a.D <= 32) return Launch<T, 32>::run(a, stream);
-  if (a.D <= 64) return Launch<T, 64>::run(a, stream);
-  if (a.D <= 96) return Launch<T, 96>::run(a, stream);
-  if (a.D <= 128) return Launch<T, 128>::run(a, stream);
-  return Launch<T, 256>::run(a, stream);
+  if (a.D <= 32) return launch_d<T, 32>(a, stream);
+  if (a.D <= 64) return launch_d<T, 64>(a, stream);
+  if (a.D <= 96) return launch_d<T, 96>(a, stream);
+  if (a.D <= 128) return launch_d<T, 128>(a, stream);
+  return launch_d<T, 256>(a, stream);
 }
 
 }  // namespace
@@ -415,19 +448,21 @@ cudaError_t launch_sparse_attention_fwd(const SparseAttentionFwdArgs& args, cuda
 
 const KernelLaunchConfig* sparse_attention_kernel_configs() {
   // Threads and shared memory at BQ = 128 (the most of either).
-#define FRUGAL_ROW(T, NAME, D)                                                       \
-  {"sparse_attention_fwd_kernel<" NAME ", " #D ">",                                 \
-   Launch<T, D>::rows(128) / (16 * Shape<D>::kMT) * 32,                              \
-   static_cast<int>(Launch<T, D>::smem(Launch<T, D>::rows(128)))}
+#define FRUGAL_ROW(T, NAME, D, MODS)                                                 \
+  {"sparse_attention_fwd_kernel<" NAME ", " #D ", " #MODS ">",                      \
+   Launch<T, D, MODS>::threads(Launch<T, D, MODS>::rows(128)),                       \
+   static_cast<int>(Launch<T, D, MODS>::smem(Launch<T, D, MODS>::rows(128)))}
+#define FRUGAL_ROWS(T, NAME, D) FRUGAL_ROW(T, NAME, D, false), FRUGAL_ROW(T, NAME, D, true)
   static const KernelLaunchConfig rows[] = {
-      FRUGAL_ROW(__half, "__half", 32),          FRUGAL_ROW(__half, "__half", 64),
-      FRUGAL_ROW(__half, "__half", 96),          FRUGAL_ROW(__half, "__half", 128),
-      FRUGAL_ROW(__half, "__half", 256),         FRUGAL_ROW(__nv_bfloat16, "__nv_bfloat16", 32),
-      FRUGAL_ROW(__nv_bfloat16, "__nv_bfloat16", 64),
-      FRUGAL_ROW(__nv_bfloat16, "__nv_bfloat16", 96),
-      FRUGAL_ROW(__nv_bfloat16, "__nv_bfloat16", 128),
-      FRUGAL_ROW(__nv_bfloat16, "__nv_bfloat16", 256),
+      FRUGAL_ROWS(__half, "__half", 32),         FRUGAL_ROWS(__half, "__half", 64),
+      FRUGAL_ROWS(__half, "__half", 96),         FRUGAL_ROWS(__half, "__half", 128),
+      FRUGAL_ROWS(__half, "__half", 256),        FRUGAL_ROWS(__nv_bfloat16, "__nv_bfloat16", 32),
+      FRUGAL_ROWS(__nv_bfloat16, "__nv_bfloat16", 64),
+      FRUGAL_ROWS(__nv_bfloat16, "__nv_bfloat16", 96),
+      FRUGAL_ROWS(__nv_bfloat16, "__nv_bfloat16", 128),
+      FRUGAL_ROWS(__nv_bfloat16, "__nv_bfloat16", 256),
       {nullptr, 0, 0}};
+#undef FRUGAL_ROWS
 #undef FRUGAL_ROW
   return rows;
 }

@@ -14,10 +14,12 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <optional>
 #include <tuple>
 #include <vector>
 
 #include "cuda/launch.h"
+#include "score_mods.h"
 #include "sparse_layout.h"
 
 namespace frugal::cuda::sparse_glue {
@@ -67,9 +69,10 @@ inline int clamp_int(int64_t x) {
 }
 
 template <class Backend>
-std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd(const at::Tensor& q, const at::Tensor& k,
-                                                        const at::Tensor& v, at::TensorList layout,
-                                                        at::IntArrayRef layout_ints, double scale) {
+std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::TensorList layout,
+    at::IntArrayRef layout_ints, double scale, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   constexpr const char* op = "sparse_attention_fwd";
   // The forward's lists (the q-side lists are the backward's); names as in csrc/sparse_layout.h.
   const SparseLayoutArgs L = SparseLayoutArgs::from(op, layout, layout_ints);
@@ -99,6 +102,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd(const at::Tensor& q, con
               ": the CUDA kernel takes mask blocks of 64 or 128; got BQ=", BQ, ", BK=", BK);
   TORCH_CHECK(flags >= 0 && flags <= 15, op, ": flags must be in [0, 15]; got ", flags);
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite; got ", scale);
+  check_score_mods(op, softcap, alibi_slopes, B, Hq);
   TORCH_CHECK(Nq < (int64_t{1} << 31) && Nk < (int64_t{1} << 31), op,
               ": Nq and Nk must be < 2**31; got ", Nq, ", ", Nk);
   const int64_t nQB = (Nq + BQ - 1) / BQ;
@@ -117,6 +121,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd(const at::Tensor& q, con
     const int64_t nbits = L.bits.dim() == 3 ? L.bits.size(0) : 1;
     bits_c = layout_tensor<Backend>("bits", L.bits, {nbits, BQ, BK / 32}, q, false);
   }
+  if (alibi_slopes.has_value()) check_on<Backend>("alibi_slopes", *alibi_slopes, q);
   if (has_doc) {
     q_doc_c = layout_tensor<Backend>("q_doc", L.q_doc, {B, Nq}, q, false);
     kv_doc_c = layout_tensor<Backend>("kv_doc", L.kv_doc, {B, Nk}, q, false);
@@ -171,6 +176,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd(const at::Tensor& q, con
   a.hi = band ? clamp_int(L.hi) : static_cast<int>(kInf);
   a.prefix = band && (flags & kFlagPrefix) ? clamp_int(L.prefix < 0 ? 0 : L.prefix) : 0;
   a.scale = static_cast<float>(scale);
+  a.softcap = static_cast<float>(softcap);
+  a.alibi = alibi_slopes.has_value() ? alibi_slopes->const_data_ptr<float>() : nullptr;
   const cudaError_t err = launch_sparse_attention_fwd(a, Backend::stream());
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", Backend::error_string(err));
   return {out, lse};

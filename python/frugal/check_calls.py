@@ -200,11 +200,11 @@ def _masks(n, block):
     }
 
 
-def _sparse_call(label, q, k, v, mask):
+def _sparse_call(label, q, k, v, mask, **mods):
     q = q.requires_grad_()
     k = k.requires_grad_()
     v = v.requires_grad_()
-    out = _call(label, frugal.sparse_attention, q, k, v, mask)
+    out = _call(label, frugal.sparse_attention, q, k, v, mask, **mods)
     if out is None:
         return
     from .jit_capture import label as _label
@@ -231,6 +231,16 @@ def sparse():
         for D in (8, 80, 120, 192):
             q, k, v = (torch.randn(1, h, n, D, dtype=dtype) for h in (4, 2, 2))
             _sparse_call(f"sparse_attention causal block=64 {_name(dtype)} D={D}", q, k, v, mask)
+    # Score modifiers: softcap and ALiBi together (the kernels' HAS_SOFTCAP / HAS_ALIBI
+    # variant with the most live values), on the band rule and on the generic one, at the head
+    # dims with the most registers; each modifier alone is a subset of it.
+    slopes = torch.linspace(0.05, 0.5, 4)
+    for dtype in _FLOATS:
+        for D, mask_name in ((128, "causal"), (256, "document")):
+            q, k, v = (torch.randn(1, h, n, D, dtype=dtype) for h in (4, 2, 2))
+            _sparse_call(f"sparse_attention {mask_name} block=64 {_name(dtype)} D={D} softcap "
+                         f"alibi", q, k, v, _masks(n, 64)[mask_name], softcap=30.0,
+                         alibi_slopes=slopes)
 
 
 def run(families=FAMILIES):

@@ -200,11 +200,12 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b):
     return (oa + ob).to(out_a.dtype), base + torch.log(total)
 
 
-def sparse_attention(q, k, v, mask, scale=None):
+def sparse_attention(q, k, v, mask, scale=None, softcap=None, alibi_slopes=None):
     """Dense masked attention: q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D], mask bool broadcastable
     to [B, Hq, Nq, Nk] (True: attend) or an object with ``to_dense()`` -> (out [B, Hq, Nq, D],
     lse [B, Hq, Nq]), computed in q's dtype (pass float64 for a reference). A row with no
-    allowed key gives out 0 and lse -inf."""
+    allowed key gives out 0 and lse -inf. softcap / alibi_slopes ([Hq] or [B, Hq]): the score
+    modifiers (:func:`apply_score_mods`), query i at position ``i + Nk - Nq``, key j at j."""
     if not isinstance(mask, torch.Tensor):
         mask = mask.to_dense(q.device)
     hq, hkv = q.shape[1], k.shape[1]
@@ -214,6 +215,9 @@ def sparse_attention(q, k, v, mask, scale=None):
     if scale is None:
         scale = q.shape[-1] ** -0.5
     s = (q @ k.transpose(-1, -2)) * scale
+    nq, nk = q.shape[2], k.shape[2]
+    q_pos = torch.arange(nk - nq, nk, device=q.device)  # bottom-right, as the causal masks
+    s = apply_score_mods(s, softcap, alibi_slopes, q_pos, torch.arange(nk, device=q.device))
     s = s.masked_fill(~mask.to(q.device), float("-inf"))
     lse = torch.logsumexp(s.float() if s.dtype != torch.float64 else s, dim=-1)
     # Only an empty row (lse -inf) is special; a +inf score gives lse +inf and a NaN row.

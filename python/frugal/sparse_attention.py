@@ -4,9 +4,10 @@ Backends: Triton on CUDA tensors (``frugal.kernels.sparse_attention``: flash-att
 forward and backward that visit only the mask's blocks), the C++ CPU kernels on CPU tensors
 (``csrc/cpu/sparse_attention.cpp``), and PyTorch (dense masked attention: O(N^2) memory, the
 reference). Gradients flow through every backend via autograd (with respect to q, k and v).
+Every backend takes the score modifiers of :mod:`frugal.score_mods` (softcap, ALiBi).
 """
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -15,6 +16,7 @@ from .block_mask import BlockMask, SparseLayout
 from .dispatch import triton_custom_op
 from .errors import ShapeError, check_dtype, check_same_device, check_scale
 from .registry import Op, cpp_kernel
+from .score_mods import check_alibi_slopes, check_softcap
 
 __all__ = ["sparse_attention", "HEAD_DIMS"]
 
@@ -32,11 +34,12 @@ def _has_cpu_ops():
 
 @triton_custom_op("frugal::sparse_attention_fwd_triton")
 def _fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: List[torch.Tensor],
-                layout_ints: List[int], scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+                layout_ints: List[int], scale: float, softcap: float,
+                alibi_slopes: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     from frugal.kernels import sparse_attention as kernel
 
     lay = SparseLayout.from_op_args(q.shape[2], k.shape[2], layout, layout_ints)
-    return kernel.forward(q, k, v, lay, scale)
+    return kernel.forward(q, k, v, lay, scale, softcap, alibi_slopes)
 
 
 @_fwd_triton.register_fake
@@ -47,12 +50,13 @@ def _(q, k, v, *args):
 @triton_custom_op("frugal::sparse_attention_bwd_triton")
 def _bwd_triton(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 out: torch.Tensor, lse: torch.Tensor, layout: List[torch.Tensor],
-                layout_ints: List[int], scale: float
+                layout_ints: List[int], scale: float, softcap: float,
+                alibi_slopes: Optional[torch.Tensor]
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from frugal.kernels import sparse_attention as kernel
 
     lay = SparseLayout.from_op_args(q.shape[2], k.shape[2], layout, layout_ints)
-    return kernel.backward(dout, q, k, v, out, lse, lay, scale)
+    return kernel.backward(dout, q, k, v, out, lse, lay, scale, softcap, alibi_slopes)
 
 
 @_bwd_triton.register_fake
@@ -89,26 +93,31 @@ _KERNELS = {"triton": (_fwd_triton, _bwd_triton), "cpu": (_cpp_fwd, _cpu_bwd),
 
 
 class _SparseAttention(torch.autograd.Function):
+    # softcap: a float, 0.0 meaning none; alibi: None or contiguous fp32 [B, Hq] slopes, which
+    # get no gradient (frugal.score_mods).
     @staticmethod
-    def forward(ctx, q, k, v, layout, scale, backend):
-        out, lse = _KERNELS[backend][0](q, k, v, *layout.op_args(), scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.layout, ctx.scale, ctx.backend = layout, scale, backend
+    def forward(ctx, q, k, v, layout, scale, softcap, alibi, backend):
+        out, lse = _KERNELS[backend][0](q, k, v, *layout.op_args(), scale, softcap, alibi)
+        ctx.save_for_backward(q, k, v, out, lse, alibi)
+        ctx.layout, ctx.scale, ctx.softcap, ctx.backend = layout, scale, softcap, backend
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, alibi = ctx.saved_tensors
         dq, dk, dv = _KERNELS[ctx.backend][1](dout.contiguous(), q, k, v, out, lse,
-                                              *ctx.layout.op_args(), ctx.scale)
-        return dq, dk, dv, None, None, None
+                                              *ctx.layout.op_args(), ctx.scale, ctx.softcap,
+                                              alibi)
+        return dq, dk, dv, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- public API
 
 
-def _check(q, k, v, mask, scale):
+def _check(q, k, v, mask, scale, softcap, alibi_slopes):
+    """Validates a call -> (softcap as a float, 0.0 for none; alibi_slopes as contiguous fp32
+    [B, Hq] or None)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_dtype(_OP, name, t, _FLOATS)
         if t.dim() != 4:
@@ -148,6 +157,8 @@ def _check(q, k, v, mask, scale):
     if hm not in (1, hq):
         raise ShapeError(f"{_OP}: mask head dim must be 1 or Hq={hq}; got {hm}")
     check_scale(_OP, scale)
+    return (check_softcap(_OP, softcap),
+            check_alibi_slopes(_OP, alibi_slopes, B, hq, q.device))
 
 
 # CUDA C++ first on CUDA tensors: its device code runs in the suite through the host emulation
@@ -157,9 +168,9 @@ SPARSE_ATTENTION = Op("sparse_attention", order={"cuda": ("cuda", "triton", "tor
 
 
 def _kernel_run(backend):
-    def run(q, k, v, mask, scale):
+    def run(q, k, v, mask, scale, softcap=0.0, alibi_slopes=None):
         layout = mask.layout(q.shape[0], q.shape[1], q.device)
-        return _SparseAttention.apply(q, k, v, layout, scale, backend)
+        return _SparseAttention.apply(q, k, v, layout, scale, softcap, alibi_slopes, backend)
 
     return run
 
@@ -188,11 +199,12 @@ SPARSE_ATTENTION.implement("cpu", devices=("cpu",),
 
 
 @SPARSE_ATTENTION.implement("torch")
-def _sparse_torch(q, k, v, mask, scale):
+def _sparse_torch(q, k, v, mask, scale, softcap=0.0, alibi_slopes=None):
     # fp32 scores for half inputs, as the kernels keep them: fp16 scores overflow to inf (NaN
     # rows) at scales the kernels handle.
     up = (lambda t: t.float()) if q.dtype in (torch.float16, torch.bfloat16) else (lambda t: t)
-    out, lse = reference.sparse_attention(up(q), up(k), up(v), mask, scale)
+    out, lse = reference.sparse_attention(up(q), up(k), up(v), mask, scale,
+                                          softcap=softcap or None, alibi_slopes=alibi_slopes)
     return out.to(q.dtype), lse
 
 
@@ -200,13 +212,20 @@ def _scale(q, scale):
     return float(q.shape[-1] ** -0.5 if scale is None else scale)
 
 
-def _select(q, k, v, mask, scale=None, return_lse=False, *, backend="auto", explain=False):
-    _check(q, k, v, mask, scale)
-    return SPARSE_ATTENTION.select(q.device, backend, q, k, v, mask, _scale(q, scale),
-                                   explain=explain)
+def _prepare(q, k, v, mask, scale, softcap, alibi_slopes, backend, explain=False):
+    """(impl, the run's arguments after q, k, v, mask: scale, softcap, slopes)."""
+    cap, slopes = _check(q, k, v, mask, scale, softcap, alibi_slopes)
+    args = (_scale(q, scale), cap, None if slopes is None else slopes.detach())
+    return SPARSE_ATTENTION.select(q.device, backend, q, k, v, mask, *args, explain=explain), args
 
 
-def sparse_attention(q, k, v, mask, scale=None, return_lse=False, *, backend="auto"):
+def _select(q, k, v, mask, scale=None, return_lse=False, *, softcap=None, alibi_slopes=None,
+            backend="auto", explain=False):
+    return _prepare(q, k, v, mask, scale, softcap, alibi_slopes, backend, explain)[0]
+
+
+def sparse_attention(q, k, v, mask, scale=None, return_lse=False, *, softcap=None,
+                     alibi_slopes=None, backend="auto"):
     """Attention that computes only the blocks ``mask`` lists.
 
     Parameters
@@ -219,8 +238,15 @@ def sparse_attention(q, k, v, mask, scale=None, return_lse=False, *, backend="au
         Built for (Nq, Nk) (see :mod:`frugal.masks`); its batch and head dims are 1 or B, Hq.
     scale : float, default ``D ** -0.5``
     return_lse : bool
-        Also return the log-sum-exp of each row's scaled scores (float32 [B, Hq, Nq]; no
-        gradient flows through it).
+        Also return the log-sum-exp of each row's scores, modifiers applied (float32
+        [B, Hq, Nq]; no gradient flows through it).
+    softcap : float > 0, optional
+        Caps the scaled scores: ``s = softcap * tanh(s / softcap)`` (Gemma-2), before ALiBi and
+        the mask; the backward scales dS by ``1 - tanh**2``.
+    alibi_slopes : Tensor float32 [Hq] or [B, Hq], optional
+        ALiBi: ``s -= slope[b, h] * |q_pos - k_pos|`` with query i at position ``i + Nk - Nq``
+        and key j at j (bottom-right, as the causal masks); on q's device; no gradient. The
+        rules are those of :mod:`frugal.score_mods`.
     backend : "auto" | "cuda" | "triton" | "cpu" | "torch"
         auto: CUDA C++ (fp16 / bf16; the backward runs Triton), then Triton on CUDA tensors, C++
         on CPU tensors, else PyTorch (dense: O(N^2) memory).
@@ -230,12 +256,12 @@ def sparse_attention(q, k, v, mask, scale=None, return_lse=False, *, backend="au
     out [B, Hq, Nq, D] in q's dtype, and lse when ``return_lse``. A query row that the mask
     gives no key returns zeros (and lse = -inf), never NaN; it gets zero gradient.
     """
-    impl = _select(q, k, v, mask, scale, return_lse, backend=backend)
+    impl, args = _prepare(q, k, v, mask, scale, softcap, alibi_slopes, backend)
     if q.shape[0] == 0 or q.shape[1] == 0:
         out = q.new_zeros(q.shape)
         lse = q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
     else:
-        out, lse = impl.run(q, k, v, mask, _scale(q, scale))
+        out, lse = impl.run(q, k, v, mask, *args)
     return (out, lse) if return_lse else out
 
 

@@ -155,14 +155,12 @@ def _warn_once(module, why):
                       f"eager attention", FrugalFallbackWarning, stacklevel=3)
 
 
-def sparse_why_not(head_dim, dtype=None, softcap=None, dropout=0.0):
-    """Why :func:`frugal.sparse_attention` cannot run a layer with these settings, or None."""
+def sparse_why_not(head_dim, dtype=None, dropout=0.0):
+    """Why :func:`frugal.sparse_attention` cannot run a layer with these settings, or None
+    (a logit softcap, Gemma-2's, it runs)."""
     if head_dim not in HEAD_DIMS:
         return (f"head_dim {head_dim} is not a multiple of 8 in [8, 256] (what "
                 f"frugal.sparse_attention takes)")
-    if softcap is not None:
-        return (f"attention logit softcapping ({softcap}) is not in frugal.sparse_attention "
-                f"(Gemma-2)")
     if dropout:
         return (f"attention dropout p={dropout} is not in frugal.sparse_attention (model.eval() "
                 f"or config.attention_dropout=0 for frugal)")
@@ -254,7 +252,7 @@ def frugal_attention(module, query, key, value, attention_mask, scaling=None, dr
                            sliding_window=sliding_window, softcap=softcap), None
     if user is not None:
         user = _user_mask(user, module.layer_idx)
-    why = sparse_why_not(query.shape[-1], query.dtype, softcap, dropout)
+    why = sparse_why_not(query.shape[-1], query.dtype, dropout)
     if why is None and kwargs.get("output_attentions"):
         why = "output_attentions=True needs the attention weights, which frugal does not form"
     if (why is None and user is None and isinstance(attention_mask, torch.Tensor)
@@ -267,7 +265,7 @@ def frugal_attention(module, query, key, value, attention_mask, scaling=None, dr
 
     mask = user if user is not None else _block_mask(attention_mask, query.shape[2],
                                                      key.shape[2], sliding_window)
-    out = sparse_attention(query, key, value, mask, scale=scaling)
+    out = sparse_attention(query, key, value, mask, scale=scaling, softcap=softcap)
     return out.transpose(1, 2), None
 
 
@@ -362,8 +360,9 @@ def apply_frugal(model, *, int8_weights=False, skip=("lm_head",), mode="dynamic"
 
     Returns
     -------
-    FrugalReport : per layer, frugal or the eager fallback and why (head dims outside
-        32/64/96/128/256, softcap); the windows; the quantization report.
+    FrugalReport : per layer, frugal or the eager fallback and why (head dims that are not
+        a multiple of 8 up to 256, attention dropout in training); the windows; the
+        quantization report.
 
     Example
     -------
@@ -376,11 +375,10 @@ def apply_frugal(model, *, int8_weights=False, skip=("lm_head",), mode="dynamic"
     check_model(op, model)
     config = text_config(model)
     model.set_attn_implementation(NAME)
-    softcap = getattr(config, "attn_logit_softcapping", None)
     attention, windows = {}, []
+    dropout = getattr(config, "attention_dropout", 0.0) if model.training else 0
     for layer in attention_layers(model):
-        why = sparse_why_not(layer.head_dim, None, softcap, getattr(config, "attention_dropout",
-                                                                     0.0) if model.training else 0)
+        why = sparse_why_not(layer.head_dim, None, dropout)
         attention[layer.layer_idx] = SPARSE if why is None else f"eager: {why}"
         windows.append(layer_window(layer, config))
     report = FrugalReport(type(model).__name__, attention, windows)
