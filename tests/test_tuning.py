@@ -284,9 +284,9 @@ def test_noise_cannot_replace_the_default_backend():
             Result("int8_mm", 64, "torch", None, None, "ok", 3.0)]
     data = tuning.summarize({"int8_mm": rows}, CPU)
     assert [b["backend"] for b in data["ops"]["int8_mm"]] == ["cpu", "torch"]  # 2%: noise
-    rows[1].ms = 0.9
+    rows[1].ms = 0.85
     data = tuning.summarize({"int8_mm": rows}, CPU)
-    assert data["ops"]["int8_mm"] == [{"max": None, "backend": "torch", "ms": 0.9}]
+    assert data["ops"]["int8_mm"] == [{"max": None, "backend": "torch", "ms": 0.85}]
 
 
 def test_the_cpu_tuning_timer_takes_the_fastest_run():

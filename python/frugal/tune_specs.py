@@ -267,8 +267,11 @@ _with_space("int8_weight_only_matmul", _weight_only_space, _weight_only_launch)
 # ----------------------------------------------------------------------------- paged decode
 
 def _decode_shape(device):
-    """(batch, context, Hq, Hkv, block_size): a decode step worth timing on this device."""
-    return (8, 4096, 32, 8, 16) if _gpu(device) else (4, 1024, 8, 2, 16)
+    """(batch, context, Hq, Hkv, block_size): a decode step worth timing on this device. On a
+    CPU one long sequence: the case whose work split (the split-KV knobs) decides its speed; a
+    batch that fills the threads does not split. (With 4 sequences of 1024 tokens, 256-token
+    partitions won by 4% and then cost 7% at B = 1 with 512 and 8192 tokens.)"""
+    return (8, 4096, 32, 8, 16) if _gpu(device) else (1, 4096, 32, 8, 16)
 
 
 def _decode_inputs(d, device, gen):
