@@ -192,6 +192,21 @@ PyObject* cpu_knobs(PyObject*, PyObject*) {
   return list;
 }
 
+// cpu_knob_values() -> list of the knobs' values in force on the calling thread.
+PyObject* cpu_knob_values(PyObject*, PyObject*) {
+  PyObject* list = PyList_New(frugal::cpu::kKnobCount);
+  if (list == nullptr) return nullptr;
+  for (int i = 0; i < frugal::cpu::kKnobCount; ++i) {
+    PyObject* v = PyLong_FromLongLong(frugal::cpu::knob(static_cast<frugal::cpu::Knob>(i)));
+    if (v == nullptr) {
+      Py_DECREF(list);
+      return nullptr;
+    }
+    PyList_SET_ITEM(list, i, v);
+  }
+  return list;
+}
+
 // set_cpu_knob(index, value) -> previous override (-1: none); value -1 clears the override.
 // The calling thread's only (frugal.cpu_knobs).
 PyObject* set_cpu_knob(PyObject*, PyObject* args) {
@@ -240,6 +255,9 @@ PyMethodDef methods[] = {
      "block_size, window) -> bool: the paged ops' host check of CPU block tables."},
     {"cpu_knobs", cpu_knobs, METH_NOARGS,
      "cpu_knobs() -> list of (name, default, lo, hi, doc): the C++ CPU kernels' tunable knobs."},
+    {"cpu_knob_values", cpu_knob_values, METH_NOARGS,
+     "cpu_knob_values() -> the knobs' values in force on the calling thread, in cpu_knobs() "
+     "order."},
     {"set_cpu_knob", set_cpu_knob, METH_VARARGS,
      "set_cpu_knob(index, value) -> previous override (-1: none) of the calling thread; "
      "value -1 clears it."},

@@ -16,6 +16,7 @@ knobs in force when the graph runs apply (the tuned values are not looked up).
 
 import contextlib
 import dataclasses
+import functools
 import threading
 
 import torch
@@ -35,8 +36,10 @@ class Knob:
     index: int
 
 
+@functools.cache
 def knobs():
-    """{name: :class:`Knob`} of the compiled kernels (empty without frugal._C)."""
+    """{name: :class:`Knob`} of the compiled kernels (empty without frugal._C). Read once;
+    do not modify."""
     C = _ext.ext()
     if C is None or not hasattr(C, "cpu_knobs"):
         return {}
@@ -93,13 +96,7 @@ def cpu_knobs(**values):
 
 def current():
     """{name: value} in force on this thread."""
-    C = _ext.ext()
-    out = {}
-    for name, knob in _KNOBS.items():
-        override = C.set_cpu_knob(knob.index, -1)
-        C.set_cpu_knob(knob.index, override)
-        out[name] = knob.default if override < 0 else override
-    return out
+    return dict(zip(_KNOBS, _ext.ext().cpu_knob_values())) if _KNOBS else {}
 
 
 def _inside_block():
