@@ -129,10 +129,25 @@ PyObject* set_cpu_isa(PyObject*, PyObject* arg) {
   frugal::cpu::Isa isa;
   if (!frugal::cpu::parse_isa(name, &isa)) {
     PyErr_Format(PyExc_ValueError,
-                 "isa: expected one of 'scalar', 'avx2', 'avx512', 'avx512_vnni'; got '%s'", name);
+                 "isa: expected one of 'scalar', 'avx2', 'avx512', 'avx512_vnni', 'amx_int8'; "
+                 "got '%s'",
+                 name);
     return nullptr;
   }
   return PyUnicode_FromString(frugal::cpu::isa_name(frugal::cpu::set_isa(isa)));
+}
+
+PyObject* cpu_amx(PyObject*, PyObject*) {
+  return Py_BuildValue("(ss)", frugal::cpu::amx_emulation() ? "emulated" : "",
+                       frugal::cpu::amx_unavailable_reason());
+}
+
+PyObject* set_cpu_amx_emulation(PyObject*, PyObject* arg) {
+  const int on = PyObject_IsTrue(arg);
+  if (on < 0) return nullptr;
+  const bool before = frugal::cpu::amx_emulation();
+  frugal::cpu::set_amx_emulation(on != 0);
+  return PyBool_FromLong(before);
 }
 
 // advise_huge_pages(address, nbytes) -> bool: see frugal::cpu::advise_huge_pages.
@@ -247,6 +262,12 @@ PyMethodDef methods[] = {
     {"detected_cpu_isa", detected_cpu_isa, METH_NOARGS, "Widest instruction set this CPU has."},
     {"set_cpu_isa", set_cpu_isa, METH_O,
      "Use a narrower instruction set (clamped to the CPU's); returns the one in force."},
+    {"cpu_amx", cpu_amx, METH_NOARGS,
+     "cpu_amx() -> (emulation, why_not): 'emulated' while the AMX emulation is on (else ''), "
+     "and why this CPU's widest level is not amx_int8 ('' when it is)."},
+    {"set_cpu_amx_emulation", set_cpu_amx_emulation, METH_O,
+     "Test hook: the int8 GEMMs run the AMX tile code on an emulation of the tiles, at any "
+     "level; returns the previous setting."},
     {"advise_huge_pages", advise_huge_pages, METH_VARARGS,
      "advise_huge_pages(address, nbytes) -> bool: mark the 2 MiB-aligned interior of a CPU "
      "buffer of at least 8 MiB for transparent huge pages (Linux madvise); True if marked."},

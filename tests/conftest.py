@@ -69,25 +69,45 @@ def poison():
     torch.utils.deterministic.fill_uninitialized_memory = old_fill
 
 
+ISA_ORDER = ["scalar", "avx2", "avx512", "avx512_vnni", "amx_int8"]
+
+
 def cpu_isas():
     """CPU instruction-set levels this machine can run, narrowest first."""
-    order = ["scalar", "avx2", "avx512", "avx512_vnni"]
     mod = _ext.ext()
     if mod is None:
         return []
-    return order[: order.index(mod.detected_cpu_isa()) + 1]
+    return ISA_ORDER[: ISA_ORDER.index(mod.detected_cpu_isa()) + 1]
 
 
-@pytest.fixture(params=["scalar", "avx2", "avx512", "avx512_vnni"])
-def cpu_isa(request):
-    """Runs a test once per CPU kernel path (C++ runtime ISA dispatch)."""
-    if request.param not in cpu_isas():
-        pytest.skip(f"this CPU lacks {request.param}")
+def _use_isa(name):
+    """Runs the C++ kernels at level `name` until resumed; amx_int8 on a CPU without it runs
+    the int8 GEMMs' AMX tile code on the tile emulation (csrc/cpu/amx.h) instead."""
     mod = _ext.ext()
+    emulate = name == "amx_int8" and name not in cpu_isas()
+    if name not in cpu_isas() and not emulate:
+        pytest.skip(f"this CPU lacks {name}")
     previous = mod.cpu_isa()
-    mod.set_cpu_isa(request.param)
-    yield request.param
-    mod.set_cpu_isa(previous)
+    mod.set_cpu_isa(name)
+    was_emulating = mod.set_cpu_amx_emulation(emulate)
+    try:
+        yield name if not emulate else "amx_int8 (emulated)"
+    finally:
+        mod.set_cpu_amx_emulation(was_emulating)
+        mod.set_cpu_isa(previous)
+
+
+@pytest.fixture(params=ISA_ORDER[:4])
+def cpu_isa(request):
+    """Runs a test once per CPU kernel path (C++ runtime ISA dispatch); amx_int8 only changes
+    the int8 GEMMs, whose tests use int8_isa."""
+    yield from _use_isa(request.param)
+
+
+@pytest.fixture(params=ISA_ORDER)
+def int8_isa(request):
+    """cpu_isa plus amx_int8: the AMX tiles where the CPU has them, else their emulation."""
+    yield from _use_isa(request.param)
 
 
 @pytest.fixture
@@ -100,7 +120,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-__all__ = ["HAS_CUDA", "backends_for", "cpu_isas", "frugal"]
+__all__ = ["HAS_CUDA", "ISA_ORDER", "backends_for", "cpu_isas", "frugal"]
 
 
 @pytest.fixture

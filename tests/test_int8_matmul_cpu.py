@@ -9,9 +9,16 @@ import pytest
 import torch
 from conftest import cpu_isas
 
+import frugal
 from frugal import _ext, reference
 
 pytestmark = pytest.mark.skipif(_ext.ext() is None, reason="frugal._C is not built")
+
+
+@pytest.fixture
+def cpu_isa(int8_isa):
+    """Every level, AMX included (emulated on a CPU without it)."""
+    return int8_isa
 
 ops = torch.ops.frugal
 MAX_K = 131071
@@ -581,3 +588,30 @@ def test_packed_errors():
     for fn, match in cases:
         with pytest.raises(RuntimeError, match=match):
             fn()
+
+
+@pytest.mark.parametrize("block_k4", [16, 17, 23, 40])
+def test_k_blocks_of_any_knob_value(cpu_isa, poison, block_k4):
+    # The K blocks of the packed GEMM for any int8_block_k4: on AMX they are rounded up to whole
+    # tiles (16 k4 steps), so only the last block has a tail; every depth is exact.
+    gen = torch.Generator().manual_seed(block_k4)
+    for M, N, K in [(37, 150, 300), (16, 64, 256), (5, 17, 65), (21, 70, 4)]:
+        a, b = rand_int8((M, K), gen), rand_int8((N, K), gen)
+        with frugal.cpu_knobs(int8_block_k4=block_k4):
+            got = ops.int8_mm(a, b)
+            packed = ops.int8_scaled_mm_packed(a, ops.int8_pack_weight(b), torch.ones(M),
+                                               torch.ones(N), None, torch.float32)
+        assert_exact(got, a, b, f"{cpu_isa} block_k4={block_k4} M={M} N={N} K={K}")
+        assert torch.equal(packed, got.float())
+
+
+def test_amx_state_reported():
+    mod = _ext.ext()
+    emulation, why_not = mod.cpu_amx()
+    assert emulation == ""
+    assert (why_not == "") == (mod.detected_cpu_isa() == "amx_int8"), why_not
+    before = mod.set_cpu_amx_emulation(True)
+    try:
+        assert before is False and mod.cpu_amx()[0] == "emulated"
+    finally:
+        mod.set_cpu_amx_emulation(False)

@@ -330,15 +330,23 @@ at::Tensor empty_output(int64_t M, int64_t N, const at::TensorOptions& options) 
 // The GEMM driver.
 // ---------------------------------------------------------------------------------------------
 
+#if FRUGAL_X86
+// Gives the tile state back (the kernel then saves none of it on a context switch).
+FRUGAL_TARGET_AMX void amx_release() { amx::AmxHw::release(); }
+#endif
+
 struct IsaKernels {
   int mr;
   bool shifted_a;  // a packed as a + 128: the sums start at comp
   PackAFn pack_a;
   TileFn (*tile)(int mr, int nb);
   EpilogueFn epilogue;
+  int64_t k4_align = 1;         // K blocks are multiples of this many k4 steps (the tile's depth)
+  void (*finish)() = nullptr;   // called by each worker thread after its last tile
 };
 
-IsaKernels kernels_for(Isa isa) {
+// The register-tile kernels of a level below kAmx.
+IsaKernels vector_kernels_for(Isa isa) {
 #if FRUGAL_X86
   if (isa >= Isa::kAvx512Vnni) {
     return {kMrVnni, true, &pack_a_vnni, &tile_vnni, &epilogue_avx512};
@@ -350,6 +358,20 @@ IsaKernels kernels_for(Isa isa) {
 #endif
   (void)isa;
   return {kMrScalar, false, &pack_a_signed, &tile_scalar, &epilogue_scalar};
+}
+
+IsaKernels kernels_for(Isa isa) {
+#if FRUGAL_X86
+  if (amx_emulation()) {
+    return {kMrAmx, false, &pack_a_signed, &tile_amx<amx::AmxEmu>,
+            vector_kernels_for(isa).epilogue, 16, &amx::AmxEmu::release};
+  }
+  if (isa >= Isa::kAmx) {
+    return {kMrAmx, false, &pack_a_signed, &tile_amx<amx::AmxHw>, &epilogue_avx512, 16,
+            &amx_release};
+  }
+#endif
+  return vector_kernels_for(isa);
 }
 
 // K is split into blocks of at most int8_block_k4 k4 steps (default 1024: 4 KB of each row),
@@ -457,8 +479,12 @@ void gemm(int64_t M, const Weight& w, const Epilogue& epi, PackRowsFn pack_rows)
   // of a once for all its groups. Rows are split when there are too few groups to feed every
   // thread, and into tasks of at most about kMaxTaskMacs. Threads take chunks of tasks from a
   // shared counter: a thread that runs slower (a core shared with another process) takes fewer.
-  const int64_t k_blocks = std::max<int64_t>(1, ceil_div(K4, max_block_k4));
-  const int64_t block_k4 = ceil_div(K4, k_blocks);
+  // Blocks of a multiple of the tile's depth (AMX: 16 k4 steps, which may take a block up to
+  // 15 steps past the knob), so that only the last block has a tail.
+  const int64_t block_k4 =
+      ceil_div(ceil_div(K4, std::max<int64_t>(1, ceil_div(K4, max_block_k4))), ker.k4_align) *
+      ker.k4_align;
+  const int64_t k_blocks = std::max<int64_t>(1, ceil_div(K4, std::max<int64_t>(block_k4, 1)));
   const int64_t groups = ceil_div(d.N, kGroupCols);
   const int64_t threads = at::get_num_threads();
   const int64_t group_block_bytes = kGroupCols * 4 * std::max<int64_t>(block_k4, 1);
@@ -540,6 +566,7 @@ void gemm(int64_t M, const Weight& w, const Epilogue& epi, PackRowsFn pack_rows)
         }
       }
     }
+    if (ker.finish != nullptr) ker.finish();
   });
 }
 
@@ -841,6 +868,60 @@ at::Tensor int8_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& b,
 }
 
 }  // namespace
+
+// The AMX tile on the instructions against the AVX-512 tile, on fixed pseudo-random bytes:
+// every row count, every column-block count, and a depth with whole tiles and a tail (2 x 16
+// + 7 k4 steps), from zero and from int32 sums. Run once, by cpu/isa.cpp's detection, on a CPU
+// with AMX-INT8 whose kernel granted the tile state.
+bool int8_amx_self_check() {
+#if FRUGAL_X86
+  constexpr int64_t K4 = 39, lda = 4 * K4 + 12;
+  std::vector<uint8_t> a(kMrAmx * lda);
+  std::vector<int8_t> b(K4 * kGroupCols * 4);
+  std::vector<int32_t> init(kMrAmx * kGroupCols);
+  uint32_t x = 12345;
+  const auto next = [&x] {
+    x = x * 1664525u + 1013904223u;
+    return static_cast<uint8_t>(x >> 24);
+  };
+  for (auto& v : a) v = next();
+  for (auto& v : b) v = static_cast<int8_t>(next());
+  for (auto& v : init) v = static_cast<int32_t>(next()) * 65599 - (1 << 22);
+  std::vector<int32_t> got(kMrAmx * kGroupCols), want(kMrAmx * kGroupCols);
+  bool ok = true;
+  for (int nb = 1; nb <= 4 && ok; ++nb) {
+    const int8_t* group = b.data();  // a group of width 16 nb: the first 4 * 16 nb * K4 bytes
+    for (int mr = 1; mr <= kMrAmx && ok; ++mr) {
+      const int32_t* starts[] = {nullptr, init.data()};
+      for (const int32_t* from : starts) {
+        std::fill(got.begin(), got.end(), -1);
+        std::fill(want.begin(), want.end(), -2);
+        tile_amx<amx::AmxHw>(mr, nb)(a.data(), lda, group, K4, from, kGroupCols, got.data());
+        for (int r = 0; r < mr; r += kMrAvx512) {
+          const int rows = std::min<int>(kMrAvx512, mr - r);
+          tile_avx512(rows, nb)(a.data() + r * lda, lda, group, K4,
+                                from == nullptr ? nullptr : from + r * kGroupCols, kGroupCols,
+                                want.data() + r * kGroupCols);
+        }
+        for (int r = 0; r < mr; ++r) {
+          ok = ok && std::equal(got.begin() + r * kGroupCols,
+                                got.begin() + r * kGroupCols + 16 * nb,
+                                want.begin() + r * kGroupCols);
+        }
+      }
+    }
+  }
+  amx_release();
+  if (!ok) {
+    TORCH_WARN("frugal: the AMX int8 tile disagreed with the AVX-512 tile in its self-check; "
+               "the int8 GEMMs use AVX-512 VNNI on this CPU");
+  }
+  return ok;
+#else
+  return false;
+#endif
+}
+
 }  // namespace frugal::cpu
 
 TORCH_LIBRARY_IMPL(frugal, CPU, m) {

@@ -18,7 +18,9 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
+#include "cpu/amx.h"
 #include "cpu/isa.h"
 
 #if FRUGAL_X86
@@ -465,6 +467,106 @@ struct EpilogueAvx2 {
 inline void epilogue_avx2(const int32_t* tile, int rows, int64_t m0, int64_t n0, int nc,
                           const Epilogue& epi) {
   epilogue_dispatch<EpilogueAvx2>(tile, rows, m0, n0, nc, epi);
+}
+
+// ---------------------------------------------------------------------------------------------
+// AMX-INT8 (csrc/cpu/amx.h: Bk is AmxHw, the instructions, or AmxEmu, their emulation)
+// ---------------------------------------------------------------------------------------------
+
+constexpr int kMrAmx = amx::kRows;  // one tile of rows of a
+
+// The int32 sums of column block J start from init (row stride init_stride) or from zero.
+template <class Bk, int J>
+FRUGAL_TARGET_AMX __attribute__((always_inline)) inline void amx_start(const int32_t* init,
+                                                                        int64_t init_stride) {
+  if (init != nullptr) {
+    Bk::template load<J>(init + 16 * J, 4 * init_stride);
+  } else {
+    Bk::template zero<J>();
+  }
+}
+
+// The k4 steps that do not fill a tile (K4 % 16), on a vector tile of 4 rows at a time: the
+// AVX-512 one under the instructions (every AMX CPU has AVX-512), the scalar one emulated.
+template <class Bk>
+TileFn amx_tail_tile(int mr, int nb) {
+  if constexpr (std::is_same_v<Bk, amx::AmxHw>) {
+    return pick_tile<TileAvx512, kMrAvx512>(mr, nb);
+  } else {
+    return pick_tile<TileScalar, kMrScalar>(mr, nb);
+  }
+}
+
+// MR rows (1..16) of a against 16 * NB columns: whole chunks of 16 k4 steps as one a tile
+// times NB b tiles (register plan: amx::gemm_config), read straight from the packed weight
+// group, whose [K4][W][4] layout is the b operand of tdpbssd; then the k4 steps left over, on
+// amx_tail_tile, from those sums. a is packed signed (pack_a_signed), as tdpbssd multiplies it.
+template <class Bk, int MR, int NB>
+struct TileAmx {
+  FRUGAL_TARGET_AMX static void run(const uint8_t* a, int64_t lda, const int8_t* b, int64_t K4,
+                                    const int32_t* init, int64_t init_stride, int32_t* out) {
+    constexpr int64_t ldb = 4 * 16 * NB;       // bytes per k4 step of the group
+    constexpr int64_t ldo = 4 * kGroupCols;    // bytes per row of out
+    const int64_t K16 = K4 / 16 * 16;
+    if (K16 > 0) {
+      static const amx::TileConfig cfg = amx::gemm_config(MR);
+      Bk::config(cfg);
+      amx_start<Bk, 0>(init, init_stride);
+      if constexpr (NB > 1) amx_start<Bk, 1>(init, init_stride);
+      if constexpr (NB > 2) amx_start<Bk, 2>(init, init_stride);
+      if constexpr (NB > 3) amx_start<Bk, 3>(init, init_stride);
+      for (int64_t k = 0; k < K16; k += 16) {
+        const int8_t* bk = b + k * ldb;
+        Bk::template load<4>(a + 4 * k, lda);
+        Bk::template load<5>(bk, ldb);
+        Bk::template dpbssd<0, 4, 5>();
+        if constexpr (NB > 1) {
+          Bk::template load<6>(bk + 64, ldb);
+          Bk::template dpbssd<1, 4, 6>();
+        }
+        if constexpr (NB > 2) {
+          Bk::template load<7>(bk + 128, ldb);
+          Bk::template dpbssd<2, 4, 7>();
+        }
+        if constexpr (NB > 3) {
+          Bk::template load<5>(bk + 192, ldb);
+          Bk::template dpbssd<3, 4, 5>();
+        }
+      }
+      Bk::template store<0>(out, ldo);
+      if constexpr (NB > 1) Bk::template store<1>(out + 16, ldo);
+      if constexpr (NB > 2) Bk::template store<2>(out + 32, ldo);
+      if constexpr (NB > 3) Bk::template store<3>(out + 48, ldo);
+    }
+    if (K16 == K4 && K16 > 0) return;
+    // The tail (or everything, for K4 < 16): from the tile sums, or from init.
+    for (int r = 0; r < MR; r += kMrScalar) {
+      const int rows = std::min(kMrScalar, MR - r);
+      const TileFn fn = amx_tail_tile<Bk>(rows, NB);
+      const int32_t* from = K16 > 0 ? out + r * kGroupCols
+                            : init != nullptr ? init + r * init_stride
+                                              : nullptr;
+      fn(a + r * lda + 4 * K16, lda, b + K16 * ldb, K4 - K16, from,
+         K16 > 0 ? kGroupCols : init_stride, out + r * kGroupCols);
+    }
+  }
+};
+
+template <class Bk, int NB, int... I>
+TileFn amx_pick_mr(int mr, std::integer_sequence<int, I...>) {
+  static constexpr TileFn fns[] = {&TileAmx<Bk, I + 1, NB>::run...};
+  return fns[mr - 1];
+}
+
+template <class Bk>
+TileFn tile_amx(int mr, int nb) {
+  const auto all = std::make_integer_sequence<int, kMrAmx>{};
+  switch (nb) {
+    case 1: return amx_pick_mr<Bk, 1>(mr, all);
+    case 2: return amx_pick_mr<Bk, 2>(mr, all);
+    case 3: return amx_pick_mr<Bk, 3>(mr, all);
+    default: return amx_pick_mr<Bk, 4>(mr, all);
+  }
 }
 
 #endif  // FRUGAL_X86

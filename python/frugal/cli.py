@@ -87,7 +87,9 @@ def _info(args):
     if mod is None:
         print(f"frugal._C: not loaded: {_ext.ext_error()}")
     else:
-        print(f"frugal._C: loaded; CPU ISA {mod.cpu_isa()}; "
+        why_not_amx = mod.cpu_amx()[1]
+        print(f"frugal._C: loaded; CPU ISA {mod.cpu_isa()} (widest {mod.detected_cpu_isa()}"
+              f"{'; AMX: ' + why_not_amx if why_not_amx else ''}); "
               f"CUDA kernels {'yes' if _ext.with_cuda() else 'no'}")
     cuda = torch.cuda.is_available()
     print(f"CUDA available: {'yes, ' + torch.cuda.get_device_name() if cuda else 'no'}")

@@ -192,7 +192,10 @@ def _cpu_isa():
     names = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "VNNI",
              "avx512_bf16": "AVX512-BF16", "amx_int8": "AMX-INT8", "amx_bf16": "AMX-BF16"}
     has = [label for flag, label in names.items() if flag in flags]
-    path = _ext.ext().cpu_isa() if _ext.ext() is not None else "no extension"
+    mod = _ext.ext()
+    path = mod.cpu_isa() if mod is not None else "no extension"
+    if mod is not None and "AMX-INT8" in has and mod.detected_cpu_isa() != "amx_int8":
+        path += f" (AMX off: {mod.cpu_amx()[1]})"
     return f"{' '.join(has) or 'none of AVX2/AVX-512/AMX'}; frugal C++ path: {path}"
 
 
