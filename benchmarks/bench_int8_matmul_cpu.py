@@ -6,12 +6,15 @@
 Every op of one shape is timed in turn inside each round (interleaved, so a slow spell on a
 shared machine hits all of them); a round's time is the best of a few back-to-back calls, and
 the table shows the median (or the best) over rounds. Ratios are speed-ups: the baseline's time
-over the op's time.
+over the op's time. "x best torch" is over the fastest of the paths a user would pick instead of
+Int8Linear (issue 16.1): bf16 matmul, torch._int_mm with per-token quantization and the
+dequant + bias epilogue, and torch.ao quantize_dynamic.
 """
 
 import argparse
 import statistics
 import time
+import warnings
 
 import torch
 
@@ -55,7 +58,22 @@ def bench_shape(M, N, K, rounds, stat):
     x = torch.randn(M, K, generator=g)
     w = torch.randn(N, K, generator=g)
     bt = b.t()
-    fns = {
+    xb, wb = x.bfloat16(), w.bfloat16()
+    lin = torch.nn.Linear(K, N)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices
+        qdyn = torch.ao.quantization.quantize_dynamic(
+            torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8)
+
+    def int_mm_dynamic():
+        x_s = x.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
+        xq = (x / x_s).round_().clamp_(-127, 127).to(torch.int8)
+        return torch.addcmul(bias, torch._int_mm(xq, bt).float(), x_s * b_scale)
+
+    users = {"bf16 matmul": lambda: torch.matmul(xb, wb.t()),
+             "_int_mm + quant/epilogue": int_mm_dynamic,
+             "quantize_dynamic": lambda: qdyn(x)}
+    fns = {**users,
         "fp32 matmul": lambda: torch.matmul(x, w.t()),
         "torch._int_mm": lambda: torch._int_mm(a, bt),
         "int8_scaled_mm_packed": lambda: ops.int8_scaled_mm_packed(
@@ -71,6 +89,7 @@ def bench_shape(M, N, K, rounds, stat):
     if M <= 16:
         fns["int8_weight_only_mm"] = lambda: ops.int8_weight_only_mm(x, b, b_scale, bias)
     times = measure(fns, rounds, stat)
+    best_user = min(times[k] for k in users)
     rows = []
     for name, t in times.items():
         weight_bytes = N * K * (4 if name == "fp32 matmul" else 1)
@@ -85,6 +104,7 @@ def bench_shape(M, N, K, rounds, stat):
                 weight_bytes / t / 1e9,
                 times["fp32 matmul"] / t,
                 times["torch._int_mm"] / t,
+                best_user / t,
             )
         )
     return rows
@@ -103,17 +123,18 @@ def main():
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"frugal ISA {frugal._C.cpu_isa()}, {args.stat} of {args.rounds} rounds"
     )
-    header = ("M", "N", "K", "op", "ms", "GOP/s", "weight GB/s", "x fp32", "x _int_mm")
+    header = ("M", "N", "K", "op", "ms", "GOP/s", "weight GB/s", "x fp32", "x _int_mm",
+              "x best torch")
     print(
         f"{header[0]:>5} {header[1]:>6} {header[2]:>5}  {header[3]:<26} {header[4]:>9} "
-        f"{header[5]:>8} {header[6]:>11} {header[7]:>7} {header[8]:>9}"
+        f"{header[5]:>8} {header[6]:>11} {header[7]:>7} {header[8]:>9} {header[9]:>12}"
     )
     for N, K in args.nk or SHAPES:
         for M in args.m:
             for r in bench_shape(M, N, K, args.rounds, args.stat):
                 print(
                     f"{r[0]:>5} {r[1]:>6} {r[2]:>5}  {r[3]:<26} {r[4]:>9.3f} {r[5]:>8.1f} "
-                    f"{r[6]:>11.1f} {r[7]:>7.2f} {r[8]:>9.2f}",
+                    f"{r[6]:>11.1f} {r[7]:>7.2f} {r[8]:>9.2f} {r[9]:>12.2f}",
                     flush=True,
                 )
 

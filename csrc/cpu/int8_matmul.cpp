@@ -466,8 +466,9 @@ void gemm(int64_t M, const Weight& w, const Epilogue& epi, PackRowsFn pack_rows)
   const int64_t mr = ker.mr;
   const int64_t tiles = ceil_div(M, mr);
 
-  // a as the tiles read it: rows of 4 * K4 bytes.
-  const int64_t lda_p = 4 * K4;
+  // a as the tiles read it: rows of 4 * K4 bytes, one cache line apart more for the AMX tile,
+  // whose 16 rows at a stride of a multiple of 4 KB would share one L1 set (12 ways).
+  const int64_t lda_p = 4 * K4 + (ker.k4_align > 1 ? 64 : 0);
   Buffer one_call;
   uint8_t* ap = a_scratch(M * lda_p, one_call);
   const int64_t pack_grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(lda_p, 1));

@@ -1,6 +1,7 @@
 """The built-in sweeps, one per op, each named after the op it times."""
 
 import functools
+import warnings
 
 import torch
 
@@ -86,6 +87,9 @@ def _int8_matmul_sweep(name, n, k, xs, quick):
         elif m >= 256:
             targets.append(Target(x=m, candidate="w8a8", min_speedup=2.5, versus="fp32"))
             targets.append(Target(x=m, candidate="w8a8", min_speedup=1.0, versus="int_mm"))
+        # Int8Linear against every path a user would pick instead (issue 16.1), at every M.
+        for other in ("bf16", "int_mm_dyn", "qdynamic"):
+            targets.append(Target(x=m, candidate="w8a8", min_speedup=1.0, versus=other))
 
     @sweep(
         name,
@@ -94,14 +98,15 @@ def _int8_matmul_sweep(name, n, k, xs, quick):
         xs=xs,
         quick=quick,
         baseline="fp32",
-        compare=("bf16", "int_mm"),
+        compare=("bf16", "int_mm", "int_mm_dyn", "qdynamic"),
         flops=lambda m: 2 * m * n * k,
         nbytes=lambda m: n * k + m * k + 2 * m * n,
         params={"N": n, "K": k},
         notes=notes,
         targets=tuple(targets),
         description=f"Int8Linear W8A8 / weight-only and the int8 GEMM, N={n} K={k}, vs fp32 "
-                    "and bf16 matmul and torch._int_mm",
+                    "and bf16 matmul, torch._int_mm (bare, and with per-token quantization and "
+                    "the dequant + bias epilogue) and torch.ao quantize_dynamic",
     )
     def setup(m, device):
         # w8a8: Int8Linear forward (per-token quantization + int8 GEMM with fused epilogue);
@@ -135,6 +140,35 @@ def _int8_matmul_sweep(name, n, k, xs, quick):
             b = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8).to(device)
             return lambda: torch._int_mm(a, b.t())
 
+        def int_mm_dyn(i):
+            # Int8Linear's forward as a user would write it on torch._int_mm: per-token
+            # quantization of x, the int32 GEMM, then scales and bias in fp32.
+            gen = torch.Generator().manual_seed(i)
+            x = torch.randn(m, k, generator=gen).to(device)
+            wq = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8).to(device)
+            w_t, w_s = wq.t(), (torch.rand(n, generator=gen) / 127).to(device)
+            bias = torch.randn(n, generator=gen).to(device)
+
+            def call():
+                x_s = x.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
+                xq = (x / x_s).round_().clamp_(-127, 127).to(torch.int8)
+                return torch.addcmul(bias, torch._int_mm(xq, w_t).float(), x_s * w_s)
+
+            return call
+
+        def qdynamic(i):
+            # torch.ao's dynamic quantization of nn.Linear (fbgemm / oneDNN int8 kernels).
+            gen = torch.Generator().manual_seed(i)
+            lin = torch.nn.Linear(k, n, bias=True)
+            with torch.no_grad():
+                lin.weight.copy_(torch.randn(n, k, generator=gen) / k**0.5)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices
+                q = torch.ao.quantization.quantize_dynamic(
+                    torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8)
+            x = torch.randn(m, k, generator=gen)
+            return lambda: q(x)
+
         int8_copies = copies(n * k) if device.type == "cpu" else 1
         fp_copies = copies(4 * n * k) if device.type == "cpu" else 1
         candidates = {
@@ -147,6 +181,9 @@ def _int8_matmul_sweep(name, n, k, xs, quick):
         # torch._int_mm on CUDA needs M > 16 and K, N multiples of 8.
         if device.type == "cpu" or (m > 16 and k % 8 == 0 and n % 8 == 0):
             candidates["int_mm"] = _rotating(int_mm, int8_copies)
+            candidates["int_mm_dyn"] = _rotating(int_mm_dyn, int8_copies)
+        if device.type == "cpu":
+            candidates["qdynamic"] = _rotating(qdynamic, int8_copies)
         return candidates
 
     return setup
