@@ -190,11 +190,15 @@ def test_int8_sweeps_run(name):
 
     run = bench.run([sweep], "cpu", quick=True, timer=timer, copy_gbps=10.0, progress=False)
     (result,) = run.results
-    assert {r.candidate for r in result.rows} == {"w8a8", "weight_only", "int8_matmul", "fp32",
-                                                  "bf16", "int_mm"}
-    assert all(set(r.versus) == {"bf16", "int_mm"} for r in result.rows)
+    users = {"bf16", "int_mm", "int_mm_dyn", "qdynamic"}
+    assert {r.candidate for r in result.rows} == {"w8a8", "weight_only", "int8_matmul",
+                                                  "fp32"} | users
+    assert all(set(r.versus) == users for r in result.rows)
     assert "backend='cpu'" in result.notes["auto"]
-    assert {(v.target.x, v.target.versus) for v in result.verdicts} == {(1, "fp32")}
+    # Int8Linear against fp32 at M <= 16, and against every user path at every M (of the
+    # sweep's own xs: M = 2 has none).
+    assert {(v.target.x, v.target.versus) for v in result.verdicts} == {
+        (1, "fp32"), (1, "bf16"), (1, "int_mm_dyn"), (1, "qdynamic")}
     assert "vs int_mm" in run.markdown()
 
 
