@@ -164,8 +164,16 @@ struct AmxEmu {
   else if constexpr (T == 6) OP(6, __VA_ARGS__);         \
   else OP(7, __VA_ARGS__)
 
+// GCC's tile intrinsics are asm statements without a memory clobber: nothing tells the compiler
+// that tileloadd and ldtilecfg read memory or that tilestored writes it. A compiler barrier
+// before each load and after each store keeps every C++ access to those buffers in order.
+#define FRUGAL_AMX_MEMORY_BARRIER() __asm__ __volatile__("" ::: "memory")
+
 struct AmxHw {
-  FRUGAL_AMX_INLINE void config(const TileConfig& c) { _tile_loadconfig(&c); }
+  FRUGAL_AMX_INLINE void config(const TileConfig& c) {
+    FRUGAL_AMX_MEMORY_BARRIER();
+    _tile_loadconfig(&c);
+  }
   FRUGAL_AMX_INLINE void release() { _tile_release(); }
   template <int T>
   FRUGAL_AMX_INLINE void zero() {
@@ -182,12 +190,14 @@ struct AmxHw {
   template <int T>
   FRUGAL_AMX_INLINE void load(const void* base, int64_t stride) {
     static_assert(T >= 0 && T < 8);
+    FRUGAL_AMX_MEMORY_BARRIER();
     FRUGAL_AMX_TILE_LITERAL(_tile_loadd, base, stride);
   }
   template <int T>
   FRUGAL_AMX_INLINE void store(void* base, int64_t stride) {
     static_assert(T >= 0 && T < 8);
     FRUGAL_AMX_TILE_LITERAL(_tile_stored, base, stride);
+    FRUGAL_AMX_MEMORY_BARRIER();
   }
   // The plan's four products only (see gemm_config).
   template <int C, int A, int B>
@@ -201,6 +211,7 @@ struct AmxHw {
   }
 };
 #undef FRUGAL_AMX_TILE_LITERAL
+#undef FRUGAL_AMX_MEMORY_BARRIER
 #endif
 
 }  // namespace frugal::cpu::amx

@@ -78,6 +78,7 @@ class Op:
         self.name = name
         self.order = dict(order or DEFAULT_ORDER)
         self.impls = {}
+        self._orders = {}  # _order's answers by device type (it runs on every call)
         self.tune = None  # a frugal.tuning.TuneSpec: how `frugal tune` exercises the op
         OPS[name] = self
 
@@ -106,12 +107,14 @@ class Op:
         if impl.backend in self.impls:
             raise ValueError(f"registry: {self.name} already has backend {impl.backend!r}")
         self.impls[impl.backend] = impl
+        self._orders.clear()
         _MISSING[self.name, impl.backend] = impl.requires() if impl.requires else None
         return impl
 
     def unregister(self, backend):
         """Remove a backend (tests that register a dummy one)."""
         del self.impls[backend]
+        self._orders.clear()
         del _MISSING[self.name, backend]
 
     @property
@@ -119,11 +122,15 @@ class Op:
         return tuple(self.impls)
 
     def _order(self, device):
-        ranked = [b for b in self.order.get(device.type, ()) if b in self.impls]
-        rest = [b for b, impl in self.impls.items() if b not in ranked and b != "torch"
-                and (impl.devices is None or device.type in impl.devices)]
-        tail = ["torch"] if "torch" in self.impls and "torch" not in ranked else []
-        return ranked + rest + tail
+        key = (device.type, tuple(self.order.get(device.type, ())))
+        order = self._orders.get(key)
+        if order is None:
+            ranked = [b for b in key[1] if b in self.impls]
+            rest = [b for b, impl in self.impls.items() if b not in ranked and b != "torch"
+                    and (impl.devices is None or device.type in impl.devices)]
+            tail = ["torch"] if "torch" in self.impls and "torch" not in ranked else []
+            order = self._orders[key] = tuple(ranked + rest + tail)
+        return order
 
     def candidates(self, device, *args, **kwargs):
         """The implementations that can run these arguments on ``device``, in ``auto``'s order
@@ -149,7 +156,7 @@ class Op:
             order = self._order(device)
             tuned = _tuned_choice(self, device, args, kwargs)
             if tuned is not None and tuned.backend in order:
-                order = [tuned.backend] + [b for b in order if b != tuned.backend]
+                order = (tuned.backend, *(b for b in order if b != tuned.backend))
             for name in order:
                 why = self.impls[name].unavailable(device, *args, **kwargs)
                 if why is None:

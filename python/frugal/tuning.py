@@ -220,10 +220,10 @@ def preferred(op, device, args, kwargs):
     (Under torch.compile only a file loaded before is consulted: loading reads files.)"""
     if op.tune is None or device.type not in ("cpu", "cuda") or not _ENABLED[0]:
         return None
-    if torch.compiler.is_compiling():  # a plain dict read: torch.compile traces it
-        data = _LOADED.get((device.type, device.index))
-    else:
-        data = load(device)
+    data = _LOADED.get((device.type, device.index), _LOADED)  # _LOADED: not read yet
+    if data is _LOADED:
+        # torch.compile traces only a plain dict read: loading reads files.
+        data = None if torch.compiler.is_compiling() else load(device)
     if data is None:
         return None
     buckets = data["ops"].get(op.name)
