@@ -177,8 +177,11 @@ def test_quantize_sweep_end_to_end(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["int8_matmul", "int8_matmul_n11008"])
-def test_int8_sweeps_run(name):
+def test_int8_sweeps_run(name, monkeypatch):
     # Every candidate runs once (a fake timer) and the notes build: a real run takes minutes.
+    from frugal.bench import builtin
+
+    monkeypatch.setattr(builtin, "rotation_bytes", lambda: 1 << 20)  # one copy of each
     (sweep,) = bench.sweeps([name])
     sweep = dataclasses.replace(sweep, xs=(1, 2), quick=(1, 2))
     calls = []
@@ -270,10 +273,11 @@ PAGED_SWEEPS = ["paged_attention", "paged_attention_b1", "paged_attention_b32",
 @pytest.mark.parametrize("name", PAGED_SWEEPS)
 def test_paged_sweeps_run(name, monkeypatch):
     # Every candidate runs once at two tiny contexts (a fake timer) and the notes build; the real
-    # sizes take minutes. Tiny inputs would need hundreds of rotating copies to fill 64 MiB.
+    # sizes take minutes. Tiny inputs would need thousands of rotating copies to fill 4x the
+    # last-level cache.
     from frugal.bench import paged
 
-    monkeypatch.setattr(paged, "_LLC_BYTES", 1 << 20)
+    monkeypatch.setattr(paged, "rotation_bytes", lambda: 1 << 20)
     (sweep,) = bench.sweeps([name])
     sweep = dataclasses.replace(sweep, xs=(17, 40), quick=(17, 40))
     calls = []
@@ -624,3 +628,11 @@ def test_fastest_times_each_candidate_by_its_fastest_run(monkeypatch):
     assert "timer: fastest run" in run.markdown()
     run = bench.run([sweep], "cpu", progress=False, copy_gbps=10.0, rounds=1)
     assert run.results[0].rows[0].ms > 3.0
+
+
+def test_rotation_exceeds_the_last_level_cache():
+    from frugal.bench import timing
+
+    llc = timing.llc_bytes()
+    assert llc >= 1 << 20
+    assert timing.rotation_bytes() >= max(64 << 20, 4 * llc)

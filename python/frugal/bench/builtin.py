@@ -9,6 +9,7 @@ import frugal
 from frugal.dispatch import unavailable
 
 from .registry import Target, sweep
+from .timing import rotation_bytes
 
 _K = 4096
 
@@ -67,10 +68,8 @@ def _rotating(make, copies):
 def _int8_matmul_sweep(name, n, k, xs, quick):
     # On CPU the int8 weight (16 MiB at 4096 x 4096) would stay in the 32 MiB L3 between calls
     # and flatter int8 at small M; rotating copies make every call read it from memory.
-    llc_bytes = 64 << 20
-
     def copies(nbytes):
-        return max(1, -(-llc_bytes // nbytes))
+        return max(1, -(-rotation_bytes() // nbytes))
 
     def notes(device):
         x = torch.zeros(1, k, device=device)

@@ -40,12 +40,11 @@ from frugal.paged_ops import empty_cache
 
 from .builtin import _rotating
 from .registry import Target, sweep
-from .timing import read_bandwidth
+from .timing import read_bandwidth, rotation_bytes
 
 HQ, HKV, D, BLOCK_SIZE = 32, 8, 128, 16
 WINDOW = 4096
 MEMORY_CAP = 6e9  # bytes of K/V inputs and temporaries per x, all candidates together
-_LLC_BYTES = 64 << 20
 
 # Memory a candidate needs beyond the paged cache, in units of the K and V bytes one decode
 # step reads: the contiguous cache (sdpa, sdpa_gqa), that and the gathered copy (gather_sdpa).
@@ -178,7 +177,7 @@ def decode_candidates(batch, context, device, window=None, names=CANDIDATES):
     names = [n for n in names if fits(n, batch, context, device, window)]
     dense = any(_EXTRA_KV[n] for n in names)
     one = kv_bytes(batch, context, device, window) * (2 if dense else 1)
-    copies = max(1, -(-_LLC_BYTES // one)) if device.type == "cpu" else 1
+    copies = max(1, -(-rotation_bytes() // one)) if device.type == "cpu" else 1
     problems = [DecodeProblem(batch, context, device, window=window, dense=dense, seed=i)
                 for i in range(copies)]
     return {n: _rotating(lambda i, n=n: getattr(problems[i], n), copies) for n in names}

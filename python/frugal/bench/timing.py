@@ -1,10 +1,37 @@
 """Timers (a timer maps a no-argument callable to its median time in milliseconds) and the
 device's copy bandwidth, the ceiling a memory-bound kernel is measured against."""
 
+import functools
+import glob
 import statistics
 import time
 
 import torch
+
+
+@functools.lru_cache(maxsize=None)
+def llc_bytes():
+    """The CPU's last-level cache in bytes (Linux sysfs; 32 MiB when it cannot be read)."""
+    best = 0
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            best = max(best, int(digits) * scale)
+    return best or 32 << 20
+
+
+def rotation_bytes():
+    """How many bytes of inputs a CPU candidate rotates through so that every call reads them
+    from memory: 4x the last-level cache (at least 64 MiB). At 2x, a victim L3 still held part
+    of the rotation between calls, and kernels whose loads displace less of it (torch.ao's
+    quantize_dynamic) measured up to 2x faster than on cold data."""
+    return max(64 << 20, 4 * llc_bytes())
 
 
 def time_cpu(fn, *, min_time=0.2, min_runs=5, warmup_time=0.05, stat=statistics.median):
