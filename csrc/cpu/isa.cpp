@@ -51,7 +51,11 @@ Isa detect() {
   return Isa::kScalar;
 }
 
-std::atomic<bool> g_amx_emulation{false};
+// FRUGAL_CPU_AMX_EMULATION=1 turns the emulation on from the start (a whole test run on it).
+std::atomic<bool> g_amx_emulation{[] {
+  const char* env = std::getenv("FRUGAL_CPU_AMX_EMULATION");
+  return env != nullptr && std::strcmp(env, "1") == 0;
+}()};
 
 Isa initial() {
   Isa isa = detected_isa();

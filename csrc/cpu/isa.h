@@ -28,7 +28,7 @@ bool parse_isa(const char* name, Isa* out);
 const char* amx_unavailable_reason();
 
 // Test hook: the int8 GEMMs run the AMX tile code on an emulation of the tiles (csrc/cpu/amx.h)
-// whatever the level, so that code is tested on any CPU.
+// whatever the level, so that code is tested on any CPU. Off unless FRUGAL_CPU_AMX_EMULATION=1.
 bool amx_emulation();
 void set_amx_emulation(bool on);
 
