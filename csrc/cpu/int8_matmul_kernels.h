@@ -571,6 +571,19 @@ TileFn tile_amx(int mr, int nb) {
 
 #endif  // FRUGAL_X86
 
+// The stream tiles' prefetch of the next tile's rows of b (each row is its own short stream,
+// often one page, where hardware prefetchers stop): into L2, not L1. Fetching into L1 (T0) held
+// the L1 miss buffers that the demand loads need: M = 1, 4096 x 4096, 2 threads (Zen 4, weights
+// from memory, interleaved): 0.61 -> 0.45 ms with T2 (the packed path's time), M = 4: 0.69 ->
+// 0.47 ms.
+inline void prefetch_stream(const void* p) {
+#if FRUGAL_X86
+  _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T2);
+#else
+  (void)p;
+#endif
+}
+
 // ---------------------------------------------------------------------------------------------
 // Weight-only int8: out[m, n] = T(sum_k x[m, k] * b[n, k] * scale[n] + bias[n]) with x fp32,
 // for few rows of x: each thread streams its rows of b once, converting them in registers.
@@ -698,7 +711,7 @@ struct WeightOnlyTileAvx512 {
       // stop): fetch the same line of the next tile's rows now.
 #pragma GCC unroll 4
       for (int j = 0; j < NW; ++j) {
-        _mm_prefetch(reinterpret_cast<const char*>(b + (NW + j) * ldb + k), _MM_HINT_T0);
+        prefetch_stream(b + (NW + j) * ldb + k);
       }
 #pragma GCC unroll 4
       for (int kk = 0; kk < 64; kk += 16) step(acc, x + k + kk, ldx, b + k + kk, ldb, 0xFFFF);
@@ -875,8 +888,8 @@ struct StreamTileVnni {
       for (; k + 128 <= K; k += 128) {
 #pragma GCC unroll 4
         for (int j = 0; j < NW; ++j) {
-          _mm_prefetch(reinterpret_cast<const char*>(b + (NW + j) * ldb + k), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(b + (NW + j) * ldb + k + 64), _MM_HINT_T0);
+          prefetch_stream(b + (NW + j) * ldb + k);
+          prefetch_stream(b + (NW + j) * ldb + k + 64);
         }
         step(acc, a + k, lda, b + k, ldb, ~__mmask64{0});
         step(acc2, a + k + 64, lda, b + k + 64, ldb, ~__mmask64{0});
@@ -890,7 +903,7 @@ struct StreamTileVnni {
     for (; k + 64 <= K; k += 64) {
 #pragma GCC unroll 4
       for (int j = 0; j < NW; ++j) {
-        _mm_prefetch(reinterpret_cast<const char*>(b + (NW + j) * ldb + k), _MM_HINT_T0);
+        prefetch_stream(b + (NW + j) * ldb + k);
       }
       step(acc, a + k, lda, b + k, ldb, ~__mmask64{0});
     }
@@ -925,7 +938,7 @@ struct StreamTileAvx512 {
     for (; k + 64 <= K; k += 64) {
 #pragma GCC unroll 4
       for (int j = 0; j < NW; ++j) {
-        _mm_prefetch(reinterpret_cast<const char*>(b + (NW + j) * ldb + k), _MM_HINT_T0);
+        prefetch_stream(b + (NW + j) * ldb + k);
       }
       step(acc, a + k, lda, b + k, ldb, ~__mmask32{0});
       step(acc, a + k + 32, lda, b + k + 32, ldb, ~__mmask32{0});
