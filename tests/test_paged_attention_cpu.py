@@ -147,6 +147,14 @@ def test_isa_paths(cpu_isa, poison, dtype):
         Case(lens, 16, 2, d, bs, dtype, window=window, seed=i).check()
 
 
+@pytest.mark.parametrize("g", [1, 2, 3, 4, 6])
+def test_isa_paths_group_widths(cpu_isa, poison, g):
+    # Every group width of the vector tiles (query heads per kv head go in groups of 8, 4, 2,
+    # 1), with token counts and head dims that leave partial token blocks and chunk blocks.
+    for i, (lens, d) in enumerate([([1, 7, 37, 300], 40), ([3, 130], 24), ([77], 120)]):
+        Case(lens, 2 * g, 2, d, 16, torch.float32, seed=10 * g + i).check()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.int8], ids=str)
 def test_split_and_unsplit_agree(poison, dtype):
     # One long sequence is split into partitions and merged, whatever the thread count; with

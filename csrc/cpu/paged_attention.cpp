@@ -411,41 +411,89 @@ FRUGAL_TARGET_AVX2 inline float hmax8(__m256 x) {
   return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
 }
 
+// Scores of query heads [g0, g0 + GN) for TN tokens from i0: GN x TN independent FMA chains
+// (8 of the 16 ymm registers), each K chunk and each q chunk loaded once; full 8-float chunks
+// unmasked, the tail masked. One token at a time (GN chains, 4 for GQA 4; and accumulate one
+// V chunk at a time) left the loops bound by FMA latency. With both changes, FRUGAL_CPU_ISA=avx2
+// on Zen 4, 2 threads, GQA 4, D 128, same run against SDPA: B=1 512 tokens 0.329 -> 0.286 ms,
+// B=8 4096 tokens 13.6 -> 12.1 ms.
+template <int GN, int TN, typename T>
+FRUGAL_TARGET_AVX2 inline void scores_block_avx2(State& st, const Tile<T>& t, int64_t g0,
+                                                 int i0) {
+  const float* q = st.q + g0 * st.Dp;
+  const int64_t Dp = st.Dp, full = st.D & ~int64_t{7};
+  const T* kr[TN];
+#pragma GCC unroll 4
+  for (int i = 0; i < TN; ++i) kr[i] = t.k[i0 + i];
+  __m256 a[TN * GN];
+#pragma GCC unroll 8
+  for (int x = 0; x < TN * GN; ++x) a[x] = _mm256_setzero_ps();
+  const auto chunk = [&](int64_t d, bool tail) FRUGAL_TARGET_AVX2 {
+    __m256 kv[TN];
+#pragma GCC unroll 4
+    for (int i = 0; i < TN; ++i) kv[i] = tail ? load8(kr[i] + d, st.D - d) : load8(kr[i] + d);
+#pragma GCC unroll 8
+    for (int j = 0; j < GN; ++j) {
+      const __m256 qv = _mm256_loadu_ps(q + j * Dp + d);
+#pragma GCC unroll 4
+      for (int i = 0; i < TN; ++i) a[i * GN + j] = _mm256_fmadd_ps(qv, kv[i], a[i * GN + j]);
+    }
+  };
+  for (int64_t d = 0; d < full; d += 8) chunk(d, false);
+  if (full < st.D) chunk(full, true);
+#pragma GCC unroll 8
+  for (int j = 0; j < GN; ++j) {
+#pragma GCC unroll 4
+    for (int i = 0; i < TN; ++i) st.s[(g0 + j) * kTile + i0 + i] = hsum8(a[i * GN + j]);
+  }
+}
+
 template <int GN, typename T>
 FRUGAL_TARGET_AVX2 void scores_avx2(State& st, const Tile<T>& t, int64_t g0) {
-  const float* q = st.q + g0 * st.Dp;
+  constexpr int TN = GN >= 8 ? 1 : 8 / GN > 4 ? 4 : 8 / GN;  // GN x TN = 8 chains (4 for GN 1)
+  int i = 0;
+  for (; i + TN <= t.n; i += TN) scores_block_avx2<GN, TN>(st, t, g0, i);
+  for (; i < t.n; ++i) scores_block_avx2<GN, 1>(st, t, g0, i);
+}
+
+// acc[g0 .. g0 + GN) += sum over the tile of p * V, DB chunks of 8 floats at a time: GN x DB
+// independent FMA chains (8 for GN <= 4), each V chunk loaded once.
+template <int GN, int DB, typename T>
+FRUGAL_TARGET_AVX2 inline void accumulate_block_avx2(State& st, const Tile<T>& t, int64_t g0,
+                                                     int64_t d0) {
+  float* acc = st.acc + g0 * st.Dp + d0;
+  const float* p = st.s + g0 * kTile;
+  __m256 a[GN * DB];
+#pragma GCC unroll 8
+  for (int j = 0; j < GN; ++j) {
+#pragma GCC unroll 4
+    for (int c = 0; c < DB; ++c) a[j * DB + c] = _mm256_loadu_ps(acc + j * st.Dp + 8 * c);
+  }
   for (int i = 0; i < t.n; ++i) {
-    __m256 a[GN];
+    __m256 vv[DB];
+#pragma GCC unroll 4
+    for (int c = 0; c < DB; ++c) vv[c] = load8(t.v[i] + d0 + 8 * c, st.D - d0 - 8 * c);
 #pragma GCC unroll 8
-    for (int j = 0; j < GN; ++j) a[j] = _mm256_setzero_ps();
-    for (int64_t d = 0; d < st.D; d += 8) {
-      const __m256 kv = load8(t.k[i] + d, st.D - d);
-#pragma GCC unroll 8
-      for (int j = 0; j < GN; ++j)
-        a[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q + j * st.Dp + d), kv, a[j]);
+    for (int j = 0; j < GN; ++j) {
+      const __m256 pv = _mm256_set1_ps(p[j * kTile + i]);
+#pragma GCC unroll 4
+      for (int c = 0; c < DB; ++c) a[j * DB + c] = _mm256_fmadd_ps(pv, vv[c], a[j * DB + c]);
     }
+  }
 #pragma GCC unroll 8
-    for (int j = 0; j < GN; ++j) st.s[(g0 + j) * kTile + i] = hsum8(a[j]);
+  for (int j = 0; j < GN; ++j) {
+#pragma GCC unroll 4
+    for (int c = 0; c < DB; ++c) _mm256_storeu_ps(acc + j * st.Dp + 8 * c, a[j * DB + c]);
   }
 }
 
 template <int GN, typename T>
 FRUGAL_TARGET_AVX2 void accumulate_avx2(State& st, const Tile<T>& t, int64_t g0) {
-  float* acc = st.acc + g0 * st.Dp;
-  const float* p = st.s + g0 * kTile;
-  for (int64_t d = 0; d < st.D; d += 8) {
-    __m256 a[GN];
-#pragma GCC unroll 8
-    for (int j = 0; j < GN; ++j) a[j] = _mm256_loadu_ps(acc + j * st.Dp + d);
-    for (int i = 0; i < t.n; ++i) {
-      const __m256 vv = load8(t.v[i] + d, st.D - d);
-#pragma GCC unroll 8
-      for (int j = 0; j < GN; ++j)
-        a[j] = _mm256_fmadd_ps(_mm256_set1_ps(p[j * kTile + i]), vv, a[j]);
-    }
-#pragma GCC unroll 8
-    for (int j = 0; j < GN; ++j) _mm256_storeu_ps(acc + j * st.Dp + d, a[j]);
-  }
+  constexpr int DB = GN >= 8 ? 1 : 8 / GN > 4 ? 4 : 8 / GN;
+  const int64_t chunks_end = (st.D + 7) & ~int64_t{7};  // every chunk starts below D
+  int64_t d = 0;
+  for (; d + 8 * DB <= chunks_end; d += 8 * DB) accumulate_block_avx2<GN, DB>(st, t, g0, d);
+  for (; d < chunks_end; d += 8) accumulate_block_avx2<GN, 1>(st, t, g0, d);
 }
 
 template <typename T, bool kMods>
