@@ -14,11 +14,10 @@ dequant + bias epilogue, and torch.ao quantize_dynamic.
 import argparse
 import statistics
 import time
-import warnings
-
-import torch
 
 import frugal  # noqa: F401  (loads frugal._C and its ops)
+import torch
+from frugal.bench.builtin import int_mm_dynamic_linear, quantize_dynamic_linear
 
 SHAPES = [(4096, 4096), (11008, 4096)]
 MS = [1, 4, 16, 256, 1024, 2048]
@@ -59,19 +58,9 @@ def bench_shape(M, N, K, rounds, stat):
     w = torch.randn(N, K, generator=g)
     bt = b.t()
     xb, wb = x.bfloat16(), w.bfloat16()
-    lin = torch.nn.Linear(K, N)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices
-        qdyn = torch.ao.quantization.quantize_dynamic(
-            torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8)
-
-    def int_mm_dynamic():
-        x_s = x.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
-        xq = (x / x_s).round_().clamp_(-127, 127).to(torch.int8)
-        return torch.addcmul(bias, torch._int_mm(xq, bt).float(), x_s * b_scale)
-
+    qdyn = quantize_dynamic_linear(torch.nn.Linear(K, N))
     users = {"bf16 matmul": lambda: torch.matmul(xb, wb.t()),
-             "_int_mm + quant/epilogue": int_mm_dynamic,
+             "_int_mm + quant/epilogue": lambda: int_mm_dynamic_linear(x, bt, b_scale, bias),
              "quantize_dynamic": lambda: qdyn(x)}
     fns = {**users,
         "fp32 matmul": lambda: torch.matmul(x, w.t()),

@@ -6,11 +6,10 @@ import itertools
 import os
 import threading
 
+import frugal
 import pytest
 import torch
 from conftest import cpu_isas
-
-import frugal
 from frugal import _ext, reference
 
 pytestmark = pytest.mark.skipif(_ext.ext() is None, reason="frugal._C is not built")

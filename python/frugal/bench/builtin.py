@@ -65,6 +65,24 @@ def _rotating(make, copies):
     return call
 
 
+def int_mm_dynamic_linear(x, w_t, w_scale, bias):
+    """Int8Linear's W8A8 forward as a user would write it on ``torch._int_mm``: per-token
+    quantization of x, the int32 GEMM with the int8 weight ``w_t`` [K, N], then the scales and
+    the bias in fp32."""
+    x_s = x.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
+    xq = (x / x_s).round_().clamp_(-127, 127).to(torch.int8)
+    return torch.addcmul(bias, torch._int_mm(xq, w_t).float(), x_s * w_scale)
+
+
+def quantize_dynamic_linear(linear):
+    """torch.ao's dynamic int8 quantization of ``linear`` (fbgemm / oneDNN kernels), without
+    torch.ao.quantization's deprecation notices."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(
+            torch.nn.Sequential(linear), {torch.nn.Linear}, dtype=torch.qint8)
+
+
 def _int8_matmul_sweep(name, n, k, xs, quick):
     # On CPU the int8 weight (16 MiB at 4096 x 4096) would stay in the 32 MiB L3 between calls
     # and flatter int8 at small M; rotating copies make every call read it from memory.
@@ -140,31 +158,19 @@ def _int8_matmul_sweep(name, n, k, xs, quick):
             return lambda: torch._int_mm(a, b.t())
 
         def int_mm_dyn(i):
-            # Int8Linear's forward as a user would write it on torch._int_mm: per-token
-            # quantization of x, the int32 GEMM, then scales and bias in fp32.
             gen = torch.Generator().manual_seed(i)
             x = torch.randn(m, k, generator=gen).to(device)
             wq = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8).to(device)
-            w_t, w_s = wq.t(), (torch.rand(n, generator=gen) / 127).to(device)
+            w_s = (torch.rand(n, generator=gen) / 127).to(device)
             bias = torch.randn(n, generator=gen).to(device)
-
-            def call():
-                x_s = x.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
-                xq = (x / x_s).round_().clamp_(-127, 127).to(torch.int8)
-                return torch.addcmul(bias, torch._int_mm(xq, w_t).float(), x_s * w_s)
-
-            return call
+            return lambda: int_mm_dynamic_linear(x, wq.t(), w_s, bias)
 
         def qdynamic(i):
-            # torch.ao's dynamic quantization of nn.Linear (fbgemm / oneDNN int8 kernels).
             gen = torch.Generator().manual_seed(i)
             lin = torch.nn.Linear(k, n, bias=True)
             with torch.no_grad():
                 lin.weight.copy_(torch.randn(n, k, generator=gen) / k**0.5)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices
-                q = torch.ao.quantization.quantize_dynamic(
-                    torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8)
+            q = quantize_dynamic_linear(lin)
             x = torch.randn(m, k, generator=gen)
             return lambda: q(x)
 

@@ -9,7 +9,7 @@ import time
 import torch
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def llc_bytes():
     """The CPU's last-level cache in bytes (Linux sysfs; 32 MiB when it cannot be read)."""
     best = 0
