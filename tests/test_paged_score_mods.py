@@ -263,3 +263,26 @@ def test_opcheck():
                                *mods))
         torch.library.opcheck(torch.ops.frugal.paged_prefill_attention_triton.default,
                               (qp, kc, vc, tables, seq_lens, cu, 3, 0.3, 0, None, None, *mods))
+
+
+
+def test_plan_with_slopes_under_torch_compile_fullgraph(poison):
+    """A step plan with ALiBi slopes (checked at plan time) and a softcap: its per-layer append
+    + attention compiles with fullgraph=True and gives the float64 answer."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(22)
+    cache = PagedKVCache(1, 16, 4, 2, D, dtype=torch.float32)
+    seqs = ["a", "b"]
+    for sid, n in zip(seqs, (13, 6)):
+        cache.add_sequence(sid)
+        cache.append(0, [sid], torch.randn(1, n, 2, D, generator=gen),
+                     torch.randn(1, n, 2, D, generator=gen))
+    slopes, rows = slopes_for("BH", 2, 6, seed=9)
+    step = cache.plan(seqs, backend="cpu", alibi_slopes=slopes)
+    q = torch.randn(2, 6, D, generator=gen)
+    k, v = torch.randn(2, 2, 2, D, generator=gen).unbind(0)
+    compiled = torch.compile(lambda q, k, v: step.run(0, q, k, v, softcap=2.0), fullgraph=True)
+    got = compiled(q, k, v)
+    kv = [gather(cache, s, 0) for s in seqs]
+    want = expected_decode(q, [x for x, _ in kv], [y for _, y in kv], softcap=2.0, slopes=rows)
+    torch.testing.assert_close(got.double(), want, **TOL[torch.float32])

@@ -250,10 +250,9 @@ def test_opcheck_with_modifiers():
 @pytest.mark.skipif(not HAS_CPU_OPS, reason="frugal._C has no sparse attention kernels")
 @pytest.mark.parametrize("with_alibi", [False, True])
 def test_torch_compile_with_modifiers(with_alibi):
-    """torch.compile through the op with a softcap (fullgraph) and with [B, Hq] slopes too: the
-    same value and gradients as eager. The slopes' finiteness check
-    (score_mods.check_alibi_slopes) reads their values, a graph break, so that case compiles
-    without fullgraph."""
+    """torch.compile(fullgraph=True) through the op with a softcap and with [B, Hq] slopes too:
+    the same value and gradients as eager. The slopes' finiteness check
+    (score_mods.check_alibi_slopes) runs inside the compiled graph, without a graph break."""
     mask, q, k, v, _, softcap, slopes = make_case(CASES[-1], torch.float32)
     slopes = slopes if with_alibi else None
 
@@ -263,10 +262,31 @@ def test_torch_compile_with_modifiers(with_alibi):
         return (out ** 2).sum()
 
     grads = []
-    for fn in (loss, torch.compile(loss, fullgraph=not with_alibi)):
+    for fn in (loss, torch.compile(loss, fullgraph=True)):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         value = fn(*leaves)
         value.backward()
         grads.append((value.detach(), *(t.grad for t in leaves)))
     for eager, compiled in zip(*grads):
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_CPU_OPS, reason="frugal._C has no sparse attention kernels")
+def test_torch_compile_checks_slopes_as_it_runs():
+    """Under torch.compile(fullgraph=True) the finiteness of the slopes is checked inside the
+    graph: finite slopes give eager's answer, a NaN slope raises (and a later good call still
+    works)."""
+    mask, q, k, v, _, softcap, slopes = make_case(CASES[-1], torch.float32)
+
+    def attend(q, k, v, slopes):
+        return frugal.sparse_attention(q, k, v, mask, SCALE, alibi_slopes=slopes, backend="cpu")
+
+    compiled = torch.compile(attend, fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v, slopes), attend(q, k, v, slopes),
+                               rtol=1e-5, atol=1e-5)
+    bad = slopes.clone()
+    bad.view(-1)[1] = float("nan")
+    with pytest.raises(RuntimeError, match=r"alibi_slopes must be finite"):
+        compiled(q, k, v, bad)
+    torch.testing.assert_close(compiled(q, k, v, slopes), attend(q, k, v, slopes),
+                               rtol=1e-5, atol=1e-5)

@@ -58,7 +58,13 @@ def check_alibi_slopes(op, alibi_slopes, batch, heads, device):
     if alibi_slopes.device != torch.device(device):
         raise DeviceError(f"{op}: alibi_slopes must be on {torch.device(device)} with q; got "
                           f"{alibi_slopes.device}")
-    if not bool(torch.isfinite(alibi_slopes).all()):
+    if torch.compiler.is_compiling():
+        # Reading the values here would break the graph (fullgraph=True fails). The compiled
+        # graph checks them as it runs instead: a RuntimeError on the CPU, a device assert
+        # (active in Triton's debug mode) on a GPU.
+        torch._assert_async(torch.isfinite(alibi_slopes).all(),
+                            f"{op}: alibi_slopes must be finite")
+    elif not bool(torch.isfinite(alibi_slopes).all()):
         raise ValueError(f"{op}: alibi_slopes must be finite; got "
                          f"{alibi_slopes[~torch.isfinite(alibi_slopes)][:4].tolist()}")
     return alibi_slopes.expand(batch, heads).contiguous()
