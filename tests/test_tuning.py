@@ -301,3 +301,52 @@ def test_the_cpu_tuning_timer_takes_the_fastest_run():
 
     assert tuning.tuning_timer(CPU)(make()) < 2.0
     assert time_cpu(make(), min_time=0.05) > 4.0
+
+
+def test_a_candidate_wrong_only_under_a_variant_is_never_chosen():
+    """TuneSpec.variants (the attention ops' score modifiers): every candidate is verified
+    under the plain call and each variant, and timed on one call of each. The "cpu" candidate
+    is right without the modifier and wrong with it; "torch" is right under both."""
+    op = registry.Op("tuning_variants_toy")
+    seen = []
+    try:
+        op.implement("cpu", devices=("cpu",))(lambda x, shift=0.0: x * 2 + 2 * shift)
+        op.implement("torch")(lambda x, shift=0.0: (seen.append(shift), x * 2 + shift)[1])
+        op.tune = tuning.TuneSpec(
+            dim="n", sizes=lambda quick, device: [5],
+            inputs=lambda n, device, gen: (torch.randn(n, generator=gen),),
+            check=lambda out, args, shift=0.0: (None if torch.equal(out, args[0] * 2 + shift)
+                                                else "off"),
+            size_of=lambda args: args[0].shape[0],
+            variants=lambda args: [("shifted", dict(shift=0.5))])
+
+        def timer(fn):
+            seen.clear()
+            fn()
+            assert seen == [0.0, 0.5], "the timed call runs the plain call and each variant"
+            return 1.0
+
+        _, data, results = tuning.tune([op], CPU, timer=timer, progress=False, rounds=1)
+        statuses = {r.backend: r.status for r in results["tuning_variants_toy"]}
+        assert statuses == {"cpu": "wrong (shifted): off", "torch": "ok"}
+        assert data["ops"]["tuning_variants_toy"][0]["backend"] == "torch"
+    finally:
+        del registry.OPS["tuning_variants_toy"]
+        for backend in ("cpu", "torch"):
+            registry._MISSING.pop(("tuning_variants_toy", backend), None)
+
+
+def test_attention_tuning_verifies_every_score_modifier(monkeypatch, no_triton):
+    """paged_attention and sparse_attention tune under the plain call, a softcap and ALiBi
+    slopes: each verified against the float64 reference with the same modifier, so a
+    candidate that ignores one is caught."""
+    for name, size in (("paged_attention", 64), ("sparse_attention", 64)):
+        op = registry.op(name)
+        args = op.tune.inputs(size, CPU, torch.Generator().manual_seed(1))
+        labels = [label for label, _ in tuning.call_variants(op.tune, args)]
+        assert labels == ["", "softcap", "alibi"]
+        impl = op.impls["torch"]
+        for label, mods in tuning.call_variants(op.tune, args):
+            assert op.tune.check(impl.run(*args, **mods), args, **mods) is None, (name, label)
+            if mods:  # the plain answer misses under a modifier: the check can fail
+                assert op.tune.check(impl.run(*args), args, **mods) is not None, (name, label)

@@ -7,6 +7,7 @@ import dataclasses
 import torch
 
 from . import reference, registry
+from .score_mods import alibi_slopes_like_bloom
 from .tuning import TuneSpec
 
 _UNIT = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
@@ -296,9 +297,20 @@ def _attention_rule(out, args, run_ref):
     return _within(out, ref64, bound.to(out.device), "attention output")
 
 
-def _decode_check(out, args):
+def _score_mod_variants(q):
+    """The score-modifier forms of an attention call on q [B, Hq, ...], as the implementations
+    take them (softcap a float, slopes contiguous float32 [B, Hq]): Gemma-2's logit cap and
+    BLOOM's ALiBi. Each compiles to its own kernel variant; the cap of 2 bends scores of
+    unit size, so a candidate that got it wrong would fail the check."""
+    b, hq = q.shape[0], q.shape[1]
+    slopes = alibi_slopes_like_bloom(hq, q.device).expand(b, hq).contiguous()
+    return [("softcap", dict(softcap=2.0)), ("alibi", dict(alibi_slopes=slopes))]
+
+
+def _decode_check(out, args, softcap=0.0, alibi_slopes=None):
     return _attention_rule(out, args, lambda a: reference.paged_attention(
-        a[0], a[1], a[2], a[3], a[4], a[5], None, None, None))
+        a[0], a[1], a[2], a[3], a[4], a[5], None, None, None, softcap=softcap or None,
+        alibi_slopes=alibi_slopes))
 
 
 def _decode_space(q, k_cache, *rest, quick=False):
@@ -310,17 +322,19 @@ def _decode_space(q, k_cache, *rest, quick=False):
 
 
 def _decode_launch(q, k, v, tables, lens, scale, window, ks, vs, max_seq_len=-1,
-                   workspace=None, *, config, return_lse=False):
+                   workspace=None, *, config, return_lse=False, softcap=0.0, alibi_slopes=None):
     from frugal.kernels import paged_attention as kernel
 
     return kernel.paged_attention(q, k, v, tables, lens, scale, window, ks, vs,
                                   max_seq_len=max_seq_len, config=config,
-                                  return_lse=return_lse)
+                                  return_lse=return_lse, softcap=softcap,
+                                  alibi_slopes=alibi_slopes)
 
 
 registry.op("paged_attention").tune = TuneSpec(
     dim="D", sizes=lambda quick, device: [128] if quick else [64, 128, 256],
-    inputs=_decode_inputs, check=_decode_check, size_of=lambda args: args[0].shape[-1])
+    inputs=_decode_inputs, check=_decode_check, size_of=lambda args: args[0].shape[-1],
+    variants=lambda args: _score_mod_variants(args[0]))
 _with_space("paged_attention", _decode_space, _decode_launch)
 # The C++ decode's work split (split-KV partition, items per thread). The tuning inputs have
 # fewer sequences than a 2-core machine wants items, so the split is what they exercise.
@@ -340,11 +354,12 @@ def _sparse_inputs(d, device, gen):
     return q, k, v, masks.causal(n), d**-0.5
 
 
-def _sparse_check(out, args):
+def _sparse_check(out, args, softcap=0.0, alibi_slopes=None):
     q, k, v, mask, scale = args
 
     def ref(a):
-        return reference.sparse_attention(a[0], a[1], a[2], mask, scale)[0]
+        return reference.sparse_attention(a[0], a[1], a[2], mask, scale, softcap=softcap or None,
+                                          alibi_slopes=alibi_slopes)[0]
 
     return _attention_rule(out[0], (q, k, v), ref)
 
@@ -359,14 +374,15 @@ def _sparse_space(q, k, v, mask, scale, quick=False):
             if bq % cfg["BLOCK_M"] == 0 and bk % cfg["BLOCK_N"] == 0]
 
 
-def _sparse_launch(q, k, v, mask, scale, config):
+def _sparse_launch(q, k, v, mask, scale, softcap=0.0, alibi_slopes=None, *, config):
     from frugal.kernels import sparse_attention as kernel
 
     return kernel.forward(q, k, v, mask.layout(q.shape[0], q.shape[1], q.device), scale,
-                          config=config)
+                          softcap, alibi_slopes, config=config)
 
 
 registry.op("sparse_attention").tune = TuneSpec(
     dim="D", sizes=lambda quick, device: [128] if quick else [64, 128],
-    inputs=_sparse_inputs, check=_sparse_check, size_of=lambda args: args[0].shape[-1])
+    inputs=_sparse_inputs, check=_sparse_check, size_of=lambda args: args[0].shape[-1],
+    variants=lambda args: _score_mod_variants(args[0]))
 _with_space("sparse_attention", _sparse_space, _sparse_launch)

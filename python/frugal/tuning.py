@@ -51,6 +51,12 @@ class TuneSpec:
     check : ``(out, args) -> None or str``, the accuracy rule against the reference (a reason
         when it misses).
     size_of : ``(args) -> int``, the size of a call (its arguments as the Impls take them).
+    variants : ``(args) -> list of (label, kwargs)`` or None: other forms of the call that
+        share the tuned choice but compile or run differently (the attention ops' score
+        modifiers). Every candidate is verified under the plain call and each variant
+        (``check(out, args, **kwargs)``), and timed as the sum of one call of each, so the
+        chosen backend and config serve every variant, and one that breaks only under a
+        variant is never chosen.
     """
 
     dim: str
@@ -58,6 +64,12 @@ class TuneSpec:
     inputs: Callable
     check: Callable
     size_of: Callable
+    variants: Optional[Callable] = None
+
+
+def call_variants(spec, args):
+    """[(label, kwargs)]: the plain call of ``spec`` on ``args``, then its variants."""
+    return [("", {})] + (list(spec.variants(args)) if spec.variants is not None else [])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,8 +261,9 @@ class Result:
     backend: str
     config: Optional[dict]
     table: Optional[str]
-    status: str  # "ok", "wrong: ...", "pruned: ...", "failed: ..."
-    ms: Optional[float] = None
+    status: str  # "ok", "wrong: ...", "pruned: ...", "failed: ..." ("wrong (variant): ...")
+    ms: Optional[float] = None  # the sum over the plain call and the variants, one call each
+    variants: tuple = ()  # the labels of the TuneSpec's variants it ran under
 
     @property
     def label(self):
@@ -259,8 +272,9 @@ class Result:
         return f"{self.backend}{cfg}"
 
 
-def _prune(impl, args, config, device):
-    """Why a Triton candidate cannot ship on this GPU's arch (frugal check's rules), or None."""
+def _prune(impl, args, config, device, impl_spec):
+    """Why a Triton candidate cannot ship on this GPU's arch (frugal check's rules), under the
+    plain call or any variant of ``impl_spec`` (the op's TuneSpec), or None."""
     if device.type != "cuda" or impl.backend != "triton":
         return None
     from . import check, jit_capture
@@ -270,7 +284,8 @@ def _prune(impl, args, config, device):
     if arch not in check.ARCHS:
         return None
     with jit_capture.capture(device_key=(None, arch)) as launches:
-        impl.run(*args, config=config)
+        for _, mods in call_variants(impl_spec, args):
+            impl.run(*args, config=config, **mods)
     for launch in launches:
         row = check.compile_launch(launch, arch)
         if not row["ok"]:
@@ -303,6 +318,19 @@ def tuning_timer(device):
     return functools.partial(time_cpu, stat=min)
 
 
+class _InTurn:
+    """One call of each variant, in turn: what a candidate is timed on. ``args`` and
+    ``keywords`` are the plain call's (as on a functools.partial), ``calls`` all of them."""
+
+    def __init__(self, calls):
+        self.calls = calls
+        self.args, self.keywords = calls[0].args, calls[0].keywords
+
+    def __call__(self):
+        for call in self.calls:
+            call()
+
+
 def tune_op(op, device, *, quick=True, timer=None, rounds=2, deadline=None, bar=None,
             seed=0):
     """Measure ``op`` on ``device``; returns the list of :class:`Result`."""
@@ -316,23 +344,32 @@ def tune_op(op, device, *, quick=True, timer=None, rounds=2, deadline=None, bar=
         args = spec.inputs(size, device, gen)
         timed = []
         for impl, table, config in _candidates(op, device, args, quick):
-            res = Result(op.name, size, impl.backend, config, table, "ok")
+            res = Result(op.name, size, impl.backend, config, table, "ok",
+                         variants=tuple(label for label, _ in call_variants(spec, args)[1:]))
             results.append(res)
             kwargs = {} if config is None else {"config": config}
-            why = _prune(impl, args, config, device) if config is not None else None
+            why = _prune(impl, args, config, device, spec) if config is not None else None
             if why is not None:
                 res.status = f"pruned: {why}"
                 continue
-            try:
-                fresh = spec.inputs(size, device, gen)  # verified on inputs not seen before
-                reason = spec.check(impl.run(*fresh, **kwargs), fresh)
-            except Exception as exc:  # a candidate that raises is a result, not a crash
-                res.status = f"failed: {type(exc).__name__}: {exc}"
-                continue
+            fresh = spec.inputs(size, device, gen)  # verified on inputs not seen before
+            reason = None
+            for label, mods in call_variants(spec, fresh):
+                where = f" ({label})" if label else ""
+                try:
+                    reason = spec.check(impl.run(*fresh, **kwargs, **mods), fresh, **mods)
+                except Exception as exc:  # a candidate that raises is a result, not a crash
+                    reason = f"failed{where}: {type(exc).__name__}: {exc}"
+                    break
+                if reason is not None:
+                    reason = f"wrong{where}: {reason}"
+                    break
             if reason is not None:
-                res.status = f"wrong: {reason}"
+                res.status = reason
                 continue
-            timed.append((res, functools.partial(impl.run, *args, **kwargs)))
+            calls = [functools.partial(impl.run, *args, **kwargs, **mods)
+                     for _, mods in call_variants(spec, args)]
+            timed.append((res, calls[0] if len(calls) == 1 else _InTurn(calls)))
         for _ in range(rounds):  # interleaved: each candidate once per round, best kept
             for res, fn in timed:
                 ms = timer(fn)
@@ -502,7 +539,9 @@ def format_results(results):
             here = [r for r in rows if r.size == size]
             ok = [r for r in here if r.status == "ok" and r.ms is not None]
             best = min(ok, key=lambda r: r.ms) if ok else None
-            lines.append(f"{name} {registry_dim(name)}={size}:")
+            labels = next((r.variants for r in here if r.variants), ())
+            note = f" (times: one call each of plain, {', '.join(labels)})" if labels else ""
+            lines.append(f"{name} {registry_dim(name)}={size}{note}:")
             for r in sorted(here, key=lambda r: (r.ms is None, r.ms or 0)):
                 mark = "*" if r is best else " "
                 ms = f"{r.ms:9.4f} ms" if r.ms is not None else " " * 12
