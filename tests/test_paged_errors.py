@@ -159,3 +159,94 @@ def test_the_cpp_table_check_agrees_with_numpy_on_random_tables(monkeypatch):
         assert got is want, (trial, table, lens, window, q_lens, q_rows)
         verdicts.add(want)
     assert verdicts == {True, False}
+
+
+def _outcome(fn):
+    try:
+        return "ok", fn()
+    except Exception as exc:  # noqa: BLE001 (compared below)
+        return type(exc).__name__, str(exc)
+
+
+def _decode_mutations():
+    """(name, args, kwargs) of paged_attention on CPU tensors: valid calls and one broken
+    argument at a time."""
+    q, k, v, tables, lens = _case()
+    ks = torch.rand(4, 16, 2)
+    k8, v8 = (k * 30).round().clamp(-127, 127).to(torch.int8), (v * 30).to(torch.int8)
+    good = (q, k, v, tables, lens)
+    out = [("valid", good, {}), ("window", good, dict(window=3)),
+           ("int8", (q, k8, v8, tables, lens, None, None, ks, ks), {}),
+           ("int8 bf16 q", (q.bfloat16(), k8, v8, tables, lens, None, None, ks, ks), {}),
+           ("strided q", (torch.cat([q, q], -1)[..., ::2], k, v, tables, lens), {}),
+           ("mods", good, dict(softcap=2.0, alibi_slopes=torch.rand(4)))]
+
+    def bad(name, i, value, **kw):
+        args = list(good)
+        args[i] = value
+        out.append((name, tuple(args), kw))
+
+    bad("q dtype", 0, q.double())
+    bad("q other float", 0, q.half())
+    bad("q dims", 0, q[0])
+    bad("q head_dim", 0, q[..., :16])
+    bad("q heads", 0, q[:, :3])
+    bad("q rows", 0, torch.cat([q, q]))
+    bad("q meta", 0, q.to("meta"))
+    bad("k dtype", 1, k.double())
+    bad("v shape", 2, v[:3])
+    bad("v dtype", 2, v.half())
+    bad("k dims", 1, k[0])
+    bad("block size", 1, k[:, :3])
+    bad("k meta", 1, k.to("meta"))
+    bad("tables int64", 3, tables.long())
+    bad("tables 1-d", 3, tables[0])
+    bad("tables rows", 3, torch.cat([tables, tables]))
+    bad("tables entry", 3, torch.tensor([[2, 4]], dtype=torch.int32))
+    bad("tables unread entry", 3, torch.tensor([[2, 0, -7]], dtype=torch.int32))
+    bad("tables -1 read", 3, torch.tensor([[2, -1]], dtype=torch.int32))
+    bad("tables meta", 3, tables.to("meta"))
+    bad("lens int64", 4, lens.long())
+    bad("lens long", 4, torch.tensor([33], dtype=torch.int32))
+    bad("lens negative", 4, torch.tensor([-1], dtype=torch.int32))
+    bad("lens shape", 4, torch.tensor([20, 3], dtype=torch.int32))
+    bad("lens 2-d", 4, lens[None])
+    bad("not a tensor", 4, [20])
+    out.append(("int8 no scales", (q, k8, v8, tables, lens), {}))
+    out.append(("scales on float", (q, k, v, tables, lens, None, None, ks, ks), {}))
+    out.append(("scale shape", (q, k8, v8, tables, lens, None, None, ks[:2], ks), {}))
+    out.append(("bad window", good, dict(window=0)))
+    out.append(("bad scale", good, dict(scale=float("nan"))))
+    out.append(("bad softcap", good, dict(softcap=-1.0)))
+    out.append(("bad slopes", good, dict(alibi_slopes=torch.rand(3))))
+    out.append(("nan slopes", good, dict(alibi_slopes=torch.full((4,), float("nan")))))
+    return out
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpu"])
+def test_cpu_decode_fast_path_matches_the_checked_path(monkeypatch, backend):
+    """On plain CPU tensors paged_attention leaves the argument checks to the C++ op and runs
+    the Python checks only when it raises (paged_ops._decode_cpu_checked_in_cpp). For valid
+    calls and each broken argument, that path gives what the Python-checked path gives: the
+    same values, or the same error type and message."""
+    from frugal import paged_ops
+
+    if not paged_ops._CPP_DECODE[0]:
+        pytest.skip("frugal._C has no CPU paged decode")
+    calls = []
+    real = paged_ops._decode_cpu_checked_in_cpp
+    monkeypatch.setattr(paged_ops, "_decode_cpu_checked_in_cpp",
+                        lambda *a: calls.append(1) or real(*a))
+    for name, args, kwargs in _decode_mutations():
+        fast = _outcome(lambda: frugal.paged_attention(*args, backend=backend, **kwargs))
+        paged_ops._CPP_DECODE[0] = False
+        try:
+            checked = _outcome(lambda: frugal.paged_attention(*args, backend=backend, **kwargs))
+        finally:
+            paged_ops._CPP_DECODE[0] = True
+        assert fast[0] == checked[0], (name, fast, checked)
+        if fast[0] == "ok":
+            assert torch.equal(fast[1], checked[1]), name
+        else:
+            assert fast[1] == checked[1], name
+    assert len(calls) > 20  # the fast path ran (the meta and non-tensor cases do not take it)

@@ -21,7 +21,7 @@ import threading
 
 import torch
 
-from . import _ext
+from . import _ext, tuning
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,8 +112,6 @@ def tuned_values(table, size):
     """The knob values the CPU's tuned file gives ``table`` at ``size`` ({} without one, when
     tuned choices are off, or inside a :func:`cpu_knobs` block), and the entry's name. (On
     every cpu call: a few dict reads when nothing is tuned.)"""
-    from . import tuning
-
     if not tuning._ENABLED[0]:
         return _NONE
     data = tuning._LOADED.get(_CPU_KEY, _CPU)  # _CPU: not read yet

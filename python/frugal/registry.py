@@ -23,7 +23,7 @@ Adding a backend to an op is one ``implement`` declaration plus its kernel.
 import dataclasses
 from typing import Callable, Optional
 
-from . import dispatch
+from . import dispatch, tuning
 from .errors import BackendError
 
 DEFAULT_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
@@ -78,7 +78,7 @@ class Op:
         self.name = name
         self.order = dict(order or DEFAULT_ORDER)
         self.impls = {}
-        self._orders = {}  # _order's answers by device type (it runs on every call)
+        self._orders = {}  # _order's answers by device type, with the order entry they used
         self.tune = None  # a frugal.tuning.TuneSpec: how `frugal tune` exercises the op
         OPS[name] = self
 
@@ -122,14 +122,17 @@ class Op:
         return tuple(self.impls)
 
     def _order(self, device):
-        key = (device.type, tuple(self.order.get(device.type, ())))
-        order = self._orders.get(key)
-        if order is None:
-            ranked = [b for b in key[1] if b in self.impls]
-            rest = [b for b, impl in self.impls.items() if b not in ranked and b != "torch"
-                    and (impl.devices is None or device.type in impl.devices)]
-            tail = ["torch"] if "torch" in self.impls and "torch" not in ranked else []
-            order = self._orders[key] = tuple(ranked + rest + tail)
+        dev = device.type
+        asked = self.order.get(dev, ())
+        cached = self._orders.get(dev)
+        if cached is not None and cached[0] is asked:  # the same self.order entry
+            return cached[1]
+        ranked = [b for b in asked if b in self.impls]
+        rest = [b for b, impl in self.impls.items() if b not in ranked and b != "torch"
+                and (impl.devices is None or dev in impl.devices)]
+        tail = ["torch"] if "torch" in self.impls and "torch" not in ranked else []
+        order = tuple(ranked + rest + tail)
+        self._orders[dev] = (asked, order)
         return order
 
     def candidates(self, device, *args, **kwargs):
@@ -188,8 +191,6 @@ class Op:
 
 def _tuned_choice(op, device, args, kwargs):
     """The backend tuning data for this device names for this call, if any (frugal.tuning)."""
-    from . import tuning
-
     return tuning.preferred(op, device, args, kwargs)
 
 
