@@ -25,12 +25,13 @@ MAX_K = 131071
 OUT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def rand_int8(shape, gen):
-    """Uniform int8 with both extremes present."""
-    t = torch.randint(-128, 128, shape, dtype=torch.int8, generator=gen)
+def rand_int8(shape, gen, low=-128):
+    """Uniform int8 in [low, 127] with both extremes present. (a without -128, as the
+    quantizers make it, takes the AVX2 vpmaddubsw tile; a with it the vpmaddwd one.)"""
+    t = torch.randint(low, 128, shape, dtype=torch.int8, generator=gen)
     flat = t.view(-1)
     if flat.numel() >= 2:
-        flat[0], flat[-1] = -128, 127
+        flat[0], flat[-1] = low, 127
     return t
 
 
@@ -40,11 +41,12 @@ def assert_exact(got, a, b, what):
     assert torch.equal(got, want), f"{what}: max |diff| {(got.long() - want.long()).abs().max()}"
 
 
+@pytest.mark.parametrize("a_low", [-128, -127])
 @pytest.mark.parametrize("K", [1, 3, 4, 5, 64, 67, 255, 1000])
-def test_int8_mm_exact(cpu_isa, poison, K):
+def test_int8_mm_exact(cpu_isa, poison, K, a_low):
     gen = torch.Generator().manual_seed(K)
     for M, N in itertools.product([1, 2, 3, 4, 5, 16, 17, 63, 130], [1, 7, 16, 33, 100]):
-        a, b = rand_int8((M, K), gen), rand_int8((N, K), gen)
+        a, b = rand_int8((M, K), gen, a_low), rand_int8((N, K), gen)
         assert_exact(ops.int8_mm(a, b), a, b, f"{cpu_isa} M={M} N={N} K={K}")
 
 
@@ -86,6 +88,23 @@ def test_int8_mm_worst_case_k(cpu_isa, poison):
     packed = ops.int8_pack_weight(b)
     ones = torch.ones(3)
     y = ops.int8_scaled_mm_packed(a, packed, ones, torch.ones(2), None, torch.float32)
+    assert torch.equal(y, got.float())
+
+
+def test_int8_mm_largest_products_without_min_a(cpu_isa, poison):
+    """a in [-127, 127] (the AVX2 vpmaddubsw tile): pairs of |b| = 128 times |a| = 127 are the
+    largest int16 pair sums (2 * 128 * 127), of either sign, and K = 131071 of them the largest
+    int32 sums; b = 0 and a = 0 lanes (vpsignb zeroes them) in between."""
+    a = torch.tensor([[-127], [127], [-127], [0]], dtype=torch.int8).repeat(1, MAX_K)
+    a[2, 1::3] = 0
+    b = torch.tensor([[-128], [127], [-128], [0]], dtype=torch.int8).repeat(1, MAX_K)
+    b[2, ::5] = 127
+    b[3, ::2] = -128
+    got = ops.int8_mm(a, b)
+    assert got[0, 0] == MAX_K * 127 * 128 and got[1, 0] == -MAX_K * 127 * 128
+    assert_exact(got, a, b, cpu_isa)
+    ones = torch.ones(4)
+    y = ops.int8_scaled_mm_packed(a, ops.int8_pack_weight(b), ones, ones, None, torch.float32)
     assert torch.equal(y, got.float())
 
 

@@ -343,6 +343,7 @@ struct IsaKernels {
   EpilogueFn epilogue;
   int64_t k4_align = 1;         // K blocks are multiples of this many k4 steps (the tile's depth)
   void (*finish)() = nullptr;   // called by each worker thread after its last tile
+  TileFn (*tile_no_min)(int mr, int nb) = nullptr;  // the tile when a holds no -128 (packed)
 };
 
 // The register-tile kernels of a level below kAmx.
@@ -354,7 +355,10 @@ IsaKernels vector_kernels_for(Isa isa) {
   if (isa >= Isa::kAvx512) {
     return {kMrAvx512, false, &pack_a_signed, &tile_avx512, &epilogue_avx512};
   }
-  if (isa >= Isa::kAvx2) return {kMrAvx2, false, &pack_a_signed, &tile_avx2, &epilogue_avx2};
+  if (isa >= Isa::kAvx2) {
+    return {kMrAvx2, false, &pack_a_signed, &tile_avx2, &epilogue_avx2, 1, nullptr,
+            &tile_avx2_sign};
+  }
 #endif
   (void)isa;
   return {kMrScalar, false, &pack_a_signed, &tile_scalar, &epilogue_scalar};
@@ -472,9 +476,15 @@ void gemm(int64_t M, const Weight& w, const Epilogue& epi, PackRowsFn pack_rows)
   Buffer one_call;
   uint8_t* ap = a_scratch(M * lda_p, one_call);
   const int64_t pack_grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(lda_p, 1));
+  std::atomic<bool> a_has_min{false};  // a byte -128 in a (signed packing): see tile_no_min
   at::parallel_for(0, M, pack_grain, [&](int64_t begin, int64_t end) {
     pack_rows(begin, end, ker.pack_a, ap + begin * lda_p, lda_p);
+    if (ker.tile_no_min == nullptr) return;
+    for (int64_t m = begin; m < end && !a_has_min.load(std::memory_order_relaxed); ++m) {
+      if (std::memchr(ap + m * lda_p, 0x80, 4 * K4) != nullptr) a_has_min = true;
+    }
   });
+  const auto tile_for = ker.tile_no_min != nullptr && !a_has_min ? ker.tile_no_min : ker.tile;
 
   // Tasks: (set of consecutive groups, block of rows), in weight order. A task reads its rows
   // of a once for all its groups. Rows are split when there are too few groups to feed every
@@ -553,7 +563,7 @@ void gemm(int64_t M, const Weight& w, const Epilogue& epi, PackRowsFn pack_rows)
             const uint8_t* a_tile = ap + m0 * lda_p + 4 * k0;
             for (int64_t i = 0; i < ng; ++i) {
               const Group& grp = set[i];
-              const TileFn fn = ker.tile(rows, static_cast<int>(grp.W / 16));
+              const TileFn fn = tile_for(rows, static_cast<int>(grp.W / 16));
               const int64_t slot = k_blocks == 1 ? 0 : i * tiles_per_block + t - t_begin;
               int32_t* acc = sums.data() + slot * mr * kGroupCols;
               if (kb == 0) {

@@ -7,7 +7,8 @@
 //              at comp[n] = -128 * sum_k b[n, k]. Sums wrap mod 2^32 on the way; the result
 //              fits in int32 (K <= 131071), so it is exact.
 //   AVX-512,   signed a; each 32-bit lane's 4 bytes are split into sign-extended 16-bit pairs
-//   AVX2       (k0, k2) and (k1, k3) and multiplied with vpmaddwd, exact in int32.
+//   AVX2       (k0, k2) and (k1, k3) and multiplied with vpmaddwd, exact in int32. AVX2, when
+//              a holds no -128: |b| times a with b's sign with vpmaddubsw (TileAvx2Sign).
 //   scalar     signed a, int32 sums.
 #pragma once
 
@@ -385,6 +386,87 @@ struct TileAvx2 {
 };
 
 inline TileFn tile_avx2(int mr, int nb) { return pick_tile<TileAvx2, kMrAvx2>(mr, nb); }
+
+// AVX2 for a without -128 (the GEMM checks a as it packs it; else TileAvx2): vpmaddubsw
+// multiplies |b| (unsigned, |-128| = 128) by a with b's sign (vpsignb: -a where b < 0, 0 where
+// b = 0) and sums each pair in int16 with no saturation (|b| <= 128, |a| <= 127:
+// 2 * 128 * 127 < 2^15); vpmaddwd with ones sums the pairs into the int32 lanes. Exact, with
+// 4 operations per 32 products (one of them the sign) where TileAvx2 takes about 6.
+// Few rows take several 16-column blocks per k4 step (8 accumulators: 1 row x 4 blocks,
+// 2 x 2), so that each step reads whole lines of the group in order; one block at a time
+// reads every fourth 64-byte line of it, four times over, and its first pass prefetches the
+// lines the others read. Paired against TileAvx2 (the same call with one a byte -128), Zen 4
+// capped at AVX2, 4096 x 4096 weights from memory, 2 threads: M = 1 2.1x, 2 1.6x, 4 1.4x,
+// 16 1.4x, 64 1.2x, 256 1.2x.
+template <int MR, int NB>
+struct TileAvx2Sign {
+  // PF: the first pass of several also prefetches (into L2) the lines of each k4 step that
+  // the later passes read, 8 steps ahead, so that the group comes from memory in order once.
+  template <int J, bool PF>
+  FRUGAL_TARGET_AVX2 static void cols(const uint8_t* a, int64_t lda, const int8_t* b,
+                                      int64_t K4, const int32_t* init, int64_t init_stride,
+                                      int32_t* out, int jb0) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[MR][2 * J];
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+      for (int v = 0; v < 2 * J; ++v) {
+        acc[r][v] = init == nullptr
+                        ? _mm256_setzero_si256()
+                        : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+                              init + r * init_stride + jb0 * 16 + 8 * v));
+      }
+    }
+    for (int64_t k4 = 0; k4 < K4; ++k4) {
+      const int8_t* bk = b + k4 * NB * 64 + jb0 * 64;
+      const uint8_t* ak = a + 4 * k4;
+      if constexpr (PF) {
+#pragma GCC unroll 4
+        for (int l = J; l < NB; ++l) {  // past the group's end: a prefetch never faults
+          _mm_prefetch(reinterpret_cast<const char*>(bk + 8 * NB * 64 + l * 64), _MM_HINT_T1);
+        }
+      }
+#pragma GCC unroll 8
+      for (int v = 0; v < 2 * J; ++v) {
+        const __m256i bv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bk + 32 * v));
+        const __m256i u = _mm256_abs_epi8(bv);
+#pragma GCC unroll 4
+        for (int r = 0; r < MR; ++r) {
+          const __m256i av = _mm256_set1_epi32(load_i32(ak + r * lda));
+          acc[r][v] = _mm256_add_epi32(
+              acc[r][v],
+              _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(av, bv)), ones));
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+      for (int v = 0; v < 2 * J; ++v) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * kGroupCols + jb0 * 16 + 8 * v),
+                            acc[r][v]);
+      }
+    }
+  }
+
+  FRUGAL_TARGET_AVX2 static void run(const uint8_t* a, int64_t lda, const int8_t* b,
+                                     int64_t K4, const int32_t* init, int64_t init_stride,
+                                     int32_t* out) {
+    constexpr int kJ = MR == 1 ? 4 : (MR == 2 ? 2 : 1);
+    constexpr int J = kJ < NB ? kJ : NB;
+    cols<J, (J < NB)>(a, lda, b, K4, init, init_stride, out, 0);
+    int jb0 = J;
+    for (; jb0 + J <= NB; jb0 += J) cols<J, false>(a, lda, b, K4, init, init_stride, out, jb0);
+    if constexpr (NB % J != 0) {
+      cols<NB % J, false>(a, lda, b, K4, init, init_stride, out, jb0);
+    }
+  }
+};
+
+inline TileFn tile_avx2_sign(int mr, int nb) {
+  return pick_tile<TileAvx2Sign, kMrAvx2>(mr, nb);
+}
 
 FRUGAL_TARGET_AVX2 inline __m256 opaque(__m256 v) {
   asm("" : "+x"(v));
