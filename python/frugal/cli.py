@@ -2,6 +2,7 @@
 and ``frugal gpu-check``."""
 
 import argparse
+import os
 import sys
 
 import torch
@@ -61,6 +62,12 @@ def _parser():
                        help="on a CPU, each candidate's fastest run instead of its median (for "
                             "a machine shared with other work: another process only ever adds "
                             "time)")
+    bench.add_argument("--cpu-isa", choices=tuple(CPU_FAMILIES), metavar="LEVEL",
+                       help="time a CPU family's instruction set on this CPU: cap frugal's C++ "
+                            "kernels (FRUGAL_CPU_ISA) and torch's own CPU kernels (ATen, "
+                            "oneDNN, MKL, FBGEMM) at LEVEL, one of "
+                            f"{', '.join(CPU_FAMILIES)}; the command reruns itself with them "
+                            "set (the caches and bandwidth stay this machine's)")
     bench.set_defaults(func=_bench)
 
     commands.add_parser("check", help="run frugal.check (arguments are passed on to it)",
@@ -120,8 +127,41 @@ def _info(args):
     return 0
 
 
+# Environment caps that make this process's kernels use one CPU family's instructions: frugal's
+# (FRUGAL_CPU_ISA) and those of the libraries behind torch's CPU ops, each read when the library
+# loads: ATen's vectorized kernels, oneDNN (bf16 / int8 matmul, torch._int_mm), MKL (fp32
+# matmul) and FBGEMM (quantize_dynamic).
+CPU_FAMILIES = {
+    "avx2": dict(FRUGAL_CPU_ISA="avx2", ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2",
+                 MKL_ENABLE_INSTRUCTIONS="AVX2", FBGEMM_ENABLE_INSTRUCTIONS="AVX2"),
+    "avx512": dict(FRUGAL_CPU_ISA="avx512", ATEN_CPU_CAPABILITY="avx512",
+                   ONEDNN_MAX_CPU_ISA="AVX512_CORE", MKL_ENABLE_INSTRUCTIONS="AVX512",
+                   FBGEMM_ENABLE_INSTRUCTIONS="AVX512"),
+    "avx512_vnni": dict(FRUGAL_CPU_ISA="avx512_vnni", ATEN_CPU_CAPABILITY="avx512",
+                        ONEDNN_MAX_CPU_ISA="AVX512_CORE_VNNI", MKL_ENABLE_INSTRUCTIONS="AVX512_E1",
+                        FBGEMM_ENABLE_INSTRUCTIONS="AVX512_E1"),
+}
+_FAMILY_MARK = "FRUGAL_BENCH_CPU_ISA"  # set in the rerun: the caps are in force
+
+
+def _rerun_capped(level):
+    """Re-executes this frugal command with ``level``'s caps in the environment (a fresh
+    process: the libraries read them as they load). Returns only if the exec fails."""
+    env = dict(os.environ, **CPU_FAMILIES[level], **{_FAMILY_MARK: level})
+    argv = [sys.executable, "-m", "frugal", *sys.argv[1:]]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, argv, env)
+
+
 def _bench(args):
     from frugal import bench
+
+    if args.cpu_isa is not None and os.environ.get(_FAMILY_MARK) != args.cpu_isa:
+        if args.device == "cuda":
+            print("frugal bench: --cpu-isa is for CPU runs; got --device cuda", file=sys.stderr)
+            return 2
+        return _rerun_capped(args.cpu_isa)
 
     if args.list:
         for s in bench.sweeps():

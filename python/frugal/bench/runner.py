@@ -6,6 +6,7 @@ import datetime
 import functools
 import inspect
 import json
+import os
 import pathlib
 import platform
 import re
@@ -196,7 +197,14 @@ def _cpu_isa():
     path = mod.cpu_isa() if mod is not None else "no extension"
     if mod is not None and "AMX-INT8" in has and mod.detected_cpu_isa() != "amx_int8":
         path += f" (AMX off: {mod.cpu_amx()[1]})"
-    return f"{' '.join(has) or 'none of AVX2/AVX-512/AMX'}; frugal C++ path: {path}"
+    line = f"{' '.join(has) or 'none of AVX2/AVX-512/AMX'}; frugal C++ path: {path}"
+    line += f"; torch ATen: {torch.backends.cpu.get_cpu_capability()}"
+    level = os.environ.get("FRUGAL_BENCH_CPU_ISA")
+    if level:  # frugal bench --cpu-isa: torch's libraries capped too
+        caps = ", ".join(f"{k}={os.environ.get(k, '')}" for k in (
+            "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "FBGEMM_ENABLE_INSTRUCTIONS"))
+        line += f" (--cpu-isa {level}: {caps})"
+    return line
 
 
 def run(sweeps, device=None, *, quick=False, timer=None, copy_gbps=None, progress=True,
