@@ -636,3 +636,17 @@ def test_rotation_exceeds_the_last_level_cache():
     llc = timing.llc_bytes()
     assert llc >= 1 << 20
     assert timing.rotation_bytes() >= max(64 << 20, 4 * llc)
+
+
+def test_int8_sweeps_report_each_paths_error():
+    """The int8 sweeps' notes give each timed path's error against float64 (what its speed
+    buys): Int8Linear W8A8 and the hand-written torch._int_mm path quantize alike, so their
+    errors agree; quantize_dynamic's 7-bit per-tensor x costs it about twice W8A8's error;
+    bf16 beats them all."""
+    from frugal.bench.builtin import int8_linear_errors
+
+    err = int8_linear_errors(96, 320, m=16, seed=3)
+    assert set(err) == {"w8a8", "weight_only", "int_mm_dyn", "qdynamic", "bf16"}
+    assert all(0 < e < 0.05 for e in err.values()), err
+    assert err["int_mm_dyn"] == pytest.approx(err["w8a8"], rel=1e-3)
+    assert err["qdynamic"] > 1.4 * err["w8a8"] and err["bf16"] < err["w8a8"] / 2, err

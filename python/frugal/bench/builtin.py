@@ -83,6 +83,34 @@ def quantize_dynamic_linear(linear):
             torch.nn.Sequential(linear), {torch.nn.Linear}, dtype=torch.qint8)
 
 
+def int8_linear_errors(n, k, m=16, seed=0):
+    """{path: relative error (Frobenius norm) against float64} of the paths the int8 sweeps
+    time, on one random nn.Linear (weights N(0, 1/k), bias N(0, 1)) and x N(0, 1) [m, k]:
+    what each one's speed buys. torch.ao's quantize_dynamic quantizes x per tensor, and on
+    x86 to 7 bits (reduce_range, which keeps its u8 x s8 pair sums from saturating int16)."""
+    gen = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=gen) / k**0.5)
+        lin.bias.copy_(torch.randn(n, generator=gen))
+    x = torch.randn(m, k, generator=gen)
+    with torch.no_grad():
+        return _errors(lin, x)
+
+
+def _errors(lin, x):
+    want = torch.nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double())
+    q = frugal.Int8Linear.from_float(lin, mode="dynamic")
+    got = {"w8a8": q(x),
+           "weight_only": frugal.Int8Linear.from_float(lin, mode="weight_only")(x),
+           "int_mm_dyn": int_mm_dynamic_linear(x, q.weight_int8.t(), q.weight_scale,
+                                               lin.bias.detach()),
+           "qdynamic": quantize_dynamic_linear(lin)(x),
+           "bf16": torch.nn.functional.linear(x.bfloat16(), lin.weight.bfloat16(),
+                                              lin.bias.bfloat16())}
+    return {name: float((y.double() - want).norm() / want.norm()) for name, y in got.items()}
+
+
 def _int8_matmul_sweep(name, n, k, xs, quick):
     # On CPU the int8 weight (16 MiB at 4096 x 4096) would stay in the 32 MiB L3 between calls
     # and flatter int8 at small M; rotating copies make every call read it from memory.
@@ -93,9 +121,15 @@ def _int8_matmul_sweep(name, n, k, xs, quick):
         x = torch.zeros(1, k, device=device)
         linear = frugal.Int8Linear(k, 8, device=device)
         xq, xs = frugal.quantize_per_token(x)
-        return {"auto": str(frugal.explain(frugal.int8_matmul, xq, linear.weight_int8, xs,
-                                           linear.weight_scale)),
-                "bytes": "GB/s counts the int8 path's traffic: N*K + M*K + 2*M*N"}
+        out = {"auto": str(frugal.explain(frugal.int8_matmul, xq, linear.weight_int8, xs,
+                                          linear.weight_scale)),
+               "bytes": "GB/s counts the int8 path's traffic: N*K + M*K + 2*M*N"}
+        if device.type == "cpu":
+            errors = int8_linear_errors(n, k)
+            out["relative error vs float64 (M=16)"] = ", ".join(
+                f"{name} {err:.1e}" for name, err in errors.items()) + (
+                "; quantize_dynamic quantizes x per tensor, to 7 bits on x86 (reduce_range)")
+        return out
 
     targets = []
     for m in xs:
