@@ -97,3 +97,43 @@ def test_errors():
         layer(torch.randn(2, 9))
     with pytest.raises(frugal.DTypeError, match=r"Int8Linear: x must be .*; got torch.int8"):
         layer(torch.ones(2, 8, dtype=torch.int8))
+
+
+def _vm_flags(addr):
+    """The VmFlags of the mapping holding ``addr`` (/proc/self/smaps), or None."""
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and ":" not in head:
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and line.startswith("VmFlags:"):
+                return line.split()[1:]
+    return None
+
+
+def test_large_weights_are_marked_for_huge_pages():
+    """Int8Linear's weight as the forward streams it (packed for W8A8, rows for weight-only),
+    when 8 MiB or more, is marked for 2 MiB pages (madvise: 'hg' in its mapping's VmFlags);
+    a small one is not. Values unchanged."""
+    import os
+
+    from frugal import _ext
+
+    ext = _ext.ext()
+    probe = torch.empty(16 << 20, dtype=torch.int8)
+    if ext is None or not os.path.exists("/proc/self/smaps") or not ext.advise_huge_pages(
+            probe.data_ptr(), probe.numel()):
+        pytest.skip("no madvise(MADV_HUGEPAGE) here")
+    lin = torch.nn.Linear(4096, 2304, bias=False)  # 9 MiB of int8
+    for mode in ("dynamic", "weight_only"):
+        q = frugal.Int8Linear.from_float(lin, mode=mode)
+        held = q._packed if mode == "dynamic" else q._rows
+        mid = held.data_ptr() + held.numel() // 2
+        assert "hg" in _vm_flags(mid), mode
+        x = torch.randn(3, 4096)
+        ref = frugal.Int8Linear.from_float(lin, mode=mode, backend="torch")(x)
+        torch.testing.assert_close(q(x), ref, rtol=1e-5, atol=1e-5)
+    small = frugal.Int8Linear.from_float(torch.nn.Linear(256, 64), mode="dynamic")
+    assert "hg" not in (_vm_flags(small._packed.data_ptr()) or [])
