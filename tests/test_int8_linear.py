@@ -115,8 +115,9 @@ def _vm_flags(addr):
 
 def test_large_weights_are_marked_for_huge_pages():
     """Int8Linear's weight as the forward streams it (packed for W8A8, rows for weight-only),
-    when 8 MiB or more, is marked for 2 MiB pages (madvise: 'hg' in its mapping's VmFlags);
-    a small one is not. Values unchanged."""
+    when 8 MiB or more, is marked for 2 MiB pages (madvise: 'hg' in its mapping's VmFlags).
+    Values unchanged. (A small buffer's mapping may carry the flag from an earlier large one
+    that glibc's heap reused; memory.h's threshold is tested with advise_huge_pages.)"""
     import os
 
     from frugal import _ext
@@ -135,5 +136,3 @@ def test_large_weights_are_marked_for_huge_pages():
         x = torch.randn(3, 4096)
         ref = frugal.Int8Linear.from_float(lin, mode=mode, backend="torch")(x)
         torch.testing.assert_close(q(x), ref, rtol=1e-5, atol=1e-5)
-    small = frugal.Int8Linear.from_float(torch.nn.Linear(256, 64), mode="dynamic")
-    assert "hg" not in (_vm_flags(small._packed.data_ptr()) or [])
