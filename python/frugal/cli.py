@@ -146,7 +146,8 @@ _FAMILY_MARK = "FRUGAL_BENCH_CPU_ISA"  # set in the rerun: the caps are in force
 
 def _rerun_capped(level):
     """Re-executes this frugal command with ``level``'s caps in the environment (a fresh
-    process: the libraries read them as they load). Returns only if the exec fails."""
+    process: the libraries read them as they load). Does not return (OSError if the exec
+    fails)."""
     env = dict(os.environ, **CPU_FAMILIES[level], **{_FAMILY_MARK: level})
     argv = [sys.executable, "-m", "frugal", *sys.argv[1:]]
     sys.stdout.flush()

@@ -688,7 +688,8 @@ def _decode_cpu_checked_in_cpp(q, k_cache, v_cache, block_tables, seq_lens, scal
     the window, the modifiers) are checked here. When the op raises, the Python checks run to
     raise the typed error that names the argument (DTypeError, BlockTableError, ...); the op's
     own error when they find nothing. The op reads only the table entries it needs; the API's
-    rule that every entry is in [-1, num_blocks) is checked here (in C++, about 1 us)."""
+    rule that every entry is in [-1, num_blocks) is checked here (_check_table_contents, in
+    C++ for CPU tables)."""
     op = "paged_attention"
     check_scale(op, scale)
     check_window(op, window)
@@ -699,26 +700,23 @@ def _decode_cpu_checked_in_cpp(q, k_cache, v_cache, block_tables, seq_lens, scal
         args = (q, k_cache, v_cache, block_tables, seq_lens, *normalize(q, scale, window),
                 k_scale, v_scale)
         # The op checks the entries it reads; the API refuses any entry outside [-1, blocks).
-        # (_cpu_tables_bad reads seq_lens[b] for every row b of int32 tables: shapes first.)
+        # (_check_table_contents reads seq_lens[b] for every row b of int32 tables: shapes
+        # first.)
         if (block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32
                 or block_tables.dim() != 2 or seq_lens.shape != block_tables.shape[:1]):
             raise ShapeError(f"{op}: bad block_tables or seq_lens")  # the checks below say how
-        if _cpu_tables_bad(block_tables, seq_lens, k_cache.shape[0], k_cache.shape[1],
-                           None if window is None else min(window, MAX_WINDOW), None, None):
-            raise BlockTableError(f"{op}: bad block_tables")  # the checks below say where
+        _check_table_contents(op, block_tables, seq_lens, k_cache, window)
         impl = PAGED_ATTENTION.select(q.device, backend, *args)
         if impl.backend == "cpu":
             return impl.run(*args, return_lse=bool(return_lse), **mods)
         failure = None  # a tuned file's choice: that backend gets checked arguments
     except Exception as exc:  # noqa: BLE001 (re-raised below unless a typed error says more)
         failure = exc
-    if failure is None:
-        _check_attention(op, q, k_cache, v_cache, block_tables, seq_lens, scale, window,
-                         k_scale, v_scale)
-        return impl.run(*args, return_lse=bool(return_lse), **mods)
     _check_attention(op, q, k_cache, v_cache, block_tables, seq_lens, scale, window, k_scale,
-                     v_scale)
-    raise failure
+                     v_scale)  # raises the typed error of a refused call
+    if failure is not None:
+        raise failure
+    return impl.run(*args, return_lse=bool(return_lse), **mods)
 
 
 def _select_paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, q_lens=None,

@@ -342,10 +342,11 @@ def tune_op(op, device, *, quick=True, timer=None, rounds=2, deadline=None, bar=
         if deadline is not None and time.monotonic() > deadline:
             break
         args = spec.inputs(size, device, gen)
+        variants = call_variants(spec, args)
+        labels = tuple(label for label, _ in variants[1:])
         timed = []
         for impl, table, config in _candidates(op, device, args, quick):
-            res = Result(op.name, size, impl.backend, config, table, "ok",
-                         variants=tuple(label for label, _ in call_variants(spec, args)[1:]))
+            res = Result(op.name, size, impl.backend, config, table, "ok", variants=labels)
             results.append(res)
             kwargs = {} if config is None else {"config": config}
             why = _prune(impl, args, config, device, spec) if config is not None else None
@@ -368,7 +369,7 @@ def tune_op(op, device, *, quick=True, timer=None, rounds=2, deadline=None, bar=
                 res.status = reason
                 continue
             calls = [functools.partial(impl.run, *args, **kwargs, **mods)
-                     for _, mods in call_variants(spec, args)]
+                     for _, mods in variants]
             timed.append((res, calls[0] if len(calls) == 1 else _InTurn(calls)))
         for _ in range(rounds):  # interleaved: each candidate once per round, best kept
             for res, fn in timed:
